@@ -1,0 +1,1 @@
+"""LPDDR emulation: device profiles, the step cost model, trace readers and full-scale replay."""

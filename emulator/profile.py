@@ -1,0 +1,218 @@
+"""Device profiles: the schema, its validation, and loading by name or path.
+
+A profile describes how a device's memory behaves under the access patterns an LLM
+server makes::
+
+    name: mlu370-x4
+    memory_type: LPDDR5
+    capacity_bytes: 23308 MiB
+    peak_bandwidth: 307.2 GB/s
+    sequential:            # N-byte chunks read back to back (neighbours adjacent)
+      - {chunk_bytes: 64, bandwidth: 250 GB/s, source: derived, note: "..."}
+    gather:                # N-byte chunks at random offsets
+      - {chunk_bytes: 64, bandwidth: 90 GB/s, source: derived, note: "..."}
+    compute_flops_per_s: {float16: 96 TFLOPS, float32: 24 TFLOPS}
+    launch_overhead: 8 us
+    provenance: {kind: derived, sources: [...]}   # or kind: measured, tool, host, date
+
+Curves must have strictly increasing, positive ``chunk_bytes``. Each point says whether it
+was ``measured`` or ``derived`` and, if derived, why (``note``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from emulator.units import parse_quantity
+from odma_mlu.errors import ProfileError
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+TOP_KEYS_REQUIRED = ("name", "memory_type", "capacity_bytes", "peak_bandwidth", "sequential", "gather",
+                     "compute_flops_per_s", "launch_overhead", "provenance")
+TOP_KEYS_OPTIONAL = ("schema_version", "description", "notes")
+POINT_KEYS = ("chunk_bytes", "bandwidth", "source", "note")
+SOURCES = ("measured", "derived")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    chunk_bytes: float
+    bandwidth_bytes_per_s: float
+    source: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class BandwidthCurve:
+    """Achieved read bandwidth against chunk size, interpolated log-linearly in chunk size."""
+
+    points: tuple[CurvePoint, ...]
+
+    def at(self, chunk_bytes: float) -> float:
+        xs = [p.chunk_bytes for p in self.points]
+        ys = [p.bandwidth_bytes_per_s for p in self.points]
+        if chunk_bytes <= xs[0]:
+            return ys[0]
+        if chunk_bytes >= xs[-1]:
+            return ys[-1]
+        i = bisect.bisect_right(xs, chunk_bytes)
+        x0, x1 = math.log(xs[i - 1]), math.log(xs[i])
+        t = (math.log(chunk_bytes) - x0) / (x1 - x0)
+        return ys[i - 1] + t * (ys[i] - ys[i - 1])
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    memory_type: str
+    capacity_bytes: int
+    peak_bandwidth_bytes_per_s: float
+    sequential: BandwidthCurve
+    gather: BandwidthCurve
+    compute_flops_per_s: Mapping[str, float]
+    launch_overhead_s: float
+    provenance: Mapping[str, Any]
+    source_path: str = ""
+
+    @property
+    def stream_bandwidth_bytes_per_s(self) -> float:
+        """Best sustained sequential bandwidth (long streams such as weights)."""
+        return max(p.bandwidth_bytes_per_s for p in self.sequential.points)
+
+    def locality(self, run_bytes: float) -> float:
+        """Fraction of sequential bandwidth kept when runs of ``run_bytes`` are scattered.
+
+        gather(N) / sequential(N), capped at 1, made non-decreasing in N: a longer run can
+        always be read as several shorter ones, so it is never slower per byte.
+        """
+        best = 0.0
+        for p in self.gather.points:
+            if p.chunk_bytes > run_bytes:
+                break
+            best = max(best, min(1.0, p.bandwidth_bytes_per_s / self.sequential.at(p.chunk_bytes)))
+        if best == 0.0:  # run shorter than the smallest measured chunk
+            first = self.gather.points[0]
+            best = min(1.0, first.bandwidth_bytes_per_s / self.sequential.at(first.chunk_bytes))
+        return best
+
+    def flops_for(self, dtype: str) -> float:
+        if dtype not in self.compute_flops_per_s:
+            raise ProfileError(f"profile {self.name!r} ({self.source_path}) has no compute peak for {dtype}; "
+                               f"it lists {sorted(self.compute_flops_per_s)}")
+        return self.compute_flops_per_s[dtype]
+
+
+def _curve(raw: Any, key: str, where: str, peak: float) -> BandwidthCurve:
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise ProfileError(f"{where}: key '{key}' must be a list of at least 2 points "
+                           "({chunk_bytes, bandwidth, source, note})")
+    points: list[CurvePoint] = []
+    for i, pt in enumerate(raw):
+        at = f"{where}: {key}[{i}]"
+        if not isinstance(pt, Mapping):
+            raise ProfileError(f"{at}: expected a mapping with keys {list(POINT_KEYS)}")
+        unknown = sorted(set(pt) - set(POINT_KEYS))
+        if unknown:
+            raise ProfileError(f"{at}: unknown key(s) {unknown}; expected {list(POINT_KEYS)}")
+        for k in ("chunk_bytes", "bandwidth", "source"):
+            if k not in pt:
+                raise ProfileError(f"{at}: missing key '{k}'")
+        chunk = parse_quantity(pt["chunk_bytes"], "bytes", f"{at}.chunk_bytes")
+        bw = parse_quantity(pt["bandwidth"], "bandwidth", f"{at}.bandwidth")
+        if chunk <= 0:
+            raise ProfileError(f"{at}.chunk_bytes: must be positive, got {chunk:g}")
+        if points and chunk <= points[-1].chunk_bytes:
+            raise ProfileError(f"{at}.chunk_bytes: granularities must increase strictly; {chunk:g} follows "
+                               f"{points[-1].chunk_bytes:g}")
+        if bw <= 0:
+            raise ProfileError(f"{at}.bandwidth: must be positive, got {bw:g} B/s")
+        if bw > 1.10 * peak:
+            raise ProfileError(f"{at}.bandwidth: {bw:.3g} B/s exceeds peak_bandwidth {peak:.3g} B/s by more than 10%")
+        source = pt["source"]
+        if source not in SOURCES:
+            raise ProfileError(f"{at}.source: {source!r} is not one of {list(SOURCES)}")
+        note = str(pt.get("note", ""))
+        if source == "derived" and not note.strip():
+            raise ProfileError(f"{at}.note: a derived point must say how it was derived")
+        points.append(CurvePoint(chunk, bw, source, note))
+    return BandwidthCurve(tuple(points))
+
+
+def parse_profile(data: Any, where: str) -> DeviceProfile:
+    """Validate a profile mapping; every error names ``where``, the key and what was expected."""
+    if not isinstance(data, Mapping):
+        raise ProfileError(f"{where}: a device profile must be a YAML mapping, got {type(data).__name__}")
+    missing = [k for k in TOP_KEYS_REQUIRED if k not in data]
+    if missing:
+        raise ProfileError(f"{where}: missing key(s) {missing}; a profile needs {list(TOP_KEYS_REQUIRED)}")
+    unknown = sorted(set(data) - set(TOP_KEYS_REQUIRED) - set(TOP_KEYS_OPTIONAL))
+    if unknown:
+        raise ProfileError(f"{where}: unknown key(s) {unknown}; valid keys are "
+                           f"{list(TOP_KEYS_REQUIRED + TOP_KEYS_OPTIONAL)}")
+    capacity = parse_quantity(data["capacity_bytes"], "bytes", f"{where}: capacity_bytes")
+    if capacity <= 0:
+        raise ProfileError(f"{where}: capacity_bytes must be positive, got {capacity:g}")
+    peak = parse_quantity(data["peak_bandwidth"], "bandwidth", f"{where}: peak_bandwidth")
+    if peak <= 0:
+        raise ProfileError(f"{where}: peak_bandwidth must be positive, got {peak:g}")
+    seq = _curve(data["sequential"], "sequential", where, peak)
+    gat = _curve(data["gather"], "gather", where, peak)
+    flops_raw = data["compute_flops_per_s"]
+    if not isinstance(flops_raw, Mapping) or not flops_raw:
+        raise ProfileError(f"{where}: compute_flops_per_s must map dtypes {list(DTYPES)} to peaks")
+    flops: dict[str, float] = {}
+    for dt, v in flops_raw.items():
+        if dt not in DTYPES:
+            raise ProfileError(f"{where}: compute_flops_per_s has unknown dtype {dt!r}; expected {list(DTYPES)}")
+        f = parse_quantity(v, "flops", f"{where}: compute_flops_per_s.{dt}")
+        if f <= 0:
+            raise ProfileError(f"{where}: compute_flops_per_s.{dt} must be positive, got {f:g}")
+        flops[dt] = f
+    overhead = parse_quantity(data["launch_overhead"], "seconds", f"{where}: launch_overhead")
+    if overhead < 0:
+        raise ProfileError(f"{where}: launch_overhead must be >= 0, got {overhead:g}")
+    prov = data["provenance"]
+    if not isinstance(prov, Mapping) or prov.get("kind") not in SOURCES:
+        raise ProfileError(f"{where}: provenance must be a mapping with kind 'measured' or 'derived'")
+    need = ("tool", "host", "date") if prov["kind"] == "measured" else ("sources",)
+    lacking = [k for k in need if not prov.get(k)]
+    if lacking:
+        raise ProfileError(f"{where}: provenance of kind {prov['kind']!r} needs {list(need)}; missing {lacking}")
+    return DeviceProfile(
+        name=str(data["name"]), memory_type=str(data["memory_type"]), capacity_bytes=int(capacity),
+        peak_bandwidth_bytes_per_s=peak, sequential=seq, gather=gat, compute_flops_per_s=flops,
+        launch_overhead_s=overhead, provenance=dict(prov), source_path=where,
+    )
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def resolve_profile_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ProfileError(f"device profile file {path} does not exist")
+        return path
+    candidate = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ProfileError(f"unknown device profile {name_or_path!r}; built-in profiles are {available_profiles()} "
+                           "or pass a path to a YAML file")
+    return candidate
+
+
+def load_profile(name_or_path: str) -> DeviceProfile:
+    path = resolve_profile_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path}: invalid YAML ({e})") from e
+    return parse_profile(data, str(path))

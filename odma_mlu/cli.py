@@ -1,0 +1,156 @@
+"""The ``odma-mlu`` command: a thin argparse layer over library functions.
+
+Each subcommand imports its implementation lazily so ``odma-mlu --help`` is instant and a
+missing optional dependency only affects the subcommand that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from odma_mlu.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig
+from odma_mlu.errors import OdmaError
+
+POLICIES = ("static", "s3", "odma", "paged", "oracle")
+
+
+def _bench(ns: argparse.Namespace) -> int:
+    from emulator.bench import bench_main
+
+    return bench_main(ns)
+
+
+def _profile_bandwidth(ns: argparse.Namespace) -> int:
+    from emulator.bandwidth_profiler import profile_bandwidth_main
+
+    return profile_bandwidth_main(ns)
+
+
+def _predictor_train(ns: argparse.Namespace) -> int:
+    from odma_mlu.predictor.commands import train_main
+
+    return train_main(ns)
+
+
+def _predictor_eval(ns: argparse.Namespace) -> int:
+    from odma_mlu.predictor.commands import eval_main
+
+    return eval_main(ns)
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from odma_mlu.engine.commands import generate_main
+
+    return generate_main(ns)
+
+
+def _validate_emulator(ns: argparse.Namespace) -> int:
+    from odma_mlu.engine.commands import validate_emulator_main
+
+    return validate_emulator_main(ns)
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from odma_mlu.server.commands import serve_main
+
+    return serve_main(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="odma-mlu", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="replay a trace on an emulated device, one row per KV policy")
+    b.add_argument("--profile", default="mlu370-x4", help="device profile name or YAML path")
+    b.add_argument("--model", default=DEFAULT_MODEL, help="built-in model shape, config.json or model folder")
+    b.add_argument("--trace", default=None, help="trace name or path (default: the bundled sample)")
+    b.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES))
+    b.add_argument("--kv-gib", type=float, default=None, help="KV capacity in GiB (default: from the profile)")
+    b.add_argument("--max-requests", type=int, default=None)
+    b.add_argument("--mode", choices=("offline", "online"), default="offline")
+    b.add_argument("--rate-scale", type=float, default=1.0, help="online mode: speed arrivals up by X")
+    b.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"cap on generation length (default: the trace's, else {SchedulerConfig.max_new_tokens})")
+    b.add_argument("--predictor", default=None, help="predictor folder (default: the bundled one); 'simple' for "
+                                                     "the histogram baseline")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--page-size", type=int, default=CacheConfig.page_size_tokens, help="paged policy page tokens")
+    b.add_argument("--json", default=None, metavar="OUT")
+    b.add_argument("--plot", default=None, metavar="OUT.png")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=_bench)
+
+    pb = sub.add_parser("profile-bandwidth", help="measure sequential and gather bandwidth; write a profile")
+    pb.add_argument("--backend", choices=("cpu", "cuda", "mlu"), default="cpu")
+    pb.add_argument("--quick", action="store_true", help="small buffer and few repeats (< 30 s)")
+    pb.add_argument("--out", default=None, metavar="PROFILE.yaml")
+    pb.add_argument("--plot", default=None, metavar="OUT.png")
+    pb.add_argument("--name", default=None, help="profile name (default: derived from the host)")
+    pb.set_defaults(func=_profile_bandwidth)
+
+    pr = sub.add_parser("predictor", help="train or evaluate the generation-length predictor")
+    prs = pr.add_subparsers(dest="predictor_command", required=True)
+    t = prs.add_parser("train")
+    t.add_argument("--data", action="append", required=True, help="data file (repeatable)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-minutes", type=float, default=10.0)
+    t.set_defaults(func=_predictor_train)
+    e = prs.add_parser("eval")
+    e.add_argument("--predictor", default=None)
+    e.add_argument("--data", required=True)
+    e.add_argument("--json", default=None, metavar="OUT")
+    e.add_argument("--split", default="test", choices=("test", "all"),
+                   help="'test': the held-out split used in training; 'all': every record")
+    e.set_defaults(func=_predictor_eval)
+
+    g = sub.add_parser("generate", help="generate text with the real engine")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--kv-policy", choices=POLICIES, default="odma")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--backend", default="auto")
+    g.add_argument("--dtype", default=None)
+    g.add_argument("--json", default=None, metavar="OUT")
+    g.set_defaults(func=_generate)
+
+    v = sub.add_parser("validate-emulator", help="time real decode steps next to the cost model")
+    v.add_argument("--model", required=True)
+    v.add_argument("--profile", required=True)
+    v.add_argument("--backend", choices=("cpu", "cuda", "mlu"), default="cpu")
+    v.add_argument("--json", default=None, metavar="OUT")
+    v.set_defaults(func=_validate_emulator)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", default=None)
+    src.add_argument("--model", default=None)
+    s.add_argument("--backend", choices=("auto", "mlu", "cuda", "cpu", "emulated"), default=None)
+    s.add_argument("--kv-policy", choices=POLICIES, default=None)
+    s.add_argument("--predictor", default=None)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None)
+    s.set_defaults(func=_serve)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = ns.func
+    try:
+        return int(func(ns) or 0)
+    except OdmaError as e:
+        print(f"odma-mlu {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

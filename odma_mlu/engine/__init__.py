@@ -1,0 +1,1 @@
+"""Request state, the scheduler, the model runner, sampling and LLMEngine."""

@@ -1,0 +1,1 @@
+"""KV-cache memory: the arena (physical store), the extent allocator (mechanism) and policies."""
