@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--predictor", default=None, help="predictor folder (default: the bundled one); 'simple' for "
                                                      "the histogram baseline")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,
+                   help="cap on running sequences")
     b.add_argument("--page-size", type=int, default=CacheConfig.page_size_tokens, help="paged policy page tokens")
     b.add_argument("--json", default=None, metavar="OUT")
     b.add_argument("--plot", default=None, metavar="OUT.png")

@@ -165,6 +165,16 @@ class OdmaConfig:
     """Quantile of the predicted length that the first reservation must cover."""
     growth_factor: float = 2.0
     """On overflow with no larger bucket, the new extent is at least this times the old."""
+    reclaim_unused_tails: bool = False
+    """Under memory pressure, shrink running slabs to live + headroom so a waiting request
+    can start (it and they grow back in place or by one contiguous move). Off by default
+    (the paper's strict reservations): in the sweep (docs/odma-sensitivity.md) the
+    preemptions it causes cost more throughput than the extra admissions gain."""
+    reclaim_headroom_tokens: int = 16
+    """Slots left after the live KV when a tail is reclaimed, and the least a request
+    admitted under pressure starts with beyond its prompt."""
+    reclaim_max_slabs: int = 64
+    """Most tails shrunk for one admission (bounds the cost of one reserve call)."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +191,9 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
+    max_num_seqs: int = 1024
+    """High enough that KV memory, not this cap, limits the batch of the 7B model on a
+    24 GB card (~118K KV tokens): that is the regime ODMA is about."""
     max_num_batched_tokens: int = 8192
     max_new_tokens: int = 512
     group_decode_by_bucket: bool = True

@@ -1,0 +1,431 @@
+"""Measure a device's read bandwidth against access granularity and write a device profile.
+
+Two curves, one kernel. The buffer is viewed as ``[rows, row_elems]`` and read with
+``embedding_bag(mode="sum")``: it gathers the rows named by an index tensor and sums them
+into a few bags, so it READS the selected bytes and writes almost nothing (the bag sums are
+<= 1/64 of the bytes read). An N-byte chunk is ``N / row_bytes`` consecutive rows, so:
+
+* ``sequential``: chunks with consecutive ids starting at a random base (back to back);
+* ``gather``: the same number of chunks, one at a random offset in each of ``k`` equal
+  strata of the buffer (distinct, spread over all of it), visited in random order.
+
+Because the kernel, the byte count and the output size are identical, gather/sequential
+isolates the cost of random placement. A plain ``buffer.sum()`` over the whole buffer gives
+the long-stream figure. Bandwidths count bytes READ only (never the small writes).
+
+Why embedding_bag and not ``index_select``: index_select materialises its output, so every
+byte read is also written, and on a CPU the fresh output pages cost more than the reads.
+
+The buffer is several times the last-level cache (>= 4x LLC, >= 256 MiB on CPU; >= 1 GiB on
+accelerators) so reads come from memory. Only ``odma_mlu.backends`` touches device APIs:
+this module uses the Backend interface (device, timer, synchronize, mem_get_info).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import platform
+import socket
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from odma_mlu.backends import Backend, get_backend
+from odma_mlu.errors import ConfigError
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+ELEM_BYTES = 4  # the buffer is float32: embedding_bag(sum) supports it on every backend
+ROW_CAP_BYTES = 4 * KiB  # longer chunks are several consecutive rows (very wide rows run slower on CPU)
+OUTPUT_FRACTION = 64  # bag sums are at most 1/64 of the bytes read
+TOOL = "odma-mlu profile-bandwidth (emulator/bandwidth_profiler.py)"
+
+
+@dataclass(frozen=True)
+class ProfilerSettings:
+    """How much to measure. ``quick`` trades accuracy for a run under 30 s on 2 cores."""
+
+    buffer_bytes: int
+    read_bytes: int  # bytes read per timed measurement
+    chunk_sizes_bytes: tuple[int, ...]
+    repeats: int
+    warmup: int
+    matmul_n: int
+    half_matmul_n: int
+    launch_ops: int
+    quick: bool
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """What one run measured; ``to_profile_dict`` turns it into profile YAML."""
+
+    backend: str
+    description: str
+    settings: ProfilerSettings
+    llc_bytes: int
+    capacity_bytes: int
+    stream_bytes_per_s: float
+    sequential_bytes_per_s: dict[int, float]
+    gather_bytes_per_s: dict[int, float]
+    flops_per_s: dict[str, float]
+    launch_overhead_s: float
+    threads: int = 1
+    date: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def llc_bytes() -> int:
+    """Size of the host's largest (last-level) cache, from sysfs; 32 MiB if unreadable."""
+    best = 0
+    for idx in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (idx / "type").read_text().strip() == "Instruction":
+                continue
+            text = (idx / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": KiB, "M": MiB, "G": GiB}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * mult)
+    return best or 32 * MiB
+
+
+def _pow2_range(lo: int, hi: int, step: int) -> tuple[int, ...]:
+    sizes, n = [], lo
+    while n <= hi:
+        sizes.append(n)
+        n *= step
+    return tuple(sizes)
+
+
+def choose_settings(backend: Backend, quick: bool) -> ProfilerSettings:
+    """Buffer and sizes for ``backend``: >= 4x LLC on CPU, >= 1 GiB on an accelerator."""
+    free_bytes = backend.mem_get_info().free_bytes
+    on_cpu = backend.device.type == "cpu"
+    if quick:
+        # Still past the LLC where affordable (2x LLC, 256 MiB..1 GiB): a buffer that fits in
+        # cache would report cache bandwidth, not memory bandwidth.
+        buffer_bytes = 256 * MiB
+        if on_cpu:
+            want = 1 << (2 * llc_bytes() - 1).bit_length()
+            buffer_bytes = max(256 * MiB, min(want, 1 * GiB, 1 << ((free_bytes // 4).bit_length() - 1)))
+        read_bytes = 32 * MiB if on_cpu else 256 * MiB
+        sizes = _pow2_range(64, 4 * MiB, 4)
+        return ProfilerSettings(buffer_bytes, read_bytes, sizes, repeats=5, warmup=1, matmul_n=512,
+                                half_matmul_n=256, launch_ops=200, quick=True)
+    if on_cpu:
+        want = max(4 * llc_bytes(), 256 * MiB)
+        buffer_bytes = 1 << (want - 1).bit_length()  # round up to a power of two
+        read_bytes = 256 * MiB
+        matmul_n, half_n = 1024, 512
+    else:
+        buffer_bytes, read_bytes = 2 * GiB, 512 * MiB
+        matmul_n, half_n = 8192, 8192
+    if buffer_bytes > free_bytes // 3:
+        floor = 256 * MiB if on_cpu else 1 * GiB
+        if free_bytes // 3 < floor:
+            raise ConfigError(f"profile-bandwidth needs a buffer of at least {floor // MiB} MiB but only "
+                              f"{free_bytes // MiB} MiB are free on {backend.describe()}; free memory or use --quick")
+        buffer_bytes = 1 << ((free_bytes // 3).bit_length() - 1)
+        print(f"note: buffer reduced to {buffer_bytes // MiB} MiB (free memory {free_bytes // MiB} MiB)",
+              file=sys.stderr)
+    return ProfilerSettings(buffer_bytes, min(read_bytes, buffer_bytes // 4), _pow2_range(64, 4 * MiB, 2),
+                            repeats=9, warmup=1, matmul_n=matmul_n, half_matmul_n=half_n, launch_ops=1000,
+                            quick=False)
+
+
+def _median_time_s(backend: Backend, run: Callable[[], object], prepare: Callable[[], None] | None,
+                   repeats: int, warmup: int) -> float:
+    """Median of ``repeats`` timings of ``run`` on the backend's own timer, after warm-up."""
+    times_s: list[float] = []
+    for i in range(warmup + repeats):
+        if prepare is not None:
+            prepare()
+        timer = backend.timer()
+        timer.start()
+        run()
+        elapsed_s = timer.stop()
+        if i >= warmup:
+            times_s.append(elapsed_s)
+    return statistics.median(times_s)
+
+
+class ChunkReader:
+    """Reads ``read_bytes`` as N-byte chunks of a big buffer, sequentially or scattered."""
+
+    def __init__(self, backend: Backend, buffer: torch.Tensor, read_bytes: int) -> None:
+        self.backend = backend
+        self.buffer = buffer
+        self.buffer_bytes = buffer.numel() * ELEM_BYTES
+        self.read_bytes = read_bytes
+        self._idx: torch.Tensor | None = None
+        self._offsets: torch.Tensor | None = None
+
+    def _layout(self, chunk_bytes: int) -> tuple[torch.Tensor, int, int, int]:
+        row_bytes = min(chunk_bytes, ROW_CAP_BYTES)
+        rows_per_chunk = chunk_bytes // row_bytes
+        table = self.buffer.view(-1, row_bytes // ELEM_BYTES)
+        num_chunks_total = table.shape[0] // rows_per_chunk
+        num_chunks = max(1, min(self.read_bytes // chunk_bytes, num_chunks_total))
+        return table, rows_per_chunk, num_chunks_total, num_chunks
+
+    def prepare(self, chunk_bytes: int, pattern: str) -> None:
+        """Build the index tensor for one timed read (outside the timed region)."""
+        dev = self.backend.device
+        table, rows_per_chunk, total, k = self._layout(chunk_bytes)
+        if pattern == "sequential":
+            base = int(torch.randint(0, total - k + 1, (1,)).item())
+            chunk_ids = torch.arange(base, base + k, device=dev)
+        elif pattern == "gather":
+            stride = total // k
+            chunk_ids = torch.arange(k, device=dev) * stride + torch.randint(0, stride, (k,), device=dev)
+            chunk_ids = chunk_ids[torch.randperm(k, device=dev)]
+        else:
+            raise ValueError(f"unknown access pattern {pattern!r}; expected 'sequential' or 'gather'")
+        rows = chunk_ids[:, None] * rows_per_chunk + torch.arange(rows_per_chunk, device=dev)
+        self._idx = rows.reshape(-1)
+        n_rows = self._idx.numel()
+        row_bytes = table.shape[1] * ELEM_BYTES
+        bags = max(1, min(n_rows, self.read_bytes // OUTPUT_FRACTION // row_bytes))
+        self._offsets = torch.arange(bags, device=dev) * (n_rows // bags)
+        self._table = table
+
+    def bytes_per_read(self, chunk_bytes: int) -> int:
+        return self._layout(chunk_bytes)[3] * chunk_bytes
+
+    def run(self) -> torch.Tensor:
+        assert self._idx is not None and self._offsets is not None, "prepare() must run before run()"
+        return F.embedding_bag(self._idx, self._table, self._offsets, mode="sum")
+
+
+def measure_curves(backend: Backend, reader: ChunkReader, settings: ProfilerSettings,
+                   progress: bool) -> tuple[dict[int, float], dict[int, float]]:
+    """Sequential and gather bandwidth (bytes read / s) for every chunk size.
+
+    Repeats are taken round-robin (every point once per round, then the next round) so a
+    burst of load from another process spreads over all points instead of bending one.
+    """
+    steps = [(n, p) for n in settings.chunk_sizes_bytes for p in ("sequential", "gather")]
+    times_s: dict[tuple[int, str], list[float]] = {step: [] for step in steps}
+    rounds = settings.warmup + settings.repeats
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=rounds * len(steps), desc="bandwidth", unit="pt", file=sys.stderr)
+    for r in range(rounds):
+        for chunk_bytes, pattern in steps:
+            reader.prepare(chunk_bytes, pattern)
+            timer = backend.timer()
+            timer.start()
+            reader.run()
+            elapsed_s = timer.stop()
+            if r >= settings.warmup:
+                times_s[(chunk_bytes, pattern)].append(elapsed_s)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"round {r + 1}/{rounds} {chunk_bytes} B {pattern}")
+    if bar is not None:
+        bar.close()
+    seq: dict[int, float] = {}
+    gat: dict[int, float] = {}
+    for (chunk_bytes, pattern), ts in times_s.items():
+        bw = reader.bytes_per_read(chunk_bytes) / statistics.median(ts)
+        (seq if pattern == "sequential" else gat)[chunk_bytes] = bw
+    return seq, gat
+
+
+def measure_stream(backend: Backend, buffer: torch.Tensor, settings: ProfilerSettings) -> float:
+    """Whole-buffer ``sum()``: one long sequential read; bytes read / s."""
+    t_s = _median_time_s(backend, buffer.sum, None, settings.repeats, settings.warmup)
+    return buffer.numel() * ELEM_BYTES / t_s
+
+
+def measure_flops(backend: Backend, settings: ProfilerSettings) -> dict[str, float]:
+    """Dense square matmul FLOP/s per supported dtype (2 n^3 FLOPs per product)."""
+    out: dict[str, float] = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        if not backend.supports_dtype(dtype):
+            continue
+        n = settings.matmul_n if dtype == torch.float32 else settings.half_matmul_n
+        try:
+            a = torch.randn(n, n, device=backend.device).to(dtype)
+            b = torch.randn(n, n, device=backend.device).to(dtype)
+            t_s = _median_time_s(backend, lambda: torch.mm(a, b), None, max(3, settings.repeats // 2), 1)
+        except RuntimeError as e:  # a dtype the backend lists but whose matmul kernel is missing
+            print(f"note: no {name} matmul on {backend.describe()} ({e}); skipped", file=sys.stderr)
+            continue
+        out[name] = 2.0 * n**3 / t_s
+    return out
+
+
+def measure_launch_overhead(backend: Backend, settings: ProfilerSettings) -> float:
+    """Seconds per tiny op (an in-place add on one element), averaged over a burst."""
+    x = torch.zeros(1, device=backend.device)
+
+    def burst() -> None:
+        for _ in range(settings.launch_ops):
+            x.add_(1.0)
+
+    return _median_time_s(backend, burst, None, 5, 1) / settings.launch_ops
+
+
+def run_profile(backend: Backend, quick: bool, progress: bool = True) -> ProfileResult:
+    """Measure everything a profile needs on ``backend``."""
+    settings = choose_settings(backend, quick)
+    # ones, not empty: every page must be touched before timing so no read hits a page fault.
+    buffer = torch.ones(settings.buffer_bytes // ELEM_BYTES, dtype=torch.float32, device=backend.device)
+    reader = ChunkReader(backend, buffer, settings.read_bytes)
+    stream = measure_stream(backend, buffer, settings)
+    seq, gat = measure_curves(backend, reader, settings, progress)
+    del reader, buffer
+    backend.empty_cache()
+    flops = measure_flops(backend, settings)
+    launch_s = measure_launch_overhead(backend, settings)
+    return ProfileResult(backend=backend.name, description=describe_host(backend), settings=settings,
+                         llc_bytes=llc_bytes(), capacity_bytes=backend.mem_get_info().total_bytes,
+                         stream_bytes_per_s=stream, sequential_bytes_per_s=seq, gather_bytes_per_s=gat,
+                         flops_per_s=flops, launch_overhead_s=launch_s,
+                         threads=torch.get_num_threads())
+
+
+def describe_host(backend: Backend) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{socket.gethostname()}: {backend.describe()}; host CPU {cpu}"
+
+
+def _gbps(x: float) -> str:
+    return f"{x / 1e9:.3f} GB/s"
+
+
+def to_profile_dict(r: ProfileResult, name: str) -> dict:
+    """The measured profile as a mapping that emulator.profile.parse_profile accepts."""
+    s = r.settings
+    peak = max([r.stream_bytes_per_s, *r.sequential_bytes_per_s.values(), *r.gather_bytes_per_s.values()])
+    memory_type = {"cpu": "host DRAM", "cuda": "GPU memory (HBM/GDDR)", "mlu": "MLU memory (LPDDR5/HBM)"}
+    note = (f"median of {s.repeats} reads of {s.read_bytes // MiB} MiB from a {s.buffer_bytes // MiB} MiB buffer")
+    return {
+        "name": name,
+        "description": f"measured on {r.description}",
+        "memory_type": memory_type.get(r.backend, r.backend),
+        "capacity_bytes": f"{r.capacity_bytes // MiB} MiB",
+        "peak_bandwidth": _gbps(peak),
+        "sequential": [{"chunk_bytes": n, "bandwidth": _gbps(bw), "source": "measured"}
+                       for n, bw in sorted(r.sequential_bytes_per_s.items())],
+        "gather": [{"chunk_bytes": n, "bandwidth": _gbps(bw), "source": "measured"}
+                   for n, bw in sorted(r.gather_bytes_per_s.items())],
+        "compute_flops_per_s": {k: f"{v / 1e9:.2f} GFLOPS" for k, v in r.flops_per_s.items()},
+        "launch_overhead": f"{r.launch_overhead_s * 1e6:.3f} us",
+        "provenance": {
+            "kind": "measured", "tool": TOOL, "host": r.description, "date": r.date,
+            "backend": r.backend, "quick": s.quick,
+            "kernel": "embedding_bag(mode=sum) over the buffer viewed as rows; sequential = consecutive chunk "
+                      "ids from a random base, gather = one random chunk per equal stratum, shuffled",
+            "byte_counting": "bytes READ only; the kernel's bag sums (<= 1/64 of the bytes read) are not counted",
+            "buffer_bytes": s.buffer_bytes, "read_bytes_per_measurement": s.read_bytes,
+            "llc_bytes": r.llc_bytes, "torch_threads": r.threads, "repeats": s.repeats, "warmup": s.warmup,
+            "stream_bandwidth": _gbps(r.stream_bytes_per_s) + " (buffer.sum() over the whole buffer)",
+            "peak_bandwidth_rule": "max of the stream figure and every curve point",
+            "points": note,
+        },
+    }
+
+
+def format_table(r: ProfileResult) -> str:
+    lines = [f"{'chunk':>10} {'sequential':>12} {'gather':>12} {'gather/seq':>10}"]
+    for n in sorted(r.sequential_bytes_per_s):
+        sq, ga = r.sequential_bytes_per_s[n], r.gather_bytes_per_s[n]
+        size = f"{n // MiB} MiB" if n >= MiB else (f"{n // KiB} KiB" if n >= KiB else f"{n} B")
+        lines.append(f"{size:>10} {sq / 1e9:>8.2f} GB/s {ga / 1e9:>8.2f} GB/s {ga / sq:>10.2f}")
+    lines.append(f"stream (buffer.sum, {r.settings.buffer_bytes // MiB} MiB): {r.stream_bytes_per_s / 1e9:.2f} GB/s read")
+    lines.append("matmul: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in r.flops_per_s.items()))
+    lines.append(f"launch overhead: {r.launch_overhead_s * 1e6:.2f} us per tiny op; torch threads: {r.threads}")
+    return "\n".join(lines)
+
+
+def write_plot(r: ProfileResult, name: str, path: str | Path) -> None:
+    """Bandwidth against chunk size (log x), both curves, the stream figure as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = sorted(r.sequential_bytes_per_s)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(xs, [r.sequential_bytes_per_s[n] / 1e9 for n in xs], "o-", label="sequential (adjacent chunks)")
+    ax.plot(xs, [r.gather_bytes_per_s[n] / 1e9 for n in xs], "s-", label="gather (random offsets)")
+    ax.axhline(r.stream_bytes_per_s / 1e9, color="gray", ls="--", label="stream: buffer.sum()")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("chunk size (bytes)")
+    ax.set_ylabel("read bandwidth (GB/s, bytes read only)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{name}: read bandwidth vs access granularity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def default_name(backend: Backend) -> str:
+    return f"{backend.name}-{socket.gethostname().split('.')[0]}"
+
+
+def profile_bandwidth_main(ns: argparse.Namespace) -> int:
+    """``odma-mlu profile-bandwidth``: measure, print a table, write the YAML and the plot."""
+    backend = get_backend(ns.backend)
+    name = ns.name or default_name(backend)
+    out = Path(ns.out or f"{name}.yaml")
+    plot = Path(ns.plot) if ns.plot else out.with_suffix(".png")
+    print(f"profiling {backend.describe()} ({'quick' if ns.quick else 'full'} run)", file=sys.stderr)
+    result = run_profile(backend, quick=bool(ns.quick), progress=not ns.quick)
+    data = to_profile_dict(result, name)
+    from emulator.profile import parse_profile
+
+    parse_profile(data, str(out))  # never write a profile the loader would reject
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"# Device profile measured by {TOOL}\n"
+              f"# Bandwidths count bytes READ only. Regenerate with: odma-mlu profile-bandwidth --backend "
+              f"{ns.backend}{' --quick' if ns.quick else ''} --name {name} --out {out}\n")
+    out.write_text(header + yaml.safe_dump(data, sort_keys=False, width=120))
+    write_plot(result, name, plot)
+    print(format_table(result))
+    print(f"wrote {out} and {plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The same options as ``odma-mlu profile-bandwidth`` (for tools/profile_bandwidth.py)."""
+    p = argparse.ArgumentParser(prog="profile_bandwidth", description=__doc__.split("\n")[0])
+    p.add_argument("--backend", choices=("cpu", "cuda", "mlu"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="small buffer and few repeats (< 30 s)")
+    p.add_argument("--out", default=None, metavar="PROFILE.yaml")
+    p.add_argument("--plot", default=None, metavar="OUT.png")
+    p.add_argument("--name", default=None, help="profile name (default: backend-hostname)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from odma_mlu.errors import OdmaError
+
+    ns = build_parser().parse_args(argv)
+    try:
+        return profile_bandwidth_main(ns)
+    except OdmaError as e:
+        print(f"profile_bandwidth: error: {e}", file=sys.stderr)
+        return 2

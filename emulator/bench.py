@@ -1,0 +1,167 @@
+"""``odma-mlu bench``: replay a trace under each KV policy on an emulated device.
+
+Prints one row per policy, and optionally writes the JSON of DESIGN.md and a plot (KV in
+use over time per policy, and throughput bars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from emulator.profile import DeviceProfile, load_profile
+from emulator.replay import ReplayResult, kv_capacity_tokens, replay
+from emulator.traces import Trace, load_trace
+from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig, load_model_spec
+from odma_mlu.errors import ConfigError
+from odma_mlu.kvcache.factory import POLICY_NAMES
+from odma_mlu.predictor.base import LengthPredictor
+
+TABLE_COLUMNS = (("policy", "{:<7}"), ("completed", "{:>9}"), ("lost", "{:>4}"), ("tps", "{:>8.1f}"),
+                 ("rps", "{:>6.2f}"), ("kv_utilization", "{:>14.3f}"), ("reservation_efficiency", "{:>22.3f}"),
+                 ("overflow_rate", "{:>13.3f}"), ("preemptions", "{:>11}"), ("makespan_s", "{:>10.1f}"))
+ONLINE_COLUMNS = (("ttft_p50_s", "{:>10.3f}"), ("ttft_p99_s", "{:>10.3f}"), ("tpot_p50_s", "{:>10.4f}"),
+                  ("tpot_p99_s", "{:>10.4f}"))
+
+
+def parse_policies(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in POLICY_NAMES]
+    if bad or not names:
+        raise ConfigError(f"--policies: unknown {bad or text!r}; choose from {','.join(POLICY_NAMES)}")
+    return names
+
+
+def resolve_predictor(name_or_dir: str | None) -> LengthPredictor:
+    """The bundled learned predictor by default; 'simple' for the histogram baseline."""
+    if name_or_dir == "simple":
+        from odma_mlu.predictor.simple import SimplePredictor
+
+        return SimplePredictor()
+    try:
+        from odma_mlu.predictor.registry import load_predictor
+    except ImportError:  # the learned predictor is not part of this build
+        if name_or_dir is not None:
+            raise ConfigError(f"--predictor {name_or_dir!r}: no learned-predictor support in this build") from None
+        from odma_mlu.predictor.simple import SimplePredictor
+
+        return SimplePredictor()
+    return load_predictor(name_or_dir)
+
+
+def run_bench(trace: Trace, policies: Sequence[str], model: ModelSpec, profile: DeviceProfile, *,
+              predictor_name: str | None = None, kv_gib: float | None = None, max_new_tokens: int | None = None,
+              mode: str = "offline", rate_scale: float = 1.0, cache: CacheConfig = CacheConfig(),
+              scheduler: SchedulerConfig = SchedulerConfig(), progress: bool = True) -> list[ReplayResult]:
+    """Replay ``trace`` under each policy; one fresh predictor per policy (no shared learning)."""
+    cap_new = max_new_tokens or trace.max_new_tokens or scheduler.max_new_tokens
+    capacity = kv_capacity_tokens(profile, model, cache, kv_gib)
+    results: list[ReplayResult] = []
+    for name in policies:
+        predictor = resolve_predictor(predictor_name) if name in ("odma", "s3") else None
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(trace.requests), desc=f"{name:>7}", unit="req", leave=False, file=sys.stderr)
+        t0 = time.perf_counter()
+        res = replay(trace, name, model, profile, cache=cache, scheduler_config=scheduler, max_new_tokens=cap_new,
+                     capacity_tokens=capacity, predictor=predictor, mode=mode, rate_scale=rate_scale,
+                     progress=bar.update if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        if progress:
+            print(f"  {name}: replayed in {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
+        results.append(res)
+    return results
+
+
+def format_table(results: Sequence[ReplayResult], online: bool) -> str:
+    cols = TABLE_COLUMNS + (ONLINE_COLUMNS if online else ())
+    header = " ".join(name for name, _ in cols)
+    lines = [header]
+    for r in results:
+        m = r.metrics()
+        cells = []
+        for name, fmt in cols:
+            v = m.get(name)
+            width = len(name)
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                cells.append(f"{'-':>{width}}")
+            else:
+                cells.append(f"{fmt.format(v):>{width}}")
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def write_plot(results: Sequence[ReplayResult], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2.2, 1]})
+    for r in results:
+        cap = r.capacity_tokens
+        ax1.plot(r.timeline_s, [x / cap for x in r.timeline_live_tokens], label=f"{r.policy} live", lw=1.2)
+    ax1.set_xlabel("time (s, emulated)")
+    ax1.set_ylabel("KV in use / capacity")
+    ax1.set_ylim(0, 1.05)
+    ax1.set_title("live KV tokens over time")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    names = [r.policy for r in results]
+    ax2.bar(names, [r.tps for r in results], color="tab:blue")
+    for i, r in enumerate(results):
+        ax2.text(i, r.tps, f"{r.tps:.0f}", ha="center", va="bottom", fontsize=8)
+    ax2.set_ylabel("generated tokens / s")
+    ax2.set_title("throughput")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_main(ns: argparse.Namespace) -> int:
+    policies = parse_policies(ns.policies)
+    if ns.max_requests is not None and ns.max_requests <= 0:
+        raise ConfigError(f"--max-requests must be >= 1, got {ns.max_requests}")
+    if ns.max_new_tokens is not None and ns.max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}")
+    profile = load_profile(ns.profile)
+    model = load_model_spec(ns.model)
+    trace = load_trace(ns.trace, seed=ns.seed, max_requests=ns.max_requests, max_new_tokens=ns.max_new_tokens)
+    cache = replace(CacheConfig(), page_size_tokens=ns.page_size)
+    sched = SchedulerConfig()
+    if getattr(ns, "max_num_seqs", None):
+        sched = replace(sched, max_num_seqs=ns.max_num_seqs)
+    capacity = kv_capacity_tokens(profile, model, cache, ns.kv_gib)
+    print(f"profile {profile.name} | model {model.name} ({model.dtype}) | trace {trace.name}: "
+          f"{len(trace.requests)} requests | KV capacity {capacity} tokens "
+          f"({capacity * model.kv_bytes_per_token / 1024**3:.2f} GiB) | mode {ns.mode}")
+    results = run_bench(trace, policies, model, profile, predictor_name=ns.predictor, kv_gib=ns.kv_gib,
+                        max_new_tokens=ns.max_new_tokens, mode=ns.mode, rate_scale=ns.rate_scale, cache=cache,
+                        scheduler=sched, progress=not ns.no_progress)
+    print(format_table(results, ns.mode == "online"))
+    if any(r.lost for r in results):
+        print("WARNING: requests were lost: this is a bug", file=sys.stderr)
+    if any(r.rejected for r in results):
+        print(f"note: {max(r.rejected for r in results)} request(s) could never fit and were rejected",
+              file=sys.stderr)
+    if ns.json:
+        doc = {"profile": profile.name, "model": model.name, "trace": trace.name, "mode": ns.mode,
+               "capacity_tokens": capacity, "results": [r.metrics() for r in results]}
+        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.json).write_text(json.dumps(doc, indent=2))
+        print(f"wrote {ns.json}")
+    if ns.plot:
+        write_plot(results, ns.plot, f"{trace.name} on {profile.name}, {model.name}")
+        print(f"wrote {ns.plot}")
+    return 1 if any(r.lost for r in results) else 0

@@ -1,0 +1,207 @@
+"""Full-scale trace replay: the real scheduler and KV policies, a shape-only runner, and
+the cost model's clock.
+
+Each step: ``scheduler.schedule()`` -> cost of (prefills, decodes, migrations) on the
+profile -> every scheduled sequence gains one token -> a sequence ends at its trace
+length -> ``scheduler.postprocess``. Nothing here re-implements allocation or scheduling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from emulator.cost_model import CostModel
+from emulator.profile import DeviceProfile
+from emulator.traces import Trace, TraceRequest
+from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig
+from odma_mlu.engine.request import Sequence
+from odma_mlu.engine.scheduler import Scheduler
+from odma_mlu.errors import ConfigError, RequestRejected
+from odma_mlu.kvcache.arena import KVArena
+from odma_mlu.kvcache.factory import make_policy
+from odma_mlu.predictor.base import LengthPredictor, RequestFeatures
+
+GIB = 1024**3
+
+
+def kv_capacity_tokens(profile: DeviceProfile, model: ModelSpec, cache: CacheConfig,
+                       kv_gib: float | None = None) -> int:
+    """KV tokens that fit: device memory minus the activation reserve minus the weights."""
+    if kv_gib is not None:
+        if kv_gib <= 0:
+            raise ConfigError(f"--kv-gib must be positive, got {kv_gib}")
+        return int(kv_gib * GIB) // model.kv_bytes_per_token
+    if cache.kv_capacity_tokens is not None:
+        return cache.kv_capacity_tokens
+    usable = profile.capacity_bytes * (1.0 - cache.activation_reserve_fraction) - model.weight_bytes
+    if usable <= 0:
+        raise ConfigError(
+            f"model {model.name} needs {model.weight_bytes / GIB:.1f} GiB of weights but profile {profile.name} has "
+            f"{profile.capacity_bytes / GIB:.1f} GiB ({cache.activation_reserve_fraction:.0%} kept for activations): "
+            "no room for KV; use a bigger device or pass --kv-gib")
+    return int(usable) // model.kv_bytes_per_token
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    policy: str
+    completed: int
+    lost: int
+    rejected: int
+    makespan_s: float
+    generated_tokens: int
+    tps: float
+    rps: float
+    kv_utilization: float
+    kv_utilization_all: float
+    reservation_efficiency: float
+    overflow_rate: float
+    preemptions: int
+    migrated_bytes: int
+    num_steps: int
+    capacity_tokens: int
+    ttft_p50_s: float | None = None
+    ttft_p99_s: float | None = None
+    tpot_p50_s: float | None = None
+    tpot_p99_s: float | None = None
+    extents_free_after: bool = True
+    bucket_edges_tokens: tuple[int, ...] = ()
+    timeline_s: tuple[float, ...] = field(default=(), repr=False)
+    timeline_live_tokens: tuple[int, ...] = field(default=(), repr=False)
+    timeline_reserved_tokens: tuple[int, ...] = field(default=(), repr=False)
+
+    def metrics(self) -> dict[str, object]:
+        """The JSON row: every metric of DESIGN.md, no timelines."""
+        d = {k: v for k, v in self.__dict__.items() if not k.startswith("timeline_")}
+        d["bucket_edges_tokens"] = list(self.bucket_edges_tokens)
+        return d
+
+
+def _features(r: TraceRequest, max_new_tokens: int) -> RequestFeatures:
+    return RequestFeatures(prompt_tokens=r.prompt_tokens, max_new_tokens=max_new_tokens, prompt_text=r.prompt_text,
+                           metadata=dict(r.metadata))
+
+
+def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProfile, *,
+           cache: CacheConfig = CacheConfig(), scheduler_config: SchedulerConfig = SchedulerConfig(),
+           max_new_tokens: int, capacity_tokens: int, predictor: LengthPredictor | None = None,
+           mode: str = "offline", rate_scale: float = 1.0, timeline_points: int = 400,
+           progress: Callable[[int], None] | None = None, drift_detector: object | None = None) -> ReplayResult:
+    """Replay ``trace`` under one KV policy; returns the DESIGN.md metrics."""
+    if mode not in ("offline", "online"):
+        raise ConfigError(f"mode must be offline or online, not {mode!r}")
+    if rate_scale <= 0:
+        raise ConfigError(f"--rate-scale must be positive, got {rate_scale}")
+    arena = KVArena(model, capacity_tokens, shape_only=True)
+    policy = make_policy(policy_name, arena, cache, max_new_tokens, drift_detector)
+    scheduler = Scheduler(policy, scheduler_config, model.max_position_embeddings, predictor)
+    cost = CostModel(profile, model)
+    stream_bw = profile.stream_bandwidth_bytes_per_s
+
+    # Requests, predictions (made once, before they run: what a server would know).
+    requests = list(trace.requests)
+    feats = [_features(r, max_new_tokens) for r in requests]
+    seqs: list[Sequence] = []
+    for r, f in zip(requests, feats):
+        out = max(1, min(r.output_tokens, max_new_tokens))
+        seqs.append(Sequence(request_id=r.request_id, prompt_tokens=r.prompt_tokens, max_new_tokens=max_new_tokens,
+                             arrival_s=(r.arrival_s / rate_scale) if mode == "online" else 0.0, features=f,
+                             true_output_tokens=out))
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i].arrival_s)
+    next_arrival = 0
+    rejected = 0
+    now_s = 0.0
+    util_sat: list[float] = []
+    util_all: list[float] = []
+    live_sum = 0
+    reserved_sum = 0
+    tl_t: list[float] = []
+    tl_live: list[int] = []
+    tl_res: list[int] = []
+    finished_count = 0
+    generated = 0
+    steps = 0
+
+    def admit_arrivals() -> None:
+        nonlocal next_arrival, rejected
+        while next_arrival < len(order) and seqs[order[next_arrival]].arrival_s <= now_s:
+            seq = seqs[order[next_arrival]]
+            next_arrival += 1
+            try:
+                scheduler.add(seq)
+            except RequestRejected:
+                rejected += 1
+                seq.finish_reason = "rejected"
+
+    while True:
+        admit_arrivals()
+        if not scheduler.has_work:
+            if next_arrival >= len(order):
+                break
+            now_s = max(now_s, seqs[order[next_arrival]].arrival_s)
+            continue
+        batch = scheduler.schedule()
+        if batch.is_empty:
+            # Nothing can run: only possible if a single request exceeds every region.
+            raise AssertionError(f"{policy_name}: scheduler made no progress with {len(scheduler.waiting)} waiting")
+        step = cost.step([s.num_tokens for s in batch.prefill], [s.kv_tokens for s in batch.decode], policy.layout)
+        # A migration reads and writes each moved byte once.
+        move_s = 2.0 * batch.migrated_tokens * model.kv_bytes_per_token / stream_bw
+        now_s += step.time_s + move_s
+        steps += 1
+        finished: list[Sequence] = []
+        for s in batch.all_seqs():
+            s.num_generated += 1
+            generated += 1
+            if s.first_token_s is None:
+                s.first_token_s = now_s
+            assert s.true_output_tokens is not None
+            if s.num_generated >= s.true_output_tokens:
+                s.finish_s = now_s
+                s.finish_reason = "length"
+                finished.append(s)
+        scheduler.postprocess(batch, finished)
+        finished_count += len(finished)
+        live = scheduler.live_kv_tokens()
+        reserved = policy.reserved_tokens()
+        frac = live / capacity_tokens
+        util_all.append(frac)
+        if scheduler.waiting:
+            util_sat.append(frac)
+        live_sum += live
+        reserved_sum += reserved
+        tl_t.append(now_s)
+        tl_live.append(live)
+        tl_res.append(reserved)
+        if progress is not None and finished:
+            progress(len(finished))
+
+    policy.check_integrity()
+    done = [s for s in seqs if s.finish_s is not None]
+    lost = len(seqs) - len(done) - rejected
+    makespan = now_s if now_s > 0 else float("nan")
+    result_kwargs: dict[str, object] = {}
+    if mode == "online" and done:
+        ttft = np.array([s.first_token_s - s.arrival_s for s in done])
+        tpot = np.array([(s.finish_s - s.first_token_s) / (s.num_generated - 1) for s in done if s.num_generated > 1])
+        result_kwargs = {"ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
+                         "tpot_p50_s": float(np.percentile(tpot, 50)) if tpot.size else None,
+                         "tpot_p99_s": float(np.percentile(tpot, 99)) if tpot.size else None}
+    keep = np.unique(np.linspace(0, len(tl_t) - 1, min(timeline_points, len(tl_t))).astype(int)) if tl_t else []
+    stats = policy.stats()
+    return ReplayResult(
+        policy=policy_name, completed=len(done), lost=lost, rejected=rejected, makespan_s=makespan, generated_tokens=generated,
+        tps=generated / makespan, rps=len(done) / makespan,
+        kv_utilization=float(np.mean(util_sat)) if util_sat else float(np.mean(util_all)),
+        kv_utilization_all=float(np.mean(util_all)),
+        reservation_efficiency=live_sum / reserved_sum if reserved_sum else 0.0,
+        overflow_rate=policy.overflowed_requests / max(1, len(done)), preemptions=scheduler.num_preemptions,
+        migrated_bytes=policy.migrated_tokens * model.kv_bytes_per_token, num_steps=steps,
+        capacity_tokens=capacity_tokens, extents_free_after=policy.reserved_tokens() == 0 and policy.num_live() == 0,
+        bucket_edges_tokens=stats.bucket_edges_tokens,
+        timeline_s=tuple(tl_t[i] for i in keep), timeline_live_tokens=tuple(tl_live[i] for i in keep),
+        timeline_reserved_tokens=tuple(tl_res[i] for i in keep), **result_kwargs,  # type: ignore[arg-type]
+    )

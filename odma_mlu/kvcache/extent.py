@@ -1,0 +1,172 @@
+"""Contiguous extent allocator over a range of token slots (mechanism only, no policy).
+
+::
+
+    base                                                    base + capacity
+    |[used 0,40)|  free 40..64  |[used 64,192)|     free 192..300     |[used ...)|
+                 ^ a hole: grows the left neighbour in place, or takes a new extent
+
+Invariants (``check_integrity``): used and free extents tile [base, base+capacity) exactly,
+never overlap, free extents are coalesced (no two adjacent), and the counters match.
+
+Data structures keep reserve+release O(log n) + a memmove: free extents are indexed by
+start (sorted list + dict) and by (length, start) (sorted list) for best fit.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Extent:
+    start: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    def slots(self) -> range:
+        return range(self.start, self.end)
+
+
+@dataclass(frozen=True)
+class FragmentationStats:
+    free_tokens: int
+    largest_free_tokens: int
+    num_free_extents: int
+    num_used_extents: int
+
+    @property
+    def external_fragmentation(self) -> float:
+        """1 - largest hole / total free: 0 when all free space is one run."""
+        return 0.0 if self.free_tokens == 0 else 1.0 - self.largest_free_tokens / self.free_tokens
+
+
+class ExtentAllocator:
+    """Hands out and takes back contiguous token ranges inside [base, base + capacity)."""
+
+    def __init__(self, capacity_tokens: int, base: int = 0) -> None:
+        assert capacity_tokens >= 0, "capacity must be non-negative"
+        self.base = base
+        self.capacity_tokens = capacity_tokens
+        self._free_len: dict[int, int] = {}  # start -> length
+        self._free_starts: list[int] = []
+        self._free_by_size: list[tuple[int, int]] = []  # (length, start)
+        self._used: dict[int, int] = {}  # start -> length
+        self.used_tokens = 0
+        if capacity_tokens > 0:
+            self._add_free(base, capacity_tokens)
+
+    # -- free-index maintenance ---------------------------------------------------------
+    def _add_free(self, start: int, length: int) -> None:
+        self._free_len[start] = length
+        bisect.insort(self._free_starts, start)
+        bisect.insort(self._free_by_size, (length, start))
+
+    def _remove_free(self, start: int) -> int:
+        length = self._free_len.pop(start)
+        del self._free_starts[bisect.bisect_left(self._free_starts, start)]
+        del self._free_by_size[bisect.bisect_left(self._free_by_size, (length, start))]
+        return length
+
+    def _insert_free_coalesced(self, start: int, length: int) -> None:
+        end = start + length
+        if end in self._free_len:  # right neighbour is free
+            length += self._remove_free(end)
+        i = bisect.bisect_left(self._free_starts, start)
+        if i > 0:
+            left = self._free_starts[i - 1]
+            if left + self._free_len[left] == start:
+                start, length = left, length + self._remove_free(left)
+        self._add_free(start, length)
+
+    # -- public API -----------------------------------------------------------------------
+    @property
+    def free_tokens(self) -> int:
+        return self.capacity_tokens - self.used_tokens
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+    def largest_free(self) -> int:
+        return self._free_by_size[-1][0] if self._free_by_size else 0
+
+    def can_allocate(self, length: int) -> bool:
+        return 0 < length <= self.largest_free()
+
+    def allocate(self, length: int) -> Extent | None:
+        """Best fit (smallest hole that fits, lowest address on ties); None if no hole fits."""
+        assert length > 0, f"allocate needs a positive length, got {length}"
+        i = bisect.bisect_left(self._free_by_size, (length, -1))
+        if i == len(self._free_by_size):
+            return None
+        hole_len, hole_start = self._free_by_size[i]
+        self._remove_free(hole_start)
+        if hole_len > length:
+            self._add_free(hole_start + length, hole_len - length)
+        self._used[hole_start] = length
+        self.used_tokens += length
+        return Extent(hole_start, length)
+
+    def free(self, extent: Extent) -> None:
+        got = self._used.pop(extent.start, None)
+        assert got == extent.length, f"free of {extent} which is not allocated (found length {got})"
+        self.used_tokens -= extent.length
+        self._insert_free_coalesced(extent.start, extent.length)
+
+    def can_grow_in_place(self, extent: Extent, new_length: int) -> bool:
+        extra = new_length - extent.length
+        return extra <= 0 or self._free_len.get(extent.end, 0) >= extra
+
+    def grow_in_place(self, extent: Extent, new_length: int) -> Extent | None:
+        """Extend into the free neighbour on the right; None if it is not free or too small."""
+        assert self._used.get(extent.start) == extent.length, f"grow of unallocated {extent}"
+        extra = new_length - extent.length
+        if extra <= 0:
+            return extent
+        nb = self._free_len.get(extent.end, 0)
+        if nb < extra:
+            return None
+        self._remove_free(extent.end)
+        if nb > extra:
+            self._add_free(extent.end + extra, nb - extra)
+        self._used[extent.start] = new_length
+        self.used_tokens += extra
+        return Extent(extent.start, new_length)
+
+    def shrink(self, extent: Extent, new_length: int) -> Extent:
+        """Give back the tail of an extent (e.g. after a request finishes early)."""
+        assert 0 < new_length <= extent.length and self._used.get(extent.start) == extent.length
+        if new_length == extent.length:
+            return extent
+        self._used[extent.start] = new_length
+        self.used_tokens -= extent.length - new_length
+        self._insert_free_coalesced(extent.start + new_length, extent.length - new_length)
+        return Extent(extent.start, new_length)
+
+    def fragmentation(self) -> FragmentationStats:
+        return FragmentationStats(self.free_tokens, self.largest_free(), len(self._free_len), len(self._used))
+
+    def used_extents(self) -> list[Extent]:
+        return [Extent(s, n) for s, n in sorted(self._used.items())]
+
+    def check_integrity(self) -> None:
+        """Assert the tiling, coalescing and accounting invariants."""
+        pieces = sorted([(s, n, "used") for s, n in self._used.items()] +
+                        [(s, n, "free") for s, n in self._free_len.items()])
+        pos = self.base
+        prev_kind = None
+        for s, n, kind in pieces:
+            assert n > 0, f"empty {kind} extent at {s}"
+            assert s == pos, f"gap or overlap at {pos}: next {kind} extent starts at {s}"
+            assert not (kind == "free" and prev_kind == "free"), f"uncoalesced free extents at {s}"
+            pos = s + n
+            prev_kind = kind
+        assert pos == self.base + self.capacity_tokens, f"extents end at {pos}, not {self.base + self.capacity_tokens}"
+        assert self.used_tokens == sum(self._used.values()), "used_tokens counter drifted"
+        assert self._free_starts == sorted(self._free_len), "free start index out of sync"
+        assert self._free_by_size == sorted((n, s) for s, n in self._free_len.items()), "free size index out of sync"

@@ -1,0 +1,35 @@
+"""Build a KV policy by name (the names the CLI and configs accept)."""
+
+from __future__ import annotations
+
+from odma_mlu.config import CacheConfig
+from odma_mlu.errors import ConfigError
+from odma_mlu.kvcache.arena import KVArena
+from odma_mlu.kvcache.policy import KVPolicy
+
+POLICY_NAMES = ("static", "s3", "odma", "paged", "oracle")
+
+
+def make_policy(name: str, arena: KVArena, cache: CacheConfig, max_new_tokens: int,
+                drift_detector: object | None = None) -> KVPolicy:
+    if name == "static":
+        from odma_mlu.kvcache.static import StaticPolicy
+
+        return StaticPolicy(arena)
+    if name == "oracle":
+        from odma_mlu.kvcache.oracle import OraclePolicy
+
+        return OraclePolicy(arena)
+    if name == "s3":
+        from odma_mlu.kvcache.s3 import S3Policy
+
+        return S3Policy(arena, cache.s3_num_buckets)
+    if name == "paged":
+        from odma_mlu.kvcache.paged import PagedPolicy
+
+        return PagedPolicy(arena, cache.page_size_tokens)
+    if name == "odma":
+        from odma_mlu.kvcache.odma import OdmaPolicy
+
+        return OdmaPolicy(arena, max_new_tokens, cache.odma, drift_detector)
+    raise ConfigError(f"unknown KV policy {name!r}; choose one of {list(POLICY_NAMES)}")

@@ -1,0 +1,266 @@
+"""One forward step's batch description and attention over the KV arena.
+
+A step runs prefill sequences (many new tokens) and decode sequences (one new token)
+together. Their new tokens are flattened into one varlen row space::
+
+    rows:      0 1 2 3 4 | 5 | 6 | 7 8 9 | 10
+    sequence:  A A A A A | B | C | D D D | E         A, D prefill; B, C, E decode
+    position:  0 1 2 3 4 |41 |17 | 3 4 5 |  9       D had 3 tokens cached (chunked prefill)
+
+Token ``t`` of a sequence lives at ``location.slot_of(t)`` in every layer's
+``arena.k[layer]`` / ``arena.v[layer]`` ([capacity_tokens, kv_heads, head_dim]). Each step
+first scatters the new K/V to ``write_slots`` (one index_copy per layer), then attends.
+
+Decode groups are where the layout matters:
+
+    contiguous, same capacity (bucket) ->  k[l][s_b : s_b + L] for b in group
+                                           = [B, L, kv, D] slabs; a zero-copy strided view
+                                           when the starts are evenly spaced, else one
+                                           stack of contiguous slab copies. No page gather.
+    paged                              ->  k[l][gather_slots] with gather_slots [B*L] built
+                                           from each block table (vLLM's way)
+
+``L`` is the longest sequence in the group (not the bucket capacity: the tail past every
+sequence's length is never read), and a length mask hides each shorter sequence's tail.
+Both layouts feed the same SDPA call, so they give identical results.
+
+GQA: the ``g = heads / kv_heads`` query heads sharing a KV head are folded into the query
+axis ([B, kv, g, D] against [B, kv, L, D]), so K/V are never repeated, and the code needs no
+``enable_gqa`` (absent from torch 2.4, which torch_mlu pairs with).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from odma_mlu.kvcache.arena import KVLocation
+
+
+@dataclass(frozen=True)
+class SequenceInput:
+    """One sequence's part of a forward step.
+
+    ``num_cached_tokens`` is the position of the first new token: 0 for a fresh prompt or a
+    recompute after preemption, > 0 for decode and for later chunks of a chunked prefill.
+    """
+
+    token_ids: tuple[int, ...]
+    num_cached_tokens: int
+    location: KVLocation
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_total_tokens(self) -> int:
+        return self.num_cached_tokens + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """Attention of one multi-token sequence: causal over its cached + new tokens."""
+
+    token_offset: int
+    """Row of its first new token in the flattened batch."""
+    num_new_tokens: int
+    num_total_tokens: int
+    start_slot: int | None
+    """Contiguous layout: the slab starts here (tokens [0, total) are slots start..start+total)."""
+    kv_slots: torch.Tensor | None
+    """Paged layout: slot of each token [0, total), int64 [total]."""
+    mask: torch.Tensor | None
+    """Bool [new, total] when tokens were cached before (chunked prefill); None = plain causal."""
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Single-token sequences attended as one batched SDPA over [B, L] KV."""
+
+    token_rows: torch.Tensor
+    """int64 [B]: row of each sequence's new token in the flattened batch."""
+    span_tokens: int
+    """L: tokens read per sequence, the longest length in the group."""
+    length_mask: torch.Tensor
+    """bool [B, 1, 1, L]: token j of sequence b is real (j < its length)."""
+    starts: tuple[int, ...] | None
+    """Contiguous: slab start slot of each sequence."""
+    stride_slots: int | None
+    """Contiguous with evenly spaced starts: distance between them (zero-copy view)."""
+    gather_slots: torch.Tensor | None
+    """Paged: int64 [B * L] slots; padding repeats a valid slot and is masked."""
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.token_rows.numel())
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Everything one forward step needs, built once and shared by every layer."""
+
+    seqs: tuple[SequenceInput, ...]
+    input_ids: torch.Tensor
+    """int64 [T], all sequences' new tokens flattened in ``seqs`` order."""
+    positions: torch.Tensor
+    """int64 [T], each token's position in its sequence (rotary index)."""
+    write_slots: torch.Tensor
+    """int64 [T], arena slot each new token's K/V is written to."""
+    last_token_rows: torch.Tensor
+    """int64 [S], row of each sequence's last new token: the logits returned."""
+    prefills: tuple[PrefillPlan, ...]
+    decode_groups: tuple[DecodeGroup, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seqs)
+
+    @classmethod
+    def build(cls, seqs: Sequence[SequenceInput], device: torch.device | str = "cpu") -> "ForwardBatch":
+        """Flatten ``seqs`` and plan their attention; metadata tensors land on ``device``."""
+        assert len(seqs) > 0, "a forward batch needs at least one sequence"
+        dev = torch.device(device)
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        last_rows: list[int] = []
+        prefills: list[PrefillPlan] = []
+        groups: dict[tuple, list[tuple[int, SequenceInput]]] = {}
+        row = 0
+        for seq in seqs:
+            n, first, loc = seq.num_new_tokens, seq.num_cached_tokens, seq.location
+            assert n > 0, "a sequence in a forward batch needs at least one new token"
+            assert first >= 0, f"negative cached token count {first}"
+            assert seq.num_total_tokens <= loc.capacity_tokens, (
+                f"{seq.num_total_tokens} tokens do not fit the reservation of {loc.capacity_tokens}")
+            ids.extend(seq.token_ids)
+            positions.append(torch.arange(first, first + n, dtype=torch.int64))
+            if n == 1:
+                slots.append(torch.tensor([loc.slot_of(first)], dtype=torch.int64))
+                key = ("contiguous", loc.capacity_tokens) if loc.is_contiguous else ("paged", loc.page_tokens)
+                groups.setdefault(key, []).append((row, seq))
+            else:
+                total = seq.num_total_tokens
+                kv_slots = None if loc.is_contiguous else _paged_slots(loc, total)
+                slots.append(torch.arange(loc.start_slot + first, loc.start_slot + total, dtype=torch.int64)
+                             if kv_slots is None else kv_slots[first:])
+                mask = None
+                if first > 0:
+                    q_pos = torch.arange(first, total, dtype=torch.int64)
+                    mask = (torch.arange(total, dtype=torch.int64)[None, :] <= q_pos[:, None]).to(dev)
+                prefills.append(PrefillPlan(row, n, total, loc.start_slot,
+                                            None if kv_slots is None else kv_slots.to(dev), mask))
+            row += n
+            last_rows.append(row - 1)
+        decode_groups = tuple(_plan_decode_group(key[0], members, dev) for key, members in groups.items())
+        return cls(
+            seqs=tuple(seqs),
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.cat(positions).to(dev),
+            write_slots=torch.cat(slots).to(dev),
+            last_token_rows=torch.tensor(last_rows, dtype=torch.int64, device=dev),
+            prefills=tuple(prefills),
+            decode_groups=decode_groups,
+        )
+
+
+def _paged_slots(loc: KVLocation, count: int) -> torch.Tensor:
+    """Slots of tokens [0, count) through the block table, vectorized (no per-token Python)."""
+    page = loc.page_tokens
+    assert loc.block_table is not None and page > 0
+    t = torch.arange(count, dtype=torch.int64)
+    table = torch.tensor(loc.block_table[: math.ceil(count / page)], dtype=torch.int64)
+    return table[t // page] * page + t % page
+
+
+def _plan_decode_group(kind: str, members: list[tuple[int, SequenceInput]], dev: torch.device) -> DecodeGroup:
+    lengths = [seq.num_total_tokens for _, seq in members]
+    span = max(lengths)
+    rows = torch.tensor([r for r, _ in members], dtype=torch.int64, device=dev)
+    mask = (torch.arange(span)[None, :] < torch.tensor(lengths)[:, None]).view(len(members), 1, 1, span).to(dev)
+    if kind == "contiguous":
+        starts = tuple(int(seq.location.start_slot) for _, seq in members)  # type: ignore[arg-type]
+        stride = None
+        if len(starts) == 1:
+            stride = 0
+        else:
+            d = starts[1] - starts[0]
+            if d > 0 and all(b - a == d for a, b in zip(starts, starts[1:])):
+                stride = d
+        return DecodeGroup(rows, span, mask, starts, stride, None)
+    page = members[0][1].location.page_tokens
+    num_pages = math.ceil(span / page)
+    tables = []
+    for _, seq in members:
+        table = list(seq.location.block_table[:num_pages])  # type: ignore[index]
+        tables.append(table + [table[0]] * (num_pages - len(table)))
+    table_t = torch.tensor(tables, dtype=torch.int64)
+    gather = (table_t[:, :, None] * page + torch.arange(page)).reshape(len(members), -1)[:, :span]
+    return DecodeGroup(rows, span, mask, None, None, gather.reshape(-1).to(dev))
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+             k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+    """Scatter new tokens' K/V ([T, kv, D]) into one layer's arena tensors at ``slots``."""
+    k_cache.index_copy_(0, slots, k_new)
+    v_cache.index_copy_(0, slots, v_new)
+
+
+def _slabs(cache: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
+    """[B, L, kv, D] KV of a decode group, read the way its layout allows."""
+    span = group.span_tokens
+    if group.gather_slots is not None:
+        return cache.index_select(0, group.gather_slots).view(group.batch_size, span, *cache.shape[1:])
+    assert group.starts is not None
+    if group.stride_slots is not None:
+        row = cache.stride(0)
+        return cache.as_strided((group.batch_size, span, *cache.shape[1:]),
+                                (group.stride_slots * row, *cache.stride()),
+                                cache.storage_offset() + group.starts[0] * row)
+    return torch.stack([cache[s:s + span] for s in group.starts])
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     group: DecodeGroup, scale: float) -> torch.Tensor:
+    """Attention of B single-token queries ([B, H, D]) over their sequences' KV -> [B, H, D]."""
+    b, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    k = _slabs(k_cache, group).transpose(1, 2)  # [B, kv, L, D]
+    v = _slabs(v_cache, group).transpose(1, 2)
+    qg = q.view(b, kv_heads, heads // kv_heads, dim)  # the g heads of a KV head act as g queries
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.length_mask, scale=scale)
+    return out.reshape(b, heads, dim)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      plan: PrefillPlan, scale: float) -> torch.Tensor:
+    """Causal attention of one sequence's new queries ([n, H, D]) over its tokens [0, total)."""
+    n, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    g = heads // kv_heads
+    if plan.kv_slots is None:
+        assert plan.start_slot is not None
+        k = k_cache[plan.start_slot:plan.start_slot + plan.num_total_tokens]
+        v = v_cache[plan.start_slot:plan.start_slot + plan.num_total_tokens]
+    else:
+        k = k_cache.index_select(0, plan.kv_slots)
+        v = v_cache.index_select(0, plan.kv_slots)
+    total = plan.num_total_tokens
+    # [kv, g, n, D] queries against [kv, 1->g, S, D] keys: an expand, not a copy of K/V.
+    qg = q.view(n, kv_heads, g, dim).permute(1, 2, 0, 3)
+    kg = k.transpose(0, 1)[:, None].expand(kv_heads, g, total, dim)
+    vg = v.transpose(0, 1)[:, None].expand(kv_heads, g, total, dim)
+    if plan.mask is None:
+        out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=plan.mask, scale=scale)
+    return out.permute(2, 0, 1, 3).reshape(n, heads, dim)

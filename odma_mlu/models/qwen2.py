@@ -1,0 +1,144 @@
+"""Qwen2 decoder forward over odma-mlu's KV arena.
+
+Per layer, for the T flattened new tokens of a ``ForwardBatch``::
+
+    x [T, hidden] -> RMSNorm -> qkv (one fused matmul, with biases) -> rotary(q, k)
+                  -> write k, v to arena slots -> attention (prefill plans, decode groups)
+                  -> o_proj -> + residual -> RMSNorm -> gate_up (fused) -> SiLU(gate)*up
+                  -> down -> + residual
+
+Weights are plain tensors (no nn.Module): the loader fills them and the forward is a
+straight sequence of torch ops, so it runs the same on CPU, CUDA and MLU. Numerics follow
+transformers' Qwen2 (RMSNorm in float32, rotary cos/sin computed in float32 then cast to the
+activation dtype) so greedy output matches ``generate`` token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from odma_mlu.config import ModelSpec
+from odma_mlu.kvcache.arena import KVArena
+from odma_mlu.models.attention import (DecodeGroup, ForwardBatch, PrefillPlan, SequenceInput, decode_attention,
+                                       prefill_attention, write_kv)
+
+__all__ = ["ForwardBatch", "SequenceInput", "DecodeGroup", "PrefillPlan", "LayerWeights", "Qwen2ForwardModel"]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer. ``qkv_*`` stacks q, k, v rows; ``gate_up`` stacks gate, up rows."""
+
+    input_norm: torch.Tensor  # [hidden]
+    qkv_weight: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    qkv_bias: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim]
+    o_weight: torch.Tensor  # [hidden, heads * head_dim]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up_weight: torch.Tensor  # [2 * intermediate, hidden]
+    down_weight: torch.Tensor  # [hidden, intermediate]
+
+
+class RotaryCache:
+    """cos/sin of every position, computed in float32 and grown on demand (doubling).
+
+    Grown lazily because max_position_embeddings can be 131072: a full table of a 7B model
+    would be 64 MiB for positions that short requests never reach.
+    """
+
+    def __init__(self, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype,
+                 initial_positions: int = 4096) -> None:
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.device, self.dtype = device, dtype
+        self.cos = torch.empty(0, head_dim, device=device, dtype=dtype)
+        self.sin = torch.empty(0, head_dim, device=device, dtype=dtype)
+        self._grow(initial_positions)
+
+    def _grow(self, num_positions: int) -> None:
+        # Same float32 ops as transformers' Qwen2RotaryEmbedding, so the values are bit-equal.
+        freqs = torch.arange(num_positions, dtype=torch.int64).float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(device=self.device, dtype=self.dtype)
+        self.sin = emb.sin().to(device=self.device, dtype=self.dtype)
+
+    def lookup(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, head_dim] for ``positions`` (``max_position`` = their max, known by the caller)."""
+        if max_position >= self.cos.shape[0]:
+            self._grow(max(2 * self.cos.shape[0], max_position + 1))
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Qwen2ForwardModel:
+    """Qwen2ForCausalLM inference over a ``KVArena``; build it with ``odma_mlu.models.loader.load_model``."""
+
+    def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[LayerWeights], final_norm: torch.Tensor,
+                 lm_head: torch.Tensor) -> None:
+        assert len(layers) == spec.num_layers, f"{len(layers)} layers given, spec has {spec.num_layers}"
+        self.spec = spec
+        self.embed = embed
+        self.layers = layers
+        self.final_norm = final_norm
+        self.lm_head = lm_head  # the same tensor as embed when tie_word_embeddings
+        self.device = embed.device
+        self.dtype = embed.dtype
+        self.scale = spec.head_dim ** -0.5
+        self.rotary = RotaryCache(spec.head_dim, spec.rope_theta, self.device, self.dtype)
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps)
+        return weight * xf.to(x.dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, arena: KVArena) -> torch.Tensor:
+        """Run one step: write every new token's K/V into ``arena``; return float32 logits
+        [num_seqs, vocab] of each sequence's last new token, in ``batch.seqs`` order."""
+        spec = self.spec
+        assert not arena.shape_only, "forward needs an arena with tensors (shape_only=False)"
+        assert arena.dtype == self.dtype, f"arena dtype {arena.dtype} differs from model dtype {self.dtype}"
+        assert arena.model.num_layers == spec.num_layers and arena.model.num_kv_heads == spec.num_kv_heads \
+            and arena.model.head_dim == spec.head_dim, "arena was built for a different model shape"
+        heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        q_size, kv_size = heads * dim, kv_heads * dim
+        num_tokens = batch.num_tokens
+        max_pos = max(s.num_total_tokens for s in batch.seqs) - 1
+        cos, sin = self.rotary.lookup(batch.positions, max_pos)
+
+        h = self.embed.index_select(0, batch.input_ids)  # [T, hidden]
+        attn_out = torch.empty(num_tokens, heads, dim, device=self.device, dtype=self.dtype)
+        for li, w in enumerate(self.layers):
+            x = self._rms_norm(h, w.input_norm)
+            qkv = F.linear(x, w.qkv_weight, w.qkv_bias)
+            q = qkv[:, :q_size].view(num_tokens, heads, dim)
+            k = qkv[:, q_size:q_size + kv_size].view(num_tokens, kv_heads, dim)
+            v = qkv[:, q_size + kv_size:].view(num_tokens, kv_heads, dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k_cache, v_cache = arena.k[li], arena.v[li]
+            write_kv(k_cache, v_cache, batch.write_slots, k, v)
+            for plan in batch.prefills:
+                rows = slice(plan.token_offset, plan.token_offset + plan.num_new_tokens)
+                attn_out[rows] = prefill_attention(q[rows], k_cache, v_cache, plan, self.scale)
+            for group in batch.decode_groups:
+                out = decode_attention(q.index_select(0, group.token_rows), k_cache, v_cache, group, self.scale)
+                attn_out.index_copy_(0, group.token_rows, out)
+            h = h + F.linear(attn_out.view(num_tokens, q_size), w.o_weight)
+            x = self._rms_norm(h, w.post_norm)
+            gate, up = F.linear(x, w.gate_up_weight).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, w.down_weight)
+
+        last = self._rms_norm(h.index_select(0, batch.last_token_rows), self.final_norm)
+        return F.linear(last, self.lm_head).float()
+
+    __call__ = forward
+
+    def new_arena(self, capacity_tokens: int) -> KVArena:
+        """An arena shaped for this model, on its device and in its dtype (tests, tools)."""
+        return KVArena(self.spec, capacity_tokens, device=self.device, dtype=self.dtype)

@@ -1,0 +1,320 @@
+"""Our Qwen2 forward against transformers, on contiguous and paged KV, and the loader's errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from odma_mlu.backends.cpu import CpuBackend
+from odma_mlu.errors import BackendUnavailable, ConfigError
+from odma_mlu.kvcache.arena import KVLocation
+from odma_mlu.models.attention import ForwardBatch, SequenceInput
+from odma_mlu.models.loader import ModelFolderError, load_model
+from tiny_model import greedy_generate, make_tiny_qwen2
+
+PROMPTS = [
+    "hello",
+    "the model can serve a request",
+    "what is the length of this story about a family and their house in the city",
+    "cache memory slab bucket token model serve request length predict contiguous page block "
+    "the world of people and their work in a small town, each year a new school opens",
+]
+MAX_NEW = 12
+PAGE = 4
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path):
+    model, spec, tokenizer = load_model(tiny_model_dir, dtype="float32")
+    return model, spec, tokenizer
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir: Path):
+    from transformers import Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(loaded) -> list[list[int]]:
+    tokenizer = loaded[2]
+    return [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_model, prompt_ids) -> list[list[int]]:
+    """transformers generate(do_sample=False), one prompt at a time (no padding effects)."""
+    outs = []
+    for ids in prompt_ids:
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=MAX_NEW, do_sample=False)
+        outs.append(out[0, len(ids):].tolist())
+    assert sum(map(len, outs)) > 3 * MAX_NEW, "the reference should mostly run to max_new_tokens"
+    return outs
+
+
+def assert_same_greedy(ours: list[list[int]], reference: list[list[int]], eos_id: int = 2) -> None:
+    """Token-for-token equal; where generate stopped at eos, ours (which ignores eos) agrees up to it."""
+    for i, (mine, ref) in enumerate(zip(ours, reference, strict=True)):
+        assert mine[:len(ref)] == ref, f"prompt {i}: ours {mine} vs transformers {ref}"
+        assert len(ref) == len(mine) or ref[-1] == eos_id, f"prompt {i}: transformers stopped early without eos"
+
+
+def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+def contiguous_locations(lengths: list[int], capacities: list[int], gaps: list[int] | None = None) -> list[KVLocation]:
+    """Slabs in order, ``gaps[i]`` free slots after slab i (none: back to back, so equal capacities are evenly spaced)."""
+    locs, start = [], 3
+    for i, cap in enumerate(capacities):
+        locs.append(KVLocation(capacity_tokens=cap, start_slot=start))
+        start += cap + (gaps[i] if gaps else 0)
+    assert all(n <= c for n, c in zip(lengths, capacities))
+    return locs
+
+
+def paged_locations(capacities: list[int], seed: int = 0) -> list[KVLocation]:
+    """Scattered, non-monotone block tables drawn from a shuffled page pool."""
+    pages_per = [c // PAGE for c in capacities]
+    pool = torch.randperm(sum(pages_per) + 7, generator=torch.Generator().manual_seed(seed)).tolist()
+    locs = []
+    for n in pages_per:
+        table, pool = tuple(pool[:n]), pool[n:]
+        locs.append(KVLocation(capacity_tokens=n * PAGE, block_table=table, page_tokens=PAGE))
+    return locs
+
+
+def test_prefill_and_decode_logits_match_transformers(loaded, hf_model, prompt_ids):
+    model = loaded[0]
+    ids = prompt_ids[3]
+    ref = hf_logits(hf_model, ids)
+    table = tuple(torch.randperm(40, generator=torch.Generator().manual_seed(1))[:32].tolist())
+    for loc in (KVLocation(128, start_slot=5), KVLocation(128, block_table=table, page_tokens=PAGE)):
+        arena = model.new_arena(160)
+        split = len(ids) - 6
+        out = model.forward(ForwardBatch.build([SequenceInput(tuple(ids[:split]), 0, loc)]), arena)
+        torch.testing.assert_close(out[0], ref[split - 1], atol=1e-4, rtol=0)
+        for pos in range(split, len(ids)):
+            out = model.forward(ForwardBatch.build([SequenceInput((ids[pos],), pos, loc)]), arena)
+            torch.testing.assert_close(out[0], ref[pos], atol=1e-4, rtol=0)
+
+
+def test_chunked_prefill_logits_match(loaded, hf_model, prompt_ids):
+    model = loaded[0]
+    ids = prompt_ids[2]
+    ref = hf_logits(hf_model, ids)
+    arena = model.new_arena(64)
+    loc = KVLocation(40, block_table=tuple(range(9, -1, -1)), page_tokens=4)
+    done = 0
+    for chunk in (5, 1, 7, len(ids)):
+        part = ids[done:done + chunk]
+        if not part:
+            break
+        out = model.forward(ForwardBatch.build([SequenceInput(tuple(part), done, loc)]), arena)
+        done += len(part)
+        torch.testing.assert_close(out[0], ref[done - 1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous_even", "contiguous_uneven", "paged"])
+def test_batched_greedy_matches_generate(loaded, prompt_ids, hf_greedy, layout):
+    """Four prompts, staggered starts (prefill + decode in one batch), two of them in the same bucket."""
+    model = loaded[0]
+    lengths = [len(p) + MAX_NEW for p in prompt_ids]
+    if layout == "paged":
+        locs = paged_locations([16, 32, 48, 128])
+    elif layout == "contiguous_even":  # buckets 32 (2 seqs, evenly spaced: strided view), 64, 128
+        locs = contiguous_locations(lengths, [32, 32, 64, 128])
+    else:  # bucket 64 holds 3 unevenly spaced seqs: a stack of slabs
+        locs = contiguous_locations(lengths, [64, 64, 64, 128], gaps=[0, 7, 0, 0])
+    arena = model.new_arena(340)
+    ours = greedy_generate(model, arena, prompt_ids, locs, MAX_NEW, start_steps=[0, 2, 2, 5])
+    assert_same_greedy(ours, hf_greedy)
+
+
+def test_even_and_uneven_slabs_use_the_intended_read(prompt_ids):
+    """Evenly spaced same-bucket slabs become one zero-copy strided view; others a stack of slabs."""
+    even = contiguous_locations([], [32, 32, 32])
+    uneven = contiguous_locations([], [32, 32, 32], gaps=[0, 3, 0])
+    for locs, strided in ((even, True), (uneven, False)):
+        batch = ForwardBatch.build([SequenceInput((1,), 4, locs[0]), SequenceInput((2,), 9, locs[1]),
+                                    SequenceInput((3,), 0, locs[2])])
+        (group,) = batch.decode_groups
+        assert (group.stride_slots is not None) == strided
+        assert group.gather_slots is None and group.span_tokens == 10
+        assert batch.write_slots.tolist() == [locs[0].slot_of(4), locs[1].slot_of(9), locs[2].slot_of(0)]
+        assert group.length_mask.view(3, 10).sum(1).tolist() == [5, 10, 1]
+
+
+def test_chunked_prefill_greedy_matches_generate(loaded, prompt_ids, hf_greedy):
+    model = loaded[0]
+    locs = paged_locations([128] * 4, seed=3)
+    ours = greedy_generate(model, model.new_arena(560), prompt_ids, locs, MAX_NEW, prefill_chunk_tokens=6)
+    assert_same_greedy(ours, hf_greedy)
+
+
+def test_moving_kv_mid_generation_keeps_output(loaded, prompt_ids, hf_greedy):
+    """ODMA's migration: a sequence's KV is copied to a larger slab (one range copy) mid-decode."""
+    model = loaded[0]
+    arena = model.new_arena(400)
+    locs = contiguous_locations([], [32, 32, 64, 128])
+
+    def migrate(step: int, locations: list[KVLocation]) -> None:
+        if step == 6:
+            old, new = locations[1], KVLocation(capacity_tokens=96, start_slot=290)
+            n = len(prompt_ids[1]) + (6 - 2) - 1  # cached after its steps 2..5: prompt + 3 decodes
+            arena.move(range(old.start_slot, old.start_slot + n), range(new.start_slot, new.start_slot + n))
+            arena.k[0][old.start_slot:old.start_slot + old.capacity_tokens] = float("nan")  # the old slab is dead
+            locations[1] = new
+
+    ours = greedy_generate(model, arena, prompt_ids, locs, MAX_NEW, start_steps=[0, 2, 2, 5], on_step=migrate)
+    assert_same_greedy(ours, hf_greedy)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_smoke(tiny_model_dir, prompt_ids, dtype):
+    model, spec, _ = load_model(tiny_model_dir, dtype=dtype, with_tokenizer=False)
+    assert model.dtype == getattr(torch, dtype) and spec.dtype == dtype
+    lengths = [len(p) + 6 for p in prompt_ids]
+    contiguous = greedy_generate(model, model.new_arena(520), prompt_ids,
+                                 contiguous_locations(lengths, [128] * 4), 6, start_steps=[0, 1, 1, 3])
+    paged = greedy_generate(model, model.new_arena(560), prompt_ids, paged_locations([128] * 4), 6,
+                            start_steps=[0, 1, 1, 3])
+    assert contiguous == paged
+    logits = model.forward(ForwardBatch.build([SequenceInput(tuple(prompt_ids[2]), 0, KVLocation(64, start_slot=0))]),
+                           model.new_arena(64))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_sharded_folder_loads_the_same_weights(loaded, tiny_sharded_model_dir, prompt_ids):
+    assert (tiny_sharded_model_dir / "model.safetensors.index.json").is_file()
+    sharded, spec, tok = load_model(tiny_sharded_model_dir)
+    assert spec == dataclasses.replace(loaded[1], name=spec.name)
+    batch = ForwardBatch.build([SequenceInput(tuple(prompt_ids[1]), 0, KVLocation(32, start_slot=0))])
+    torch.testing.assert_close(sharded.forward(batch, sharded.new_arena(32)), loaded[0].forward(batch, loaded[0].new_arena(32)),
+                               atol=0, rtol=0)
+
+
+def test_tied_embeddings_match_transformers(tmp_path, prompt_ids):
+    from transformers import Qwen2ForCausalLM
+
+    folder = make_tiny_qwen2(tmp_path / "tied", num_layers=1, tie_word_embeddings=True, rope_theta=50000.0)
+    model, spec, _ = load_model(folder, with_tokenizer=False)
+    assert spec.tie_word_embeddings and spec.rope_theta == 50000.0 and model.lm_head is model.embed
+    hf = Qwen2ForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    ids = prompt_ids[3]
+    out = model.forward(ForwardBatch.build([SequenceInput(tuple(ids), 0, KVLocation(128, start_slot=0))]),
+                        model.new_arena(128))
+    torch.testing.assert_close(out[0], hf_logits(hf, ids)[-1], atol=1e-4, rtol=0)
+
+
+# ---- loader errors: each raised before weights are read, naming the file or the numbers ----
+
+@pytest.fixture
+def folder_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "copy"))
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_error_missing_folder_and_config(tmp_path, folder_copy):
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    (folder_copy / "config.json").unlink()
+    with pytest.raises(ModelFolderError, match=r"config.json is missing"):
+        load_model(folder_copy)
+
+
+def test_error_config_not_json(folder_copy):
+    (folder_copy / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_model(folder_copy)
+
+
+def test_error_unsupported_architecture(folder_copy):
+    _edit_config(folder_copy, architectures=["LlamaForCausalLM"], model_type="llama")
+    with pytest.raises(ModelFolderError, match=r"\['LlamaForCausalLM'\] \(model_type 'llama'\) is not supported"):
+        load_model(folder_copy)
+
+
+def test_error_unsupported_rope_and_sliding_window(folder_copy):
+    _edit_config(folder_copy, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
+    with pytest.raises(ModelFolderError, match="rope type 'yarn'"):
+        load_model(folder_copy)
+    _edit_config(folder_copy, rope_parameters={"rope_type": "default", "rope_theta": 1e4}, use_sliding_window=True)
+    with pytest.raises(ModelFolderError, match="use_sliding_window"):
+        load_model(folder_copy)
+
+
+def test_error_missing_weights(folder_copy):
+    (folder_copy / "model.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match="neither model.safetensors nor model.safetensors.index.json"):
+        load_model(folder_copy)
+
+
+def test_error_missing_shard(tiny_sharded_model_dir, tmp_path):
+    folder = Path(shutil.copytree(tiny_sharded_model_dir, tmp_path / "sharded"))
+    (folder / "model-00003-of-00012.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match=r"missing from .*'model-00003-of-00012.safetensors'"):
+        load_model(folder)
+
+
+def test_error_truncated_safetensors(folder_copy):
+    path = folder_copy / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ModelFolderError, match=rf"model.safetensors is corrupt or truncated: .* declares {len(data)} "
+                                               rf"bytes, the file has {len(data) - 1000}"):
+        load_model(folder_copy)
+    path.write_bytes(data[:5])
+    with pytest.raises(ModelFolderError, match="too short for a safetensors header"):
+        load_model(folder_copy)
+
+
+def test_error_missing_and_misshaped_tensor(folder_copy):
+    path = folder_copy / "model.safetensors"
+    tensors = load_file(path)
+    name = "model.layers.1.self_attn.k_proj.bias"
+    save_file({k: v for k, v in tensors.items() if k != name}, path, metadata={"format": "pt"})
+    with pytest.raises(ModelFolderError, match=rf"'{name}' is missing .*expected shape \[32\]"):
+        load_model(folder_copy)
+    tensors["model.layers.0.mlp.down_proj.weight"] = torch.zeros(64, 100)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ModelFolderError, match=r"'model.layers.0.mlp.down_proj.weight' has shape \[64, 100\], "
+                                               r"expected \[64, 128\]"):
+        load_model(folder_copy)
+
+
+def test_error_dtype_the_backend_lacks(tiny_model_dir):
+    class NoBf16Backend(CpuBackend):
+        name = "nobf16"
+
+        def supports_dtype(self, dtype: torch.dtype) -> bool:
+            return dtype != torch.bfloat16
+
+    with pytest.raises(BackendUnavailable, match="'nobf16' does not support bfloat16"):
+        load_model(tiny_model_dir, dtype="bfloat16", backend=NoBf16Backend())
+    with pytest.raises(ConfigError, match="'int8' is not one of"):
+        load_model(tiny_model_dir, dtype="int8")
+
+
+def test_error_missing_tokenizer(folder_copy):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder_copy / name).unlink(missing_ok=True)
+    with pytest.raises(ModelFolderError, match="cannot load the tokenizer"):
+        load_model(folder_copy)
+    model, _, tok = load_model(folder_copy, with_tokenizer=False)
+    assert tok is None and model.spec.num_layers == 2

@@ -1,0 +1,66 @@
+"""Sensitivity sweep of the odma policy's constants (docs/odma-sensitivity.md).
+
+Each OdmaConfig field is varied alone around its default on one trace; everything else
+fixed. Prints a table and optionally writes JSON.
+
+    python tools/odma_sweep.py --trace alpaca-vicuna --max-requests 4000 --json out/sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+from emulator.bench import resolve_predictor
+from emulator.profile import load_profile
+from emulator.replay import kv_capacity_tokens, replay
+from emulator.traces import load_trace
+from odma_mlu.config import CacheConfig, OdmaConfig, SchedulerConfig, load_model_spec
+
+GRID: dict[str, list[object]] = {
+    "num_buckets": [2, 4, 8, 16, 32],
+    "target_coverage": [0.3, 0.5, 0.7, 0.9, 0.99],
+    "safety_fraction": [0.0, 0.05, 0.1, 0.2],
+    "uncertainty_ratio": [1.5, 3.0, 10.0],
+    "histogram_window": [200, 2000, 10000],
+    "reoptimize_every": [50, 200, 1000],
+    "growth_factor": [1.0, 1.25, 2.0],
+    "reclaim_unused_tails": [False, True],
+    "reclaim_headroom_tokens": [8, 16, 32, 64],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trace", default="alpaca-vicuna")
+    ap.add_argument("--profile", default="mlu370-x4")
+    ap.add_argument("--max-requests", type=int, default=4000)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--predictor", default=None)
+    ap.add_argument("--only", default=None, help="comma-separated fields to sweep")
+    ap.add_argument("--json", default=None)
+    ns = ap.parse_args()
+    model = load_model_spec()
+    profile = load_profile(ns.profile)
+    trace = load_trace(ns.trace, max_requests=ns.max_requests, max_new_tokens=ns.max_new_tokens)
+    cap = kv_capacity_tokens(profile, model, CacheConfig())
+    fields = ns.only.split(",") if ns.only else list(GRID)
+    rows = []
+    print(f"{'field':<18}{'value':>8}{'tps':>9}{'kv_util':>9}{'res_eff':>9}{'overflow':>9}{'preempt':>9}{'moved_GB':>9}")
+    for f in fields:
+        for v in GRID[f]:
+            cache = replace(CacheConfig(), odma=replace(OdmaConfig(), **{f: v}))
+            r = replay(trace, "odma", model, profile, cache=cache, scheduler_config=SchedulerConfig(),
+                       max_new_tokens=ns.max_new_tokens, capacity_tokens=cap,
+                       predictor=resolve_predictor(ns.predictor))
+            rows.append({"field": f, "value": v, **r.metrics()})
+            print(f"{f:<18}{v!s:>8}{r.tps:>9.0f}{r.kv_utilization:>9.3f}{r.reservation_efficiency:>9.3f}"
+                  f"{r.overflow_rate:>9.3f}{r.preemptions:>9}{r.migrated_bytes / 1e9:>9.2f}")
+    if ns.json:
+        with open(ns.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
