@@ -5,7 +5,8 @@ Two curves, one kernel. The buffer is viewed as ``[rows, row_elems]`` and read w
 into a few bags, so it READS the selected bytes and writes almost nothing (the bag sums are
 <= 1/64 of the bytes read). An N-byte chunk is ``N / row_bytes`` consecutive rows, so:
 
-* ``sequential``: chunks with consecutive ids starting at a random base (back to back);
+* ``sequential``: chunks with consecutive ids (back to back), each measurement starting
+  where the previous one ended, cycling through the buffer;
 * ``gather``: the same number of chunks, one at a random offset in each of ``k`` equal
   strata of the buffer (distinct, spread over all of it), visited in random order.
 
@@ -31,7 +32,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -141,13 +142,10 @@ def choose_settings(backend: Backend, quick: bool) -> ProfilerSettings:
                             quick=False)
 
 
-def _median_time_s(backend: Backend, run: Callable[[], object], prepare: Callable[[], None] | None,
-                   repeats: int, warmup: int) -> float:
+def _median_time_s(backend: Backend, run: Callable[[], object], repeats: int, warmup: int) -> float:
     """Median of ``repeats`` timings of ``run`` on the backend's own timer, after warm-up."""
     times_s: list[float] = []
     for i in range(warmup + repeats):
-        if prepare is not None:
-            prepare()
         timer = backend.timer()
         timer.start()
         run()
@@ -166,6 +164,8 @@ class ChunkReader:
         self.buffer_bytes = buffer.numel() * ELEM_BYTES
         self.read_bytes = read_bytes
         self._idx: torch.Tensor | None = None
+        self._cursor_bytes = 0
+        self._table = buffer.view(1, -1)
         self._offsets: torch.Tensor | None = None
 
     def _layout(self, chunk_bytes: int) -> tuple[torch.Tensor, int, int, int]:
@@ -181,8 +181,13 @@ class ChunkReader:
         dev = self.backend.device
         table, rows_per_chunk, total, k = self._layout(chunk_bytes)
         if pattern == "sequential":
-            base = int(torch.randint(0, total - k + 1, (1,)).item())
+            # Walk the buffer cyclically rather than from a random base: a region comes back
+            # only after the whole buffer (> LLC) was read, so it is no longer cached.
+            base = (self._cursor_bytes // chunk_bytes) % total
+            if base + k > total:
+                base = 0
             chunk_ids = torch.arange(base, base + k, device=dev)
+            self._cursor_bytes = (base + k) * chunk_bytes
         elif pattern == "gather":
             stride = total // k
             chunk_ids = torch.arange(k, device=dev) * stride + torch.randint(0, stride, (k,), device=dev)
@@ -244,7 +249,7 @@ def measure_curves(backend: Backend, reader: ChunkReader, settings: ProfilerSett
 
 def measure_stream(backend: Backend, buffer: torch.Tensor, settings: ProfilerSettings) -> float:
     """Whole-buffer ``sum()``: one long sequential read; bytes read / s."""
-    t_s = _median_time_s(backend, buffer.sum, None, settings.repeats, settings.warmup)
+    t_s = _median_time_s(backend, buffer.sum, settings.repeats, settings.warmup)
     return buffer.numel() * ELEM_BYTES / t_s
 
 
@@ -258,7 +263,7 @@ def measure_flops(backend: Backend, settings: ProfilerSettings) -> dict[str, flo
         try:
             a = torch.randn(n, n, device=backend.device).to(dtype)
             b = torch.randn(n, n, device=backend.device).to(dtype)
-            t_s = _median_time_s(backend, lambda: torch.mm(a, b), None, max(3, settings.repeats // 2), 1)
+            t_s = _median_time_s(backend, lambda: torch.mm(a, b), max(3, settings.repeats // 2), 1)
         except RuntimeError as e:  # a dtype the backend lists but whose matmul kernel is missing
             print(f"note: no {name} matmul on {backend.describe()} ({e}); skipped", file=sys.stderr)
             continue
@@ -274,7 +279,7 @@ def measure_launch_overhead(backend: Backend, settings: ProfilerSettings) -> flo
         for _ in range(settings.launch_ops):
             x.add_(1.0)
 
-    return _median_time_s(backend, burst, None, 5, 1) / settings.launch_ops
+    return _median_time_s(backend, burst, 5, 1) / settings.launch_ops
 
 
 def run_profile(backend: Backend, quick: bool, progress: bool = True) -> ProfileResult:
@@ -334,7 +339,7 @@ def to_profile_dict(r: ProfileResult, name: str) -> dict:
             "kind": "measured", "tool": TOOL, "host": r.description, "date": r.date,
             "backend": r.backend, "quick": s.quick,
             "kernel": "embedding_bag(mode=sum) over the buffer viewed as rows; sequential = consecutive chunk "
-                      "ids from a random base, gather = one random chunk per equal stratum, shuffled",
+                      "ids, each read starting where the last ended (cycling through the buffer), gather = one random chunk per equal stratum, shuffled",
             "byte_counting": "bytes READ only; the kernel's bag sums (<= 1/64 of the bytes read) are not counted",
             "buffer_bytes": s.buffer_bytes, "read_bytes_per_measurement": s.read_bytes,
             "llc_bytes": r.llc_bytes, "torch_threads": r.threads, "repeats": s.repeats, "warmup": s.warmup,
@@ -399,33 +404,12 @@ def profile_bandwidth_main(ns: argparse.Namespace) -> int:
 
     parse_profile(data, str(out))  # never write a profile the loader would reject
     out.parent.mkdir(parents=True, exist_ok=True)
+    threads = f"OMP_NUM_THREADS={result.threads} " if backend.device.type == "cpu" else ""
     header = (f"# Device profile measured by {TOOL}\n"
-              f"# Bandwidths count bytes READ only. Regenerate with: odma-mlu profile-bandwidth --backend "
-              f"{ns.backend}{' --quick' if ns.quick else ''} --name {name} --out {out}\n")
+              f"# Bandwidths count bytes READ only. Regenerate with:\n#   {threads}odma-mlu profile-bandwidth "
+              f"--backend {ns.backend}{' --quick' if ns.quick else ''} --name {name} --out {out} --plot {plot}\n")
     out.write_text(header + yaml.safe_dump(data, sort_keys=False, width=120))
     write_plot(result, name, plot)
     print(format_table(result))
     print(f"wrote {out} and {plot}")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The same options as ``odma-mlu profile-bandwidth`` (for tools/profile_bandwidth.py)."""
-    p = argparse.ArgumentParser(prog="profile_bandwidth", description=__doc__.split("\n")[0])
-    p.add_argument("--backend", choices=("cpu", "cuda", "mlu"), default="cpu")
-    p.add_argument("--quick", action="store_true", help="small buffer and few repeats (< 30 s)")
-    p.add_argument("--out", default=None, metavar="PROFILE.yaml")
-    p.add_argument("--plot", default=None, metavar="OUT.png")
-    p.add_argument("--name", default=None, help="profile name (default: backend-hostname)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from odma_mlu.errors import OdmaError
-
-    ns = build_parser().parse_args(argv)
-    try:
-        return profile_bandwidth_main(ns)
-    except OdmaError as e:
-        print(f"profile_bandwidth: error: {e}", file=sys.stderr)
-        return 2

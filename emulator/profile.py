@@ -89,17 +89,23 @@ class DeviceProfile:
     def locality(self, run_bytes: float) -> float:
         """Fraction of sequential bandwidth kept when runs of ``run_bytes`` are scattered.
 
-        gather(N) / sequential(N), capped at 1, made non-decreasing in N: a longer run can
-        always be read as several shorter ones, so it is never slower per byte.
+        gather(N) / sequential(N) with both curves interpolated as in ``BandwidthCurve.at``,
+        capped at 1, made non-decreasing in N: a longer run can always be read as several
+        shorter ones, so it is never slower per byte. Continuous in N (not a step at each
+        curve point), so reading more bytes never takes less time.
         """
-        best = 0.0
-        for p in self.gather.points:
-            if p.chunk_bytes > run_bytes:
+
+        def ratio(n: float) -> float:
+            return min(1.0, self.gather.at(n) / self.sequential.at(n))
+
+        # Between two knots both curves are linear in log N, so their ratio is monotone there:
+        # the running maximum is the best of the knots below N and the value at N itself.
+        knots = sorted({p.chunk_bytes for p in self.gather.points} | {p.chunk_bytes for p in self.sequential.points})
+        best = ratio(run_bytes)
+        for k in knots:
+            if k >= run_bytes:
                 break
-            best = max(best, min(1.0, p.bandwidth_bytes_per_s / self.sequential.at(p.chunk_bytes)))
-        if best == 0.0:  # run shorter than the smallest measured chunk
-            first = self.gather.points[0]
-            best = min(1.0, first.bandwidth_bytes_per_s / self.sequential.at(first.chunk_bytes))
+            best = max(best, ratio(k))
         return best
 
     def flops_for(self, dtype: str) -> float:

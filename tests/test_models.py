@@ -74,7 +74,10 @@ def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
 
 
 def contiguous_locations(lengths: list[int], capacities: list[int], gaps: list[int] | None = None) -> list[KVLocation]:
-    """Slabs in order, ``gaps[i]`` free slots after slab i (none: back to back, so equal capacities are evenly spaced)."""
+    """Slabs in order, ``gaps[i]`` free slots after slab i.
+
+    Without gaps they are back to back, so equal capacities are evenly spaced (strided view).
+    """
     locs, start = [], 3
     for i, cap in enumerate(capacities):
         locs.append(KVLocation(capacity_tokens=cap, start_slot=start))
@@ -109,12 +112,13 @@ def test_prefill_and_decode_logits_match_transformers(loaded, hf_model, prompt_i
             torch.testing.assert_close(out[0], ref[pos], atol=1e-4, rtol=0)
 
 
-def test_chunked_prefill_logits_match(loaded, hf_model, prompt_ids):
+@pytest.mark.parametrize("paged", [False, True])
+def test_chunked_prefill_logits_match(loaded, hf_model, prompt_ids, paged):
     model = loaded[0]
     ids = prompt_ids[2]
     ref = hf_logits(hf_model, ids)
     arena = model.new_arena(64)
-    loc = KVLocation(40, block_table=tuple(range(9, -1, -1)), page_tokens=4)
+    loc = KVLocation(40, block_table=tuple(range(9, -1, -1)), page_tokens=4) if paged else KVLocation(40, start_slot=17)
     done = 0
     for chunk in (5, 1, 7, len(ids)):
         part = ids[done:done + chunk]
@@ -200,8 +204,8 @@ def test_sharded_folder_loads_the_same_weights(loaded, tiny_sharded_model_dir, p
     sharded, spec, tok = load_model(tiny_sharded_model_dir)
     assert spec == dataclasses.replace(loaded[1], name=spec.name)
     batch = ForwardBatch.build([SequenceInput(tuple(prompt_ids[1]), 0, KVLocation(32, start_slot=0))])
-    torch.testing.assert_close(sharded.forward(batch, sharded.new_arena(32)), loaded[0].forward(batch, loaded[0].new_arena(32)),
-                               atol=0, rtol=0)
+    expected = loaded[0].forward(batch, loaded[0].new_arena(32))
+    torch.testing.assert_close(sharded.forward(batch, sharded.new_arena(32)), expected, atol=0, rtol=0)
 
 
 def test_tied_embeddings_match_transformers(tmp_path, prompt_ids):
@@ -314,7 +318,28 @@ def test_error_dtype_the_backend_lacks(tiny_model_dir):
 def test_error_missing_tokenizer(folder_copy):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (folder_copy / name).unlink(missing_ok=True)
-    with pytest.raises(ModelFolderError, match="cannot load the tokenizer"):
+    with pytest.raises(ModelFolderError, match=r"cannot load the tokenizer: none of \['tokenizer.json'"):
         load_model(folder_copy)
     model, _, tok = load_model(folder_copy, with_tokenizer=False)
     assert tok is None and model.spec.num_layers == 2
+
+
+def test_error_tokenizer_larger_than_vocab(folder_copy):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder_copy, local_files_only=True)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(60)])
+    tokenizer.save_pretrained(folder_copy)
+    with pytest.raises(ModelFolderError, match="tokenizer has 460 tokens but config.json's vocab_size is 448"):
+        load_model(folder_copy)
+
+
+def test_rotary_cache_grows_to_the_same_values():
+    from odma_mlu.models.qwen2 import RotaryCache
+
+    small = RotaryCache(16, 1e4, torch.device("cpu"), torch.float32, initial_positions=8)
+    big = RotaryCache(16, 1e4, torch.device("cpu"), torch.float32, initial_positions=256)
+    positions = torch.tensor([0, 7, 8, 100, 200])
+    for a, b in zip(small.lookup(positions, 200), big.lookup(positions, 200)):
+        assert torch.equal(a, b)
+    assert small.cos.shape[0] >= 201

@@ -114,7 +114,8 @@ class Sampler:
                generators: Sequence[torch.Generator | None]) -> list[int]:
         """Next token id of each row of ``logits`` [B, V]; ``generators[i]`` may be None for greedy rows."""
         b, vocab = logits.shape
-        assert len(params) == b == len(generators), f"{b} logit rows, {len(params)} params, {len(generators)} generators"
+        assert len(params) == b == len(generators), \
+            f"{b} logit rows, {len(params)} params, {len(generators)} generators"
         out = torch.argmax(logits, dim=-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:

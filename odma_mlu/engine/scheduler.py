@@ -7,7 +7,7 @@ Each ``schedule()`` is two plain loops::
                                        | REQUEUE: preempt this one (S3 re-buckets it)
     2. waiting (FCFS; preempted requests return to the front): admit while the policy
        can reserve and the limits on sequences and batched tokens allow; never admit in a
-       step that had to preempt (the memory is evidently tight)
+       step that had to preempt (the memory is evidently tight) unless nothing is left running
 
 Decode sequences come out grouped by reservation size, so attention reads equal-shaped
 contiguous slabs. Preemption is by recompute: the KV is dropped and the prompt plus the
@@ -60,6 +60,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.migrated_tokens = 0
+        # Submission order breaks ties between equal arrival times (offline replay: all 0), so
+        # "oldest" is FCFS order; the request id string ("r10" < "r9") is not an age.
+        self._submitted: dict[str, int] = {}
+        self._num_submitted = 0
 
     # -- admission checks ----------------------------------------------------------------
     def validate(self, seq: Sequence) -> None:
@@ -84,6 +88,8 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.validate(seq)
         seq.status = SeqStatus.WAITING
+        self._submitted[seq.request_id] = self._num_submitted
+        self._num_submitted += 1
         self.waiting.append(seq)
 
     @property
@@ -110,7 +116,7 @@ class Scheduler:
         decode: list[Sequence] = []
         moved = 0
         # Loop 1: running sequences, oldest first; victims are taken from the newest end.
-        queue = sorted(self.running, key=lambda s: (s.arrival_s, s.request_id))
+        queue = sorted(self.running, key=lambda s: (s.arrival_s, self._submitted.get(s.request_id, 0)))
         while queue:
             seq = queue.pop(0)
             while True:
@@ -128,7 +134,9 @@ class Scheduler:
                 preempted.append(victim)
         # Loop 2: admit waiting requests FCFS.
         prefill: list[Sequence] = []
-        if not preempted:
+        # After a preemption memory is tight, except when nothing runs any more (e.g. every
+        # S3 request hit its bucket edge in the same step): then admit, or the step is empty.
+        if not preempted or not self.running:
             budget = self.config.max_num_batched_tokens - len(decode)
             self._predict_head()
             while self.waiting and len(self.running) < self.config.max_num_seqs:
@@ -179,6 +187,7 @@ class Scheduler:
         for seq in finished:
             seq.status = SeqStatus.FINISHED
             self.running.remove(seq)
+            self._submitted.pop(seq.request_id, None)
             self.policy.release(seq.request_id, seq.num_generated)
             if self.predictor is not None and seq.features is not None:
                 self.predictor.observe(seq.features, seq.num_generated)
@@ -188,12 +197,14 @@ class Scheduler:
         for seq in list(self.waiting):
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
+                self._submitted.pop(request_id, None)
                 seq.status = SeqStatus.FINISHED
                 seq.finish_reason = "abort"
                 return seq
         for seq in self.running:
             if seq.request_id == request_id:
                 self.running.remove(seq)
+                self._submitted.pop(request_id, None)
                 self.policy.release(seq.request_id, None)
                 seq.status = SeqStatus.FINISHED
                 seq.finish_reason = "abort"

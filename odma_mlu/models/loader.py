@@ -148,7 +148,8 @@ def check_weights(folder: Path, spec: ModelSpec) -> dict[str, Path]:
     headers = {path: read_safetensors_header(path) for path in sorted(set(files.values()))}
     for name, shape in expected_shapes(spec).items():
         if name not in files:
-            raise ModelFolderError(f"{folder}: tensor {name!r} is missing from the weights (expected shape {list(shape)})")
+            raise ModelFolderError(f"{folder}: tensor {name!r} is missing from the weights "
+                                   f"(expected shape {list(shape)})")
         entry = headers[files[name]].get(name)
         if entry is None:
             raise ModelFolderError(f"{files[name]}: tensor {name!r} listed in {INDEX_FILE} is not in this shard")
@@ -161,15 +162,28 @@ def check_weights(folder: Path, spec: ModelSpec) -> dict[str, Path]:
     return files
 
 
-def load_tokenizer(folder: Path) -> Any:
-    """The folder's tokenizer through transformers, never touching the network."""
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(folder: Path, vocab_size: int) -> Any:
+    """The folder's tokenizer through transformers, never touching the network.
+
+    The files are checked first: without them transformers 5 silently builds an empty
+    tokenizer for a qwen2 folder instead of failing.
+    """
     from transformers import AutoTokenizer
 
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelFolderError(f"{folder}: cannot load the tokenizer: none of {list(TOKENIZER_FILES)} is present")
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/... depending on what is missing
         raise ModelFolderError(f"{folder}: cannot load the tokenizer (tokenizer.json / tokenizer_config.json): "
                                f"{type(e).__name__}: {e}") from e
+    if len(tokenizer) > vocab_size:
+        raise ModelFolderError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but config.json's vocab_size "
+                               f"is {vocab_size}; tokenizer and weights do not belong together")
+    return tokenizer
 
 
 def load_model(folder: str | Path, device: torch.device | str | None = None, dtype: str | torch.dtype | None = None,
@@ -189,13 +203,16 @@ def load_model(folder: str | Path, device: torch.device | str | None = None, dty
     torch_dtype = _TORCH_DTYPES[dtype_name]
     if backend is not None:
         backend.check_dtype(torch_dtype)
-    dev = torch.device(device) if device is not None else (backend.device if backend is not None else torch.device("cpu"))
+    if device is not None:
+        dev = torch.device(device)
+    else:
+        dev = backend.device if backend is not None else torch.device("cpu")
     spec = spec_from_config(cfg, name=folder.name, dtype=dtype_name)
     if spec.num_heads % spec.num_kv_heads:
         raise ModelFolderError(f"{folder / 'config.json'}: num_attention_heads {spec.num_heads} is not a multiple "
                                f"of num_key_value_heads {spec.num_kv_heads}")
     files = check_weights(folder, spec)
-    tokenizer = load_tokenizer(folder) if with_tokenizer else None
+    tokenizer = load_tokenizer(folder, spec.vocab_size) if with_tokenizer else None
     if backend is not None:
         need, free = spec.num_params * DTYPE_BYTES[dtype_name], backend.mem_get_info().free_bytes
         if need > free:

@@ -1,0 +1,152 @@
+"""LLMEngine greedy output equals transformers' generate for every KV policy, including
+forced overflow (an underestimating predictor), migration into the safety pool, and
+preemption (an arena too small for the batch)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from odma_mlu.config import CacheConfig, OdmaConfig, SchedulerConfig
+from odma_mlu.engine.llm_engine import LLMEngine
+from odma_mlu.engine.sampler import SamplingParams
+from odma_mlu.errors import RequestRejected
+from odma_mlu.predictor.base import LengthPrediction, LengthPredictor, RequestFeatures
+
+PROMPTS = [
+    "the cache model serve request",
+    "hello world of memory and bucket and token and page block with the people of the city",
+    "a",
+    "what is the length of a contiguous slab in the school house of the family",
+    "time year people way day man thing woman life child world school state family student group",
+    "power hour game line end",
+]
+MAX_NEW = 24
+
+
+class ConstantPredictor(LengthPredictor):
+    """Predicts ``tokens`` for every request with a chosen spread (forces overflow / pool)."""
+
+    def __init__(self, tokens: float, spread: float = 1.0) -> None:
+        self.tokens = tokens
+        self.spread = spread
+
+    def predict(self, request: RequestFeatures) -> LengthPrediction:
+        t = self.tokens
+        return LengthPrediction.from_values([t, t, t, t, t * self.spread], request.max_new_tokens)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True, dtype=torch.float32)
+    hf.eval()
+    out = []
+    for p in PROMPTS:
+        ids = tok.encode(p, add_special_tokens=False)
+        with torch.no_grad():
+            gen = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        out.append(gen[0, len(ids):].tolist())
+    return out
+
+
+def _engine(model_dir: Path, policy: str, capacity: int, predictor: LengthPredictor | None = None,
+            odma: OdmaConfig = OdmaConfig(), max_num_seqs: int = 64) -> LLMEngine:
+    cache = replace(CacheConfig(), odma=odma)
+    sched = replace(SchedulerConfig(), max_new_tokens=MAX_NEW, max_num_seqs=max_num_seqs)
+    return LLMEngine(model_dir, kv_policy=policy, backend="cpu", kv_capacity_tokens=capacity, predictor=predictor,
+                     cache=cache, scheduler=sched)
+
+
+def _run(engine: LLMEngine) -> list[list[int]]:
+    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    outs = engine.generate(PROMPTS, params)
+    engine.policy.check_integrity()
+    assert engine.policy.reserved_tokens() == 0 and engine.policy.num_live() == 0, "KV leaked after generate"
+    return [list(o.token_ids) for o in outs]
+
+
+@pytest.mark.parametrize("policy", ["static", "s3", "odma", "paged", "oracle"])
+def test_greedy_matches_transformers_roomy(tiny_model_dir: Path, reference: list[list[int]], policy: str) -> None:
+    eng = _engine(tiny_model_dir, policy, capacity=2048, predictor=ConstantPredictor(8))
+    assert _run(eng) == reference
+
+
+@pytest.mark.parametrize("policy", ["static", "s3", "odma", "paged", "oracle"])
+def test_greedy_matches_under_preemption(tiny_model_dir: Path, reference: list[list[int]], policy: str) -> None:
+    # Room for roughly two requests at a time: forces waiting and, for growing policies, preemption.
+    eng = _engine(tiny_model_dir, policy, capacity=96, predictor=ConstantPredictor(2))
+    assert _run(eng) == reference
+    if policy in ("paged", "odma"):
+        assert eng.scheduler.num_preemptions > 0, "the small arena was meant to force preemption"
+
+
+def test_odma_overflow_migrates_and_matches(tiny_model_dir: Path, reference: list[list[int]]) -> None:
+    # Underestimate (1 token) with no safety pool: every request overflows and grows/moves.
+    eng = _engine(tiny_model_dir, "odma", capacity=1024, predictor=ConstantPredictor(1),
+                  odma=OdmaConfig(safety_fraction=0.0, num_buckets=4))
+    assert _run(eng) == reference
+    st = eng.policy.stats()
+    assert st.overflowed_requests == len(PROMPTS)
+    assert st.migrations + st.in_place_grows > 0
+
+
+def test_odma_safety_pool_migration_matches(tiny_model_dir: Path, reference: list[list[int]]) -> None:
+    # A main region too small to hold grown slabs: overflowing requests move into the pool.
+    eng = _engine(tiny_model_dir, "odma", capacity=320, predictor=ConstantPredictor(1),
+                  odma=OdmaConfig(safety_fraction=0.5, num_buckets=2, uncertainty_ratio=1e9))
+    assert _run(eng) == reference
+    assert eng.policy.migrated_tokens > 0
+    assert eng.arena.moved_bytes > 0
+
+
+def test_uncertain_requests_start_in_pool(tiny_model_dir: Path, reference: list[list[int]]) -> None:
+    eng = _engine(tiny_model_dir, "odma", capacity=2048, predictor=ConstantPredictor(4, spread=20.0),
+                  odma=OdmaConfig(safety_fraction=0.5, uncertainty_ratio=3.0))
+    assert _run(eng) == reference
+    assert eng.policy.stats().safety_pool_reservations > 0
+
+
+def test_bad_requests_rejected_without_disturbing_others(tiny_model_dir: Path, reference: list[list[int]]) -> None:
+    eng = _engine(tiny_model_dir, "odma", capacity=512, predictor=ConstantPredictor(8))
+    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    good = eng.add_request(PROMPTS[0], params)
+    eng.step()
+    with pytest.raises(RequestRejected, match="exceeds the model context"):
+        eng.add_request(list(range(5)) * 500, SamplingParams(max_new_tokens=MAX_NEW))
+    with pytest.raises(RequestRejected, match="outside the vocabulary"):
+        eng.add_request([10**9], params)
+    with pytest.raises(RequestRejected, match="exceeds the engine limit"):
+        eng.add_request("hello", SamplingParams(max_new_tokens=MAX_NEW + 1))
+    with pytest.raises(RequestRejected, match="can give one request at most"):
+        eng.add_request([5] * 499, params)
+    tokens: list[int] = []
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.request_id == good:
+                tokens = list(o.token_ids)
+    assert tokens == reference[0]
+
+
+def test_abort_frees_kv_and_streaming_callback(tiny_model_dir: Path) -> None:
+    eng = _engine(tiny_model_dir, "odma", capacity=512, predictor=ConstantPredictor(8))
+    seen: list[int] = []
+    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    a = eng.add_request(PROMPTS[1], params, callback=lambda o: seen.extend(o.new_token_ids))
+    b = eng.add_request(PROMPTS[2], params)
+    for _ in range(3):
+        eng.step()
+    assert len(seen) == 3
+    assert eng.abort(b)
+    assert eng.policy.num_live() == 1
+    while eng.has_unfinished():
+        eng.step()
+    assert len(seen) == MAX_NEW and eng.policy.reserved_tokens() == 0
+    assert not eng.abort(a)
