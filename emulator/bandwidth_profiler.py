@@ -78,6 +78,7 @@ class ProfileResult:
     flops_per_s: dict[str, float]
     launch_overhead_s: float
     threads: int = 1
+    matmul_rows_flops: dict[str, dict[int, float]] = field(default_factory=dict)
     date: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
@@ -271,6 +272,49 @@ def measure_flops(backend: Backend, settings: ProfilerSettings) -> dict[str, flo
     return out
 
 
+MATMUL_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def measure_matmul_rows(backend: Backend, settings: ProfilerSettings) -> dict[str, dict[int, float]]:
+    """Achieved FLOP/s of ``[M, n] x [n, n]`` against M rows (profile key ``matmul_rows``).
+
+    ``n`` is the dense-peak size (matmul_n / half_matmul_n), so the largest M approaches the
+    dense peak. The same weight is multiplied every time, so it stays cache-resident where
+    it fits: this isolates how efficiently the device computes with few rows (decode
+    batches, the g query heads of one KV head in attention); the cost model adds weight
+    streaming from memory as a separate term. Repeats are round-robin over M (a burst of
+    load from another process spreads over all points), median per point; small products
+    are timed as a burst of back-to-back calls so the timer's resolution does not matter.
+    """
+    out: dict[str, dict[int, float]] = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        if not backend.supports_dtype(dtype):
+            continue
+        n = settings.matmul_n if dtype == torch.float32 else settings.half_matmul_n
+        rows = [m for m in MATMUL_ROWS if m <= n]
+        try:
+            w = torch.randn(n, n, device=backend.device).to(dtype)
+            xs = {m: torch.randn(m, n, device=backend.device).to(dtype) for m in rows}
+            torch.mm(xs[rows[0]], w)
+        except RuntimeError as e:
+            print(f"note: no {name} matmul on {backend.describe()} ({e}); skipped", file=sys.stderr)
+            continue
+        inner = {m: max(1, min(64, n // m // 4)) for m in rows}
+        times: dict[int, list[float]] = {m: [] for m in rows}
+        for r in range(1 + max(5, settings.repeats)):
+            for m in rows:
+                x = xs[m]
+                timer = backend.timer()
+                timer.start()
+                for _ in range(inner[m]):
+                    torch.mm(x, w)
+                elapsed = timer.stop()
+                if r > 0:
+                    times[m].append(elapsed / inner[m])
+        out[name] = {m: 2.0 * m * n * n / statistics.median(ts) for m, ts in times.items()}
+    return out
+
+
 def measure_launch_overhead(backend: Backend, settings: ProfilerSettings) -> float:
     """Seconds per tiny op (an in-place add on one element), averaged over a burst."""
     x = torch.zeros(1, device=backend.device)
@@ -294,11 +338,12 @@ def run_profile(backend: Backend, quick: bool, progress: bool = True) -> Profile
     backend.empty_cache()
     flops = measure_flops(backend, settings)
     launch_s = measure_launch_overhead(backend, settings)
+    rows = measure_matmul_rows(backend, settings)
     return ProfileResult(backend=backend.name, description=describe_host(backend), settings=settings,
                          llc_bytes=llc_bytes(), capacity_bytes=backend.mem_get_info().total_bytes,
                          stream_bytes_per_s=stream, sequential_bytes_per_s=seq, gather_bytes_per_s=gat,
                          flops_per_s=flops, launch_overhead_s=launch_s,
-                         threads=torch.get_num_threads())
+                         threads=torch.get_num_threads(), matmul_rows_flops=rows)
 
 
 def describe_host(backend: Backend) -> str:
@@ -335,6 +380,7 @@ def to_profile_dict(r: ProfileResult, name: str) -> dict:
                    for n, bw in sorted(r.gather_bytes_per_s.items())],
         "compute_flops_per_s": {k: f"{v / 1e9:.2f} GFLOPS" for k, v in r.flops_per_s.items()},
         "launch_overhead": f"{r.launch_overhead_s * 1e6:.3f} us",
+        **({"matmul_rows": matmul_rows_dict(r.matmul_rows_flops, r.settings)} if r.matmul_rows_flops else {}),
         "provenance": {
             "kind": "measured", "tool": TOOL, "host": r.description, "date": r.date,
             "backend": r.backend, "quick": s.quick,
@@ -350,6 +396,49 @@ def to_profile_dict(r: ProfileResult, name: str) -> dict:
     }
 
 
+def matmul_rows_dict(curves: dict[str, dict[int, float]], s: ProfilerSettings) -> dict[str, list[dict]]:
+    """``matmul_rows`` profile entries from measured FLOP/s per dtype and row count."""
+    out: dict[str, list[dict]] = {}
+    for dt, pts in curves.items():
+        n = s.matmul_n if dt == "float32" else s.half_matmul_n
+        out[dt] = [{"rows": m, "flops": f"{f / 1e9:.2f} GFLOPS", "source": "measured",
+                    "note": f"[{m}, {n}] x [{n}, {n}], cache-resident weight, median"} for m, f in sorted(pts.items())]
+    return out
+
+
+def update_matmul_rows_main(argv: list[str] | None = None) -> int:
+    """Measure only ``matmul_rows`` and add it to an existing profile, every other key kept.
+
+    ``python -m emulator.bandwidth_profiler --add-matmul-rows PROFILE.yaml [--backend cpu]``:
+    for profiles measured before the key existed. The run's date, thread count and
+    settings go into ``provenance.matmul_rows``.
+    """
+    ap = argparse.ArgumentParser(prog="python -m emulator.bandwidth_profiler")
+    ap.add_argument("--add-matmul-rows", required=True, metavar="PROFILE.yaml")
+    ap.add_argument("--backend", choices=("cpu", "cuda", "mlu"), default="cpu")
+    ns = ap.parse_args(argv)
+    from emulator.profile import parse_profile
+
+    path = Path(ns.add_matmul_rows)
+    text = path.read_text()
+    data = yaml.safe_load(text)
+    backend = get_backend(ns.backend)
+    settings = choose_settings(backend, quick=False)
+    rows = measure_matmul_rows(backend, settings)
+    data["matmul_rows"] = matmul_rows_dict(rows, settings)
+    data["provenance"]["matmul_rows"] = {
+        "tool": TOOL + " --add-matmul-rows", "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "torch_threads": torch.get_num_threads(), "repeats": max(5, settings.repeats),
+        "host": describe_host(backend)}
+    parse_profile(data, str(path))
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False, width=120))
+    for dt, pts in rows.items():
+        print(dt + ": " + ", ".join(f"M={m} {f / 1e9:.1f}" for m, f in sorted(pts.items())) + " GFLOP/s")
+    print(f"wrote matmul_rows into {path}")
+    return 0
+
+
 def format_table(r: ProfileResult) -> str:
     lines = [f"{'chunk':>10} {'sequential':>12} {'gather':>12} {'gather/seq':>10}"]
     for n in sorted(r.sequential_bytes_per_s):
@@ -359,6 +448,9 @@ def format_table(r: ProfileResult) -> str:
     lines.append(f"stream (buffer.sum, {r.settings.buffer_bytes // MiB} MiB): {r.stream_bytes_per_s / 1e9:.2f} GB/s read")
     lines.append("matmul: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in r.flops_per_s.items()))
     lines.append(f"launch overhead: {r.launch_overhead_s * 1e6:.2f} us per tiny op; torch threads: {r.threads}")
+    for dt, pts in r.matmul_rows_flops.items():
+        lines.append(f"matmul by rows ({dt}): " + ", ".join(f"M={m} {f / 1e9:.1f}" for m, f in sorted(pts.items()))
+                     + " GFLOP/s")
     return "\n".join(lines)
 
 
@@ -413,3 +505,7 @@ def profile_bandwidth_main(ns: argparse.Namespace) -> int:
     print(format_table(result))
     print(f"wrote {out} and {plot}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(update_matmul_rows_main())

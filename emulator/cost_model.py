@@ -1,12 +1,21 @@
 """The time of one engine step on a device profile, for a model shape and a KV layout.
 
-::
+A step is the sequence of kernels our Qwen2 forward (odma_mlu/models/qwen2.py) launches.
+Each kernel takes the longer of its memory and compute time, and pays one launch::
 
-    memory_s  = weights / stream_bw                       (every weight read once a step)
-              + sum_seq KV_read(seq) / (stream_bw * locality(run_bytes))
-              + KV_written / stream_bw
-    compute_s = FLOPs / peak_flops(dtype)
-    time_s    = max(memory_s, compute_s) + kernels * launch_overhead
+    time_s = sum over kernels k of max(bytes_k / bandwidth_k, flops_k / flops(dtype, rows_k))
+           + kernels * launch_overhead
+
+per layer:  4 weight matmuls (qkv, o, gate_up, down): the weight streamed once at the
+            sequential bandwidth; 2 M K N FLOPs at the rate the device reaches with
+            M = the step's new tokens as rows (``DeviceProfile.matmul_flops``)
+            decode attention: each sequence's KV read at the bandwidth its layout achieves
+            plus the new tokens' K/V written; 4 x heads x head_dim x context FLOPs at the
+            rate of M = g rows (GQA: the g query heads of a KV head are its rows)
+            prefill attention: causal FLOPs at the rate of M = new tokens rows
+            every other kernel (norms, rotary, residual adds, K/V scatter, index ops):
+            a launch only; their activations are small next to weights and KV
+once:       LM head matmul over one row per sequence, embedding rows, final norm
 
 ``run_bytes`` is how much KV sits contiguously: a contiguous slab holds one sequence's K
 (or V) for one layer in one run of ``context * kv_heads * head_dim * dtype`` bytes; a paged
@@ -14,6 +23,18 @@ layout breaks it into runs of one page. ``locality`` (DeviceProfile.locality) is
 profile's measured gather/sequential ratio at that run size, non-decreasing in size, so a
 contiguous layout is never slower than a paged one and a profile whose gather curve equals
 its sequential curve makes paging free.
+
+Why per kernel and not max(all memory, all compute): kernels run one after another, so a
+compute-bound matmul does not hide a memory-bound attention read. Why every kernel pays a
+launch: eager PyTorch pays a dispatch (host) cost per op. On a synchronous device (CPU)
+it adds to every kernel; on an asynchronous one it overlaps with the big kernels, so
+there the formula overstates by one launch per matmul/attention call (~2% of a 7B step).
+Why small-M FLOP/s: a
+decode step multiplies ``batch`` rows by each weight; few rows run far below the dense
+peak (measured: 7 GFLOP/s at M=1 against 83 at M=1024 on the CPU host).
+
+The kernel counts below are the ops our forward dispatches (views excluded), counted by
+tests/test_cost_model.py with a TorchDispatchMode on a real forward, so they follow the code.
 """
 
 from __future__ import annotations
@@ -24,10 +45,11 @@ from typing import Sequence
 from emulator.profile import DeviceProfile
 from odma_mlu.config import ModelSpec
 
-# Kernels launched per decoder layer in one step (norm, qkv, rope, attention, o-proj, norm,
-# gate/up, act, down, residual adds ~ 10), plus embedding, final norm and LM head.
-KERNELS_PER_LAYER = 10
-KERNELS_FIXED = 3
+# Non-view ops dispatched by Qwen2ForwardModel.forward (counted; see the module docstring).
+KERNELS_PER_LAYER = 36  # norms, qkv, rotary, K/V scatter, o, residuals, gate_up, act, down
+KERNELS_PER_DECODE_GROUP_PER_LAYER = 3  # gather q rows, attention, scatter the output rows
+KERNELS_PER_PREFILL_PER_LAYER = 2  # attention, copy the output rows
+KERNELS_FIXED = 15  # rotary lookup, embedding, buffers, final norm, LM head, logits cast
 
 
 @dataclass(frozen=True)
@@ -75,12 +97,16 @@ class CostModel:
         self.dtype = dtype or model.dtype
         self._stream_bw = profile.stream_bandwidth_bytes_per_s
         self._flops = profile.flops_for(self.dtype)
+        self._launch = profile.launch_overhead_s
         self._half_kv_per_token_layer = model.kv_bytes_per_token_per_layer // 2
-        lm_head = model.vocab_size * model.hidden_size
-        self._body_params = model.matmul_params - lm_head
-        self._lm_head_params = lm_head
-        self._attn_width = model.num_heads * model.head_dim
+        h, d, i = model.hidden_size, model.head_dim, model.intermediate_size
+        q, kv = model.num_heads * d, model.num_kv_heads * d
+        # (K, N) of each weight matmul of a layer; biases and norms ride with them.
+        self._layer_matmuls = ((h, q + 2 * kv), (q, h), (h, 2 * i), (i, h))
+        self._group = max(1, model.num_heads // model.num_kv_heads)
+        self._attn_width = q
         self._locality_cache: dict[int, float] = {}
+        self._rate_cache: dict[int, float] = {}
 
     def kv_bandwidth(self, context_tokens: int, layout: KVLayout) -> float:
         """Achieved bandwidth reading one sequence's KV of ``context_tokens`` in ``layout``."""
@@ -91,43 +117,95 @@ class CostModel:
             self._locality_cache[run_bytes] = loc
         return self._stream_bw * loc
 
+    def matmul_rate(self, rows: int) -> float:
+        """FLOP/s of a matmul with ``rows`` rows on this profile, in this model's dtype."""
+        r = self._rate_cache.get(rows)
+        if r is None:
+            r = self.profile.matmul_flops(self.dtype, rows)
+            self._rate_cache[rows] = r
+        return r
+
+    def num_kernels(self, num_prefills: int, num_decode_groups: int) -> int:
+        """Ops our forward dispatches for a step with these prefills and decode groups."""
+        per_layer = (KERNELS_PER_LAYER + KERNELS_PER_DECODE_GROUP_PER_LAYER * num_decode_groups
+                     + KERNELS_PER_PREFILL_PER_LAYER * num_prefills)
+        return self.model.num_layers * per_layer + KERNELS_FIXED
+
     def step(self, prefill_tokens: Sequence[int] = (), decode_context_tokens: Sequence[int] = (),
-             layout: KVLayout = CONTIGUOUS) -> StepCost:
+             layout: KVLayout = CONTIGUOUS, num_decode_groups: int | None = None) -> StepCost:
         """Cost of one step.
 
         prefill_tokens: new tokens of each sequence being prefilled (whole prompt, or prompt
             plus already generated tokens when a preempted sequence is recomputed).
         decode_context_tokens: for each decoding sequence, the tokens already in its KV.
+        num_decode_groups: how many batched attention calls the decode sequences take per
+            layer (the engine groups them by reservation size); None = 1 when any decode.
         """
         m = self.model
         if not prefill_tokens and not decode_context_tokens:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0, 0, 0, 0.0)
-        weight_bytes = m.streamed_weight_bytes
-        memory_s = weight_bytes / self._stream_bw
+        launch = self._launch
+        layers = m.num_layers
+        dbytes = m.dtype_bytes
+        num_seqs = len(prefill_tokens) + len(decode_context_tokens)
+        new_tokens = sum(prefill_tokens) + len(decode_context_tokens)
+        groups = (1 if decode_context_tokens else 0) if num_decode_groups is None else num_decode_groups
+        memory_s = compute_s = time_s = 0.0
+        flops = 0.0
+
+        # Weight matmuls: every layer's 4, then the LM head (one row per sequence).
+        rate = self.matmul_rate(new_tokens)
+        layer_time = 0.0
+        for k, n in self._layer_matmuls:
+            mem, f = k * n * dbytes / self._stream_bw, 2.0 * new_tokens * k * n
+            comp = f / rate
+            memory_s += layers * mem
+            compute_s += layers * comp
+            flops += layers * f
+            layer_time += max(mem, comp)
+        time_s += layers * layer_time
+        vocab_k_n = m.hidden_size * m.vocab_size
+        mem, f = vocab_k_n * dbytes / self._stream_bw, 2.0 * num_seqs * vocab_k_n
+        comp = f / self.matmul_rate(num_seqs)
+        memory_s += mem
+        compute_s += comp
+        flops += f
+        time_s += max(mem, comp)
+
+        # Decode attention: KV reads at the layout's bandwidth + the new K/V written.
         kv_read = 0
+        attn_mem = 0.0  # one layer
+        ctx_sum = 0
         for ctx in decode_context_tokens:
             if ctx <= 0:
                 continue
-            nbytes = ctx * m.kv_bytes_per_token
-            kv_read += nbytes
-            memory_s += nbytes / self.kv_bandwidth(ctx, layout)
-        new_tokens = sum(prefill_tokens) + len(decode_context_tokens)
+            nbytes = ctx * m.kv_bytes_per_token_per_layer
+            kv_read += layers * nbytes
+            attn_mem += nbytes / self.kv_bandwidth(ctx, layout)
+            ctx_sum += ctx
         kv_write = new_tokens * m.kv_bytes_per_token
-        memory_s += kv_write / self._stream_bw
-
-        # Matmuls: 2 FLOPs per parameter per token; the LM head runs on the last token only.
-        flops = 2.0 * self._body_params * new_tokens
-        flops += 2.0 * self._lm_head_params * (len(prefill_tokens) + len(decode_context_tokens))
-        # Attention: QK^T and PV, 2 FLOPs each per (query, key, head dim element).
-        attn = 0.0
+        write_mem = new_tokens * m.kv_bytes_per_token_per_layer / self._stream_bw
+        if decode_context_tokens:
+            f = 4.0 * self._attn_width * (ctx_sum + len(decode_context_tokens))
+            comp = f / self.matmul_rate(self._group)
+            memory_s += layers * (attn_mem + write_mem)
+            compute_s += layers * comp
+            flops += layers * f
+            time_s += layers * max(attn_mem + write_mem, comp)
+        else:
+            memory_s += layers * write_mem
+            time_s += layers * write_mem
+        # Prefill attention: causal, q rows = the sequence's new tokens.
         for t in prefill_tokens:
-            attn += t * (t + 1) / 2.0
-        attn += sum(max(c, 0) + 1 for c in decode_context_tokens)
-        flops += 4.0 * m.num_layers * self._attn_width * attn
-        compute_s = flops / self._flops
-        overhead_s = (m.num_layers * KERNELS_PER_LAYER + KERNELS_FIXED) * self.profile.launch_overhead_s
+            f = 4.0 * self._attn_width * t * (t + 1) / 2.0
+            comp = f / self.matmul_rate(max(1, t))
+            compute_s += layers * comp
+            flops += layers * f
+            time_s += layers * comp
+
+        overhead_s = self.num_kernels(len(prefill_tokens), groups) * launch
+        time_s += overhead_s
         return StepCost(
-            time_s=max(memory_s, compute_s) + overhead_s, memory_s=memory_s, compute_s=compute_s,
-            overhead_s=overhead_s, weight_bytes=weight_bytes, kv_read_bytes=kv_read, kv_write_bytes=kv_write,
-            flops=flops,
+            time_s=time_s, memory_s=memory_s, compute_s=compute_s, overhead_s=overhead_s,
+            weight_bytes=m.streamed_weight_bytes, kv_read_bytes=kv_read, kv_write_bytes=kv_write, flops=flops,
         )

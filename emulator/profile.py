@@ -14,6 +14,16 @@ server makes::
     compute_flops_per_s: {float16: 96 TFLOPS, float32: 24 TFLOPS}
     launch_overhead: 8 us
     provenance: {kind: derived, sources: [...]}   # or kind: measured, tool, host, date
+    matmul_rows:           # OPTIONAL: achieved FLOP/s of [M, K] x [K, N] against M (rows)
+      float32:
+        - {rows: 1, flops: 12 GFLOPS, source: measured}
+        - {rows: 16, flops: 60 GFLOPS, source: measured}
+
+``matmul_rows`` tells how far below its dense peak a device runs a matmul with few rows
+(a decode step multiplies ``batch`` rows by each weight; attention multiplies the ``g``
+query heads of a KV head by its keys). Without it the cost model assumes the dense peak
+at any M. The profiler measures it with cache-resident operands (the same ``K = N`` as
+the dense peak), so it isolates compute efficiency; weight streaming is the memory term.
 
 Curves must have strictly increasing, positive ``chunk_bytes``. Each point says whether it
 was ``measured`` or ``derived`` and, if derived, why (``note``).
@@ -23,7 +33,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,7 +45,8 @@ from odma_mlu.errors import ProfileError
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
 TOP_KEYS_REQUIRED = ("name", "memory_type", "capacity_bytes", "peak_bandwidth", "sequential", "gather",
                      "compute_flops_per_s", "launch_overhead", "provenance")
-TOP_KEYS_OPTIONAL = ("schema_version", "description", "notes")
+TOP_KEYS_OPTIONAL = ("schema_version", "description", "notes", "matmul_rows")
+ROWS_POINT_KEYS = ("rows", "flops", "source", "note")
 POINT_KEYS = ("chunk_bytes", "bandwidth", "source", "note")
 SOURCES = ("measured", "derived")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -80,6 +91,8 @@ class DeviceProfile:
     launch_overhead_s: float
     provenance: Mapping[str, Any]
     source_path: str = ""
+    matmul_rows: Mapping[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
+    """Optional: per dtype, (rows M, achieved FLOP/s) points, M strictly increasing."""
 
     @property
     def stream_bandwidth_bytes_per_s(self) -> float:
@@ -113,6 +126,77 @@ class DeviceProfile:
             raise ProfileError(f"profile {self.name!r} ({self.source_path}) has no compute peak for {dtype}; "
                                f"it lists {sorted(self.compute_flops_per_s)}")
         return self.compute_flops_per_s[dtype]
+
+    def matmul_flops(self, dtype: str, rows: int) -> float:
+        """Achieved FLOP/s of a matmul whose left operand has ``rows`` rows.
+
+        From ``matmul_rows`` when the profile has a curve for ``dtype``, else the dense peak.
+        Interpolated so the TIME of a fixed-size product (proportional to rows / FLOP/s) is
+        linear in ``rows`` between measured points and never decreases with ``rows`` (a
+        bigger batch never runs faster), and never above the dense peak (the roofline).
+        """
+        peak = self.flops_for(dtype)
+        pts = self.matmul_rows.get(dtype)
+        if not pts or rows <= 0:
+            return peak
+        # s(M) = M / flops(M): seconds per (2 K N) FLOPs; running max over the knots makes it
+        # non-decreasing, linear interpolation keeps it so between knots.
+        ms = [m for m, _ in pts]
+        ss: list[float] = []
+        for m, f in pts:
+            ss.append(max(m / f, ss[-1] if ss else 0.0))
+        if rows <= ms[0]:
+            s = rows / pts[0][1]
+        elif rows >= ms[-1]:
+            s = max(ss[-1], rows / pts[-1][1])
+        else:
+            i = bisect.bisect_right(ms, rows)
+            t = (rows - ms[i - 1]) / (ms[i] - ms[i - 1])
+            s = ss[i - 1] + t * (ss[i] - ss[i - 1])
+        s = max(s, rows / peak)
+        return rows / s
+
+
+def _matmul_rows(raw: Any, where: str, dtypes: Mapping[str, float]) -> dict[str, tuple[tuple[int, float], ...]]:
+    """Validate the optional ``matmul_rows`` mapping: dtype -> [{rows, flops, source, note}]."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise ProfileError(f"{where}: matmul_rows must map dtypes {list(DTYPES)} to lists of "
+                           "{rows, flops, source, note} points")
+    out: dict[str, tuple[tuple[int, float], ...]] = {}
+    for dt, pts in raw.items():
+        at = f"{where}: matmul_rows.{dt}"
+        if dt not in DTYPES:
+            raise ProfileError(f"{at}: unknown dtype {dt!r}; expected one of {list(DTYPES)}")
+        if dt not in dtypes:
+            raise ProfileError(f"{at}: compute_flops_per_s has no peak for {dt}; add it first")
+        if not isinstance(pts, list) or len(pts) < 2:
+            raise ProfileError(f"{at}: must be a list of at least 2 points {{rows, flops, source, note}}")
+        rows_seen: list[tuple[int, float]] = []
+        for i, pt in enumerate(pts):
+            pat = f"{at}[{i}]"
+            if not isinstance(pt, Mapping):
+                raise ProfileError(f"{pat}: expected a mapping with keys {list(ROWS_POINT_KEYS)}")
+            unknown = sorted(set(pt) - set(ROWS_POINT_KEYS))
+            if unknown:
+                raise ProfileError(f"{pat}: unknown key(s) {unknown}; expected {list(ROWS_POINT_KEYS)}")
+            for k in ("rows", "flops", "source"):
+                if k not in pt:
+                    raise ProfileError(f"{pat}: missing key '{k}'")
+            rows = pt["rows"]
+            if not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0:
+                raise ProfileError(f"{pat}.rows: must be a positive integer, got {rows!r}")
+            if rows_seen and rows <= rows_seen[-1][0]:
+                raise ProfileError(f"{pat}.rows: must increase strictly; {rows} follows {rows_seen[-1][0]}")
+            flops = parse_quantity(pt["flops"], "flops", f"{pat}.flops")
+            if flops <= 0:
+                raise ProfileError(f"{pat}.flops: must be positive, got {flops:g}")
+            if pt["source"] not in SOURCES:
+                raise ProfileError(f"{pat}.source: {pt['source']!r} is not one of {list(SOURCES)}")
+            if pt["source"] == "derived" and not str(pt.get("note", "")).strip():
+                raise ProfileError(f"{pat}.note: a derived point must say how it was derived")
+            rows_seen.append((rows, flops))
+        out[dt] = tuple(rows_seen)
+    return out
 
 
 def _curve(raw: Any, key: str, where: str, peak: float) -> BandwidthCurve:
@@ -191,10 +275,11 @@ def parse_profile(data: Any, where: str) -> DeviceProfile:
     lacking = [k for k in need if not prov.get(k)]
     if lacking:
         raise ProfileError(f"{where}: provenance of kind {prov['kind']!r} needs {list(need)}; missing {lacking}")
+    rows = _matmul_rows(data["matmul_rows"], where, flops) if "matmul_rows" in data else {}
     return DeviceProfile(
         name=str(data["name"]), memory_type=str(data["memory_type"]), capacity_bytes=int(capacity),
         peak_bandwidth_bytes_per_s=peak, sequential=seq, gather=gat, compute_flops_per_s=flops,
-        launch_overhead_s=overhead, provenance=dict(prov), source_path=where,
+        launch_overhead_s=overhead, provenance=dict(prov), source_path=where, matmul_rows=rows,
     )
 
 

@@ -165,16 +165,19 @@ class OdmaConfig:
     """Quantile of the predicted length that the first reservation must cover."""
     growth_factor: float = 2.0
     """On overflow with no larger bucket, the new extent is at least this times the old."""
-    reclaim_unused_tails: bool = False
-    """Under memory pressure, shrink running slabs to live + headroom so a waiting request
-    can start (it and they grow back in place or by one contiguous move). Off by default
-    (the paper's strict reservations): in the sweep (docs/odma-sensitivity.md) the
-    preemptions it causes cost more throughput than the extra admissions gain."""
-    reclaim_headroom_tokens: int = 16
-    """Slots left after the live KV when a tail is reclaimed, and the least a request
-    admitted under pressure starts with beyond its prompt."""
-    reclaim_max_slabs: int = 64
-    """Most tails shrunk for one admission (bounds the cost of one reserve call)."""
+    elastic: bool = True
+    """Elastic slabs (docs/odma-design.md): a request holds its live KV plus a growth chunk,
+    not its whole bucket; it grows in place while the next slots are free, else moves (one
+    contiguous copy) to a hole sized to its predicted claim. False gives the paper's strict
+    reservations (the whole bucket up front)."""
+    chunk_tokens: int = 4
+    """Elastic mode: slots held beyond the live KV when the whole claim does not fit."""
+    admission_watermark_fraction: float = 0.05
+    """Elastic mode: admit a new request only if this share of the main region stays free
+    after it, so running slabs can still grow (a preemption costs a whole recompute)."""
+    compact_min_free_fraction: float = 0.02
+    """Elastic mode: before preempting for lack of a big enough hole, compact the main region
+    (slide slabs together) if at least this share of it is free."""
 
 
 @dataclass(frozen=True)
@@ -242,3 +245,33 @@ def load_engine_config(path: str | Path) -> EngineConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})") from e
     return from_mapping(EngineConfig, data, str(path))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The ``server:`` section of an ``odma-mlu serve`` YAML file (odma_mlu/server/settings.py).
+
+    Bind address, port and API key are deliberately *not* here: they are deployment
+    decisions taken on the command line (or the systemd unit), so a config file copied
+    between hosts can never silently expose a server or carry a secret.
+    """
+
+    served_model_name: str | None = None
+    """Name clients put in ``model``; None uses the model folder's name."""
+    memory_fraction: float = 0.90
+    """Share of the device's total memory this process may fill (weights + KV). On mlu/cuda
+    the KV capacity is ``total * memory_fraction - memory already in use - weights``, unless
+    ``cache.kv_capacity_tokens`` fixes it."""
+    cpu_kv_capacity_tokens: int = 16384
+    """KV capacity on cpu/emulated backends when ``cache.kv_capacity_tokens`` is unset (host
+    RAM is shared with everything else, so it is never sized from free memory)."""
+    max_waiting_requests: int = 256
+    """Back-pressure: a new request is answered 429 while this many are already waiting."""
+    max_body_bytes: int = 1 << 20
+    """Request bodies above this are answered 413 before they are parsed."""
+    default_max_tokens: int = 16
+    """max_tokens of a completion that does not say (the OpenAI default); chat requests
+    without one get up to the engine's max_new_tokens."""
+    drain_timeout_s: float = 60.0
+    """On SIGTERM, in-flight requests get this long to finish before the engine is stopped."""
+    log_level: str = "info"

@@ -150,3 +150,14 @@ def test_abort_frees_kv_and_streaming_callback(tiny_model_dir: Path) -> None:
         eng.step()
     assert len(seen) == MAX_NEW and eng.policy.reserved_tokens() == 0
     assert not eng.abort(a)
+
+
+def test_odma_elastic_tight_compaction_matches(tiny_model_dir: Path, reference: list[list[int]]) -> None:
+    # Tiny chunks and no watermark in a small arena: slabs keep colliding, so requests evict
+    # neighbours, move and compact; the tokens must not change.
+    cfg = OdmaConfig(safety_fraction=0.0, chunk_tokens=1, admission_watermark_fraction=0.0,
+                     compact_min_free_fraction=0.0, num_buckets=2)
+    eng = _engine(tiny_model_dir, "odma", capacity=200, predictor=ConstantPredictor(30), odma=cfg)
+    assert _run(eng) == reference
+    st = eng.policy.stats()
+    assert st.migrations > 0 or st.extra["compactions"] > 0

@@ -26,8 +26,10 @@ GRID: dict[str, list[object]] = {
     "histogram_window": [200, 2000, 10000],
     "reoptimize_every": [50, 200, 1000],
     "growth_factor": [1.0, 1.25, 2.0],
-    "reclaim_unused_tails": [False, True],
-    "reclaim_headroom_tokens": [8, 16, 32, 64],
+    "elastic": [False, True],
+    "chunk_tokens": [8, 32, 128],
+    "admission_watermark_fraction": [0.0, 0.02, 0.05, 0.1, 0.2],
+    "compact_min_free_fraction": [0.01, 0.02, 0.05, 1.0],
 }
 
 

@@ -56,6 +56,7 @@ class ExtentAllocator:
         self._free_starts: list[int] = []
         self._free_by_size: list[tuple[int, int]] = []  # (length, start)
         self._used: dict[int, int] = {}  # start -> length
+        self._used_by_end: dict[int, int] = {}  # end -> start (left-neighbour lookups)
         self.used_tokens = 0
         if capacity_tokens > 0:
             self._add_free(base, capacity_tokens)
@@ -109,14 +110,51 @@ class ExtentAllocator:
         if hole_len > length:
             self._add_free(hole_start + length, hole_len - length)
         self._used[hole_start] = length
+        self._used_by_end[hole_start + length] = hole_start
         self.used_tokens += length
         return Extent(hole_start, length)
+
+    def allocate_at(self, start: int, length: int) -> Extent | None:
+        """Take exactly [start, start + length) if it lies inside one free hole, else None."""
+        assert length > 0, f"allocate_at needs a positive length, got {length}"
+        i = bisect.bisect_right(self._free_starts, start) - 1
+        if i < 0:
+            return None
+        hole_start = self._free_starts[i]
+        hole_len = self._free_len[hole_start]
+        if start + length > hole_start + hole_len:
+            return None
+        self._remove_free(hole_start)
+        if start > hole_start:
+            self._add_free(hole_start, start - hole_start)
+        end = start + length
+        if end < hole_start + hole_len:
+            self._add_free(end, hole_start + hole_len - end)
+        self._used[start] = length
+        self._used_by_end[end] = start
+        self.used_tokens += length
+        return Extent(start, length)
+
+    def holes_from(self, min_length: int) -> list[tuple[int, int]]:
+        """Free holes of at least ``min_length`` tokens as (length, start), smallest first."""
+        i = bisect.bisect_left(self._free_by_size, (min_length, -1))
+        return self._free_by_size[i:]
+
+    def used_ending_at(self, slot: int) -> Extent | None:
+        """The used extent whose end is ``slot`` (the left neighbour of a hole starting there)."""
+        start = self._used_by_end.get(slot)
+        return None if start is None else Extent(start, self._used[start])
 
     def free(self, extent: Extent) -> None:
         got = self._used.pop(extent.start, None)
         assert got == extent.length, f"free of {extent} which is not allocated (found length {got})"
+        del self._used_by_end[extent.end]
         self.used_tokens -= extent.length
         self._insert_free_coalesced(extent.start, extent.length)
+
+    def free_run_after(self, slot: int) -> int:
+        """Length of the free hole starting exactly at ``slot`` (0 if none)."""
+        return self._free_len.get(slot, 0)
 
     def can_grow_in_place(self, extent: Extent, new_length: int) -> bool:
         extra = new_length - extent.length
@@ -135,6 +173,8 @@ class ExtentAllocator:
         if nb > extra:
             self._add_free(extent.end + extra, nb - extra)
         self._used[extent.start] = new_length
+        del self._used_by_end[extent.end]
+        self._used_by_end[extent.start + new_length] = extent.start
         self.used_tokens += extra
         return Extent(extent.start, new_length)
 
@@ -144,6 +184,8 @@ class ExtentAllocator:
         if new_length == extent.length:
             return extent
         self._used[extent.start] = new_length
+        del self._used_by_end[extent.end]
+        self._used_by_end[extent.start + new_length] = extent.start
         self.used_tokens -= extent.length - new_length
         self._insert_free_coalesced(extent.start + new_length, extent.length - new_length)
         return Extent(extent.start, new_length)
@@ -169,4 +211,5 @@ class ExtentAllocator:
         assert pos == self.base + self.capacity_tokens, f"extents end at {pos}, not {self.base + self.capacity_tokens}"
         assert self.used_tokens == sum(self._used.values()), "used_tokens counter drifted"
         assert self._free_starts == sorted(self._free_len), "free start index out of sync"
+        assert self._used_by_end == {s + n: s for s, n in self._used.items()}, "end index out of sync"
         assert self._free_by_size == sorted((n, s) for s, n in self._free_len.items()), "free size index out of sync"

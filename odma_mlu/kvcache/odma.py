@@ -1,23 +1,30 @@
-"""``odma``: predicted-length buckets, re-learned boundaries, and a safety pool.
+"""``odma``: predicted-length buckets, re-learned boundaries, a safety pool, elastic slabs.
 
 ::
 
-    arena:  [ main region: adaptive buckets ........................ | safety pool ]
-             ^ first reservation = prompt + smallest bucket >= predicted length at
-               ``target_coverage``; bucket edges re-optimized from completed lengths
-                                                                        ^ uncertain requests
-                                                                          and overflows
+    arena:  [ main region ......................................... | safety pool ]
+    claim = prompt + smallest bucket >= predicted length at ``target_coverage``;
+    bucket edges re-optimized (exact DP) from the lengths of completed requests.
 
-On overflow a request grows in place when its right neighbour is free, else moves (one
-contiguous copy) to a larger bucket in the main region, else to the safety pool; only when
-nothing fits does the scheduler preempt. Every constant is in ``OdmaConfig``.
+Strict mode (the paper): the whole claim is reserved up front. Elastic mode (default)
+holds only ``live + chunk`` slots, placed at the start of the smallest hole that could take
+the whole claim, so the request usually grows in place::
+
+    |..B..|  A live  | A chunk |   free: A grows here in place    |..C..|
+          ^ A placed at the start of the smallest hole >= A's claim
+
+When the slots after a slab are taken it moves (one contiguous copy, counted in
+``migrated_bytes``) to a new hole, else to the safety pool; if only small scattered holes
+are left it compacts the main region (slides slabs together); only when nothing fits does
+the scheduler preempt. A request's KV is always one contiguous slab. Uncertain requests
+(q_high / q_mid > ``uncertainty_ratio``) start in the pool. Every constant is in ``OdmaConfig``.
 """
 
 from __future__ import annotations
 
 from odma_mlu.config import OdmaConfig
-from odma_mlu.kvcache.arena import KVArena
-from odma_mlu.kvcache.extent import ExtentAllocator
+from odma_mlu.kvcache.arena import KVArena, KVLocation
+from odma_mlu.kvcache.extent import Extent, ExtentAllocator
 from odma_mlu.kvcache.policy import ContiguousPolicy, GrowResult, GrowStatus, PolicyStats, ReserveRequest, _Slab
 from odma_mlu.predictor.histogram import OnlineLengthHistogram
 
@@ -29,6 +36,7 @@ class OdmaPolicy(ContiguousPolicy):
     def __init__(self, arena: KVArena, max_new_tokens: int, config: OdmaConfig = OdmaConfig(),
                  drift_detector: object | None = None) -> None:
         assert 0.0 <= config.safety_fraction < 1.0, "safety_fraction must be in [0, 1)"
+        assert config.chunk_tokens >= 1, "chunk_tokens must be >= 1"
         pool = int(arena.capacity_tokens * config.safety_fraction)
         main = arena.capacity_tokens - pool
         regions = [ExtentAllocator(main, 0)]
@@ -41,16 +49,19 @@ class OdmaPolicy(ContiguousPolicy):
             max_tokens=max_new_tokens, num_buckets=config.num_buckets, window=config.histogram_window,
             reoptimize_every=config.reoptimize_every, bin_tokens=config.histogram_bin_tokens)
         self.drift_detector = drift_detector
-        self._uncertain: set[str] = set()
-        self.reclaimed_tokens = 0
+        self.compactions = 0
+
+    @property
+    def main(self) -> ExtentAllocator:
+        return self.regions[0]
 
     @property
     def pool(self) -> ExtentAllocator | None:
         return self.regions[1] if len(self.regions) > 1 else None
 
+    # -- sizes ---------------------------------------------------------------------------
     def _bucket_tokens(self, generated_tokens: float, req_max_new: int) -> int:
-        edges = self.histogram.boundaries.edges_tokens
-        for e in edges:
+        for e in self.histogram.boundaries.edges_tokens:
             if generated_tokens <= e:
                 return min(e, req_max_new)
         return req_max_new
@@ -59,91 +70,170 @@ class OdmaPolicy(ContiguousPolicy):
         return req.prediction is None or req.prediction.ratio > self.config.uncertainty_ratio
 
     def initial_tokens(self, req: ReserveRequest) -> int:
+        """The claim: prompt + the bucket of the predicted length at ``target_coverage``."""
         generated = req.num_tokens - req.prompt_tokens
-        if req.prediction is None:
-            want = float(req.max_new_tokens)
-        else:
-            want = req.prediction.at(self.config.target_coverage)
+        want = float(req.max_new_tokens) if req.prediction is None else req.prediction.at(self.config.target_coverage)
         # A recomputed request already has ``generated`` tokens: its bucket must exceed them.
         bucket = self._bucket_tokens(max(want, generated + 1), req.max_new_tokens)
         return max(req.num_tokens, req.prompt_tokens + bucket)
 
     def region_for(self, req: ReserveRequest, size: int) -> ExtentAllocator | None:
-        main, pool = self.regions[0], self.pool
+        """Strict mode: uncertain requests try the pool first; everyone else the main region."""
+        pool = self.pool
         if pool is not None and self._is_uncertain(req) and pool.can_allocate(size):
             return pool
-        return main if main.can_allocate(size) else None
+        return self.main if self.main.can_allocate(size) else None
 
-    def place_under_pressure(self, req: ReserveRequest, size: int) -> tuple[ExtentAllocator, int] | None:
-        """Start a request with less than its bucket when the bucket does not fit.
+    # -- elastic placement ---------------------------------------------------------------
+    def _place(self, region: ExtentAllocator, claim: int, hard: int) -> Extent | None:
+        """``hard`` slots at the start of the smallest hole that could hold the whole claim,
+        else the smallest hole that holds ``hard``."""
+        holes = region.holes_from(claim)
+        if holes:
+            return region.allocate_at(holes[0][1], hard)
+        return region.allocate(hard)
 
-        Reclaims the unused tails of running slabs (largest first) until one hole holds the
-        prompt plus ``reclaim_headroom_tokens``; the request then takes the largest hole up
-        to its bucket. Requests whose tails were taken grow back in place while the space
-        after them stays free, or move once (one contiguous copy).
-        """
-        cfg = self.config
-        if not cfg.reclaim_unused_tails:
+    def _hard_size(self, req: ReserveRequest, claim: int) -> int:
+        return min(claim, req.num_tokens + self.config.chunk_tokens)
+
+    def can_reserve(self, req: ReserveRequest) -> bool:
+        if not self.config.elastic:
+            return super().can_reserve(req)
+        claim = self.initial_tokens(req)
+        pool = self.pool
+        if pool is not None and self._is_uncertain(req) and pool.can_allocate(claim):
+            return True
+        hard = self._hard_size(req, claim)
+        return self.main.can_allocate(hard) and self._above_watermark(hard)
+
+    def _above_watermark(self, hard: int) -> bool:
+        main = self.main
+        return main.free_tokens - hard >= self.config.admission_watermark_fraction * main.capacity_tokens
+
+    def reserve(self, req: ReserveRequest) -> KVLocation | None:
+        if not self.config.elastic:
+            return super().reserve(req)
+        assert req.request_id not in self._slabs, f"request {req.request_id} already holds KV"
+        claim = self.initial_tokens(req)
+        pool = self.pool
+        if pool is not None and self._is_uncertain(req):
+            ext = pool.allocate(claim)
+            if ext is not None:
+                self.add_slab(req, pool, ext, claim)
+                return KVLocation(capacity_tokens=ext.length, start_slot=ext.start)
+        hard = self._hard_size(req, claim)
+        if not self._above_watermark(hard):
             return None
-        main = self.regions[0]
-        need = min(size, req.num_tokens + cfg.reclaim_headroom_tokens)
-        if main.largest_free() < need:
-            tails = sorted((s for s in self._slabs.values() if s.allocator is main
-                            and s.extent.length - s.live_tokens > cfg.reclaim_headroom_tokens),
-                           key=lambda s: s.extent.length - s.live_tokens, reverse=True)
-            for slab in tails[:cfg.reclaim_max_slabs]:
-                keep = slab.live_tokens + cfg.reclaim_headroom_tokens
-                self.reclaimed_tokens += slab.extent.length - keep
-                slab.extent = main.shrink(slab.extent, keep)
-                if main.largest_free() >= need:
-                    break
-            if main.largest_free() < need:
-                return None
-        # Watermark: keep enough free slots (main + pool) for every running slab to grow
-        # through one headroom; otherwise admitting now only trades for preemptions later.
-        pool_free = self.pool.free_tokens if self.pool is not None else 0
-        hard = min(size, main.largest_free())
-        if main.free_tokens - hard + pool_free < len(self._slabs) * cfg.reclaim_headroom_tokens:
+        ext = self._place(self.main, claim, hard)
+        if ext is None:
             return None
-        return main, hard
+        self.add_slab(req, self.main, ext, claim)
+        return KVLocation(capacity_tokens=ext.length, start_slot=ext.start)
+
+    def compact(self, need_tokens: int) -> int:
+        """Slide main-region slabs to lower addresses, in address order, until a hole of
+        ``need_tokens`` opens; slabs already packed are not copied. Returns tokens copied."""
+        main = self.main
+        pos = main.base
+        copied = 0
+        for ext in main.used_extents():
+            if ext.start - pos >= need_tokens:
+                break
+            if ext.start != pos:
+                slab = self.slab_at(ext.start)
+                assert slab is not None and slab.extent == ext, f"compaction lost the owner of {ext}"
+                live = min(slab.live_tokens, ext.length)
+                main.free(ext)
+                new = main.allocate_at(pos, ext.length)
+                assert new is not None, "compaction target must be free"
+                # Overlapping ranges are fine: the arena copies through a temporary.
+                self.arena.move(range(ext.start, ext.start + live), range(new.start, new.start + live))
+                self._owner[new.start] = self._owner.pop(ext.start)
+                slab.extent = new
+                copied += live
+            pos += ext.length
+        self.compactions += 1
+        self.migrated_tokens += copied
+        return copied
+
+    def _evict_right_neighbour(self, slab: _Slab, size: int) -> int | None:
+        """Make room after ``slab`` by moving its right neighbour when that copies less KV
+        than moving ``slab`` itself. Returns tokens copied, or None if it did not help."""
+        region = slab.allocator
+        right = self.slab_at(slab.extent.end)
+        if right is None or right.allocator is not region or right.live_tokens >= slab.live_tokens:
+            return None
+        extra = size - slab.extent.length
+        if right.extent.length + region.free_run_after(right.extent.end) < extra:
+            return None  # even with the neighbour gone the run would be too short
+        new = region.allocate(right.extent.length)
+        if new is None:
+            return None
+        live = min(right.live_tokens, right.extent.length)
+        self.relocate(right, region, new, live)
+        return live
+
+    # -- growth --------------------------------------------------------------------------
+    def _raise_claim(self, slab: _Slab, needed_tokens: int) -> None:
+        """Overflow past the claim: the next bucket, at least ``growth_factor`` x the old."""
+        req_max_new = slab.max_total_tokens - slab.prompt_tokens
+        bucket = self._bucket_tokens(needed_tokens - slab.prompt_tokens, req_max_new)
+        floor = min(req_max_new, int((slab.claim_tokens - slab.prompt_tokens) * self.config.growth_factor))
+        new_claim = slab.prompt_tokens + max(bucket, floor, needed_tokens - slab.prompt_tokens)
+        slab.claim_tokens = min(new_claim, slab.max_total_tokens)
 
     def grow(self, request_id: str, slab: _Slab, needed_tokens: int) -> GrowResult:
-        req_max_new = slab.max_total_tokens - slab.prompt_tokens
-        if needed_tokens <= slab.claim_tokens:
-            new_size = slab.claim_tokens  # its tail was reclaimed: grow back to the claim
-        else:
-            bucket = self._bucket_tokens(needed_tokens - slab.prompt_tokens, req_max_new)
-            floor = int((slab.claim_tokens - slab.prompt_tokens) * self.config.growth_factor)
-            new_size = slab.prompt_tokens + max(bucket, min(floor, req_max_new), needed_tokens - slab.prompt_tokens)
-            new_size = min(new_size, slab.max_total_tokens)
-            slab.claim_tokens = new_size
+        if needed_tokens > slab.claim_tokens:
+            self._raise_claim(slab, needed_tokens)
         live = needed_tokens - 1  # KV written so far; the needed slot is the next one
-        targets = [self.regions[0]] + ([self.pool] if self.pool is not None else [])
-        if slab.allocator is not self.regions[0]:
-            targets = [slab.allocator] + [r for r in targets if r is not slab.allocator]
-        result = self.try_grow_to(slab, new_size, live, targets)
-        if result is None and new_size > needed_tokens:
-            # No room for the whole claim: settle for this step plus the headroom.
-            small = min(slab.max_total_tokens, needed_tokens + self.config.reclaim_headroom_tokens)
-            result = self.try_grow_to(slab, small, live, targets)
-        return result or GrowResult(GrowStatus.NO_ROOM)
+        if not self.config.elastic:
+            targets = [self.main] + ([self.pool] if self.pool is not None else [])
+            if slab.allocator is not self.main:
+                targets = [slab.allocator] + [r for r in targets if r is not slab.allocator]
+            result = self.try_grow_to(slab, slab.claim_tokens, live, targets)
+            return result or GrowResult(GrowStatus.NO_ROOM)
+        target = max(needed_tokens, min(slab.claim_tokens, live + self.config.chunk_tokens))
+        for size in (target, needed_tokens):
+            grown = slab.allocator.grow_in_place(slab.extent, size)
+            if grown is not None:
+                slab.extent = grown
+                self.in_place_grows += 1
+                return GrowResult(GrowStatus.OK, 0, "in_place")
+        moved = self._evict_right_neighbour(slab, needed_tokens)
+        if moved is not None:
+            grown = slab.allocator.grow_in_place(slab.extent, target) or \
+                slab.allocator.grow_in_place(slab.extent, needed_tokens)
+            if grown is not None:
+                slab.extent = grown
+                return GrowResult(GrowStatus.OK, moved, "neighbour_moved")
+        new = self._place(self.main, slab.claim_tokens, target)
+        if new is not None:
+            self.relocate(slab, self.main, new, live)
+            return GrowResult(GrowStatus.OK, live, "moved")
+        pool = self.pool
+        if pool is not None and slab.allocator is not pool:
+            new = pool.allocate(slab.claim_tokens) or pool.allocate(target)
+            if new is not None:
+                self.relocate(slab, pool, new, live)
+                return GrowResult(GrowStatus.OK, live, "safety_pool")
+        main = self.main
+        if main.free_tokens >= max(target, self.config.compact_min_free_fraction * main.capacity_tokens):
+            copied = self.compact(target)
+            new = main.allocate(target)
+            if new is not None:
+                self.relocate(slab, main, new, live)
+                return GrowResult(GrowStatus.OK, copied + live, "compacted")
+        return GrowResult(GrowStatus.NO_ROOM)
 
-    def reserve(self, req: ReserveRequest):  # type: ignore[override]
-        loc = super().reserve(req)
-        if loc is not None and self._is_uncertain(req):
-            self._uncertain.add(req.request_id)
-        return loc
-
+    # -- completion ----------------------------------------------------------------------
     def release(self, request_id: str, generated_tokens: int | None) -> None:
         super().release(request_id, generated_tokens)
-        self._uncertain.discard(request_id)
         if generated_tokens is None:
             return
         reoptimized = self.histogram.observe(generated_tokens)
         detector = self.drift_detector
         if detector is not None and not reoptimized:
-            observe = getattr(detector, "observe")
-            if observe(generated_tokens, self.histogram):
+            if getattr(detector, "observe")(generated_tokens, self.histogram):
                 self.histogram.reoptimize()
 
     def stats(self) -> PolicyStats:
@@ -152,6 +242,6 @@ class OdmaPolicy(ContiguousPolicy):
         extra = {"safety_pool_used_tokens": float(pool.used_tokens if pool else 0),
                  "safety_pool_tokens": float(pool.capacity_tokens if pool else 0),
                  "reoptimizations": float(self.histogram.num_reoptimizations),
-                 "reclaimed_tokens": float(self.reclaimed_tokens)}
+                 "compactions": float(self.compactions)}
         return PolicyStats(**{**base.__dict__, "bucket_edges_tokens": self.histogram.boundaries.edges_tokens,
                               "extra": extra})

@@ -159,6 +159,7 @@ class ContiguousPolicy(KVPolicy):
         self.regions = regions or [ExtentAllocator(arena.capacity_tokens)]
         assert sum(r.capacity_tokens for r in self.regions) == arena.capacity_tokens, "regions must tile the arena"
         self._slabs: dict[str, _Slab] = {}
+        self._owner: dict[int, str] = {}  # extent start slot -> request id (regions never overlap)
 
     @abstractmethod
     def initial_tokens(self, req: ReserveRequest) -> int:
@@ -167,11 +168,6 @@ class ContiguousPolicy(KVPolicy):
     def region_for(self, req: ReserveRequest, size: int) -> ExtentAllocator | None:
         main = self.regions[0]
         return main if main.can_allocate(size) else None
-
-    def place_under_pressure(self, req: ReserveRequest, size: int) -> tuple[ExtentAllocator, int] | None:
-        """When the full first reservation does not fit: a (region, smaller size) to start
-        with, or None to wait. Static, oracle and S3 wait."""
-        return None
 
     def can_reserve(self, req: ReserveRequest) -> bool:
         return self.region_for(req, self.initial_tokens(req)) is not None
@@ -182,20 +178,33 @@ class ContiguousPolicy(KVPolicy):
         assert size >= req.num_tokens, f"{self.name}: initial size {size} < {req.num_tokens} tokens to prefill"
         region = self.region_for(req, size)
         if region is None:
-            placed = self.place_under_pressure(req, size)
-            if placed is None:
-                return None
-            region, hard = placed
-        else:
-            hard = size
-        extent = region.allocate(hard)
-        assert extent is not None, "region_for / place_under_pressure promised room"
+            return None
+        extent = region.allocate(size)
+        assert extent is not None, "region_for promised room"
+        self.add_slab(req, region, extent, claim_tokens=max(size, extent.length))
+        return KVLocation(capacity_tokens=extent.length, start_slot=extent.start)
+
+    def add_slab(self, req: ReserveRequest, region: ExtentAllocator, extent: Extent, claim_tokens: int) -> None:
         if region is not self.regions[0]:
             self.safety_pool_reservations += 1
         self._slabs[req.request_id] = _Slab(region, extent, req.prompt_tokens, req.max_total_tokens,
-                                            first_tokens=max(size, extent.length), claim_tokens=max(size, extent.length),
+                                            first_tokens=claim_tokens, claim_tokens=claim_tokens,
                                             live_tokens=req.num_tokens)
-        return KVLocation(capacity_tokens=extent.length, start_slot=extent.start)
+        self._owner[extent.start] = req.request_id
+
+    def slab_at(self, start: int) -> _Slab | None:
+        rid = self._owner.get(start)
+        return None if rid is None else self._slabs[rid]
+
+    def relocate(self, slab: _Slab, region: ExtentAllocator, new: Extent, live_tokens: int) -> None:
+        """Move a slab's written KV to ``new`` (one contiguous copy) and free the old extent."""
+        self.arena.move(range(slab.extent.start, slab.extent.start + live_tokens),
+                        range(new.start, new.start + live_tokens))
+        slab.allocator.free(slab.extent)
+        self._owner[new.start] = self._owner.pop(slab.extent.start)
+        slab.allocator, slab.extent = region, new
+        self.migrations += 1
+        self.migrated_tokens += live_tokens
 
     def location(self, request_id: str) -> KVLocation:
         slab = self._slabs[request_id]
@@ -235,19 +244,14 @@ class ContiguousPolicy(KVPolicy):
             new = region.allocate(new_size)
             if new is None:
                 continue
-            self.arena.move(range(slab.extent.start, slab.extent.start + live_tokens),
-                            range(new.start, new.start + live_tokens))
-            slab.allocator.free(slab.extent)
-            how = "moved" if region is self.regions[0] else "safety_pool"
-            slab.allocator, slab.extent = region, new
-            self.migrations += 1
-            self.migrated_tokens += live_tokens
-            return GrowResult(GrowStatus.OK, live_tokens, how)
+            self.relocate(slab, region, new, live_tokens)
+            return GrowResult(GrowStatus.OK, live_tokens, "moved" if region is self.regions[0] else "safety_pool")
         return None
 
     def release(self, request_id: str, generated_tokens: int | None) -> None:
         slab = self._slabs.pop(request_id)
         slab.allocator.free(slab.extent)
+        del self._owner[slab.extent.start]
 
     def reserved_tokens(self) -> int:
         return sum(r.used_tokens for r in self.regions)
@@ -265,6 +269,9 @@ class ContiguousPolicy(KVPolicy):
         assert held == self.reserved_tokens(), f"slabs hold {held} tokens, regions say {self.reserved_tokens()}"
         for rid, s in self._slabs.items():
             assert s.allocator in self.regions, f"{rid} points to a foreign region"
+            assert self._owner.get(s.extent.start) == rid, f"owner index lost {rid}"
+            assert s.live_tokens <= s.extent.length, f"{rid}: {s.live_tokens} live tokens in a {s.extent.length} slab"
+        assert len(self._owner) == len(self._slabs), "owner index holds freed slabs"
 
     def stats(self) -> PolicyStats:
         base = super().stats()

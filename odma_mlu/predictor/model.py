@@ -29,12 +29,12 @@ NUM_FEATURES = 4
 @dataclass(frozen=True)
 class EncoderConfig:
     vocab_size: int
-    d_model: int = 128
+    d_model: int = 64
     num_layers: int = 2
     num_heads: int = 4
-    ff_dim: int = 256
-    max_len: int = 128
-    tail_tokens: int = 32
+    ff_dim: int = 128
+    max_len: int = 64
+    tail_tokens: int = 16
     num_outputs: int = 5
     head: str = "quantile"  # "quantile" or "classes"
     dropout: float = 0.1

@@ -124,7 +124,9 @@ def fit(cfg_model: EncoderConfig, enc: PromptEncoder, train: list[LengthRecord],
     if cfg_model.head == "quantile":
         init_quantile_bias(model, tr.y, levels)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(tr.y) // cfg.batch_size)
+    # One epoch = as many examples as there are prompts (a random draw among each prompt's
+    # temperature samples, in expectation), so the cost does not grow 4x with the samples.
+    steps_per_epoch = max(1, len(train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                 pct_start=0.1)
     t0 = time.monotonic()
@@ -138,7 +140,7 @@ def fit(cfg_model: EncoderConfig, enc: PromptEncoder, train: list[LengthRecord],
             idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             loss = _batch_loss(model, tr, idx, levels, cfg.text_dropout, gen)
             if ax is not None and cfg.aux_weight > 0:
-                aidx = torch.randint(len(ax.y), (cfg.batch_size,), generator=gen)
+                aidx = torch.randint(len(ax.y), (cfg.batch_size // 2,), generator=gen)
                 loss = loss + cfg.aux_weight * _aux_loss(model, ax, aidx)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,117 @@
+"""Prometheus metrics of the server, under the names DESIGN.md defines.
+
+Engine-side values (KV, queue, policy counters) are read at scrape time from the
+``EngineSnapshot`` the engine thread publishes, through a custom collector: the scrape
+never touches the engine itself. Latency histograms are observed by the engine thread
+when a request finishes (prometheus_client's metrics are thread-safe). Each app gets its
+own ``CollectorRegistry`` so several servers in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from odma_mlu.server.async_engine import EngineSnapshot
+
+PREFIX = "odma"
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _EngineCollector(Collector):
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], policy: str) -> None:
+        self._snapshot = snapshot
+        self._policy = policy
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._snapshot()
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        yield gauge("requests_running", "Requests holding KV and decoding", s.running)
+        yield gauge("requests_waiting", "Requests queued in the engine for KV", s.waiting)
+        yield gauge("kv_capacity_tokens", "KV cache capacity (tokens)", s.capacity_tokens)
+        yield gauge("kv_live_tokens", "KV tokens written by running requests, now", s.live_kv_tokens)
+        yield gauge("kv_reserved_tokens", "KV tokens reserved by the policy, now", s.reserved_tokens)
+        yield gauge("kv_live_reservations", "Requests holding a KV reservation, now", s.live_requests)
+        yield gauge("kv_utilization", "Live KV tokens / KV capacity, now", s.kv_utilization_now)
+        yield gauge("kv_utilization_saturated_mean",
+                    "DESIGN kv_utilization: mean live/capacity over steps with a request waiting",
+                    s.sum_util_saturated / s.saturated_steps if s.saturated_steps else 0.0)
+        yield gauge("kv_utilization_all_mean", "DESIGN kv_utilization_all: mean live/capacity over all steps",
+                    s.sum_util_all / s.steps if s.steps else 0.0)
+        yield gauge("reservation_efficiency", "Sum of live KV tokens / sum of reserved tokens, over steps",
+                    s.reservation_efficiency)
+        yield gauge("safety_pool_tokens", "ODMA safety pool capacity (tokens)", s.safety_pool_tokens)
+        yield gauge("safety_pool_used_tokens", "ODMA safety pool tokens in use", s.safety_pool_used_tokens)
+        yield counter("engine_steps", "Engine steps run", s.steps)
+        yield counter("generation_tokens", "Tokens generated", s.generated_tokens)
+        yield counter("overflows", "Requests that outgrew their first reservation", s.overflows)
+        yield counter("migrations", "KV moves into a larger extent or the safety pool", s.migrations)
+        yield counter("migrated_tokens", "KV tokens copied by migrations", s.migrated_tokens)
+        yield counter("preemptions", "Requests preempted (KV dropped, recomputed later)", s.preemptions)
+        edges = GaugeMetricFamily(f"{PREFIX}_bucket_boundary_tokens",
+                                  "Current KV bucket boundaries of the policy (tokens)", labels=["index", "policy"])
+        for i, e in enumerate(s.bucket_edges_tokens):
+            edges.add_metric([str(i), self._policy], float(e))
+        yield edges
+
+
+class ServerMetrics:
+    """The registry of one server: engine collector, request counters, latency histograms."""
+
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], policy: str) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(snapshot, policy))
+        r = self.registry
+        self.requests = Counter(f"{PREFIX}_requests", "Finished requests by finish reason", ["finish_reason"],
+                                registry=r)
+        self.http_errors = Counter(f"{PREFIX}_http_errors", "Requests answered with an error, by status",
+                                   ["status"], registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Arrival to first generated token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram(f"{PREFIX}_time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request", buckets=TPOT_BUCKETS,
+                              registry=r)
+        self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "Arrival to last token",
+                             buckets=E2E_BUCKETS, registry=r)
+
+    def on_finish(self, reason: str | None, e2e_s: float, ttft_s: float | None, tpot_s: float | None,
+                  tokens: int) -> None:
+        """Called by the engine thread when a request ends (``reason`` "abort": client gone)."""
+        self.requests.labels(reason or "unknown").inc()
+        if reason == "abort":
+            return
+        self.e2e.observe(e2e_s)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+        if tpot_s is not None:
+            self.tpot.observe(tpot_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """``name{labels} value`` lines to a dict (tests and tools/load_test.py read /metrics)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out

@@ -1,0 +1,161 @@
+"""What ``odma-mlu serve`` runs: config file + flags -> settings -> an LLMEngine.
+
+A serve YAML file is an ``EngineConfig`` (the same keys ``load_engine_config`` reads) plus an
+optional ``server:`` section (``ServerConfig``); unknown keys are rejected by name at every
+level. Command-line flags override the file. Bind address, port and API key come only from
+flags or the environment (see ``ServerConfig``).
+
+KV capacity, in order:
+1. ``cache.kv_capacity_tokens`` when set (any backend);
+2. mlu / cuda: ``total * memory_fraction - (total - free) - weight bytes``, measured before the
+   weights load, divided by the model's KV bytes per token;
+3. cpu / emulated: ``server.cpu_kv_capacity_tokens`` (host RAM is shared, never sized from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from odma_mlu.config import EngineConfig, ServerConfig, from_mapping, load_model_spec
+from odma_mlu.errors import ConfigError
+
+log = logging.getLogger("odma_mlu.server")
+
+API_KEY_ENV = "ODMA_API_KEY"
+MIN_KV_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    engine: EngineConfig
+    server: ServerConfig = field(default_factory=ServerConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = field(default=None, repr=False)
+
+
+def load_serve_file(path: str | Path) -> tuple[EngineConfig, ServerConfig]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = dict(data)
+    server = from_mapping(ServerConfig, data.pop("server", None) or {}, f"{path}.server")
+    engine = from_mapping(EngineConfig, data, str(path))
+    return engine, server
+
+
+def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
+    """Merge ``--config`` (or ``--model``) with the other serve flags."""
+    if getattr(ns, "config", None):
+        engine, server = load_serve_file(ns.config)
+    else:
+        # --model alone: keep the folder's dtype (the backend check below may lower it).
+        engine, server = EngineConfig(model=ns.model, dtype="auto"), ServerConfig()
+    if getattr(ns, "backend", None):
+        engine = replace(engine, backend=ns.backend)
+    if getattr(ns, "kv_policy", None):
+        engine = replace(engine, cache=replace(engine.cache, policy=ns.kv_policy))
+    if getattr(ns, "predictor", None):
+        engine = replace(engine, predictor=ns.predictor)
+    api_key = getattr(ns, "api_key", None) or os.environ.get(API_KEY_ENV) or None
+    port = int(getattr(ns, "port", 8000))
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {port}")
+    _check_server(server)
+    return ServeSettings(engine=engine, server=server, host=getattr(ns, "host", "127.0.0.1") or "127.0.0.1",
+                         port=port, api_key=api_key)
+
+
+def _check_server(s: ServerConfig) -> None:
+    if not 0.0 < s.memory_fraction <= 1.0:
+        raise ConfigError(f"server.memory_fraction must be in (0, 1], got {s.memory_fraction}")
+    for name in ("max_waiting_requests", "max_body_bytes", "default_max_tokens", "cpu_kv_capacity_tokens"):
+        v = getattr(s, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"server.{name} must be a positive integer, got {v!r}")
+    if s.drain_timeout_s < 0:
+        raise ConfigError(f"server.drain_timeout_s must be >= 0, got {s.drain_timeout_s}")
+
+
+def resolve_model_path(model: str) -> Path:
+    """A model *folder* (with weights): built-in shape names have no weights to serve."""
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model {model!r} is not a model folder with a config.json (relative paths are from "
+                          f"the current directory, {Path.cwd()}); for CI write a tiny one with "
+                          "`python tools/make_tiny_model.py out/tiny-qwen2`")
+    return path
+
+
+def kv_capacity_tokens(cfg: EngineConfig, server: ServerConfig, backend: Any, model_path: Path,
+                       dtype: str | None) -> int:
+    """KV capacity for the engine (module docstring); called before the weights load."""
+    if cfg.cache.kv_capacity_tokens is not None:
+        return int(cfg.cache.kv_capacity_tokens)
+    if backend.name in ("cpu", "emulated"):
+        return server.cpu_kv_capacity_tokens
+    spec = load_model_spec(str(model_path), dtype=dtype)
+    info = backend.mem_get_info()
+    in_use = info.total_bytes - info.free_bytes
+    budget = info.total_bytes * server.memory_fraction - in_use - spec.weight_bytes
+    tokens = int(budget // spec.kv_bytes_per_token)
+    log.info("KV capacity: %.2f GiB total x %.2f - %.2f GiB in use - %.2f GiB weights = %d tokens",
+             info.total_bytes / 2**30, server.memory_fraction, in_use / 2**30, spec.weight_bytes / 2**30, tokens)
+    if tokens < MIN_KV_TOKENS:
+        raise ConfigError(f"only {tokens} KV tokens fit on {backend.name} (total {info.total_bytes / 2**30:.1f} GiB,"
+                          f" free {info.free_bytes / 2**30:.1f} GiB, weights {spec.weight_bytes / 2**30:.1f} GiB, "
+                          f"memory_fraction {server.memory_fraction}); raise server.memory_fraction, free the "
+                          "card (cnmon), or set cache.kv_capacity_tokens")
+    return tokens
+
+
+def _dtype_for(cfg: EngineConfig, backend: Any, model_path: Path) -> str | None:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    import torch
+
+    folder = load_model_spec(str(model_path), dtype=None).dtype
+    if backend.supports_dtype(getattr(torch, folder)):
+        return None
+    log.warning("backend %s does not support the folder's %s; serving in float16", backend.name, folder)
+    return "float16"
+
+
+def build_engine(settings: ServeSettings) -> Any:
+    """Load the model and policy: the slow part of startup (weights from disk)."""
+    from emulator.bench import resolve_predictor
+    from odma_mlu.backends import get_backend
+    from odma_mlu.engine.llm_engine import LLMEngine
+
+    cfg = settings.engine
+    model_path = resolve_model_path(cfg.model)
+    backend = get_backend(cfg.backend, profile=cfg.profile if cfg.backend == "emulated" else None)
+    dtype = _dtype_for(cfg, backend, model_path)
+    capacity = kv_capacity_tokens(cfg, settings.server, backend, model_path, dtype)
+    predictor = None
+    if cfg.cache.policy in ("odma", "s3"):
+        try:
+            predictor = resolve_predictor(cfg.predictor)
+        except ConfigError:
+            if cfg.predictor is not None:
+                raise
+            # The bundled default is built separately (`make predictor`); serving must still start.
+            log.warning("bundled default predictor not found; using the 'simple' histogram predictor")
+            predictor = resolve_predictor("simple")
+    log.info("loading %s on %s (policy %s, KV %d tokens)", model_path, backend.describe(), cfg.cache.policy, capacity)
+    return LLMEngine(model_path, kv_policy=cfg.cache.policy, backend=backend, dtype=dtype,
+                     kv_capacity_tokens=capacity, predictor=predictor, cache=cfg.cache, scheduler=cfg.scheduler,
+                     seed=cfg.seed)
