@@ -109,11 +109,13 @@ def write_plot(results: Sequence[ReplayResult], path: str, title: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2.2, 1]})
     for r in results:
         cap = r.capacity_tokens
-        ax1.plot(r.timeline_s, [x / cap for x in r.timeline_live_tokens], label=f"{r.policy} live", lw=1.2)
+        line, = ax1.plot(r.timeline_s, [x / cap for x in r.timeline_live_tokens], label=f"{r.policy}", lw=1.2)
+        ax1.plot(r.timeline_s, [x / cap for x in r.timeline_reserved_tokens], lw=0.8, ls="--",
+                 color=line.get_color(), alpha=0.7)
     ax1.set_xlabel("time (s, emulated)")
-    ax1.set_ylabel("KV in use / capacity")
+    ax1.set_ylabel("share of KV capacity")
     ax1.set_ylim(0, 1.05)
-    ax1.set_title("live KV tokens over time")
+    ax1.set_title("KV in use over time (solid: live tokens, dashed: reserved)")
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
     names = [r.policy for r in results]

@@ -29,9 +29,9 @@ compute-bound matmul does not hide a memory-bound attention read. Why every kern
 launch: eager PyTorch pays a dispatch (host) cost per op. On a synchronous device (CPU)
 it adds to every kernel; on an asynchronous one it overlaps with the big kernels, so
 there the formula overstates by one launch per matmul/attention call (~2% of a 7B step).
-Why small-M FLOP/s: a
-decode step multiplies ``batch`` rows by each weight; few rows run far below the dense
-peak (measured: 7 GFLOP/s at M=1 against 83 at M=1024 on the CPU host).
+Why small-M FLOP/s: a decode step multiplies ``batch`` rows by each weight, and few rows
+run far below the dense peak (measured: 7 GFLOP/s at M=1 against 83 at M=1024 on the CPU
+host); the same holds for attention, whose rows are the g query heads of a KV head.
 
 The kernel counts below are the ops our forward dispatches (views excluded), counted by
 tests/test_cost_model.py with a TorchDispatchMode on a real forward, so they follow the code.

@@ -147,3 +147,140 @@ def test_weights_alone_match_facts() -> None:
     embedding_bytes = MODEL.vocab_size * MODEL.hidden_size * MODEL.dtype_bytes
     assert c.weight_bytes == MODEL.weight_bytes - embedding_bytes
     assert c.time_s >= c.weight_bytes / 307.2e9
+
+
+# -- small-M matmul efficiency (profile key matmul_rows) and kernel counts -------------------
+
+def rows_profile(points: list[tuple[int, str]] | None) -> Any:
+    data = {
+        "name": "rows", "memory_type": "DRAM", "capacity_bytes": "24 GiB", "peak_bandwidth": "10 GB/s",
+        "sequential": [{"chunk_bytes": 64, "bandwidth": "8 GB/s", "source": "measured"},
+                       {"chunk_bytes": 1 << 20, "bandwidth": "10 GB/s", "source": "measured"}],
+        "gather": [{"chunk_bytes": 64, "bandwidth": "1 GB/s", "source": "measured"},
+                   {"chunk_bytes": 1 << 20, "bandwidth": "9 GB/s", "source": "measured"}],
+        "compute_flops_per_s": {"float32": "80 GFLOPS"}, "launch_overhead": "5 us",
+        "provenance": {"kind": "measured", "tool": "t", "host": "h", "date": "d"},
+    }
+    if points is not None:
+        data["matmul_rows"] = {"float32": [{"rows": m, "flops": f, "source": "measured"} for m, f in points]}
+    return parse_profile(data, "<rows>")
+
+
+# A measured-looking curve with a dip (M=4 slower than M=2 per row) and a point over the peak.
+DIPPY = [(1, "7 GFLOPS"), (2, "12 GFLOPS"), (4, "10 GFLOPS"), (8, "35 GFLOPS"), (16, "35 GFLOPS"),
+         (256, "70 GFLOPS"), (1024, "95 GFLOPS")]
+
+
+def test_matmul_rows_time_never_decreases_and_respects_peak() -> None:
+    p = rows_profile(DIPPY)
+    times = [m / p.matmul_flops("float32", m) for m in range(1, 3000)]
+    assert all(b >= a * (1 - 1e-12) for a, b in zip(times, times[1:]))
+    assert all(p.matmul_flops("float32", m) <= 80e9 * (1 + 1e-12) for m in range(1, 3000))
+    assert p.matmul_flops("float32", 1) == pytest.approx(7e9)
+    assert p.matmul_flops("float32", 16) == pytest.approx(35e9)
+
+
+def test_matmul_rows_absent_means_dense_peak() -> None:
+    p = rows_profile(None)
+    assert p.matmul_flops("float32", 1) == p.matmul_flops("float32", 4096) == 80e9
+    assert load_profile("mlu370-x4").matmul_rows == {}
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"float64": [{"rows": 1, "flops": "1 GFLOPS", "source": "measured"}] * 2}, "float64"),
+    ({"float16": [{"rows": 1, "flops": "1 GFLOPS", "source": "measured"},
+                  {"rows": 2, "flops": "1 GFLOPS", "source": "measured"}]}, "no peak for float16"),
+    ({"float32": [{"rows": 2, "flops": "1 GFLOPS", "source": "measured"},
+                  {"rows": 2, "flops": "1 GFLOPS", "source": "measured"}]}, "increase strictly"),
+    ({"float32": [{"rows": 0, "flops": "1 GFLOPS", "source": "measured"},
+                  {"rows": 2, "flops": "1 GFLOPS", "source": "measured"}]}, "positive integer"),
+    ({"float32": [{"rows": 1, "flops": "1 GFLOPS", "source": "derived"},
+                  {"rows": 2, "flops": "1 GFLOPS", "source": "measured"}]}, "derived point"),
+    ({"float32": [{"rows": 1, "flops": "1 GFLOPS", "source": "measured", "speed": 1},
+                  {"rows": 2, "flops": "1 GFLOPS", "source": "measured"}]}, "speed"),
+    ({"float32": [{"rows": 1, "flops": "1 GFLOPS", "source": "measured"}]}, "at least 2"),
+])
+def test_matmul_rows_validation(bad: dict, needle: str) -> None:
+    from odma_mlu.errors import ProfileError
+
+    data = {
+        "name": "rows", "memory_type": "DRAM", "capacity_bytes": "24 GiB", "peak_bandwidth": "10 GB/s",
+        "sequential": [{"chunk_bytes": 64, "bandwidth": "8 GB/s", "source": "measured"},
+                       {"chunk_bytes": 128, "bandwidth": "8 GB/s", "source": "measured"}],
+        "gather": [{"chunk_bytes": 64, "bandwidth": "1 GB/s", "source": "measured"},
+                   {"chunk_bytes": 128, "bandwidth": "1 GB/s", "source": "measured"}],
+        "compute_flops_per_s": {"float32": "80 GFLOPS"}, "launch_overhead": "5 us",
+        "provenance": {"kind": "measured", "tool": "t", "host": "h", "date": "d"}, "matmul_rows": bad,
+    }
+    with pytest.raises(ProfileError, match=needle):
+        parse_profile(data, "<bad>")
+
+
+def test_small_batches_cost_compute_when_the_profile_says_so() -> None:
+    # With a curve, a batch of 16 decode rows is slower than the same weights at the dense peak.
+    with_curve = CostModel(rows_profile(DIPPY), dataclasses.replace(MODEL, dtype="float32"))
+    peak_only = CostModel(rows_profile(None), dataclasses.replace(MODEL, dtype="float32"))
+    ctx = [512] * 16
+    assert with_curve.step(decode_context_tokens=ctx).compute_s > peak_only.step(decode_context_tokens=ctx).compute_s
+    assert with_curve.step(decode_context_tokens=ctx).time_s >= peak_only.step(decode_context_tokens=ctx).time_s
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_time_grows_with_batch_on_a_dippy_curve(profile: str) -> None:
+    cm = CostModel(rows_profile(DIPPY), dataclasses.replace(MODEL, dtype="float32"))
+    times = [cm.step(decode_context_tokens=[300] * b).time_s for b in range(1, 70)]
+    assert all(a < b for a, b in zip(times, times[1:])), times
+
+
+def test_more_decode_groups_cost_more_launches() -> None:
+    cm = model_for("mlu370-x4")
+    one = cm.step(decode_context_tokens=[500] * 8, num_decode_groups=1)
+    three = cm.step(decode_context_tokens=[500] * 8, num_decode_groups=3)
+    assert three.time_s > one.time_s and three.overhead_s > one.overhead_s
+
+
+def _count_forward_kernels(model: Any, seqs: list) -> int:
+    """Non-view aten ops one forward dispatches (what the cost model calls kernels)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from odma_mlu.models.attention import ForwardBatch
+
+    views = {"view", "slice", "transpose", "unsqueeze", "as_strided", "expand", "select", "t", "split", "chunk",
+             "alias", "_unsafe_view", "reshape", "permute", "narrow", "detach", "_reshape_alias", "squeeze"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.overloadpacket.__name__ not in views:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    batch = ForwardBatch.build(seqs, device=model.device)
+    arena = model.new_arena(4096)
+    with Count():
+        model.forward(batch, arena)
+    return Count.n
+
+
+@pytest.mark.parametrize("decode_groups, prefills", [(1, 0), (2, 0), (0, 1), (1, 1), (2, 2), (3, 1)])
+def test_kernel_counts_follow_the_forward(tiny_model_dir: Any, decode_groups: int, prefills: int) -> None:
+    """The cost model's kernel count equals the ops our Qwen2 forward really dispatches."""
+    from odma_mlu.kvcache.arena import KVLocation
+    from odma_mlu.models.attention import SequenceInput
+    from odma_mlu.models.loader import load_model
+
+    model, spec, _ = load_model(tiny_model_dir, with_tokenizer=False)
+    seqs, start = [], 0
+    for g in range(decode_groups):  # one decode group per distinct reservation size
+        for _ in range(2):
+            cap = 64 + g
+            seqs.append(SequenceInput((5,), 20, KVLocation(capacity_tokens=cap, start_slot=start)))
+            start += cap
+    for _ in range(prefills):
+        seqs.append(SequenceInput(tuple(range(3, 13)), 0, KVLocation(capacity_tokens=64, start_slot=start)))
+        start += 64
+    counted = _count_forward_kernels(model, seqs)
+    cm = CostModel(load_profile("cpu-host"), spec)
+    assert cm.num_kernels(prefills, decode_groups) == counted, (
+        f"the forward dispatches {counted} ops; update the KERNELS_* constants in emulator/cost_model.py")

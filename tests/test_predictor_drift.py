@@ -64,3 +64,17 @@ def test_boundaries_track_switch_within_bound() -> None:
                 assert ratio <= WASTE_RATIO_BOUND, f"seed {seed}, {i} requests after the switch: waste x{ratio:.2f}"
             if i == 1000:
                 assert _waste(plain.boundaries, b_test) / best > 1.3, "the plain histogram should still lag"
+
+
+def test_detector_plugs_into_odma_policy_hook() -> None:
+    """The policy calls ``detector.observe(tokens, histogram)`` and re-optimizes on True."""
+    from odma_mlu.predictor.drift import KSDriftDetector
+
+    a, b, b_test = _streams(7)
+    hist, det = OnlineLengthHistogram(MAX_TOKENS, 8), KSDriftDetector()
+    best = _waste(optimize_boundaries(b_test, MAX_TOKENS, 8), b_test)
+    for x in np.concatenate([a, b[:DETECT_WITHIN]]):
+        reopt = hist.observe(int(x))
+        if not reopt and det.observe(int(x), hist):
+            hist.reoptimize()
+    assert det.num_drifts >= 1 and _waste(hist.boundaries, b_test) / best <= WASTE_RATIO_BOUND

@@ -214,7 +214,7 @@ def test_default_sample_loads() -> None:
     t = load_trace(None)
     assert t == load_trace("default")
     s = t.summary()
-    assert (t.name, s["count"], t.max_new_tokens, s["output_tokens_max"]) == ("default", 500, 512, 512)
+    assert (t.name, s["count"], t.max_new_tokens, s["output_tokens_max"]) == ("default", 1400, 512, 512)
     assert 90 <= s["output_tokens_p50"] <= 120
     assert all(r.prompt_text for r in t.requests) and s["duration_s"] == 0.0
 

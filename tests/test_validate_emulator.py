@@ -34,6 +34,8 @@ def test_validate_emulator_writes_cases(tiny_model_dir: Path, tmp_path: Path, ca
     assert doc["torch_threads"] == 1  # the profile was measured single-threaded
     printed = capsys.readouterr().out
     assert "median |predicted - measured|" in printed
+    assert doc["measured_timer"] == "thread_cpu_time"
+    assert all(c["measured_wall_s"] > 0 for c in cases)
 
 
 def test_validate_emulator_bad_profile(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

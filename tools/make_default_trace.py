@@ -31,7 +31,7 @@ from emulator.traces import DEFAULT_TRACE_PATH, NAMED_TRACES, default_shared_dir
 from odma_mlu.errors import DataFormatError  # noqa: E402
 from odma_mlu.predictor.data import split_of  # noqa: E402
 
-DEFAULT_SAMPLE_REQUESTS = 500
+DEFAULT_SAMPLE_REQUESTS = 1400
 DEFAULT_SAMPLE_SEED = 0
 
 

@@ -138,7 +138,7 @@ class LLMEngine:
         next_ids = self.sampler.sample(logits, [lv.params for lv in lives], [lv.generator for lv in lives])
         if self._cost is not None:
             cost = self._cost.step([s.num_tokens for s in batch.prefill], [s.num_tokens - 1 for s in batch.decode],
-                                   self.policy.layout)
+                                   self.policy.layout, num_decode_groups=len(fb.decode_groups))
             self.backend.advance(cost.time_s)  # type: ignore[attr-defined]
         outputs: list[RequestOutput] = []
         finished: list[Sequence] = []
