@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--profile", required=True)
     v.add_argument("--backend", choices=("cpu", "cuda", "mlu"), default="cpu")
     v.add_argument("--json", default=None, metavar="OUT")
+    v.add_argument("--timer", choices=("backend", "thread-cpu"), default="backend",
+                   help="what 'measured' is: the backend's timer (default), or on CPU with one torch thread "
+                        "the thread's CPU time (excludes other processes' load on a shared host)")
     v.set_defaults(func=_validate_emulator)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")

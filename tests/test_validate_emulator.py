@@ -34,7 +34,7 @@ def test_validate_emulator_writes_cases(tiny_model_dir: Path, tmp_path: Path, ca
     assert doc["torch_threads"] == 1  # the profile was measured single-threaded
     printed = capsys.readouterr().out
     assert "median |predicted - measured|" in printed
-    assert doc["measured_timer"] == "thread_cpu_time"
+    assert doc["measured_timer"] == "wall_clock"  # the backend timer unless --timer thread-cpu
     assert all(c["measured_wall_s"] > 0 for c in cases)
 
 

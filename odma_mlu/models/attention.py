@@ -146,7 +146,12 @@ class ForwardBatch:
             positions.append(torch.arange(first, first + n, dtype=torch.int64))
             if n == 1:
                 slots.append(torch.tensor([loc.slot_of(first)], dtype=torch.int64))
-                key = ("contiguous", loc.capacity_tokens) if loc.is_contiguous else ("paged", loc.page_tokens)
+                # Contiguous slabs batch by reservation-size class (powers of two): equal
+                # buckets stay together (zero-copy strided view when evenly spaced), and a
+                # handful of attention calls per step even when every slab has its own size
+                # (elastic ODMA slabs).
+                key = ("contiguous", 1 << (loc.capacity_tokens - 1).bit_length()) if loc.is_contiguous \
+                    else ("paged", loc.page_tokens)
                 groups.setdefault(key, []).append((row, seq))
             else:
                 total = seq.num_total_tokens
@@ -221,12 +226,18 @@ def _slabs(cache: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
     if group.gather_slots is not None:
         return cache.index_select(0, group.gather_slots).view(group.batch_size, span, *cache.shape[1:])
     assert group.starts is not None
-    if group.stride_slots is not None:
+    if group.stride_slots is not None and group.starts[-1] + span <= cache.shape[0]:
         row = cache.stride(0)
         return cache.as_strided((group.batch_size, span, *cache.shape[1:]),
                                 (group.stride_slots * row, *cache.stride()),
                                 cache.storage_offset() + group.starts[0] * row)
-    return torch.stack([cache[s:s + span] for s in group.starts])
+    # A member's slab may be shorter than the group's span; the tail it reads past its own
+    # slab is masked out, and near the arena's end it is padded (the mask hides it too).
+    limit = cache.shape[0]
+    parts = [cache[s:s + span] if s + span <= limit else
+             torch.cat([cache[s:limit], cache.new_zeros((s + span - limit, *cache.shape[1:]))])
+             for s in group.starts]
+    return torch.stack(parts)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

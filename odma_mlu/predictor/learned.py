@@ -182,6 +182,7 @@ class MedianPredictor(LengthPredictor):
 def save_encoder(folder: Path, stem: str, model: LengthEncoder, calibration: Calibration) -> None:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / f"{stem}.safetensors"), metadata={"config": json.dumps(model.cfg.to_dict())})
+    (folder / f"{stem}.safetensors").chmod(0o644)  # safetensors writes 0600; package data must be readable
     cal_name = "calibration.json" if stem == "model" else f"{stem}_calibration.json"
     (folder / cal_name).write_text(json.dumps(calibration.to_dict(), indent=1), encoding="utf-8")
 
