@@ -184,6 +184,11 @@ def test_registry(tiny_folder: Path) -> None:
         assert load_predictor("median").name == "median" and load_predictor("s3").name == "s3"
 
 
+def test_registry_simple_is_lazy() -> None:
+    pytest.importorskip("odma_mlu.predictor.simple", reason="the lead's SimplePredictor is not in this tree yet")
+    assert load_predictor("simple").name == "simple"
+
+
 def test_registry_missing_default_says_make_predictor(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import odma_mlu.predictor.registry as reg
 
