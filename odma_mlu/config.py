@@ -155,6 +155,9 @@ class OdmaConfig:
     """Completed requests kept in the sliding histogram of generation lengths."""
     reoptimize_every: int = 200
     """Re-optimize bucket boundaries after this many completions (drift can trigger sooner)."""
+    drift_detection: bool = True
+    """Re-optimize boundaries early when recent lengths leave the window's distribution
+    (two-sample KS test, odma_mlu/predictor/drift.py)."""
     histogram_bin_tokens: int = 16
     """Bin width of the online histogram; boundaries land on bin edges."""
     safety_fraction: float = 0.10
@@ -175,6 +178,15 @@ class OdmaConfig:
     admission_watermark_fraction: float = 0.05
     """Elastic mode: admit a new request only if this share of the main region stays free
     after it, so running slabs can still grow (a preemption costs a whole recompute)."""
+    overcommit_max: float = 4.0
+    """Elastic mode: admission keeps the sum of running claims under ``overcommit`` x the
+    main region. ``overcommit`` adapts (AIMD): it starts at 1 (no overcommit, like strict
+    reservations), rises by ``overcommit_increase`` per finished request and is multiplied
+    by ``overcommit_decrease`` whenever a slab finds no room to grow (a preemption), so it
+    settles where the workload's growth stops causing recomputes."""
+    overcommit_initial: float = 1.0
+    overcommit_increase: float = 0.02
+    overcommit_decrease: float = 0.7
     compact_min_free_fraction: float = 0.02
     """Elastic mode: before preempting for lack of a big enough hole, compact the main region
     (slide slabs together) if at least this share of it is free."""

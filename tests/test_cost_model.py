@@ -272,9 +272,9 @@ def test_kernel_counts_follow_the_forward(tiny_model_dir: Any, decode_groups: in
 
     model, spec, _ = load_model(tiny_model_dir, with_tokenizer=False)
     seqs, start = [], 0
-    for g in range(decode_groups):  # one decode group per distinct reservation size
+    for g in range(decode_groups):  # one decode group per reservation-size class (powers of two)
         for _ in range(2):
-            cap = 64 + g
+            cap = 64 << g
             seqs.append(SequenceInput((5,), 20, KVLocation(capacity_tokens=cap, start_slot=start)))
             start += cap
     for _ in range(prefills):

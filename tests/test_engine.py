@@ -156,8 +156,9 @@ def test_odma_elastic_tight_compaction_matches(tiny_model_dir: Path, reference: 
     # Tiny chunks and no watermark in a small arena: slabs keep colliding, so requests evict
     # neighbours, move and compact; the tokens must not change.
     cfg = OdmaConfig(safety_fraction=0.0, chunk_tokens=1, admission_watermark_fraction=0.0,
-                     compact_min_free_fraction=0.0, num_buckets=2)
-    eng = _engine(tiny_model_dir, "odma", capacity=200, predictor=ConstantPredictor(30), odma=cfg)
+                     compact_min_free_fraction=0.0, num_buckets=2, overcommit_initial=8.0, overcommit_max=8.0,
+                     overcommit_decrease=1.0)
+    eng = _engine(tiny_model_dir, "odma", capacity=200, predictor=ConstantPredictor(2), odma=cfg)
     assert _run(eng) == reference
     st = eng.policy.stats()
     assert st.migrations > 0 or st.extra["compactions"] > 0

@@ -14,7 +14,8 @@ from odma_mlu.predictor.base import LengthPrediction
 SPEC = ModelSpec(name="t", hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4,
                  intermediate_size=16, vocab_size=32, max_position_embeddings=4096, dtype="float32")
 CFG = OdmaConfig(num_buckets=4, safety_fraction=0.0, uncertainty_ratio=100.0, target_coverage=0.9,
-                 elastic=True, chunk_tokens=4, admission_watermark_fraction=0.0, compact_min_free_fraction=0.0)
+                 elastic=True, chunk_tokens=4, admission_watermark_fraction=0.0, compact_min_free_fraction=0.0,
+                 overcommit_initial=8.0, overcommit_max=8.0)
 
 
 def policy(cap: int, cfg: OdmaConfig = CFG, real: bool = False) -> OdmaPolicy:
@@ -36,9 +37,11 @@ def test_holds_live_plus_chunk_at_start_of_smallest_claim_hole() -> None:
     loc = p.reserve(rr("a", 10, 20))
     assert (loc.start_slot, loc.capacity_tokens) == (0, 10 + 4)
     assert p.reserved_tokens() == 14
-    # b starts right after a's chunk: the free space after a is shared, a grows in place
+    # b is placed where a's claim ends, so a can grow in place to its whole claim
+    claim_a = claim_of(p, 10, 20)
+    assert claim_a == 10 + 32  # bucket edges before any data: 8, 16, 32, 64
     loc_b = p.reserve(rr("b", 6, 20))
-    assert loc_b.start_slot == 14
+    assert loc_b.start_slot == claim_a
 
 
 def test_grows_in_place_in_chunks_then_evicts_cheaper_neighbour() -> None:
@@ -48,7 +51,8 @@ def test_grows_in_place_in_chunks_then_evicts_cheaper_neighbour() -> None:
     assert res.status == GrowStatus.OK and res.how == ""
     p.release("a", None)
     p.reserve(rr("a", 10, 20))  # [0, 14) again
-    p.reserve(rr("b", 2, 20))  # [14, 20): a small right neighbour
+    # b right behind a's chunk (as placement would do when space is tight)
+    p.add_slab(rr("b", 2, 20), p.main, p.main.allocate_at(14, 6), claim_of(p, 2, 20))
     for t in range(11, 15):
         assert p.ensure_capacity("a", t).status == GrowStatus.OK
     res = p.ensure_capacity("a", 15)  # a is blocked by b, b holds less KV: b moves
@@ -61,9 +65,9 @@ def test_grows_in_place_in_chunks_then_evicts_cheaper_neighbour() -> None:
 def test_compaction_opens_a_hole_and_keeps_kv() -> None:
     p = policy(40, real=True)
     arena = p.arena
-    # four slabs of 10 with holes punched between them
+    # four packed slabs of 10 (placed directly), then holes punched between them
     for i in range(4):
-        assert p.reserve(rr(f"r{i}", 6, 4)).start_slot == 10 * i  # claim 6 + bucket >= 4 ... hard 10
+        p.add_slab(rr(f"r{i}", 6, 4), p.main, p.main.allocate_at(10 * i, 10), 10)
     for i in range(4):
         for t in range(7, 11):
             p.ensure_capacity(f"r{i}", t)

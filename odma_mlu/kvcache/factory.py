@@ -31,5 +31,9 @@ def make_policy(name: str, arena: KVArena, cache: CacheConfig, max_new_tokens: i
     if name == "odma":
         from odma_mlu.kvcache.odma import OdmaPolicy
 
+        if drift_detector is None and cache.odma.drift_detection:
+            from odma_mlu.predictor.drift import KSDriftDetector
+
+            drift_detector = KSDriftDetector()
         return OdmaPolicy(arena, max_new_tokens, cache.odma, drift_detector)
     raise ConfigError(f"unknown KV policy {name!r}; choose one of {list(POLICY_NAMES)}")

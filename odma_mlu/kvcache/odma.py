@@ -50,6 +50,8 @@ class OdmaPolicy(ContiguousPolicy):
             reoptimize_every=config.reoptimize_every, bin_tokens=config.histogram_bin_tokens)
         self.drift_detector = drift_detector
         self.compactions = 0
+        self.overcommit = max(1.0, config.overcommit_initial)
+        self._claims_total = 0
 
     @property
     def main(self) -> ExtentAllocator:
@@ -86,11 +88,18 @@ class OdmaPolicy(ContiguousPolicy):
 
     # -- elastic placement ---------------------------------------------------------------
     def _place(self, region: ExtentAllocator, claim: int, hard: int) -> Extent | None:
-        """``hard`` slots at the start of the smallest hole that could hold the whole claim,
-        else the smallest hole that holds ``hard``."""
+        """``hard`` slots in the smallest hole that could hold the whole claim (after the room
+        its left neighbour still needs, where the hole is big enough), else the smallest
+        hole that holds ``hard``."""
         holes = region.holes_from(claim)
         if holes:
-            return region.allocate_at(holes[0][1], hard)
+            hole_len, hole_start = holes[0]
+            # Leave the left neighbour room to reach its own claim when the hole allows it,
+            # so the two do not collide (a collision costs a move).
+            left = region.used_ending_at(hole_start)
+            owner = self.slab_at(left.start) if left is not None else None
+            room = 0 if owner is None else max(0, owner.claim_tokens - owner.extent.length)
+            return region.allocate_at(hole_start + min(room, hole_len - claim), hard)
         return region.allocate(hard)
 
     def _hard_size(self, req: ReserveRequest, claim: int) -> int:
@@ -104,11 +113,14 @@ class OdmaPolicy(ContiguousPolicy):
         if pool is not None and self._is_uncertain(req) and pool.can_allocate(claim):
             return True
         hard = self._hard_size(req, claim)
-        return self.main.can_allocate(hard) and self._above_watermark(hard)
+        return self.main.can_allocate(hard) and self._may_admit(hard, claim)
 
-    def _above_watermark(self, hard: int) -> bool:
+    def _may_admit(self, hard: int, claim: int) -> bool:
+        """The watermark of free slots and the adaptive overcommit of claims both hold."""
         main = self.main
-        return main.free_tokens - hard >= self.config.admission_watermark_fraction * main.capacity_tokens
+        if main.free_tokens - hard < self.config.admission_watermark_fraction * main.capacity_tokens:
+            return False
+        return self._claims_total + claim <= self.overcommit * main.capacity_tokens
 
     def reserve(self, req: ReserveRequest) -> KVLocation | None:
         if not self.config.elastic:
@@ -122,7 +134,7 @@ class OdmaPolicy(ContiguousPolicy):
                 self.add_slab(req, pool, ext, claim)
                 return KVLocation(capacity_tokens=ext.length, start_slot=ext.start)
         hard = self._hard_size(req, claim)
-        if not self._above_watermark(hard):
+        if not self._may_admit(hard, claim):
             return None
         ext = self._place(self.main, claim, hard)
         if ext is None:
@@ -182,9 +194,21 @@ class OdmaPolicy(ContiguousPolicy):
         new_claim = slab.prompt_tokens + max(bucket, floor, needed_tokens - slab.prompt_tokens)
         slab.claim_tokens = min(new_claim, slab.max_total_tokens)
 
+    def add_slab(self, req: ReserveRequest, region: ExtentAllocator, extent: Extent, claim_tokens: int) -> None:
+        super().add_slab(req, region, extent, claim_tokens)
+        self._claims_total += claim_tokens
+
     def grow(self, request_id: str, slab: _Slab, needed_tokens: int) -> GrowResult:
         if needed_tokens > slab.claim_tokens:
+            before = slab.claim_tokens
             self._raise_claim(slab, needed_tokens)
+            self._claims_total += slab.claim_tokens - before
+        result = self._grow(slab, needed_tokens)
+        if result.status == GrowStatus.NO_ROOM:
+            self.overcommit = max(1.0, self.overcommit * self.config.overcommit_decrease)
+        return result
+
+    def _grow(self, slab: _Slab, needed_tokens: int) -> GrowResult:
         live = needed_tokens - 1  # KV written so far; the needed slot is the next one
         if not self.config.elastic:
             targets = [self.main] + ([self.pool] if self.pool is not None else [])
@@ -225,11 +249,19 @@ class OdmaPolicy(ContiguousPolicy):
                 return GrowResult(GrowStatus.OK, copied + live, "compacted")
         return GrowResult(GrowStatus.NO_ROOM)
 
+    def check_integrity(self) -> None:
+        super().check_integrity()
+        total = sum(s.claim_tokens for s in self._slabs.values())
+        assert total == self._claims_total, f"claims counter {self._claims_total} != {total}"
+        assert self.overcommit >= 1.0, f"overcommit {self.overcommit} below 1"
+
     # -- completion ----------------------------------------------------------------------
     def release(self, request_id: str, generated_tokens: int | None) -> None:
+        self._claims_total -= self._slabs[request_id].claim_tokens
         super().release(request_id, generated_tokens)
         if generated_tokens is None:
             return
+        self.overcommit = min(self.config.overcommit_max, self.overcommit + self.config.overcommit_increase)
         reoptimized = self.histogram.observe(generated_tokens)
         detector = self.drift_detector
         if detector is not None and not reoptimized:
@@ -242,6 +274,6 @@ class OdmaPolicy(ContiguousPolicy):
         extra = {"safety_pool_used_tokens": float(pool.used_tokens if pool else 0),
                  "safety_pool_tokens": float(pool.capacity_tokens if pool else 0),
                  "reoptimizations": float(self.histogram.num_reoptimizations),
-                 "compactions": float(self.compactions)}
+                 "compactions": float(self.compactions), "overcommit": self.overcommit}
         return PolicyStats(**{**base.__dict__, "bucket_edges_tokens": self.histogram.boundaries.edges_tokens,
                               "extra": extra})
