@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from odma_mlu.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+from odma_mlu.config import EngineConfig, SchedulerConfig, ServerConfig
 from odma_mlu.engine.llm_engine import LLMEngine
 from odma_mlu.engine.sampler import SamplingParams
 from odma_mlu.errors import ConfigError

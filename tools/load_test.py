@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import statistics
 import sys
 import time
 from pathlib import Path

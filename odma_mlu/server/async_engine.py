@@ -260,7 +260,8 @@ class AsyncEngine:
             try:
                 result = fn(self.engine)
             except Exception as e:  # noqa: BLE001 - handed to the awaiting coroutine
-                self._post(lambda: fut.done() or fut.set_exception(e))
+                # bind now: Python unbinds ``e`` when the except block ends
+                self._post(lambda err=e: fut.done() or fut.set_exception(err))
             else:
                 self._post(lambda: fut.done() or fut.set_result(result))
 
