@@ -175,7 +175,7 @@ class OdmaConfig:
     reservations (the whole bucket up front)."""
     chunk_tokens: int = 4
     """Elastic mode: slots held beyond the live KV when the whole claim does not fit."""
-    admission_watermark_fraction: float = 0.05
+    admission_watermark_fraction: float = 0.04
     """Elastic mode: admit a new request only if this share of the main region stays free
     after it, so running slabs can still grow (a preemption costs a whole recompute)."""
     overcommit_max: float = 4.0

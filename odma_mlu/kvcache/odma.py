@@ -143,25 +143,53 @@ class OdmaPolicy(ContiguousPolicy):
         return KVLocation(capacity_tokens=ext.length, start_slot=ext.start)
 
     def compact(self, need_tokens: int) -> int:
-        """Slide main-region slabs to lower addresses, in address order, until a hole of
-        ``need_tokens`` opens; slabs already packed are not copied. Returns tokens copied."""
+        """Open a hole of ``need_tokens`` in the main region by copying as little KV as possible.
+
+        Over the slabs in address order, find the run of consecutive slabs whose surrounding
+        gaps add up to ``need_tokens`` with the least live KV inside (two pointers), then
+        slide that run down, in order, onto the slab before it: the gaps merge into one hole
+        after the run. Returns the tokens copied.
+        """
         main = self.main
-        pos = main.base
+        used = main.used_extents()
+        if not used:
+            return 0
+        slabs = [self.slab_at(e.start) for e in used]
+        assert all(s is not None for s in slabs), "compaction found a slab without an owner"
+        lives = [min(s.live_tokens, e.length) for s, e in zip(slabs, used)]  # type: ignore[union-attr]
+        # gap[k]: free slots just before slab k; gap[n]: after the last slab.
+        bounds = [main.base] + [e.end for e in used]
+        gap = [e.start - b for e, b in zip(used, bounds)] + [main.base + main.capacity_tokens - used[-1].end]
+        # Sliding slabs i..j down onto the end of slab i-1 merges gap[i..j+1] into one hole
+        # at a cost of their live KV. Two pointers: for each j, the largest such i.
+        best: tuple[int, int, int] | None = None
+        i = 0
+        window_gaps = 0  # sum gap[i..j]
+        cost = 0
+        for j in range(len(used)):
+            window_gaps += gap[j]
+            cost += lives[j]
+            while i < j and window_gaps - gap[i] + gap[j + 1] >= need_tokens:
+                window_gaps -= gap[i]
+                cost -= lives[i]
+                i += 1
+            if window_gaps + gap[j + 1] >= need_tokens and (best is None or cost < best[0]):
+                best = (cost, i, j)
+        if best is None:
+            return 0
+        _, i, j = best
+        pos = used[i - 1].end if i > 0 else main.base
         copied = 0
-        for ext in main.used_extents():
-            if ext.start - pos >= need_tokens:
-                break
+        for k in range(i, j + 1):
+            ext, slab, live = used[k], slabs[k], lives[k]
             if ext.start != pos:
-                slab = self.slab_at(ext.start)
-                assert slab is not None and slab.extent == ext, f"compaction lost the owner of {ext}"
-                live = min(slab.live_tokens, ext.length)
                 main.free(ext)
                 new = main.allocate_at(pos, ext.length)
                 assert new is not None, "compaction target must be free"
                 # Overlapping ranges are fine: the arena copies through a temporary.
                 self.arena.move(range(ext.start, ext.start + live), range(new.start, new.start + live))
                 self._owner[new.start] = self._owner.pop(ext.start)
-                slab.extent = new
+                slab.extent = new  # type: ignore[union-attr]
                 copied += live
             pos += ext.length
         self.compactions += 1
