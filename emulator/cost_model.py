@@ -11,7 +11,7 @@ per layer:  4 weight matmuls (qkv, o, gate_up, down): the weight streamed once a
             M = the step's new tokens as rows (``DeviceProfile.matmul_flops``)
             decode attention: each sequence's KV read at the bandwidth its layout achieves
             plus the new tokens' K/V written; 4 x heads x head_dim x context FLOPs at the
-            rate of M = g rows (GQA: the g query heads of a KV head are its rows)
+            rate of one row (decode attention kernels walk query rows one by one)
             prefill attention: causal FLOPs at the rate of M = new tokens rows
             every other kernel (norms, rotary, residual adds, K/V scatter, index ops):
             a launch only; their activations are small next to weights and KV
@@ -31,7 +31,8 @@ it adds to every kernel; on an asynchronous one it overlaps with the big kernels
 there the formula overstates by one launch per matmul/attention call (~2% of a 7B step).
 Why small-M FLOP/s: a decode step multiplies ``batch`` rows by each weight, and few rows
 run far below the dense peak (measured: 7 GFLOP/s at M=1 against 83 at M=1024 on the CPU
-host); the same holds for attention, whose rows are the g query heads of a KV head.
+host); decode attention runs at the one-row rate (measured with the profiler's curve
+against torch's CPU flash kernel).
 
 The kernel counts below are the ops our forward dispatches (views excluded), counted by
 tests/test_cost_model.py with a TorchDispatchMode on a real forward, so they follow the code.
@@ -187,7 +188,10 @@ class CostModel:
         write_mem = new_tokens * m.kv_bytes_per_token_per_layer / self._stream_bw
         if decode_context_tokens:
             f = 4.0 * self._attn_width * (ctx_sum + len(decode_context_tokens))
-            comp = f / self.matmul_rate(self._group)
+            # Decode attention runs one query row at a time: the CPU flash kernel measured at
+            # the 1-row matmul rate (2.6 ms/layer at batch 16 x 1024 context on cpu-host),
+            # not the g-row rate; on accelerators this term is small next to the KV read.
+            comp = f / self.matmul_rate(1)
             memory_s += layers * (attn_mem + write_mem)
             compute_s += layers * comp
             flops += layers * f

@@ -135,10 +135,11 @@ class ExtentAllocator:
         self.used_tokens += length
         return Extent(start, length)
 
-    def holes_from(self, min_length: int) -> list[tuple[int, int]]:
-        """Free holes of at least ``min_length`` tokens as (length, start), smallest first."""
+    def smallest_hole(self, min_length: int) -> tuple[int, int] | None:
+        """The smallest free hole of at least ``min_length`` tokens as (length, start)
+        (lowest address on ties), or None."""
         i = bisect.bisect_left(self._free_by_size, (min_length, -1))
-        return self._free_by_size[i:]
+        return self._free_by_size[i] if i < len(self._free_by_size) else None
 
     def used_ending_at(self, slot: int) -> Extent | None:
         """The used extent whose end is ``slot`` (the left neighbour of a hole starting there)."""

@@ -91,9 +91,9 @@ class OdmaPolicy(ContiguousPolicy):
         """``hard`` slots in the smallest hole that could hold the whole claim (after the room
         its left neighbour still needs, where the hole is big enough), else the smallest
         hole that holds ``hard``."""
-        holes = region.holes_from(claim)
-        if holes:
-            hole_len, hole_start = holes[0]
+        hole = region.smallest_hole(claim)
+        if hole is not None:
+            hole_len, hole_start = hole
             # Leave the left neighbour room to reach its own claim when the hole allows it,
             # so the two do not collide (a collision costs a move).
             left = region.used_ending_at(hole_start)
