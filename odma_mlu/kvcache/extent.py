@@ -9,18 +9,22 @@
 Invariants (``check_integrity``): used and free extents tile [base, base+capacity) exactly,
 never overlap, free extents are coalesced (no two adjacent), and the counters match.
 
-Data structures keep reserve+release O(log n) + a memmove: free extents are indexed by
-start (sorted list + dict) and by (length, start) (sorted list) for best fit.
+Data structures keep reserve+release O(log n) + one memmove: free extents are indexed by
+start and by end (dicts, for coalescing) and by (length, start) (a sorted list, for best
+fit).
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Extent:
+class Extent(NamedTuple):
+    """A contiguous slot range. A NamedTuple, not a frozen dataclass: extents are made on
+    every reserve and release, and tuple creation is several times cheaper."""
+
     start: int
     length: int
 
@@ -53,7 +57,7 @@ class ExtentAllocator:
         self.base = base
         self.capacity_tokens = capacity_tokens
         self._free_len: dict[int, int] = {}  # start -> length
-        self._free_starts: list[int] = []
+        self._free_by_end: dict[int, int] = {}  # end -> start (coalescing with the left hole)
         self._free_by_size: list[tuple[int, int]] = []  # (length, start)
         self._used: dict[int, int] = {}  # start -> length
         self._used_by_end: dict[int, int] = {}  # end -> start (left-neighbour lookups)
@@ -64,12 +68,12 @@ class ExtentAllocator:
     # -- free-index maintenance ---------------------------------------------------------
     def _add_free(self, start: int, length: int) -> None:
         self._free_len[start] = length
-        bisect.insort(self._free_starts, start)
+        self._free_by_end[start + length] = start
         bisect.insort(self._free_by_size, (length, start))
 
     def _remove_free(self, start: int) -> int:
         length = self._free_len.pop(start)
-        del self._free_starts[bisect.bisect_left(self._free_starts, start)]
+        del self._free_by_end[start + length]
         del self._free_by_size[bisect.bisect_left(self._free_by_size, (length, start))]
         return length
 
@@ -77,11 +81,9 @@ class ExtentAllocator:
         end = start + length
         if end in self._free_len:  # right neighbour is free
             length += self._remove_free(end)
-        i = bisect.bisect_left(self._free_starts, start)
-        if i > 0:
-            left = self._free_starts[i - 1]
-            if left + self._free_len[left] == start:
-                start, length = left, length + self._remove_free(left)
+        left = self._free_by_end.get(start)
+        if left is not None:
+            start, length = left, length + self._remove_free(left)
         self._add_free(start, length)
 
     # -- public API -----------------------------------------------------------------------
@@ -114,14 +116,23 @@ class ExtentAllocator:
         self.used_tokens += length
         return Extent(hole_start, length)
 
-    def allocate_at(self, start: int, length: int) -> Extent | None:
-        """Take exactly [start, start + length) if it lies inside one free hole, else None."""
+    def allocate_at(self, start: int, length: int, hole_start: int | None = None) -> Extent | None:
+        """Take exactly [start, start + length) if it lies inside one free hole, else None.
+
+        ``hole_start`` names that hole's first slot when the caller knows it (O(log n));
+        otherwise it is looked up (the hole starting at ``start``, else a scan)."""
         assert length > 0, f"allocate_at needs a positive length, got {length}"
-        i = bisect.bisect_right(self._free_starts, start) - 1
-        if i < 0:
+        if hole_start is None:
+            if start in self._free_len:
+                hole_start = start
+            else:
+                found = [h for h, n in self._free_len.items() if h <= start < h + n]
+                if not found:
+                    return None
+                hole_start = found[0]
+        hole_len = self._free_len.get(hole_start)
+        if hole_len is None or start < hole_start:
             return None
-        hole_start = self._free_starts[i]
-        hole_len = self._free_len[hole_start]
         if start + length > hole_start + hole_len:
             return None
         self._remove_free(hole_start)
@@ -211,6 +222,6 @@ class ExtentAllocator:
             prev_kind = kind
         assert pos == self.base + self.capacity_tokens, f"extents end at {pos}, not {self.base + self.capacity_tokens}"
         assert self.used_tokens == sum(self._used.values()), "used_tokens counter drifted"
-        assert self._free_starts == sorted(self._free_len), "free start index out of sync"
+        assert self._free_by_end == {h + n: h for h, n in self._free_len.items()}, "free end index out of sync"
         assert self._used_by_end == {s + n: s for s, n in self._used.items()}, "end index out of sync"
         assert self._free_by_size == sorted((n, s) for s, n in self._free_len.items()), "free size index out of sync"

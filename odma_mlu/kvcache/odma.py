@@ -99,7 +99,7 @@ class OdmaPolicy(ContiguousPolicy):
             left = region.used_ending_at(hole_start)
             owner = self.slab_at(left.start) if left is not None else None
             room = 0 if owner is None else max(0, owner.claim_tokens - owner.extent.length)
-            return region.allocate_at(hole_start + min(room, hole_len - claim), hard)
+            return region.allocate_at(hole_start + min(room, hole_len - claim), hard, hole_start)
         return region.allocate(hard)
 
     def _hard_size(self, req: ReserveRequest, claim: int) -> int:
@@ -184,7 +184,7 @@ class OdmaPolicy(ContiguousPolicy):
             ext, slab, live = used[k], slabs[k], lives[k]
             if ext.start != pos:
                 main.free(ext)
-                new = main.allocate_at(pos, ext.length)
+                new = main.allocate_at(pos, ext.length, pos)
                 assert new is not None, "compaction target must be free"
                 # Overlapping ranges are fine: the arena copies through a temporary.
                 self.arena.move(range(ext.start, ext.start + live), range(new.start, new.start + live))

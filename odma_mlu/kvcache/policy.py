@@ -133,7 +133,7 @@ class KVPolicy(ABC):
         return len(self._overflowed)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Slab:
     allocator: ExtentAllocator
     extent: Extent
