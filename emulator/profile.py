@@ -20,10 +20,10 @@ server makes::
         - {rows: 16, flops: 60 GFLOPS, source: measured}
 
 ``matmul_rows`` tells how far below its dense peak a device runs a matmul with few rows
-(a decode step multiplies ``batch`` rows by each weight; attention multiplies the ``g``
-query heads of a KV head by its keys). Without it the cost model assumes the dense peak
-at any M. The profiler measures it with cache-resident operands (the same ``K = N`` as
-the dense peak), so it isolates compute efficiency; weight streaming is the memory term.
+(a decode step multiplies ``batch`` rows by each weight). Without it the cost model
+assumes the dense peak at any M. The profiler measures it as models call matmuls
+(``F.linear``, weight ``[out, in]``) with a cache-resident ``K = N`` weight, so it isolates
+compute efficiency; weight streaming is the memory term.
 
 Curves must have strictly increasing, positive ``chunk_bytes``. Each point says whether it
 was ``measured`` or ``derived`` and, if derived, why (``note``).

@@ -71,7 +71,7 @@ def matmul_rows_dict(curves: dict[str, dict[int, float]], s: ProfilerSettings) -
     for dt, pts in curves.items():
         n = s.matmul_n if dt == "float32" else s.half_matmul_n
         out[dt] = [{"rows": m, "flops": f"{f / 1e9:.2f} GFLOPS", "source": "measured",
-                    "note": f"[{m}, {n}] x [{n}, {n}], cache-resident weight, median"} for m, f in sorted(pts.items())]
+                    "note": f"F.linear([{m}, {n}], [{n}, {n}]), cache-resident weight, median"} for m, f in sorted(pts.items())]
     return out
 
 
