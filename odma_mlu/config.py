@@ -248,7 +248,9 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     return cls(**kwargs)
 
 
-def load_engine_config(path: str | Path) -> EngineConfig:
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping, with clear errors for a missing file, bad
+    YAML or a non-mapping document."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -256,7 +258,13 @@ def load_engine_config(path: str | Path) -> EngineConfig:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})") from e
-    return from_mapping(EngineConfig, data, str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return dict(data)
+
+
+def load_engine_config(path: str | Path) -> EngineConfig:
+    return from_mapping(EngineConfig, read_yaml_mapping(path), str(path))
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from odma_mlu.config import EngineConfig, ServerConfig, from_mapping, load_model_spec
+from odma_mlu.config import EngineConfig, ServerConfig, from_mapping, load_model_spec, read_yaml_mapping
 from odma_mlu.errors import ConfigError
 
 log = logging.getLogger("odma_mlu.server")
@@ -43,15 +42,7 @@ class ServeSettings:
 
 def load_serve_file(path: str | Path) -> tuple[EngineConfig, ServerConfig]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    data = dict(data)
+    data = read_yaml_mapping(path)
     server = from_mapping(ServerConfig, data.pop("server", None) or {}, f"{path}.server")
     engine = from_mapping(EngineConfig, data, str(path))
     return engine, server
