@@ -164,7 +164,7 @@ class OdmaConfig:
     """Share of KV capacity reserved as the safety pool."""
     uncertainty_ratio: float = 3.0
     """A request whose q_high / q_mid exceeds this goes straight to the safety pool."""
-    target_coverage: float = 0.90
+    target_coverage: float = 0.80
     """Quantile of the predicted length that the first reservation must cover."""
     growth_factor: float = 2.0
     """On overflow with no larger bucket, the new extent is at least this times the old."""
@@ -185,7 +185,7 @@ class OdmaConfig:
     by ``overcommit_decrease`` whenever a slab finds no room to grow (a preemption), so it
     settles where the workload's growth stops causing recomputes."""
     overcommit_initial: float = 1.0
-    overcommit_increase: float = 0.02
+    overcommit_increase: float = 0.1
     overcommit_decrease: float = 0.7
     compact_min_free_fraction: float = 0.02
     """Elastic mode: before preempting for lack of a big enough hole, compact the main region

@@ -20,7 +20,7 @@ from odma_mlu.config import CacheConfig, OdmaConfig, SchedulerConfig, load_model
 
 GRID: dict[str, list[object]] = {
     "num_buckets": [2, 4, 8, 16, 32],
-    "target_coverage": [0.3, 0.5, 0.7, 0.9, 0.99],
+    "target_coverage": [0.5, 0.7, 0.8, 0.9, 0.99],
     "safety_fraction": [0.0, 0.05, 0.1, 0.2],
     "uncertainty_ratio": [1.5, 3.0, 10.0],
     "histogram_window": [200, 2000, 10000],
@@ -31,6 +31,7 @@ GRID: dict[str, list[object]] = {
     "admission_watermark_fraction": [0.0, 0.02, 0.04, 0.05, 0.1, 0.2],
     "compact_min_free_fraction": [0.01, 0.02, 0.05, 1.0],
     "overcommit_max": [1.0, 2.0, 4.0, 8.0],
+    "overcommit_increase": [0.02, 0.1, 0.2],
     "overcommit_decrease": [0.5, 0.7, 0.9],
     "drift_detection": [False, True],
 }
