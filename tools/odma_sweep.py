@@ -27,7 +27,7 @@ GRID: dict[str, list[object]] = {
     "reoptimize_every": [50, 200, 1000],
     "growth_factor": [1.0, 1.25, 2.0],
     "elastic": [False, True],
-    "chunk_tokens": [8, 32, 128],
+    "chunk_tokens": [4, 8, 32, 128],
     "admission_watermark_fraction": [0.0, 0.02, 0.04, 0.05, 0.1, 0.2],
     "compact_min_free_fraction": [0.01, 0.02, 0.05, 1.0],
     "overcommit_max": [1.0, 2.0, 4.0, 8.0],
