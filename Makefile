@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # `pip install -e .` there, never this target's pin.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-all venv predictor profile-cpu bench-alloc clean
+.PHONY: demo test test-all venv predictor profile-cpu serve-emulated clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ predictor: venv
 
 profile-cpu: venv
 	$(VENV)/bin/odma-mlu profile-bandwidth --backend cpu --out device_profiles/cpu-host.yaml --plot docs/img/cpu-host-bandwidth.png
+
+# The emulator-mode server on CPU (no accelerator): a tiny random Qwen2 folder, then serve.
+serve-emulated: venv
+	test -f out/tiny-qwen2/config.json || $(PY) tools/make_tiny_model.py out/tiny-qwen2
+	$(VENV)/bin/odma-mlu serve --config deploy/emulator-cpu.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info
