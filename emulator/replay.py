@@ -121,7 +121,6 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
     tl_t: list[float] = []
     tl_live: list[int] = []
     tl_res: list[int] = []
-    finished_count = 0
     generated = 0
     steps = 0
 
@@ -164,7 +163,6 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
                 s.finish_reason = "length"
                 finished.append(s)
         scheduler.postprocess(batch, finished)
-        finished_count += len(finished)
         live = scheduler.live_kv_tokens()
         reserved = policy.reserved_tokens()
         frac = live / capacity_tokens

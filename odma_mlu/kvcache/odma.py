@@ -245,19 +245,11 @@ class OdmaPolicy(ContiguousPolicy):
             result = self.try_grow_to(slab, slab.claim_tokens, live, targets)
             return result or GrowResult(GrowStatus.NO_ROOM)
         target = max(needed_tokens, min(slab.claim_tokens, live + self.config.chunk_tokens))
-        for size in (target, needed_tokens):
-            grown = slab.allocator.grow_in_place(slab.extent, size)
-            if grown is not None:
-                slab.extent = grown
-                self.in_place_grows += 1
-                return GrowResult(GrowStatus.OK, 0, "in_place")
+        if self.grow_in_place(slab, target, needed_tokens):
+            return GrowResult(GrowStatus.OK, 0, "in_place")
         moved = self._evict_right_neighbour(slab, needed_tokens)
-        if moved is not None:
-            grown = slab.allocator.grow_in_place(slab.extent, target) or \
-                slab.allocator.grow_in_place(slab.extent, needed_tokens)
-            if grown is not None:
-                slab.extent = grown
-                return GrowResult(GrowStatus.OK, moved, "neighbour_moved")
+        if moved is not None and self.grow_in_place(slab, target, needed_tokens):
+            return GrowResult(GrowStatus.OK, moved, "neighbour_moved")
         new = self._place(self.main, slab.claim_tokens, target)
         if new is not None:
             self.relocate(slab, self.main, new, live)

@@ -231,14 +231,22 @@ class ContiguousPolicy(KVPolicy):
         """Default overflow handling: none (static and oracle never overflow by design)."""
         return GrowResult(GrowStatus.NO_ROOM)
 
+    def grow_in_place(self, slab: _Slab, *sizes: int) -> bool:
+        """Extend ``slab`` into the free slots after it to the first of ``sizes`` that fits
+        (bookkeeping only: no KV is copied)."""
+        for size in sizes:
+            grown = slab.allocator.grow_in_place(slab.extent, size)
+            if grown is not None:
+                slab.extent = grown
+                self.in_place_grows += 1
+                return True
+        return False
+
     def try_grow_to(self, slab: _Slab, new_size: int, live_tokens: int,
                     regions: list[ExtentAllocator]) -> GrowResult | None:
         """Grow in place if the right neighbour is free, else move to the first region with a
         hole of ``new_size`` (one contiguous copy of the ``live_tokens`` already written)."""
-        grown = slab.allocator.grow_in_place(slab.extent, new_size)
-        if grown is not None:
-            slab.extent = grown
-            self.in_place_grows += 1
+        if self.grow_in_place(slab, new_size):
             return GrowResult(GrowStatus.OK, 0, "in_place")
         for region in regions:
             new = region.allocate(new_size)
