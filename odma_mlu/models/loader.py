@@ -1,4 +1,5 @@
-"""Load a Hugging Face Qwen2 model folder into a ``Qwen2ForwardModel``.
+"""Load a Hugging Face model folder: Qwen2 (full or sliding-window layers) into a
+``Qwen2ForwardModel``, Gemma-3 text into a ``Gemma3ForwardModel`` (odma_mlu/models/gemma3.py).
 
 Everything that can be wrong with the folder is checked from metadata first: config.json,
 the architecture, the dtype against the backend, every safetensors header (file size
@@ -20,10 +21,13 @@ import torch
 from odma_mlu.backends.base import Backend
 from odma_mlu.config import DTYPE_BYTES, ModelSpec
 from odma_mlu.errors import ConfigError
+from odma_mlu.models import gemma3
+from odma_mlu.models.layer_types import layer_windows
 from odma_mlu.models.qwen2 import LayerWeights, Qwen2ForwardModel
 
 SUPPORTED_ARCHITECTURE = "Qwen2ForCausalLM"
 SUPPORTED_MODEL_TYPE = "qwen2"
+SUPPORTED = {SUPPORTED_MODEL_TYPE: SUPPORTED_ARCHITECTURE, gemma3.MODEL_TYPE: gemma3.ARCHITECTURE}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -44,7 +48,7 @@ def _dtype_name(dtype: str | torch.dtype) -> str:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """config.json as a dict, after checking it describes a supported Qwen2 model."""
+    """config.json as a dict, after checking it describes a supported model (``SUPPORTED``)."""
     path = folder / "config.json"
     if not folder.is_dir():
         raise ModelFolderError(f"model folder {folder} does not exist")
@@ -58,15 +62,20 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise ModelFolderError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type")
-    if model_type != SUPPORTED_MODEL_TYPE or (archs and SUPPORTED_ARCHITECTURE not in archs):
+    if model_type not in SUPPORTED or (archs and SUPPORTED[model_type] not in archs):
         raise ModelFolderError(f"{path}: architecture {archs} (model_type {model_type!r}) is not supported; "
-                               f"odma-mlu runs {SUPPORTED_ARCHITECTURE} (model_type {SUPPORTED_MODEL_TYPE!r}) only")
+                               f"odma-mlu runs {sorted(SUPPORTED.values())} (model_type {sorted(SUPPORTED)})")
+    try:
+        layer_windows(cfg, str(path))
+        if model_type == gemma3.MODEL_TYPE:
+            gemma3.extras_from_config(cfg, str(path))
+            return cfg
+    except ConfigError as e:
+        raise ModelFolderError(str(e)) from e
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type != "default":
         raise ModelFolderError(f"{path}: rope type {rope_type!r} is not supported (only 'default' rotary)")
-    if cfg.get("use_sliding_window"):
-        raise ModelFolderError(f"{path}: use_sliding_window=true is not supported (full attention only)")
     return cfg
 
 
@@ -142,11 +151,12 @@ def weight_files(folder: Path) -> dict[str, Path]:
     raise ModelFolderError(f"{folder} holds no weights: neither {SINGLE_FILE} nor {INDEX_FILE} is present")
 
 
-def check_weights(folder: Path, spec: ModelSpec) -> dict[str, Path]:
+def check_weights(folder: Path, spec: ModelSpec, shapes: dict[str, tuple[int, ...]] | None = None
+                  ) -> dict[str, Path]:
     """Validate every header and every expected tensor's presence, dtype and shape; no data read."""
     files = weight_files(folder)
     headers = {path: read_safetensors_header(path) for path in sorted(set(files.values()))}
-    for name, shape in expected_shapes(spec).items():
+    for name, shape in (shapes if shapes is not None else expected_shapes(spec)).items():
         if name not in files:
             raise ModelFolderError(f"{folder}: tensor {name!r} is missing from the weights "
                                    f"(expected shape {list(shape)})")
@@ -188,8 +198,8 @@ def load_tokenizer(folder: Path, vocab_size: int) -> Any:
 
 def load_model(folder: str | Path, device: torch.device | str | None = None, dtype: str | torch.dtype | None = None,
                backend: Backend | None = None, with_tokenizer: bool = True
-               ) -> tuple[Qwen2ForwardModel, ModelSpec, Any]:
-    """Load ``folder`` (a Hugging Face Qwen2 folder) -> (model, spec, tokenizer or None).
+               ) -> tuple[Qwen2ForwardModel | gemma3.Gemma3ForwardModel, ModelSpec, Any]:
+    """Load ``folder`` (a Hugging Face Qwen2 or Gemma-3 text folder) -> (model, spec, tokenizer or None).
 
     ``dtype`` None keeps config.json's dtype. ``device`` defaults to the backend's device, or
     CPU. With a ``backend``, the dtype is checked against it and the weights against its
@@ -198,6 +208,10 @@ def load_model(folder: str | Path, device: torch.device | str | None = None, dty
     from safetensors import safe_open
 
     folder = Path(folder)
+    from odma_mlu.models.bamba_loader import is_bamba_folder, load_bamba
+
+    if is_bamba_folder(folder):  # hybrid Mamba2 + attention: its own loader
+        return load_bamba(folder, device, dtype, backend, with_tokenizer)  # type: ignore[return-value]
     cfg = read_config(folder)
     dtype_name = _dtype_name(dtype if dtype is not None else (cfg.get("torch_dtype") or cfg.get("dtype") or "float32"))
     torch_dtype = _TORCH_DTYPES[dtype_name]
@@ -211,7 +225,9 @@ def load_model(folder: str | Path, device: torch.device | str | None = None, dty
     if spec.num_heads % spec.num_kv_heads:
         raise ModelFolderError(f"{folder / 'config.json'}: num_attention_heads {spec.num_heads} is not a multiple "
                                f"of num_key_value_heads {spec.num_kv_heads}")
-    files = check_weights(folder, spec)
+    windows = layer_windows(cfg)
+    extras = gemma3.extras_from_config(cfg) if cfg.get("model_type") == gemma3.MODEL_TYPE else None
+    files = check_weights(folder, spec, gemma3.expected_shapes(spec, extras) if extras is not None else None)
     tokenizer = load_tokenizer(folder, spec.vocab_size) if with_tokenizer else None
     if backend is not None:
         need, free = spec.num_params * DTYPE_BYTES[dtype_name], backend.mem_get_info().free_bytes
@@ -227,6 +243,8 @@ def load_model(folder: str | Path, device: torch.device | str | None = None, dty
             handles[path] = safe_open(str(path), framework="pt", device="cpu")
         return handles[path].get_tensor(name).to(device=dev, dtype=torch_dtype)
 
+    if extras is not None:
+        return gemma3.build(spec, extras, windows, get), spec, tokenizer
     layers = []
     for n in range(spec.num_layers):
         p = f"model.layers.{n}."
@@ -242,5 +260,5 @@ def load_model(folder: str | Path, device: torch.device | str | None = None, dty
         ))
     embed = get("model.embed_tokens.weight")
     lm_head = embed if spec.tie_word_embeddings else get("lm_head.weight")
-    model = Qwen2ForwardModel(spec, embed, layers, get("model.norm.weight"), lm_head)
+    model = Qwen2ForwardModel(spec, embed, layers, get("model.norm.weight"), lm_head, windows)
     return model, spec, tokenizer
