@@ -15,6 +15,7 @@ activation dtype) so greedy output matches ``generate`` token for token.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +23,10 @@ import torch.nn.functional as F
 
 from odma_mlu.config import ModelSpec
 from odma_mlu.kvcache.arena import KVArena
+from odma_mlu.kvcache.window import RingPool
 from odma_mlu.models.attention import (DecodeGroup, ForwardBatch, PrefillPlan, SequenceInput, decode_attention,
                                        prefill_attention, write_kv)
+from odma_mlu.models.window_attention import RingBatch, ring_attention
 
 __all__ = ["ForwardBatch", "SequenceInput", "DecodeGroup", "PrefillPlan", "LayerWeights", "Qwen2ForwardModel"]
 
@@ -76,11 +79,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Qwen2ForwardModel:
-    """Qwen2ForCausalLM inference over a ``KVArena``; build it with ``odma_mlu.models.loader.load_model``."""
+    """Qwen2ForCausalLM inference over a ``KVArena``; build it with ``odma_mlu.models.loader.load_model``.
+
+    ``layer_windows[i]`` is layer i's sliding window in tokens, None for full attention
+    (``layer_types`` in config.json). Full layers keep their KV in the arena (which then has
+    only those layers, in order); sliding layers in a ``RingPool`` (odma_mlu/kvcache/window.py).
+    """
 
     def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[LayerWeights], final_norm: torch.Tensor,
-                 lm_head: torch.Tensor) -> None:
+                 lm_head: torch.Tensor, layer_windows: tuple[int | None, ...] | None = None) -> None:
         assert len(layers) == spec.num_layers, f"{len(layers)} layers given, spec has {spec.num_layers}"
+        self.layer_windows = tuple(layer_windows) if layer_windows is not None else (None,) * spec.num_layers
+        self.window_tokens, self.group_index, self.num_full_layers, self.num_sliding_layers = \
+            layer_groups(self.layer_windows)
         self.spec = spec
         self.embed = embed
         self.layers = layers
@@ -97,13 +108,15 @@ class Qwen2ForwardModel:
         return weight * xf.to(x.dtype)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, arena: KVArena) -> torch.Tensor:
-        """Run one step: write every new token's K/V into ``arena``; return float32 logits
-        [num_seqs, vocab] of each sequence's last new token, in ``batch.seqs`` order."""
+    def forward(self, batch: ForwardBatch, arena: KVArena, rings: RingBatch | None = None) -> torch.Tensor:
+        """Run one step: write every new token's K/V into ``arena`` (sliding layers: into
+        ``rings``); return float32 logits [num_seqs, vocab] of each sequence's last new token,
+        in ``batch.seqs`` order."""
         spec = self.spec
         assert not arena.shape_only, "forward needs an arena with tensors (shape_only=False)"
         assert arena.dtype == self.dtype, f"arena dtype {arena.dtype} differs from model dtype {self.dtype}"
-        assert arena.model.num_layers == spec.num_layers and arena.model.num_kv_heads == spec.num_kv_heads \
+        assert rings is not None or not self.num_sliding_layers, "a model with sliding layers needs its RingBatch"
+        assert arena.model.num_layers == self.num_full_layers and arena.model.num_kv_heads == spec.num_kv_heads \
             and arena.model.head_dim == spec.head_dim, "arena was built for a different model shape"
         heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_size, kv_size = heads * dim, kv_heads * dim
@@ -121,14 +134,11 @@ class Qwen2ForwardModel:
             v = qkv[:, q_size + kv_size:].view(num_tokens, kv_heads, dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            k_cache, v_cache = arena.k[li], arena.v[li]
-            write_kv(k_cache, v_cache, batch.write_slots, k, v)
-            for plan in batch.prefills:
-                rows = slice(plan.token_offset, plan.token_offset + plan.num_new_tokens)
-                attn_out[rows] = prefill_attention(q[rows], k_cache, v_cache, plan, self.scale)
-            for group in batch.decode_groups:
-                out = decode_attention(q.index_select(0, group.token_rows), k_cache, v_cache, group, self.scale)
-                attn_out.index_copy_(0, group.token_rows, out)
+            if self.layer_windows[li] is not None:
+                assert rings is not None
+                ring_attention(q, k, v, rings, self.group_index[li], self.scale, attn_out)
+            else:
+                self._full_attention(q, k, v, batch, arena, self.group_index[li], attn_out)
             h = h + F.linear(attn_out.view(num_tokens, q_size), w.o_weight)
             x = self._rms_norm(h, w.post_norm)
             gate, up = F.linear(x, w.gate_up_weight).chunk(2, dim=-1)
@@ -139,6 +149,36 @@ class Qwen2ForwardModel:
 
     __call__ = forward
 
+    def _full_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+                        arena: KVArena, arena_layer: int, attn_out: torch.Tensor) -> None:
+        k_cache, v_cache = arena.k[arena_layer], arena.v[arena_layer]
+        write_kv(k_cache, v_cache, batch.write_slots, k, v)
+        for plan in batch.prefills:
+            rows = slice(plan.token_offset, plan.token_offset + plan.num_new_tokens)
+            attn_out[rows] = prefill_attention(q[rows], k_cache, v_cache, plan, self.scale)
+        for group in batch.decode_groups:
+            out = decode_attention(q.index_select(0, group.token_rows), k_cache, v_cache, group, self.scale)
+            attn_out.index_copy_(0, group.token_rows, out)
+
     def new_arena(self, capacity_tokens: int) -> KVArena:
-        """An arena shaped for this model, on its device and in its dtype (tests, tools)."""
-        return KVArena(self.spec, capacity_tokens, device=self.device, dtype=self.dtype)
+        """An arena for this model's full-attention layers, on its device and in its dtype."""
+        spec = dataclasses.replace(self.spec, num_layers=self.num_full_layers) if self.num_sliding_layers else self.spec
+        return KVArena(spec, capacity_tokens, device=self.device, dtype=self.dtype)
+
+    def new_window_pool(self, num_slots: int) -> RingPool:
+        """Ring slots for this model's sliding layers (one per concurrent request)."""
+        assert self.window_tokens is not None, "new_window_pool on a model without sliding layers"
+        return RingPool(self.num_sliding_layers, self.window_tokens, num_slots, self.spec.num_kv_heads,
+                        self.spec.head_dim, self.dtype, self.device)
+
+
+def layer_groups(layer_windows: tuple[int | None, ...]) -> tuple[int | None, list[int], int, int]:
+    """(the sliding window or None, each layer's index inside its group, #full, #sliding)."""
+    windows = {w for w in layer_windows if w is not None}
+    assert len(windows) <= 1, f"sliding layers with different windows {sorted(windows)}: one ring pool each"
+    index: list[int] = []
+    counts = {True: 0, False: 0}
+    for w in layer_windows:
+        index.append(counts[w is None])
+        counts[w is None] += 1
+    return (windows.pop() if windows else None), index, counts[True], counts[False]
