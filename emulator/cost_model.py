@@ -41,36 +41,18 @@ tests/test_cost_model.py with a TorchDispatchMode on a real forward, so they fol
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 from emulator.profile import DeviceProfile
 from odma_mlu.config import ModelSpec
+from odma_mlu.engine.step_work import StepWork
 
 # Non-view ops dispatched by Qwen2ForwardModel.forward (counted; see the module docstring).
 KERNELS_PER_LAYER = 36  # norms, qkv, rotary, K/V scatter, o, residuals, gate_up, act, down
 KERNELS_PER_DECODE_GROUP_PER_LAYER = 3  # gather q rows, attention, scatter the output rows
+KERNELS_PER_GATHERED_GROUP_PER_LAYER = 2  # a group not read as a view gathers its K and V
 KERNELS_PER_PREFILL_PER_LAYER = 2  # attention, copy the output rows
+KERNELS_PER_COPY_PER_LAYER = 2  # one contiguous copy of K and one of V
 KERNELS_FIXED = 15  # rotary lookup, embedding, buffers, final norm, LM head, logits cast
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """How a sequence's KV is placed: one contiguous slab, or pages of ``page_tokens``."""
-
-    kind: str = "contiguous"
-    page_tokens: int = 16
-
-    def __post_init__(self) -> None:
-        assert self.kind in ("contiguous", "paged"), f"unknown KV layout {self.kind!r}"
-        assert self.page_tokens > 0, "page_tokens must be positive"
-
-    def run_tokens(self, context_tokens: int) -> int:
-        if self.kind == "contiguous":
-            return context_tokens
-        return min(context_tokens, self.page_tokens)
-
-
-CONTIGUOUS = KVLayout("contiguous")
 
 
 @dataclass(frozen=True)
@@ -83,6 +65,7 @@ class StepCost:
     kv_read_bytes: int
     kv_write_bytes: int
     flops: float
+    copy_bytes: int = 0
 
     @property
     def bound(self) -> str:
@@ -90,7 +73,10 @@ class StepCost:
 
 
 class CostModel:
-    """Step times for one (device profile, model shape) pair."""
+    """Step times for one (device profile, model shape) pair: THE step-cost function.
+
+    The replay, the emulated engine and the emulated server all price steps with
+    ``step_time(StepWork)``; nothing else computes a step's time."""
 
     def __init__(self, profile: DeviceProfile, model: ModelSpec, dtype: str | None = None) -> None:
         self.profile = profile
@@ -104,19 +90,33 @@ class CostModel:
         q, kv = model.num_heads * d, model.num_kv_heads * d
         # (K, N) of each weight matmul of a layer; biases and norms ride with them.
         self._layer_matmuls = ((h, q + 2 * kv), (q, h), (h, 2 * i), (i, h))
-        self._group = max(1, model.num_heads // model.num_kv_heads)
         self._attn_width = q
         self._locality_cache: dict[int, float] = {}
         self._rate_cache: dict[int, float] = {}
 
-    def kv_bandwidth(self, context_tokens: int, layout: KVLayout) -> float:
-        """Achieved bandwidth reading one sequence's KV of ``context_tokens`` in ``layout``."""
-        run_bytes = layout.run_tokens(context_tokens) * self._half_kv_per_token_layer
+    def run_bandwidth(self, run_tokens: int) -> float:
+        """Achieved bandwidth reading a run of ``run_tokens`` (K or V of one layer is one
+        physical run of ``run_tokens * kv_heads * head_dim * dtype`` bytes)."""
+        run_bytes = run_tokens * self._half_kv_per_token_layer
         loc = self._locality_cache.get(run_bytes)
         if loc is None:
             loc = self.profile.locality(run_bytes)
             self._locality_cache[run_bytes] = loc
         return self._stream_bw * loc
+
+    def read_run_s(self, tokens: int) -> float:
+        """Seconds to read one run of ``tokens`` of KV in every layer (K and V)."""
+        if tokens <= 0:
+            return 0.0
+        return self.model.num_layers * tokens * self.model.kv_bytes_per_token_per_layer / self.run_bandwidth(tokens)
+
+    def copy_s(self, tokens: int) -> float:
+        """Seconds to copy ``tokens`` of KV contiguously in every layer: read + write, and
+        the copy kernels' launches."""
+        if tokens <= 0:
+            return 0.0
+        nbytes = tokens * self.model.kv_bytes_per_token
+        return 2.0 * nbytes / self._stream_bw + self.model.num_layers * KERNELS_PER_COPY_PER_LAYER * self._launch
 
     def matmul_rate(self, rows: int) -> float:
         """FLOP/s of a matmul with ``rows`` rows on this profile, in this model's dtype."""
@@ -126,68 +126,64 @@ class CostModel:
             self._rate_cache[rows] = r
         return r
 
-    def num_kernels(self, num_prefills: int, num_decode_groups: int) -> int:
-        """Ops our forward dispatches for a step with these prefills and decode groups."""
-        per_layer = (KERNELS_PER_LAYER + KERNELS_PER_DECODE_GROUP_PER_LAYER * num_decode_groups
-                     + KERNELS_PER_PREFILL_PER_LAYER * num_prefills)
+    def num_kernels(self, work: StepWork) -> int:
+        """Ops our forward dispatches for ``work`` (plus the KV copies it issued)."""
+        groups = work.decode_group_sizes
+        per_layer = (KERNELS_PER_LAYER + KERNELS_PER_DECODE_GROUP_PER_LAYER * len(groups)
+                     + KERNELS_PER_GATHERED_GROUP_PER_LAYER * (len(groups) - work.decode_group_views)
+                     + KERNELS_PER_PREFILL_PER_LAYER * len(work.prefill_new_tokens)
+                     + KERNELS_PER_COPY_PER_LAYER * len(work.copy_tokens))
         return self.model.num_layers * per_layer + KERNELS_FIXED
 
-    def step(self, prefill_tokens: Sequence[int] = (), decode_context_tokens: Sequence[int] = (),
-             layout: KVLayout = CONTIGUOUS, num_decode_groups: int | None = None) -> StepCost:
-        """Cost of one step.
-
-        prefill_tokens: new tokens of each sequence being prefilled (whole prompt, or prompt
-            plus already generated tokens when a preempted sequence is recomputed).
-        decode_context_tokens: for each decoding sequence, the tokens already in its KV.
-        num_decode_groups: how many batched attention calls the decode sequences take per
-            layer (the engine groups them by reservation size); None = 1 when any decode.
-        """
+    def step_time(self, work: StepWork) -> StepCost:
+        """Cost of one step described by ``work`` (see ``odma_mlu.engine.step_work``)."""
         m = self.model
-        if not prefill_tokens and not decode_context_tokens:
+        if work.is_empty and not work.copy_tokens:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0, 0, 0, 0.0)
-        launch = self._launch
         layers = m.num_layers
         dbytes = m.dtype_bytes
-        num_seqs = len(prefill_tokens) + len(decode_context_tokens)
-        new_tokens = sum(prefill_tokens) + len(decode_context_tokens)
-        groups = (1 if decode_context_tokens else 0) if num_decode_groups is None else num_decode_groups
+        num_seqs = len(work.prefill_new_tokens) + work.num_decodes
+        new_tokens = sum(work.prefill_new_tokens) + work.num_decodes
         memory_s = compute_s = time_s = 0.0
         flops = 0.0
 
-        # Weight matmuls: every layer's 4, then the LM head (one row per sequence).
-        rate = self.matmul_rate(new_tokens)
-        layer_time = 0.0
-        for k, n in self._layer_matmuls:
-            mem, f = k * n * dbytes / self._stream_bw, 2.0 * new_tokens * k * n
-            comp = f / rate
-            memory_s += layers * mem
-            compute_s += layers * comp
-            flops += layers * f
-            layer_time += max(mem, comp)
-        time_s += layers * layer_time
-        vocab_k_n = m.hidden_size * m.vocab_size
-        mem, f = vocab_k_n * dbytes / self._stream_bw, 2.0 * num_seqs * vocab_k_n
-        comp = f / self.matmul_rate(num_seqs)
-        memory_s += mem
-        compute_s += comp
-        flops += f
-        time_s += max(mem, comp)
+        if num_seqs:
+            # Weight matmuls: every layer's 4, then the LM head (one row per sequence).
+            rate = self.matmul_rate(new_tokens)
+            layer_time = 0.0
+            for k, n in self._layer_matmuls:
+                mem, f = k * n * dbytes / self._stream_bw, 2.0 * new_tokens * k * n
+                comp = f / rate
+                memory_s += layers * mem
+                compute_s += layers * comp
+                flops += layers * f
+                layer_time += max(mem, comp)
+            time_s += layers * layer_time
+            vocab_k_n = m.hidden_size * m.vocab_size
+            mem, f = vocab_k_n * dbytes / self._stream_bw, 2.0 * num_seqs * vocab_k_n
+            comp = f / self.matmul_rate(num_seqs)
+            memory_s += mem
+            compute_s += comp
+            flops += f
+            time_s += max(mem, comp)
 
-        # Decode attention: KV reads at the layout's bandwidth + the new K/V written.
+        # Decode attention: each run read at the bandwidth of its length + new K/V written.
         kv_read = 0
         attn_mem = 0.0  # one layer
         ctx_sum = 0
-        for ctx in decode_context_tokens:
-            if ctx <= 0:
-                continue
-            nbytes = ctx * m.kv_bytes_per_token_per_layer
-            kv_read += layers * nbytes
-            attn_mem += nbytes / self.kv_bandwidth(ctx, layout)
-            ctx_sum += ctx
+        per_token_layer = m.kv_bytes_per_token_per_layer
+        for runs in work.decode_read_runs:
+            for n in runs:
+                if n <= 0:
+                    continue
+                nbytes = n * per_token_layer
+                kv_read += layers * nbytes
+                attn_mem += nbytes / self.run_bandwidth(n)
+                ctx_sum += n
         kv_write = new_tokens * m.kv_bytes_per_token
-        write_mem = new_tokens * m.kv_bytes_per_token_per_layer / self._stream_bw
-        if decode_context_tokens:
-            f = 4.0 * self._attn_width * (ctx_sum + len(decode_context_tokens))
+        write_mem = new_tokens * per_token_layer / self._stream_bw
+        if work.decode_read_runs:
+            f = 4.0 * self._attn_width * ctx_sum
             # Decode attention runs one query row at a time: the CPU flash kernel measured at
             # the 1-row matmul rate (2.6 ms/layer at batch 16 x 1024 context on cpu-host),
             # not the g-row rate; on accelerators this term is small next to the KV read.
@@ -199,17 +195,23 @@ class CostModel:
         else:
             memory_s += layers * write_mem
             time_s += layers * write_mem
-        # Prefill attention: causal, q rows = the sequence's new tokens.
-        for t in prefill_tokens:
-            f = 4.0 * self._attn_width * t * (t + 1) / 2.0
+        # Prefill attention: causal, q rows = the chunk's new tokens over cached + new keys.
+        cached = work.prefill_cached_tokens or (0,) * len(work.prefill_new_tokens)
+        for t, c in zip(work.prefill_new_tokens, cached):
+            f = 4.0 * self._attn_width * t * (c + (t + 1) / 2.0)
             comp = f / self.matmul_rate(max(1, t))
             compute_s += layers * comp
             flops += layers * f
             time_s += layers * comp
+        # KV copies the policy issued (contiguous, read + write at stream bandwidth).
+        copy_bytes = 2 * sum(work.copy_tokens) * m.kv_bytes_per_token
+        memory_s += copy_bytes / self._stream_bw
+        time_s += copy_bytes / self._stream_bw
 
-        overhead_s = self.num_kernels(len(prefill_tokens), groups) * launch
+        overhead_s = self.num_kernels(work) * self._launch
         time_s += overhead_s
         return StepCost(
             time_s=time_s, memory_s=memory_s, compute_s=compute_s, overhead_s=overhead_s,
-            weight_bytes=m.streamed_weight_bytes, kv_read_bytes=kv_read, kv_write_bytes=kv_write, flops=flops,
+            weight_bytes=m.streamed_weight_bytes if num_seqs else 0, kv_read_bytes=kv_read, kv_write_bytes=kv_write,
+            flops=flops, copy_bytes=copy_bytes,
         )

@@ -1,8 +1,9 @@
 """Full-scale trace replay: the real scheduler and KV policies, a shape-only runner, and
 the cost model's clock.
 
-Each step: ``scheduler.schedule()`` -> cost of (prefills, decodes, migrations) on the
-profile -> every scheduled sequence gains one token -> a sequence ends at its trace
+Each step: ``scheduler.schedule()`` -> ``describe_step`` (prefills, decode runs, attention
+groups, KV copies as issued) -> the one step-cost function -> every scheduled sequence
+gains one token -> a sequence ends at its trace
 length -> ``scheduler.postprocess``. Nothing here re-implements allocation or scheduling.
 """
 
@@ -19,6 +20,7 @@ from emulator.traces import Trace, TraceRequest
 from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig
 from odma_mlu.engine.request import Sequence
 from odma_mlu.engine.scheduler import Scheduler
+from odma_mlu.engine.step_work import describe_step
 from odma_mlu.errors import ConfigError, RequestRejected
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.factory import make_policy
@@ -61,6 +63,10 @@ class ReplayResult:
     overflow_rate: float
     preemptions: int
     migrated_bytes: int
+    """KV bytes copied (read once and written once each)."""
+    kv_read_bytes: int
+    runs_per_request: float
+    """Mean runs per decode read."""
     num_steps: int
     capacity_tokens: int
     ttft_p50_s: float | None = None
@@ -77,7 +83,13 @@ class ReplayResult:
         """The JSON row: every metric of DESIGN.md, no timelines."""
         d = {k: v for k, v in self.__dict__.items() if not k.startswith("timeline_")}
         d["bucket_edges_tokens"] = list(self.bucket_edges_tokens)
+        d["copied_kv_fraction"] = self.copied_kv_fraction
         return d
+
+    @property
+    def copied_kv_fraction(self) -> float:
+        """KV bytes copied / KV bytes read by attention."""
+        return self.migrated_bytes / self.kv_read_bytes if self.kv_read_bytes else 0.0
 
 
 def _features(r: TraceRequest, max_new_tokens: int) -> RequestFeatures:
@@ -96,10 +108,9 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
     if rate_scale <= 0:
         raise ConfigError(f"--rate-scale must be positive, got {rate_scale}")
     arena = KVArena(model, capacity_tokens, shape_only=True)
-    policy = make_policy(policy_name, arena, cache, max_new_tokens, drift_detector)
-    scheduler = Scheduler(policy, scheduler_config, model.max_position_embeddings, predictor)
     cost = CostModel(profile, model)
-    stream_bw = profile.stream_bandwidth_bytes_per_s
+    policy = make_policy(policy_name, arena, cache, max_new_tokens, drift_detector, run_cost=cost)
+    scheduler = Scheduler(policy, scheduler_config, model.max_position_embeddings, predictor)
 
     # Requests, predictions (made once, before they run: what a server would know).
     requests = list(trace.requests)
@@ -123,6 +134,9 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
     tl_res: list[int] = []
     generated = 0
     steps = 0
+    kv_read_bytes = 0
+    num_reads = 0
+    num_read_runs = 0
 
     def admit_arrivals() -> None:
         nonlocal next_arrival, rejected
@@ -146,11 +160,13 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         if batch.is_empty:
             # Nothing can run: only possible if a single request exceeds every region.
             raise AssertionError(f"{policy_name}: scheduler made no progress with {len(scheduler.waiting)} waiting")
-        step = cost.step([s.num_tokens for s in batch.prefill], [s.kv_tokens for s in batch.decode], policy.layout)
-        # A migration reads and writes each moved byte once.
-        move_s = 2.0 * batch.migrated_tokens * model.kv_bytes_per_token / stream_bw
-        now_s += step.time_s + move_s
+        work = describe_step(batch, policy)
+        step = cost.step_time(work)
+        now_s += step.time_s
         steps += 1
+        kv_read_bytes += step.kv_read_bytes
+        num_reads += work.num_decodes
+        num_read_runs += sum(len(r) for r in work.decode_read_runs)
         finished: list[Sequence] = []
         for s in batch.all_seqs():
             s.num_generated += 1
@@ -197,7 +213,8 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         kv_utilization_all=float(np.mean(util_all)),
         reservation_efficiency=live_sum / reserved_sum if reserved_sum else 0.0,
         overflow_rate=policy.overflowed_requests / max(1, len(done)), preemptions=scheduler.num_preemptions,
-        migrated_bytes=policy.migrated_tokens * model.kv_bytes_per_token, num_steps=steps,
+        migrated_bytes=arena.moved_bytes, kv_read_bytes=kv_read_bytes,
+        runs_per_request=num_read_runs / num_reads if num_reads else 1.0, num_steps=steps,
         capacity_tokens=capacity_tokens, extents_free_after=policy.reserved_tokens() == 0 and policy.num_live() == 0,
         bucket_edges_tokens=stats.bucket_edges_tokens,
         timeline_s=tuple(tl_t[i] for i in keep), timeline_live_tokens=tuple(tl_live[i] for i in keep),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -95,6 +96,15 @@ class ModelSpec:
         if missing:
             raise ConfigError(f"model config {name!r} lacks {missing}; a Hugging Face config.json for a "
                               "decoder-only model must define them")
+        for key in required + ["num_key_value_heads", "head_dim", "max_position_embeddings"]:
+            v = cfg.get(key)
+            if v is None and key not in required:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 2**40:
+                raise ConfigError(f"model config {name!r}: {key} = {v!r} must be an integer >= 1")
+        if cfg["num_attention_heads"] % (cfg.get("num_key_value_heads") or cfg["num_attention_heads"]):
+            raise ConfigError(f"model config {name!r}: num_attention_heads = {cfg['num_attention_heads']} is not a "
+                              f"multiple of num_key_value_heads = {cfg.get('num_key_value_heads')}")
         heads = int(cfg["num_attention_heads"])
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
         eos = cfg.get("eos_token_id")
@@ -145,9 +155,107 @@ def load_model_spec(name_or_path: str = DEFAULT_MODEL, dtype: str | None = "floa
     return ModelSpec.from_hf_config(cfg, name=label, dtype=dtype)
 
 
+# -- value validation ---------------------------------------------------------------------------
+# Every config dataclass calls ``_validate`` from ``__post_init__``: a wrong type, a zero size
+# or a fraction outside [0, 1] is a one-line ConfigError naming the key, the value and the
+# allowed range, whether it came from YAML, a flag or code. Types come from each field's
+# annotation; ranges from ``_RANGES`` or, for fields not listed there, from the name
+# (``*_fraction`` in [0, 1], ``num_*`` / ``max_*`` / ``*_tokens`` / ``*_every`` / ``*_window``
+# integers >= 1, other numbers finite).
+_INF = float("inf")
+_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    # name: (low, high, low excluded, high excluded)
+    "num_buckets": (1, 4096, False, False),
+    "safety_fraction": (0.0, 1.0, False, True),
+    "uncertainty_ratio": (1.0, _INF, False, True),
+    "target_coverage": (0.0, 1.0, True, False),
+    "growth_factor": (1.0, _INF, True, True),
+    "claim_admission_factor": (0.0, _INF, False, True),
+    "overcommit_max": (1.0, _INF, False, True),
+    "overcommit_initial": (0.0, _INF, True, True),
+    "overcommit_increase": (0.0, _INF, False, True),
+    "overcommit_decrease": (0.0, 1.0, True, False),
+    "kv_capacity_tokens": (256, 2**40, False, False),
+    "page_size_tokens": (1, 65536, False, False),
+    "activation_reserve_fraction": (0.0, 1.0, False, True),
+    "watermark_fraction": (0.0, 1.0, False, True),
+    "memory_fraction": (0.0, 1.0, True, False),
+    "cpu_kv_capacity_tokens": (256, 2**40, False, False),
+    "drain_timeout_s": (0.0, 86400.0, False, False),
+    "body_read_timeout_s": (0.0, 3600.0, True, False),
+    "seed": (-(2**63), 2**64 - 1, False, False),
+}
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "backend": ("auto", "mlu", "cuda", "cpu", "emulated"),
+    "dtype": ("auto", "float32", "float16", "bfloat16"),
+    "log_level": ("critical", "error", "warning", "info", "debug", "trace"),
+    "reasoning_parser": (None, "deepseek_r1"),
+}
+_SECTIONS = {"OdmaConfig": "cache.odma.", "CacheConfig": "cache.", "SchedulerConfig": "scheduler.",
+             "ServerConfig": "server.", "EngineConfig": ""}
+
+
+def _range_for(name: str, is_int: bool) -> tuple[float, float, bool, bool] | None:
+    if name in _RANGES:
+        return _RANGES[name]
+    if name.endswith("_fraction"):
+        return (0.0, 1.0, False, False)
+    if is_int and (name.startswith(("num_", "max_")) or name.endswith(("_tokens", "_every", "_window", "_bytes",
+                                                                           "_requests", "_buckets"))):
+        return (1, 2**62, False, False)
+    return None
+
+
+def _validate(obj: Any) -> None:
+    """Check every field of a config dataclass (types from annotations, ranges as above)."""
+    where = _SECTIONS.get(type(obj).__name__, "")
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{where}{f.name}"
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None:
+            if "None" not in kinds:
+                raise ConfigError(f"{key} = null is not allowed; expected {' or '.join(kinds)}")
+            continue
+        if f.name in _CHOICES:
+            if value not in _CHOICES[f.name]:
+                raise ConfigError(f"{key} = {value!r} is not one of {[c for c in _CHOICES[f.name] if c is not None]}")
+            continue
+        if "bool" in kinds:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key} = {value!r} must be true or false")
+            continue
+        if "int" in kinds or "float" in kinds:
+            is_int = "int" in kinds and "float" not in kinds
+            ok = isinstance(value, int) if is_int else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok:
+                raise ConfigError(f"{key} = {value!r} ({type(value).__name__}) must be "
+                                  f"{'an integer' if is_int else 'a number'}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} = {value!r} must be a finite number")
+            rng = _range_for(f.name, is_int)
+            if rng is not None:
+                lo, hi, lo_open, hi_open = rng
+                if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+                    shown = lambda v: "inf" if v == _INF else (int(v) if float(v).is_integer() else v)  # noqa: E731
+                    raise ConfigError(f"{key} = {value!r} is out of range: allowed "
+                                      f"{'(' if lo_open else '['}{shown(lo)}, {shown(hi)}{')' if hi_open else ']'}")
+            continue
+        if "str" in kinds:
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{key} = {value!r} must be a non-empty string")
+            continue
+        if dataclasses.is_dataclass(value) or kinds[0] in _SECTIONS:
+            if not dataclasses.is_dataclass(value) or type(value).__name__ != kinds[0]:
+                raise ConfigError(f"{key} must be a mapping of {kinds[0]} keys, got {type(value).__name__}")
+
+
 @dataclass(frozen=True)
 class OdmaConfig:
     """Constants of the ``odma`` policy. docs/odma-sensitivity.md sweeps each of them."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
 
     num_buckets: int = 8
     """K: number of bucket sizes the optimizer chooses."""
@@ -161,43 +269,44 @@ class OdmaConfig:
     histogram_bin_tokens: int = 16
     """Bin width of the online histogram; boundaries land on bin edges."""
     safety_fraction: float = 0.10
-    """Share of KV capacity reserved as the safety pool."""
+    """Share of KV capacity at the top of the arena kept as the safety region: uncertain and
+    long requests are placed there first so their runs stay long; anyone may spill across
+    when their own region has no room (no capacity is ever idle)."""
     uncertainty_ratio: float = 3.0
-    """A request whose q_high / q_mid exceeds this goes straight to the safety pool."""
+    """A request whose predicted q_high / q_mid exceeds this is uncertain (safety region)."""
+    long_request_tokens: int = 4096
+    """A request whose claim reaches this many tokens is long (safety region)."""
     target_coverage: float = 0.80
-    """Quantile of the predicted length that the first reservation must cover."""
+    """Quantile of the predicted length that a request's claim covers."""
     growth_factor: float = 2.0
-    """On overflow with no larger bucket, the new extent is at least this times the old."""
+    """On overflow with no larger bucket, the new claim is at least this times the old."""
     elastic: bool = True
-    """Elastic slabs (docs/odma-design.md): a request holds its live KV plus a growth chunk,
-    not its whole bucket; it grows in place while the next slots are free, else moves (one
-    contiguous copy) to a hole sized to its predicted claim. False gives the paper's strict
-    reservations (the whole bucket up front)."""
-    chunk_tokens: int = 4
-    """Elastic mode: slots held beyond the live KV when the whole claim does not fit."""
-    admission_watermark_fraction: float = 0.04
-    """Elastic mode: admit a new request only if this share of the main region stays free
-    after it, so running slabs can still grow (a preemption costs a whole recompute)."""
-    overcommit_max: float = 4.0
-    """Elastic mode: admission keeps the sum of running claims under ``overcommit`` x the
-    main region. ``overcommit`` adapts (AIMD): it starts at 1 (no overcommit, like strict
-    reservations), rises by ``overcommit_increase`` per finished request and is multiplied
-    by ``overcommit_decrease`` whenever a slab finds no room to grow (a preemption), so it
-    settles where the workload's growth stops causing recomputes."""
-    overcommit_initial: float = 1.0
-    overcommit_increase: float = 0.1
-    overcommit_decrease: float = 0.7
-    compact_min_free_fraction: float = 0.02
-    """Elastic mode: before preempting for lack of a big enough hole, compact the main region
-    (slide slabs together) if at least this share of it is free."""
+    """True: a request holds its live KV plus ``chunk_tokens`` and grows in place into the
+    room kept after it (docs/odma-design.md). False: the paper's strict mode, the whole
+    claim reserved up front. In both modes an overflow starts a new run, never a copy,
+    unless the cost model says the copy pays for itself."""
+    chunk_tokens: int = 16
+    """Elastic mode: slots taken beyond the live KV at each in-place extension."""
+    claim_admission_factor: float = 0.0
+    """Admission by predicted claims: admit only while the running requests' claims plus the
+    new one stay under this many times the KV capacity (0 disables the rule; the common
+    watermark always applies)."""
 
 
 @dataclass(frozen=True)
 class CacheConfig:
+    def __post_init__(self) -> None:
+        _validate(self)
+
     policy: str = "odma"
     kv_capacity_tokens: int | None = None
     """KV capacity; None derives it from the device profile (memory - weights - reserve)."""
     page_size_tokens: int = 16
+    watermark_fraction: float = 0.01
+    """Admission watermark shared by every policy that can run out of room after admission
+    (paged, odma): a request is admitted only if this share of KV capacity stays free
+    after it. 0.01 is vLLM's block-manager default (``watermark=0.01``), so paged runs under
+    the rule it has in production."""
     s3_num_buckets: int = 10
     activation_reserve_fraction: float = 0.10
     """Share of device memory kept for activations and the runtime (90% memory use)."""
@@ -206,16 +315,21 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    def __post_init__(self) -> None:
+        _validate(self)
+
     max_num_seqs: int = 1024
     """High enough that KV memory, not this cap, limits the batch of the 7B model on a
     24 GB card (~118K KV tokens): that is the regime ODMA is about."""
     max_num_batched_tokens: int = 8192
     max_new_tokens: int = 512
-    group_decode_by_bucket: bool = True
 
 
 @dataclass(frozen=True)
 class EngineConfig:
+    def __post_init__(self) -> None:
+        _validate(self)
+
     model: str = DEFAULT_MODEL
     backend: str = "auto"
     dtype: str = "float16"
@@ -276,6 +390,9 @@ class ServerConfig:
     between hosts can never silently expose a server or carry a secret.
     """
 
+    def __post_init__(self) -> None:
+        _validate(self)
+
     served_model_name: str | None = None
     """Name clients put in ``model``; None uses the model folder's name."""
     memory_fraction: float = 0.90
@@ -293,5 +410,12 @@ class ServerConfig:
     """max_tokens of a completion that does not say (the OpenAI default); chat requests
     without one get up to the engine's max_new_tokens."""
     drain_timeout_s: float = 60.0
-    """On SIGTERM, in-flight requests get this long to finish before the engine is stopped."""
+    """On SIGTERM, in-flight requests get this long to finish (0: none); those still running
+    then get a 503 (streams: an error event, then ``[DONE]``) and the engine stops."""
+    body_read_timeout_s: float = 30.0
+    """A request body not fully received within this long is answered 408 (slow clients
+    cannot hold connections open)."""
+    reasoning_parser: str | None = None
+    """``deepseek_r1``: chat answers split the ``<think>`` part into ``reasoning_content``
+    (as vLLM's ``--reasoning-parser deepseek_r1``); None leaves it in ``content``."""
     log_level: str = "info"

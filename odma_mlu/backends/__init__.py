@@ -37,11 +37,12 @@ def _real_backend(name: str) -> Backend:
     raise ConfigError(f"unknown backend {name!r}; choose one of {list(BACKEND_NAMES)}")
 
 
-def get_backend(name: str = "auto", profile: str | None = None, host: str = "auto") -> Backend:
+def get_backend(name: str = "auto", profile: str | None = None, host: str = "auto", pace: bool = False) -> Backend:
     """Return the backend ``name``.
 
     ``emulated`` needs ``profile`` (a name in device_profiles/ or a YAML path) and runs its
-    tensors on ``host`` (cuda if available under auto, else cpu).
+    tensors on ``host`` (cuda if available under auto, else cpu); its clock and KV capacity
+    are those of the 7B shape on that profile, and ``pace`` makes steps take the card's time.
     """
     if name not in BACKEND_NAMES:
         raise ConfigError(f"unknown backend {name!r}; choose one of {list(BACKEND_NAMES)}")
@@ -58,7 +59,7 @@ def get_backend(name: str = "auto", profile: str | None = None, host: str = "aut
         host = "cuda" if CudaBackend.is_available() else "cpu"
     if host in ("emulated", "mlu"):
         raise ConfigError(f"emulated backend host must be cpu or cuda, not {host!r}")
-    return EmulatedBackend(load_profile(profile), _real_backend(host))
+    return EmulatedBackend(load_profile(profile), _real_backend(host), pace=pace)
 
 
 def backend_unavailable_message(name: str) -> str | None:

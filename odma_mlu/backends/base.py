@@ -10,7 +10,13 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from odma_mlu.engine.step_work import StepWork
+    from odma_mlu.kvcache.odma import RunCost
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,15 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return f"{self.name} ({self.device})"
+
+    def kv_run_cost(self) -> "RunCost | None":
+        """Prices of KV runs and copies for the policies' copy decisions; None where the
+        device has no profile (policies then never copy to merge runs)."""
+        return None
+
+    def account_step(self, work: "StepWork") -> None:
+        """Called after every engine step with what it issued; the emulated backend advances
+        (and paces) its clock by the step-cost function. A no-op on real devices."""
 
     def check_dtype(self, dtype: torch.dtype) -> None:
         """Raise a clear error if ``dtype`` cannot run here."""

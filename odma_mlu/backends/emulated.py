@@ -1,14 +1,25 @@
-"""The emulated backend: real tensors on cpu or cuda, capacity and time of a device profile.
+"""The emulated backend: real tensors on cpu or cuda, the clock and KV capacity of a
+target model shape on a device profile (by default the 7B shape on an MLU370-X4).
 
-Each engine step calls ``advance(cost_s)`` with the cost model's time for that step, so
-timings are deterministic and reproduce the profiled device (e.g. an MLU370-X4) in CI.
+A small model computes the tokens; every engine step is priced by the emulator's one
+step-cost function *for the target shape* (``account_step``) and advances a virtual clock.
+With ``pace=True`` (the emulated server) each step also waits until wall time catches up
+with the virtual clock, so clients see the card's TTFT and TPOT, not the host's.
 """
 
 from __future__ import annotations
 
+import time
+from typing import TYPE_CHECKING
+
 import torch
 
 from odma_mlu.backends.base import Backend, MemoryInfo, Timer
+
+if TYPE_CHECKING:
+    from odma_mlu.config import ModelSpec
+    from odma_mlu.engine.step_work import StepWork
+    from odma_mlu.kvcache.odma import RunCost
 
 
 class VirtualClock:
@@ -37,13 +48,20 @@ class _VirtualTimer(Timer):
 class EmulatedBackend(Backend):
     name = "emulated"
 
-    def __init__(self, profile: "object", host: Backend) -> None:
+    def __init__(self, profile: "object", host: Backend, target_model: "ModelSpec | None" = None,
+                 pace: bool = False) -> None:
+        from emulator.cost_model import CostModel
         from emulator.profile import DeviceProfile
+        from odma_mlu.config import load_model_spec
 
         assert isinstance(profile, DeviceProfile), "EmulatedBackend needs an emulator.profile.DeviceProfile"
         self.profile = profile
         self.host = host
+        self.target_model = target_model or load_model_spec()
+        self.cost = CostModel(profile, self.target_model)
         self.clock = VirtualClock()
+        self.pace = pace
+        self._wall_origin_s: float | None = None
         self.dist_backend = host.dist_backend
         self._allocated_bytes = 0
 
@@ -67,14 +85,37 @@ class EmulatedBackend(Backend):
         """Account emulated device memory (the tensors themselves live on the host device)."""
         self._allocated_bytes += num_bytes
 
+    def kv_capacity_tokens(self, activation_reserve_fraction: float = 0.10) -> int:
+        """KV tokens the target shape has on the profiled card (memory - weights - reserve)."""
+        usable = self.profile.capacity_bytes * (1.0 - activation_reserve_fraction) - self.target_model.weight_bytes
+        return max(0, int(usable) // self.target_model.kv_bytes_per_token)
+
     def synchronize(self) -> None:
         self.host.synchronize()
 
     def timer(self) -> Timer:
         return _VirtualTimer(self.clock)
 
+    def kv_run_cost(self) -> "RunCost":
+        return self.cost
+
+    def account_step(self, work: "StepWork") -> None:
+        self.advance(self.cost.step_time(work).time_s)
+
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
+        if not self.pace:
+            return
+        now = time.perf_counter()
+        if self._wall_origin_s is None or now - self._wall_origin_s > self.clock.now_s + 1.0:
+            # First step, or the host fell more than a second behind (idle gap, slow host):
+            # re-anchor so the card's time is not "caught up" in a burst.
+            self._wall_origin_s = now - self.clock.now_s
+            return
+        wait_s = self._wall_origin_s + self.clock.now_s - now
+        if wait_s > 0:
+            time.sleep(wait_s)
 
     def describe(self) -> str:
-        return f"emulated {self.profile.name} on {self.host.describe()}"
+        return (f"emulated {self.profile.name} ({self.target_model.name} shape) on {self.host.describe()}"
+                + (", paced" if self.pace else ""))

@@ -5,8 +5,13 @@
     add_request -> Scheduler.add (validated before any KV is reserved)
     step():  batch = scheduler.schedule()          (policy reserves / grows / preempts)
              logits = model.forward(batch, arena)   (prefill + decode in one varlen batch)
-             tokens = sampler.sample(logits)        (per-request generators)
+             tokens = sampler.sample_rows(logits)   (vectorized; per-request generators)
              stop checks -> scheduler.postprocess   (finished requests release their KV)
+
+A failure tied to one request (its sampling row, its stop check, its stream callback) ends
+that request alone with ``finish_reason == "error"`` and frees its KV; the others go on. A
+failed forward fails the requests of that batch and frees their KV; ``MAX_FORWARD_FAILURES``
+failed forwards in a row mean the engine itself is broken, and ``step`` raises.
 
 On the emulated backend each step also advances the virtual clock by the cost model.
 """
@@ -14,6 +19,7 @@ On the emulated backend each step also advances the virtual clock by the cost mo
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence as Seq
@@ -23,15 +29,22 @@ import torch
 from odma_mlu.backends import Backend, get_backend
 from odma_mlu.config import CacheConfig, SchedulerConfig
 from odma_mlu.engine.request import Sequence
-from odma_mlu.engine.sampler import Sampler, SamplingParams, check_stop
+from odma_mlu.engine.sampler import (FINISH_LENGTH, IncrementalDecoder, SampleResult, SampleRow, Sampler,
+                                     SamplingParams, TokenLogprobs, check_stop)
 from odma_mlu.engine.scheduler import ScheduledBatch, Scheduler
+from odma_mlu.engine.step_work import describe_step
 from odma_mlu.errors import ConfigError, RequestRejected
 from odma_mlu.kvcache.factory import make_policy
+from odma_mlu.kvcache.window import WindowedPolicy, plan_window_group
 from odma_mlu.models.attention import ForwardBatch, SequenceInput
 from odma_mlu.models.loader import load_model
 from odma_mlu.predictor.base import LengthPredictor, RequestFeatures
 
 StreamCallback = Callable[["RequestOutput"], None]
+log = logging.getLogger("odma_mlu.engine")
+
+FINISH_ERROR = "error"
+MAX_FORWARD_FAILURES = 3
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,10 @@ class RequestOutput:
     text: str
     finished: bool
     finish_reason: str | None
+    logprobs: TokenLogprobs | None = None
+    """Of the newest token, when the request asked for ``logprobs``."""
+    error: str | None = None
+    """Why the request failed alone (``finish_reason == "error"``); None otherwise."""
 
 
 @dataclass
@@ -50,6 +67,7 @@ class _Live:
     params: SamplingParams
     generator: torch.Generator | None
     callback: StreamCallback | None
+    decoder: IncrementalDecoder | None = None
     text: str = ""
     checked_chars: int = 0
 
@@ -58,37 +76,55 @@ class LLMEngine:
     def __init__(self, model_path: str | Path, *, kv_policy: str = "odma", backend: str | Backend = "auto",
                  dtype: str | None = None, kv_capacity_tokens: int = 4096, predictor: LengthPredictor | None = None,
                  cache: CacheConfig = CacheConfig(), scheduler: SchedulerConfig = SchedulerConfig(),
-                 profile: str | None = None, seed: int = 0) -> None:
+                 profile: str | None = None, seed: int = 0, window_slots: int | None = None) -> None:
+        """``window_slots``: ring slots of a model with sliding layers (kvcache/window.py);
+        None sizes them from ``kv_capacity_tokens``, which then counts K/V of every layer."""
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, profile=profile)
         self.model, self.spec, self.tokenizer = load_model(model_path, backend=self.backend, dtype=dtype)
         if kv_capacity_tokens <= 0:
             raise ConfigError(f"kv_capacity_tokens must be positive, got {kv_capacity_tokens}")
-        self.arena = self.model.new_arena(kv_capacity_tokens)
-        self.policy = make_policy(kv_policy, self.arena, cache, scheduler.max_new_tokens)
+        split = plan_window_group(self.model, kv_capacity_tokens, scheduler.max_num_seqs, window_slots)
+        self.arena = self.model.new_arena(split.arena_tokens if split else kv_capacity_tokens)
+        self.policy = make_policy(kv_policy, self.arena, cache, scheduler.max_new_tokens,
+                                  run_cost=self.backend.kv_run_cost())
+        self.windows = self.model.new_window_pool(split.ring_slots) if split else None
+        if self.windows is not None:  # admission also takes a ring; every release returns it
+            self.policy = WindowedPolicy(self.policy, self.windows)
+        self.states = None
+        if getattr(self.model, "is_hybrid", False):  # SSM state slots; capacity moves between pools (AVMP)
+            from odma_mlu.kvcache.avmp import AvmpPolicy
+
+            self.states = self.model.new_state_pool(0)
+            self.policy = AvmpPolicy(self.policy, self.states, self.model.hybrid.kv_bytes_per_token)
         self.scheduler = Scheduler(self.policy, scheduler, self.spec.max_position_embeddings, predictor)
         self.sampler = Sampler(seed)
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
         self.eos_token_ids = tuple(self.spec.eos_token_ids)
-        self._cost = None
-        if self.backend.name == "emulated":
-            from emulator.cost_model import CostModel
-
-            self._cost = CostModel(self.backend.profile, self.spec)  # type: ignore[attr-defined]
+        self._forward_failures = 0
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | Seq[int], params: SamplingParams = SamplingParams(), *,
                     request_id: str | None = None, callback: StreamCallback | None = None,
-                    true_output_tokens: int | None = None) -> str:
-        """Queue a request; raises RequestRejected (nothing reserved) if it can never run."""
+                    true_output_tokens: int | None = None, prompt_text: str | None = None) -> str:
+        """Queue a request; raises RequestRejected (nothing reserved) if it can never run.
+
+        ``prompt`` as token ids skips tokenization here (the server tokenizes off the engine
+        thread); ``prompt_text`` then still gives the length predictor its text features.
+        Everything that can fail is done before the scheduler sees the request, so a
+        rejected request leaves nothing behind."""
+        if not isinstance(params, SamplingParams):
+            raise RequestRejected(f"params must be SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestRejected("this engine has no tokenizer: pass token ids")
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
             text = prompt
         else:
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):
+                raise RequestRejected("prompt token ids must be integers")
             ids = [int(t) for t in prompt]
-            text = None
+            text = prompt_text
         bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
         if bad:
             raise RequestRejected(f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.spec.vocab_size})")
@@ -103,9 +139,10 @@ class LLMEngine:
         seq = Sequence(request_id=rid, prompt_tokens=len(ids), max_new_tokens=max_new, prompt_token_ids=ids,
                        features=RequestFeatures(len(ids), max_new, text, params.temperature),
                        true_output_tokens=true_output_tokens)
-        self.scheduler.add(seq)  # validates before anything is reserved
         gen = self.sampler.make_generator(params, self.model.device) if not params.greedy else None
-        self._live[rid] = _Live(seq, params, gen, callback)
+        decoder = IncrementalDecoder(self.tokenizer) if params.stop and self.tokenizer is not None else None
+        self.scheduler.add(seq)  # validates before anything is reserved; the last thing that may fail
+        self._live[rid] = _Live(seq, params, gen, callback, decoder)
         return rid
 
     def abort(self, request_id: str) -> bool:
@@ -132,42 +169,113 @@ class LLMEngine:
         if batch.is_empty:
             return []
         seqs = batch.all_seqs()
+        work = describe_step(batch, self.policy)  # drains the KV copies the policy issued
         fb = ForwardBatch.build(self._forward_inputs(batch), device=self.model.device)
-        logits = self.model.forward(fb, self.arena)
+        try:
+            if self.states is not None:
+                logits = self.model.forward(fb, self.arena, self.states,
+                                            [self.states.slot_of(s.request_id) for s in seqs])
+            elif self.windows is None:
+                logits = self.model.forward(fb, self.arena)
+            else:
+                rings = self.windows.plan(fb.seqs, [s.request_id for s in seqs], self.model.device)
+                logits = self.model.forward(fb, self.arena, rings)
+        except Exception as e:  # noqa: BLE001 - see the module docstring
+            return self._fail_batch(seqs, e)
+        self._forward_failures = 0
         lives = [self._live[s.request_id] for s in seqs]
-        next_ids = self.sampler.sample(logits, [lv.params for lv in lives], [lv.generator for lv in lives])
-        if self._cost is not None:
-            cost = self._cost.step([s.num_tokens for s in batch.prefill], [s.num_tokens - 1 for s in batch.decode],
-                                   self.policy.layout, num_decode_groups=len(fb.decode_groups))
-            self.backend.advance(cost.time_s)  # type: ignore[attr-defined]
+        sampled, sample_errors = self._sample(logits, seqs, lives)
+        self.backend.account_step(work)
         outputs: list[RequestOutput] = []
         finished: list[Sequence] = []
-        for s, lv, tok in zip(seqs, lives, next_ids):
-            s.output_token_ids.append(int(tok))
-            s.num_generated += 1
-            text = None
-            if lv.params.stop and self.tokenizer is not None:
-                lv.text = self.tokenizer.decode(s.output_token_ids, skip_special_tokens=True)
-                text = lv.text
-            stop = check_stop(lv.params, s.output_token_ids, text, self.eos_token_ids, lv.checked_chars)
-            if text is not None:
-                lv.checked_chars = len(text)
-            if stop is None and s.num_generated >= s.max_new_tokens:
-                reason: str | None = "length"
-            else:
-                reason = stop.finish_reason if stop is not None else None
-            if reason is not None:
-                s.finish_reason = reason
+        failed: dict[str, str] = {}
+        for i, (s, lv) in enumerate(zip(seqs, lives)):
+            try:
+                if i in sample_errors:
+                    raise RuntimeError(sample_errors[i])
+                out = self._advance(s, lv, sampled.token_ids[i], sampled.logprobs[i])
+            except Exception as e:  # noqa: BLE001 - this request alone fails
+                log.error("request %s failed in step: %s", s.request_id, e, exc_info=True)
+                failed[s.request_id] = f"{type(e).__name__}: {e}"
+                continue
+            if out.finished:
                 finished.append(s)
-            out = RequestOutput(s.request_id, (int(tok),), tuple(s.output_token_ids), lv.text, reason is not None,
-                                reason)
             outputs.append(out)
             if lv.callback is not None:
-                lv.callback(out)
+                try:
+                    lv.callback(out)
+                except Exception as e:  # noqa: BLE001 - a broken consumer ends its own request
+                    log.error("stream callback of %s failed: %s", s.request_id, e, exc_info=True)
+                    if not out.finished:
+                        failed[s.request_id] = f"stream callback failed: {type(e).__name__}: {e}"
         self.scheduler.postprocess(batch, finished)
         for s in finished:
             self._live.pop(s.request_id, None)
+        for rid, message in failed.items():
+            outputs.append(self._fail(rid, message))
         return outputs
+
+    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence], lives: Seq[_Live]
+                ) -> tuple[SampleResult, dict[int, str]]:
+        """Sample the whole batch at once; if that raises, row by row, so a row that cannot be
+        sampled fails alone (its index -> message)."""
+        rows = [SampleRow(lv.params, lv.generator, s.prompt_token_ids or (), s.output_token_ids, self.eos_token_ids)
+                for s, lv in zip(seqs, lives)]
+        try:
+            return self.sampler.sample_rows(logits, rows), {}
+        except Exception:  # noqa: BLE001 - isolate the culprit below
+            log.warning("batched sampling failed; sampling row by row", exc_info=True)
+        tokens: list[int] = []
+        logprobs: list[TokenLogprobs | None] = []
+        errors: dict[int, str] = {}
+        for i, row in enumerate(rows):
+            try:
+                r = self.sampler.sample_rows(logits[i:i + 1], [row])
+                tokens.append(r.token_ids[0])
+                logprobs.append(r.logprobs[0])
+            except Exception as e:  # noqa: BLE001
+                errors[i] = f"sampling failed: {type(e).__name__}: {e}"
+                tokens.append(-1)
+                logprobs.append(None)
+        return SampleResult(tokens, logprobs), errors
+
+    def _advance(self, s: Sequence, lv: _Live, tok: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+        """Append the sampled token and run the stop checks (incremental over the new text)."""
+        s.output_token_ids.append(int(tok))
+        s.num_generated += 1
+        text = None
+        if lv.decoder is not None:
+            lv.decoder.update(s.output_token_ids)
+            lv.text = text = lv.decoder.text
+        stop = check_stop(lv.params, s.output_token_ids, text, self.eos_token_ids, lv.checked_chars)
+        if text is not None:
+            lv.checked_chars = len(text)
+        if stop is None and s.num_generated >= s.max_new_tokens:
+            reason: str | None = FINISH_LENGTH
+        else:
+            reason = stop.finish_reason if stop is not None else None
+        if reason is not None:
+            s.finish_reason = reason
+        return RequestOutput(s.request_id, (int(tok),), tuple(s.output_token_ids), lv.text, reason is not None,
+                             reason, logprobs)
+
+    def _fail(self, request_id: str, message: str) -> RequestOutput:
+        """End one request with ``finish_reason == "error"``; its KV is freed."""
+        live = self._live.pop(request_id, None)
+        self.scheduler.abort(request_id)
+        tokens = tuple(live.seq.output_token_ids) if live is not None else ()
+        return RequestOutput(request_id, (), tokens, live.text if live is not None else "", True, FINISH_ERROR,
+                             None, message)
+
+    def _fail_batch(self, seqs: Seq[Sequence], error: Exception) -> list[RequestOutput]:
+        """A forward failed: its requests fail (their KV state is unknown) and free their KV."""
+        self._forward_failures += 1
+        log.error("forward failed (%d in a row) for %d requests", self._forward_failures, len(seqs), exc_info=True)
+        if self._forward_failures >= MAX_FORWARD_FAILURES:
+            raise RuntimeError(f"{self._forward_failures} forward passes failed in a row; last: "
+                               f"{type(error).__name__}: {error}") from error
+        message = f"the model forward failed: {type(error).__name__}: {error}"
+        return [self._fail(s.request_id, message) for s in seqs]
 
     def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] = SamplingParams(),
                  ) -> list[RequestOutput]:

@@ -9,8 +9,8 @@ Each ``schedule()`` is two plain loops::
        can reserve and the limits on sequences and batched tokens allow; never admit in a
        step that had to preempt (the memory is evidently tight) unless nothing is left running
 
-Decode sequences come out grouped by reservation size, so attention reads equal-shaped
-contiguous slabs. Preemption is by recompute: the KV is dropped and the prompt plus the
+Grouping decode sequences into attention calls is not the scheduler's business:
+``odma_mlu.engine.step_work.decode_group_key`` decides it in one place. Preemption is by recompute: the KV is dropped and the prompt plus the
 tokens generated so far are prefilled again later, so output tokens never change.
 """
 
@@ -33,17 +33,12 @@ PREDICT_BATCH = 64
 @dataclass(frozen=True)
 class ScheduledBatch:
     prefill: tuple[Sequence, ...]
-    decode_groups: tuple[tuple[Sequence, ...], ...]
+    decode: tuple[Sequence, ...]
     preempted: tuple[Sequence, ...]
-    migrated_tokens: int
-
-    @property
-    def decode(self) -> tuple[Sequence, ...]:
-        return tuple(s for g in self.decode_groups for s in g)
 
     @property
     def is_empty(self) -> bool:
-        return not self.prefill and not self.decode_groups
+        return not self.prefill and not self.decode
 
     def all_seqs(self) -> tuple[Sequence, ...]:
         return self.prefill + self.decode
@@ -59,7 +54,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.migrated_tokens = 0
         # Submission order breaks ties between equal arrival times (offline replay: all 0), so
         # "oldest" is FCFS order; the request id string ("r10" < "r9") is not an age.
         self._submitted: dict[str, int] = {}
@@ -114,7 +108,6 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         preempted: list[Sequence] = []
         decode: list[Sequence] = []
-        moved = 0
         # Loop 1: running sequences, oldest first; victims are taken from the newest end.
         queue = sorted(self.running, key=lambda s: (s.arrival_s, self._submitted.get(s.request_id, 0)))
         while queue:
@@ -122,7 +115,6 @@ class Scheduler:
             while True:
                 res = self.policy.ensure_capacity(seq.request_id, seq.num_tokens)
                 if res.status == GrowStatus.OK:
-                    moved += res.moved_tokens
                     decode.append(seq)
                     break
                 if res.status == GrowStatus.REQUEUE or not queue:
@@ -154,8 +146,7 @@ class Scheduler:
                 self.running.append(seq)
                 prefill.append(seq)
                 budget -= seq.num_tokens
-        self.migrated_tokens += moved
-        return ScheduledBatch(tuple(prefill), self._group(decode), tuple(preempted), moved)
+        return ScheduledBatch(tuple(prefill), tuple(decode), tuple(preempted))
 
     def _predict_head(self) -> None:
         """Predict lengths for the head of the queue, in one batch, just before admission,
@@ -165,16 +156,6 @@ class Scheduler:
         todo = [s for s in list(self.waiting)[:PREDICT_BATCH] if s.prediction is None and s.features is not None]
         for s, p in zip(todo, self.predictor.predict_batch([s.features for s in todo])):
             s.prediction = p
-
-    def _group(self, decode: list[Sequence]) -> tuple[tuple[Sequence, ...], ...]:
-        if not decode:
-            return ()
-        if not self.config.group_decode_by_bucket:
-            return (tuple(decode),)
-        groups: dict[int, list[Sequence]] = {}
-        for s in decode:
-            groups.setdefault(self.policy.location(s.request_id).capacity_tokens, []).append(s)
-        return tuple(tuple(groups[k]) for k in sorted(groups))
 
     def location(self, seq: Sequence) -> KVLocation:
         return self.policy.location(seq.request_id)

@@ -7,8 +7,8 @@
     request A:   [=====A=====)                               one contiguous slot range
     request B:                 [=========B=========)         in every layer, K and V
 
-A contiguous policy gives each request one slot range ``[start, start + capacity)``; the
-paged policy gives pages of ``page_tokens`` slots listed in a block table. Either way a
+Every policy describes a request's KV as an ordered list of runs (``KVLocation``): one
+run for static/S3/exact, page-sized runs for paged, usually one for ODMA. Either way a
 request's token ``t`` lives at one slot (``KVLocation.slot_of``), the same in every layer.
 Per-layer tensors (not one big tensor) keep each under torch_mlu's 2^31-byte cap per K/V.
 
@@ -24,37 +24,78 @@ import torch
 from odma_mlu.config import ModelSpec
 
 
+Run = tuple[int, int]
+"""A physical run of KV: (first slot, tokens). Consecutive token slots in every layer."""
+
+
 @dataclass(frozen=True)
 class KVLocation:
-    """Where a request's KV lives: a contiguous range, or a block table of pages."""
+    """Where a request's KV lives: an ordered list of runs. Token ``t`` of the request is
+    the ``t``-th slot when the runs are read one after another::
 
-    capacity_tokens: int
-    start_slot: int | None = None
-    block_table: tuple[int, ...] | None = None
-    page_tokens: int = 0
+        runs ((100, 4), (40, 3))  ->  tokens 0..3 at slots 100..103, tokens 4..6 at 40..42
+
+    Static, S3 and exact hold one run; paged holds page-sized runs (adjacent pages merge);
+    ODMA holds one run per placement (usually one)."""
+
+    runs: tuple[Run, ...]
 
     def __post_init__(self) -> None:
-        assert (self.start_slot is None) != (self.block_table is None), "exactly one of start_slot / block_table"
+        assert self.runs, "a KV location needs at least one run"
+        assert all(n > 0 for _, n in self.runs), f"empty run in {self.runs}"
 
     @property
-    def is_contiguous(self) -> bool:
-        return self.start_slot is not None
+    def capacity_tokens(self) -> int:
+        return sum(n for _, n in self.runs)
+
+    @property
+    def num_runs(self) -> int:
+        return len(self.runs)
+
+    @property
+    def start_slot(self) -> int:
+        return self.runs[0][0]
+
+    def first_run_covers(self, num_tokens: int) -> bool:
+        """Tokens [0, num_tokens) all lie in the first run (a one-run read: a view)."""
+        return num_tokens <= self.runs[0][1]
+
+    def run_tokens(self, num_tokens: int) -> tuple[int, ...]:
+        """Lengths of the runs that tokens [0, num_tokens) occupy, in order."""
+        out: list[int] = []
+        left = num_tokens
+        for _, n in self.runs:
+            if left <= 0:
+                break
+            out.append(min(n, left))
+            left -= n
+        assert left <= 0, f"{num_tokens} tokens exceed the location's {self.capacity_tokens}"
+        return tuple(out)
 
     def slot_of(self, token_index: int) -> int:
         assert 0 <= token_index < self.capacity_tokens, \
             f"token {token_index} outside the reservation of {self.capacity_tokens} tokens"
-        if self.start_slot is not None:
-            return self.start_slot + token_index
-        assert self.block_table is not None
-        page, offset = divmod(token_index, self.page_tokens)
-        return self.block_table[page] * self.page_tokens + offset
+        for start, n in self.runs:
+            if token_index < n:
+                return start + token_index
+            token_index -= n
+        raise AssertionError("unreachable")
 
     def slots(self, first: int, count: int) -> torch.Tensor:
         """Slot indices of tokens [first, first + count) as an int64 tensor (CPU)."""
-        if self.start_slot is not None:
-            assert first + count <= self.capacity_tokens, "slots past the reservation"
-            return torch.arange(self.start_slot + first, self.start_slot + first + count, dtype=torch.int64)
-        return torch.tensor([self.slot_of(t) for t in range(first, first + count)], dtype=torch.int64)
+        assert first >= 0 and first + count <= self.capacity_tokens, "slots past the reservation"
+        if count <= 0:
+            return torch.empty(0, dtype=torch.int64)
+        parts: list[torch.Tensor] = []
+        pos = 0  # token index of the current run's first token
+        for start, n in self.runs:
+            lo, hi = max(first, pos), min(first + count, pos + n)
+            if lo < hi:
+                parts.append(torch.arange(start + lo - pos, start + hi - pos, dtype=torch.int64))
+            pos += n
+            if pos >= first + count:
+                break
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class KVArena:
@@ -76,6 +117,7 @@ class KVArena:
                 self.k.append(torch.zeros(shape, dtype=dtype, device=self.device))
                 self.v.append(torch.zeros(shape, dtype=dtype, device=self.device))
         self.moved_bytes = 0
+        self.issued_copy_tokens: list[int] = []
 
     @property
     def bytes_per_token(self) -> int:
@@ -86,26 +128,28 @@ class KVArena:
     def nbytes(self) -> int:
         return self.capacity_tokens * self.bytes_per_token
 
-    def move(self, src_slots: torch.Tensor | range, dst_slots: torch.Tensor | range) -> int:
-        """Copy KV from ``src_slots`` to ``dst_slots`` in every layer; returns bytes moved.
+    def copy_run(self, src_start: int, dst_start: int, num_tokens: int) -> int:
+        """Copy ``num_tokens`` slots of KV from ``src_start`` to ``dst_start`` in every layer
+        (one contiguous copy per layer and K/V, overlapping ranges allowed); returns bytes.
 
-        Ranges copy as one contiguous slice per layer and K/V (ODMA's migration);
-        index tensors (paged) gather and scatter.
-        """
-        n = len(src_slots)
-        assert n == len(dst_slots), "move: source and destination differ in length"
-        nbytes = n * self.bytes_per_token
+        Every copy is recorded in ``issued_copy_tokens`` so the step-cost function charges
+        its kernels and bytes (``odma_mlu.engine.step_work.describe_step`` drains it)."""
+        assert num_tokens > 0, f"copy of {num_tokens} tokens"
+        assert 0 <= src_start and src_start + num_tokens <= self.capacity_tokens, "copy source outside the arena"
+        assert 0 <= dst_start and dst_start + num_tokens <= self.capacity_tokens, "copy target outside the arena"
+        nbytes = num_tokens * self.bytes_per_token
         self.moved_bytes += nbytes
-        if self.shape_only or n == 0:
+        self.issued_copy_tokens.append(num_tokens)
+        if self.shape_only:
             return nbytes
-        if isinstance(src_slots, range) and isinstance(dst_slots, range):
-            s, d = slice(src_slots.start, src_slots.stop), slice(dst_slots.start, dst_slots.stop)
-            overlap = src_slots.start < dst_slots.stop and dst_slots.start < src_slots.stop
-            for t in (*self.k, *self.v):
-                t[d] = t[s].clone() if overlap else t[s]
-            return nbytes
-        src = torch.as_tensor(list(src_slots) if isinstance(src_slots, range) else src_slots, device=self.device)
-        dst = torch.as_tensor(list(dst_slots) if isinstance(dst_slots, range) else dst_slots, device=self.device)
+        s, d = slice(src_start, src_start + num_tokens), slice(dst_start, dst_start + num_tokens)
+        overlap = src_start < dst_start + num_tokens and dst_start < src_start + num_tokens
         for t in (*self.k, *self.v):
-            t[dst] = t[src]
+            t[d] = t[s].clone() if overlap else t[s]
         return nbytes
+
+    def take_issued_copies(self) -> tuple[int, ...]:
+        """The copies issued since the last call (token counts), and forget them."""
+        out = tuple(self.issued_copy_tokens)
+        self.issued_copy_tokens.clear()
+        return out

@@ -1,4 +1,6 @@
-"""``oracle``: contiguous slabs of exactly prompt + true length: the upper bound.
+"""``exact``: one run of exactly prompt + true length per request (static reservation that
+knows every length). Not an upper bound: on heavy tails the reserved-but-unused room loses
+to paging (``ideal`` is the bound).
 
 Where the true length is unknown (a live request), it reserves the worst case, like static.
 """
@@ -8,8 +10,8 @@ from __future__ import annotations
 from odma_mlu.kvcache.policy import ContiguousPolicy, ReserveRequest
 
 
-class OraclePolicy(ContiguousPolicy):
-    name = "oracle"
+class ExactPolicy(ContiguousPolicy):
+    name = "exact"
 
     def initial_tokens(self, req: ReserveRequest) -> int:
         if req.true_output_tokens is None:

@@ -152,6 +152,16 @@ class ExtentAllocator:
         i = bisect.bisect_left(self._free_by_size, (min_length, -1))
         return self._free_by_size[i] if i < len(self._free_by_size) else None
 
+    def holes_at_least(self, min_length: int, limit: int) -> list[tuple[int, int]]:
+        """Up to ``limit`` free holes of at least ``min_length`` tokens as (length, start),
+        smallest first (lowest address on ties)."""
+        i = bisect.bisect_left(self._free_by_size, (min_length, -1))
+        return self._free_by_size[i:i + limit]
+
+    def largest_holes(self, limit: int) -> list[tuple[int, int]]:
+        """Up to ``limit`` of the largest free holes as (length, start), largest first."""
+        return self._free_by_size[:-limit - 1:-1] if limit > 0 else []
+
     def used_ending_at(self, slot: int) -> Extent | None:
         """The used extent whose end is ``slot`` (the left neighbour of a hole starting there)."""
         start = self._used_by_end.get(slot)

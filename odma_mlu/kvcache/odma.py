@@ -1,299 +1,385 @@
-"""``odma``: predicted-length buckets, re-learned boundaries, a safety pool, elastic slabs.
+"""``odma`` v2: contiguity as a placement property.
 
-::
+A request's KV is an ordered list of runs. ODMA's job is to *place* each request so that
+it almost always keeps one run, without copying to stay contiguous::
 
-    arena:  [ main region ......................................... | safety pool ]
-    claim = prompt + smallest bucket >= predicted length at ``target_coverage``;
-    bucket edges re-optimized (exact DP) from the lengths of completed requests.
+    arena:  [ main region ........................................ | safety region ]
+             |A live|A room ->   |B live|B room ----->  |  free   |  long/uncertain
 
-Strict mode (the paper): the whole claim is reserved up front. Elastic mode (default)
-holds only ``live + chunk`` slots, placed at the start of the smallest hole that could take
-the whole claim, so the request usually grows in place::
+    claim  = prompt + smallest bucket >= predicted length at ``target_coverage``
+             (bucket edges re-learned from completed lengths: OnlineLengthHistogram + DP)
+    place  = the smallest hole that holds the left neighbour's remaining room *and* this
+             claim; start after the neighbour's room, so both grow in place
+    hold   = live + ``chunk_tokens`` (elastic) or the whole claim (strict, the paper);
+             the rest of the claim is room kept for the request while nobody else needs it:
+             when no hole fits a claim, the largest hole is used and the room is lent
+    grow   = extend the last run in place; if its right side is taken, start a new run
+             placed like a new request with the predicted remaining length as its claim;
+             past the claim, the claim rises to the next bucket (at least ``growth_factor``x)
+    copy   = only where the cost model says it pays: moving the runs into one hole costs
+             a read and a write of the live KV now; keeping them costs the extra runs'
+             read time on every remaining step (``RunCost``, from the device profile)
+    admit  = the common watermark (``CacheConfig.watermark_fraction``) and, when
+             ``claim_admission_factor`` > 0, the sum of running claims
 
-    |..B..|  A live  | A chunk |   free: A grows here in place    |..C..|
-          ^ A placed at the start of the smallest hole >= A's claim
-
-When the slots after a slab are taken it moves (one contiguous copy, counted in
-``migrated_bytes``) to a new hole, else to the safety pool; if only small scattered holes
-are left it compacts the main region (slides slabs together); only when nothing fits does
-the scheduler preempt. A request's KV is always one contiguous slab. Uncertain requests
-(q_high / q_mid > ``uncertainty_ratio``) start in the pool. Every constant is in ``OdmaConfig``.
+Uncertain (q_high / q_mid > ``uncertainty_ratio``) and long (claim >= ``long_request_tokens``)
+requests are placed in the safety region first, short ones in the main region first; each
+spills into the other when its own has no hole, so no capacity is ever idle.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from odma_mlu.config import OdmaConfig
 from odma_mlu.kvcache.arena import KVArena, KVLocation
 from odma_mlu.kvcache.extent import Extent, ExtentAllocator
-from odma_mlu.kvcache.policy import ContiguousPolicy, GrowResult, GrowStatus, PolicyStats, ReserveRequest, _Slab
+from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, PolicyStats, ReserveRequest
 from odma_mlu.predictor.histogram import OnlineLengthHistogram
 
+PLACEMENT_CANDIDATES = 16
+"""Holes (smallest first) examined for one that holds the neighbour's room and the claim."""
 
-class OdmaPolicy(ContiguousPolicy):
+
+class RunCost(Protocol):
+    """What a copy decision needs from the device: seconds to read one run of ``tokens``
+    of KV in every layer, and to copy ``tokens`` of KV (read + write, every layer)."""
+
+    def read_run_s(self, tokens: int) -> float: ...
+
+    def copy_s(self, tokens: int) -> float: ...
+
+
+class _Request:
+    __slots__ = ("runs", "prompt_tokens", "max_total_tokens", "claim_tokens", "first_claim_tokens",
+                 "live_tokens", "prefer_safety")
+
+    def __init__(self, prompt_tokens: int, max_total_tokens: int, claim_tokens: int, live_tokens: int,
+                 prefer_safety: bool) -> None:
+        self.runs: list[tuple[ExtentAllocator, Extent]] = []
+        self.prompt_tokens = prompt_tokens
+        self.max_total_tokens = max_total_tokens
+        self.claim_tokens = claim_tokens
+        self.first_claim_tokens = claim_tokens
+        self.live_tokens = live_tokens
+        self.prefer_safety = prefer_safety
+
+    @property
+    def held_units(self) -> int:
+        return sum(e.length for _, e in self.runs)
+
+
+class OdmaPolicy(KVPolicy):
     name = "odma"
     uses_prediction = True
+    can_run_out_of_room = True
 
     def __init__(self, arena: KVArena, max_new_tokens: int, config: OdmaConfig = OdmaConfig(),
-                 drift_detector: object | None = None) -> None:
+                 drift_detector: object | None = None, watermark_fraction: float = 0.0,
+                 run_cost: RunCost | None = None, granule_tokens: int = 16) -> None:
+        super().__init__(arena, watermark_fraction)
         assert 0.0 <= config.safety_fraction < 1.0, "safety_fraction must be in [0, 1)"
         assert config.chunk_tokens >= 1, "chunk_tokens must be >= 1"
-        pool = int(arena.capacity_tokens * config.safety_fraction)
-        main = arena.capacity_tokens - pool
-        regions = [ExtentAllocator(main, 0)]
-        if pool > 0:
-            regions.append(ExtentAllocator(pool, main))
-        super().__init__(arena, regions)
+        assert granule_tokens >= 1, "granule_tokens must be >= 1"
+        # The allocator counts granules (pages) of ``granule_tokens``: a run is never shorter
+        # than a page, so ODMA holds no more slack than paging and its worst case is paging.
+        self.unit = granule_tokens
+        total = arena.capacity_tokens // granule_tokens
+        safety = int(total * config.safety_fraction)
+        main = total - safety
+        self.main = ExtentAllocator(main, 0)
+        self.safety = ExtentAllocator(safety, main) if safety > 0 else None
         self.config = config
         self.max_new_tokens = max_new_tokens
+        self.run_cost = run_cost
         self.histogram = OnlineLengthHistogram(
             max_tokens=max_new_tokens, num_buckets=config.num_buckets, window=config.histogram_window,
             reoptimize_every=config.reoptimize_every, bin_tokens=config.histogram_bin_tokens)
         self.drift_detector = drift_detector
-        self.compactions = 0
-        self.overcommit = max(1.0, config.overcommit_initial)
+        self._reqs: dict[str, _Request] = {}
+        self._owner: dict[int, str] = {}  # start granule of each run -> request id
         self._claims_total = 0
 
-    @property
-    def main(self) -> ExtentAllocator:
-        return self.regions[0]
-
-    @property
-    def pool(self) -> ExtentAllocator | None:
-        return self.regions[1] if len(self.regions) > 1 else None
-
-    # -- sizes ---------------------------------------------------------------------------
+    # -- sizes -------------------------------------------------------------------------
     def _bucket_tokens(self, generated_tokens: float, req_max_new: int) -> int:
         for e in self.histogram.boundaries.edges_tokens:
             if generated_tokens <= e:
                 return min(e, req_max_new)
         return req_max_new
 
-    def _is_uncertain(self, req: ReserveRequest) -> bool:
-        return req.prediction is None or req.prediction.ratio > self.config.uncertainty_ratio
-
-    def initial_tokens(self, req: ReserveRequest) -> int:
-        """The claim: prompt + the bucket of the predicted length at ``target_coverage``."""
+    def claim_tokens(self, req: ReserveRequest) -> int:
+        """prompt + the bucket of the predicted length at ``target_coverage``."""
         generated = req.num_tokens - req.prompt_tokens
         want = float(req.max_new_tokens) if req.prediction is None else req.prediction.at(self.config.target_coverage)
         # A recomputed request already has ``generated`` tokens: its bucket must exceed them.
         bucket = self._bucket_tokens(max(want, generated + 1), req.max_new_tokens)
         return max(req.num_tokens, req.prompt_tokens + bucket)
 
-    def region_for(self, req: ReserveRequest, size: int) -> ExtentAllocator | None:
-        """Strict mode: uncertain requests try the pool first; everyone else the main region."""
-        pool = self.pool
-        if pool is not None and self._is_uncertain(req) and pool.can_allocate(size):
-            return pool
-        return self.main if self.main.can_allocate(size) else None
+    def _prefers_safety(self, req: ReserveRequest, claim: int) -> bool:
+        uncertain = req.prediction is None or req.prediction.ratio > self.config.uncertainty_ratio
+        return uncertain or claim >= self.config.long_request_tokens
 
-    # -- elastic placement ---------------------------------------------------------------
-    def _place(self, region: ExtentAllocator, claim: int, hard: int) -> Extent | None:
-        """``hard`` slots in the smallest hole that could hold the whole claim (after the room
-        its left neighbour still needs, where the hole is big enough), else the smallest
-        hole that holds ``hard``."""
-        hole = region.smallest_hole(claim)
-        if hole is not None:
-            hole_len, hole_start = hole
-            # Leave the left neighbour room to reach its own claim when the hole allows it,
-            # so the two do not collide (a collision costs a move).
-            left = region.used_ending_at(hole_start)
-            owner = self.slab_at(left.start) if left is not None else None
-            room = 0 if owner is None else max(0, owner.claim_tokens - owner.extent.length)
-            return region.allocate_at(hole_start + min(room, hole_len - claim), hard, hole_start)
-        return region.allocate(hard)
+    def _units(self, tokens: int) -> int:
+        return -(-tokens // self.unit)
 
-    def _hard_size(self, req: ReserveRequest, claim: int) -> int:
-        return min(claim, req.num_tokens + self.config.chunk_tokens)
+    def _hold_units(self, num_tokens: int, claim: int) -> int:
+        if not self.config.elastic:
+            return self._units(claim)
+        return self._units(min(claim, num_tokens + self.config.chunk_tokens))
+
+    def _regions(self, prefer_safety: bool) -> tuple[ExtentAllocator, ...]:
+        if self.safety is None:
+            return (self.main,)
+        return (self.safety, self.main) if prefer_safety else (self.main, self.safety)
+
+    # -- placement ---------------------------------------------------------------------
+    def _room_before(self, region: ExtentAllocator, slot: int) -> int:
+        """Room the request whose last run ends at ``slot`` still expects to grow into."""
+        left = region.used_ending_at(slot)
+        if left is None:
+            return 0
+        rid = self._owner.get(left.start)
+        if rid is None:
+            return 0
+        r = self._reqs[rid]
+        if r.runs[-1][1].start != left.start:
+            return 0  # not its last run: it will not grow there
+        return max(0, self._units(r.claim_tokens) - r.held_units)
+
+    def _fit(self, region: ExtentAllocator, want: int, hold: int) -> int | None:
+        """Start slot in ``region`` for a run that will want ``want`` tokens and takes
+        ``hold`` now: after the left neighbour's room in the smallest hole that has room for
+        both. Failing that (the rooms oversubscribe memory), lend: among the largest holes,
+        the one with the most room to spare, split between the neighbour's room and ours in
+        proportion to the two."""
+        for hole_len, hole_start in region.holes_at_least(want, PLACEMENT_CANDIDATES):
+            room = self._room_before(region, hole_start)
+            if hole_len >= room + want:
+                return hole_start + room
+        best: tuple[int, int, int] | None = None  # (spare, start, room)
+        for hole_len, hole_start in region.largest_holes(PLACEMENT_CANDIDATES):
+            if hole_len < hold:
+                break
+            room = self._room_before(region, hole_start)
+            spare = hole_len - room - want
+            if best is None or spare > best[0]:
+                best = (spare, hole_start, room)
+        if best is None:
+            return None
+        spare, hole_start, room = best
+        hole_len = spare + room + want
+        offset = (hole_len * room) // (room + want) if room + want > 0 else 0
+        return hole_start + max(0, min(offset, hole_len - hold))
+
+    def _place(self, regions: tuple[ExtentAllocator, ...], want: int, hold: int
+               ) -> tuple[ExtentAllocator, Extent] | None:
+        for region in regions:
+            start = self._fit(region, want, hold)
+            if start is not None:
+                ext = region.allocate_at(start, hold)
+                assert ext is not None, "a fitted slot range must be free"
+                return region, ext
+        return None
+
+    # -- admission and reservation -----------------------------------------------------
+    def _may_admit(self, hold: int, claim: int) -> bool:
+        if not self.may_admit(hold):
+            return False
+        factor = self.config.claim_admission_factor
+        return factor <= 0 or self._claims_total + claim <= factor * self.capacity_tokens
 
     def can_reserve(self, req: ReserveRequest) -> bool:
-        if not self.config.elastic:
-            return super().can_reserve(req)
-        claim = self.initial_tokens(req)
-        pool = self.pool
-        if pool is not None and self._is_uncertain(req) and pool.can_allocate(claim):
-            return True
-        hard = self._hard_size(req, claim)
-        return self.main.can_allocate(hard) and self._may_admit(hard, claim)
-
-    def _may_admit(self, hard: int, claim: int) -> bool:
-        """The watermark of free slots and the adaptive overcommit of claims both hold."""
-        main = self.main
-        if main.free_tokens - hard < self.config.admission_watermark_fraction * main.capacity_tokens:
+        claim = self.claim_tokens(req)
+        hold = self._hold_units(req.num_tokens, claim)
+        if not self._may_admit(hold * self.unit, claim):
             return False
-        return self._claims_total + claim <= self.overcommit * main.capacity_tokens
+        return self.free_tokens() >= hold * self.unit
 
     def reserve(self, req: ReserveRequest) -> KVLocation | None:
-        if not self.config.elastic:
-            return super().reserve(req)
-        assert req.request_id not in self._slabs, f"request {req.request_id} already holds KV"
-        claim = self.initial_tokens(req)
-        pool = self.pool
-        if pool is not None and self._is_uncertain(req):
-            ext = pool.allocate(claim)
-            if ext is not None:
-                self.add_slab(req, pool, ext, claim)
-                return KVLocation(capacity_tokens=ext.length, start_slot=ext.start)
-        hard = self._hard_size(req, claim)
-        if not self._may_admit(hard, claim):
+        assert req.request_id not in self._reqs, f"request {req.request_id} already holds KV"
+        claim = self.claim_tokens(req)
+        hold = self._hold_units(req.num_tokens, claim)
+        if not self._may_admit(hold * self.unit, claim):
             return None
-        ext = self._place(self.main, claim, hard)
-        if ext is None:
+        prefer_safety = self._prefers_safety(req, claim)
+        regions = self._regions(prefer_safety)
+        placed = self._place(regions, self._units(claim), hold)
+        pieces = [placed] if placed is not None else self._scatter(regions, self._units(req.num_tokens))
+        if not pieces:
             return None
-        self.add_slab(req, self.main, ext, claim)
-        return KVLocation(capacity_tokens=ext.length, start_slot=ext.start)
+        r = _Request(req.prompt_tokens, req.max_total_tokens, claim, req.num_tokens, prefer_safety)
+        self._reqs[req.request_id] = r
+        for region, ext in pieces:
+            self._add_run(req.request_id, r, region, ext)
+        self.new_runs += len(pieces) - 1
+        self._claims_total += claim
+        return self.location(req.request_id)
 
-    def compact(self, need_tokens: int) -> int:
-        """Open a hole of ``need_tokens`` in the main region by copying as little KV as possible.
+    def _scatter(self, regions: tuple[ExtentAllocator, ...], units: int) -> list[tuple[ExtentAllocator, Extent]]:
+        """No hole holds ``units``: take the largest holes until they do (several runs),
+        rather than wait while the free memory would suffice; [] if it does not."""
+        holes = sorted(((n, s, region) for region in regions for n, s in region.largest_holes(PLACEMENT_CANDIDATES)),
+                       key=lambda h: -h[0])
+        if sum(n for n, _, _ in holes) < units:
+            return []
+        pieces: list[tuple[ExtentAllocator, Extent]] = []
+        left = units
+        for n, start, region in holes:
+            ext = region.allocate_at(start, min(n, left), start)
+            assert ext is not None, "a listed hole must be free"
+            pieces.append((region, ext))
+            left -= ext.length
+            if left <= 0:
+                break
+        return pieces
 
-        Over the slabs in address order, find the run of consecutive slabs whose surrounding
-        gaps add up to ``need_tokens`` with the least live KV inside (two pointers), then
-        slide that run down, in order, onto the slab before it: the gaps merge into one hole
-        after the run. Returns the tokens copied.
-        """
-        main = self.main
-        used = main.used_extents()
-        if not used:
-            return 0
-        slabs = [self.slab_at(e.start) for e in used]
-        assert all(s is not None for s in slabs), "compaction found a slab without an owner"
-        lives = [min(s.live_tokens, e.length) for s, e in zip(slabs, used)]  # type: ignore[union-attr]
-        # gap[k]: free slots just before slab k; gap[n]: after the last slab.
-        bounds = [main.base] + [e.end for e in used]
-        gap = [e.start - b for e, b in zip(used, bounds)] + [main.base + main.capacity_tokens - used[-1].end]
-        # Sliding slabs i..j down onto the end of slab i-1 merges gap[i..j+1] into one hole
-        # at a cost of their live KV. Two pointers: for each j, the largest such i.
-        best: tuple[int, int, int] | None = None
-        i = 0
-        window_gaps = 0  # sum gap[i..j]
-        cost = 0
-        for j in range(len(used)):
-            window_gaps += gap[j]
-            cost += lives[j]
-            while i < j and window_gaps - gap[i] + gap[j + 1] >= need_tokens:
-                window_gaps -= gap[i]
-                cost -= lives[i]
-                i += 1
-            if window_gaps + gap[j + 1] >= need_tokens and (best is None or cost < best[0]):
-                best = (cost, i, j)
-        if best is None:
-            return 0
-        _, i, j = best
-        pos = used[i - 1].end if i > 0 else main.base
-        copied = 0
-        for k in range(i, j + 1):
-            ext, slab, live = used[k], slabs[k], lives[k]
-            if ext.start != pos:
-                main.free(ext)
-                new = main.allocate_at(pos, ext.length, pos)
-                assert new is not None, "compaction target must be free"
-                # Overlapping ranges are fine: the arena copies through a temporary.
-                self.arena.move(range(ext.start, ext.start + live), range(new.start, new.start + live))
-                self._owner[new.start] = self._owner.pop(ext.start)
-                slab.extent = new  # type: ignore[union-attr]
-                copied += live
-            pos += ext.length
-        self.compactions += 1
-        self.migrated_tokens += copied
-        return copied
+    def _add_run(self, request_id: str, r: _Request, region: ExtentAllocator, ext: Extent) -> None:
+        r.runs.append((region, ext))
+        self._owner[ext.start] = request_id
 
-    def _evict_right_neighbour(self, slab: _Slab, size: int) -> int | None:
-        """Make room after ``slab`` by moving its right neighbour when that copies less KV
-        than moving ``slab`` itself. Returns tokens copied, or None if it did not help."""
-        region = slab.allocator
-        right = self.slab_at(slab.extent.end)
-        if right is None or right.allocator is not region or right.live_tokens >= slab.live_tokens:
-            return None
-        extra = size - slab.extent.length
-        if right.extent.length + region.free_run_after(right.extent.end) < extra:
-            return None  # even with the neighbour gone the run would be too short
-        new = region.allocate(right.extent.length)
-        if new is None:
-            return None
-        live = min(right.live_tokens, right.extent.length)
-        self.relocate(right, region, new, live)
-        return live
+    # -- growth ------------------------------------------------------------------------
+    def _raise_claim(self, r: _Request, needed_tokens: int) -> None:
+        """Past the claim: the next bucket, at least ``growth_factor`` x the old claim."""
+        req_max_new = r.max_total_tokens - r.prompt_tokens
+        bucket = self._bucket_tokens(needed_tokens - r.prompt_tokens, req_max_new)
+        floor = min(req_max_new, int((r.claim_tokens - r.prompt_tokens) * self.config.growth_factor))
+        new_claim = min(r.max_total_tokens, r.prompt_tokens + max(bucket, floor, needed_tokens - r.prompt_tokens))
+        self._claims_total += new_claim - r.claim_tokens
+        r.claim_tokens = new_claim
 
-    # -- growth --------------------------------------------------------------------------
-    def _raise_claim(self, slab: _Slab, needed_tokens: int) -> None:
-        """Overflow past the claim: the next bucket, at least ``growth_factor`` x the old."""
-        req_max_new = slab.max_total_tokens - slab.prompt_tokens
-        bucket = self._bucket_tokens(needed_tokens - slab.prompt_tokens, req_max_new)
-        floor = min(req_max_new, int((slab.claim_tokens - slab.prompt_tokens) * self.config.growth_factor))
-        new_claim = slab.prompt_tokens + max(bucket, floor, needed_tokens - slab.prompt_tokens)
-        slab.claim_tokens = min(new_claim, slab.max_total_tokens)
-
-    def add_slab(self, req: ReserveRequest, region: ExtentAllocator, extent: Extent, claim_tokens: int) -> None:
-        super().add_slab(req, region, extent, claim_tokens)
-        self._claims_total += claim_tokens
-
-    def grow(self, request_id: str, slab: _Slab, needed_tokens: int) -> GrowResult:
-        if needed_tokens > slab.claim_tokens:
-            before = slab.claim_tokens
-            self._raise_claim(slab, needed_tokens)
-            self._claims_total += slab.claim_tokens - before
-        result = self._grow(slab, needed_tokens)
-        if result.status == GrowStatus.NO_ROOM:
-            self.overcommit = max(1.0, self.overcommit * self.config.overcommit_decrease)
+    def ensure_capacity(self, request_id: str, needed_tokens: int) -> GrowResult:
+        r = self._reqs[request_id]
+        assert needed_tokens <= r.max_total_tokens, \
+            f"request {request_id} asks {needed_tokens} KV tokens, above its limit {r.max_total_tokens}"
+        held = r.held_units * self.unit
+        if needed_tokens <= held:
+            r.live_tokens = needed_tokens
+            return GrowResult(GrowStatus.OK)
+        if needed_tokens > r.claim_tokens:
+            if needed_tokens > r.first_claim_tokens:
+                self.mark_overflow(request_id)
+            self._raise_claim(r, needed_tokens)
+        target = max(needed_tokens, r.claim_tokens if not self.config.elastic
+                     else min(r.claim_tokens, needed_tokens - 1 + self.config.chunk_tokens))
+        result = self._grow(request_id, r, held, needed_tokens, target)
+        if result.status == GrowStatus.OK:
+            r.live_tokens = needed_tokens
         return result
 
-    def _grow(self, slab: _Slab, needed_tokens: int) -> GrowResult:
-        live = needed_tokens - 1  # KV written so far; the needed slot is the next one
-        if not self.config.elastic:
-            targets = [self.main] + ([self.pool] if self.pool is not None else [])
-            if slab.allocator is not self.main:
-                targets = [slab.allocator] + [r for r in targets if r is not slab.allocator]
-            result = self.try_grow_to(slab, slab.claim_tokens, live, targets)
-            return result or GrowResult(GrowStatus.NO_ROOM)
-        target = max(needed_tokens, min(slab.claim_tokens, live + self.config.chunk_tokens))
-        if self.grow_in_place(slab, target, needed_tokens):
-            return GrowResult(GrowStatus.OK, 0, "in_place")
-        moved = self._evict_right_neighbour(slab, needed_tokens)
-        if moved is not None and self.grow_in_place(slab, target, needed_tokens):
-            return GrowResult(GrowStatus.OK, moved, "neighbour_moved")
-        new = self._place(self.main, slab.claim_tokens, target)
-        if new is not None:
-            self.relocate(slab, self.main, new, live)
-            return GrowResult(GrowStatus.OK, live, "moved")
-        pool = self.pool
-        if pool is not None and slab.allocator is not pool:
-            new = pool.allocate(slab.claim_tokens) or pool.allocate(target)
-            if new is not None:
-                self.relocate(slab, pool, new, live)
-                return GrowResult(GrowStatus.OK, live, "safety_pool")
-        main = self.main
-        if main.free_tokens >= max(target, self.config.compact_min_free_fraction * main.capacity_tokens):
-            copied = self.compact(target)
-            new = main.allocate(target)
-            if new is not None:
-                self.relocate(slab, main, new, live)
-                return GrowResult(GrowStatus.OK, copied + live, "compacted")
+    def _grow(self, request_id: str, r: _Request, held_tokens: int, needed_tokens: int, target_tokens: int
+              ) -> GrowResult:
+        """Sizes in granules from here on."""
+        held, needed, target = r.held_units, self._units(needed_tokens), self._units(target_tokens)
+        region, last = r.runs[-1]
+        for size in (target, needed):
+            grown = region.grow_in_place(last, last.length + size - held)
+            if grown is not None:
+                r.runs[-1] = (region, grown)
+                self.in_place_grows += 1
+                return GrowResult(GrowStatus.OK, 0, "in_place")
+        live = r.live_tokens
+        if self._copy_pays(r, live):
+            placed = self._place(self._regions(r.prefer_safety), self._units(r.claim_tokens), target)
+            if placed is not None:
+                self._move_into_one_run(request_id, r, live, *placed)
+                return GrowResult(GrowStatus.OK, live, "copied")
+        remaining_want = max(target, self._units(r.claim_tokens)) - held
+        for hold in (target - held, needed - held):
+            placed = self._place(self._regions(r.prefer_safety), remaining_want, hold)
+            if placed is not None:
+                self._add_run(request_id, r, *placed)
+                self.new_runs += 1
+                return GrowResult(GrowStatus.OK, 0, "new_run")
         return GrowResult(GrowStatus.NO_ROOM)
 
-    def check_integrity(self) -> None:
-        super().check_integrity()
-        total = sum(s.claim_tokens for s in self._slabs.values())
-        assert total == self._claims_total, f"claims counter {self._claims_total} != {total}"
-        assert self.overcommit >= 1.0, f"overcommit {self.overcommit} below 1"
+    def _copy_pays(self, r: _Request, live: int) -> bool:
+        """Moving the live KV into one run pays when the extra runs' read time over the
+        predicted remaining steps exceeds the copy."""
+        cost = self.run_cost
+        if cost is None or live <= 0:
+            return False
+        remaining_steps = max(1, r.claim_tokens - live)
+        runs = [e.length * self.unit for _, e in r.runs]
+        extra_s = sum(cost.read_run_s(n) for n in runs) - cost.read_run_s(sum(runs))
+        return remaining_steps * extra_s > cost.copy_s(live)
 
-    # -- completion ----------------------------------------------------------------------
+    def _move_into_one_run(self, request_id: str, r: _Request, live: int, region: ExtentAllocator,
+                           ext: Extent) -> None:
+        unit = self.unit
+        pos = ext.start * unit
+        left = live
+        for old_region, old in r.runs:
+            n = min(old.length * unit, left)
+            if n > 0:
+                self.arena.copy_run(old.start * unit, pos, n)
+                pos += n
+                left -= n
+            old_region.free(old)
+            del self._owner[old.start]
+        r.runs = []
+        self._add_run(request_id, r, region, ext)
+        self.copies += 1
+        self.copied_tokens += live
+
+    # -- reads and release -------------------------------------------------------------
+    def location(self, request_id: str) -> KVLocation:
+        unit = self.unit
+        return KVLocation(tuple((e.start * unit, e.length * unit) for _, e in self._reqs[request_id].runs))
+
+    def read_runs(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
+        out: list[int] = []
+        left = num_tokens
+        for _, e in self._reqs[request_id].runs:
+            if left <= 0:
+                break
+            n = e.length * self.unit
+            out.append(min(n, left))
+            left -= n
+        assert left <= 0, f"{request_id}: read of {num_tokens} tokens past its runs"
+        return tuple(out)
+
     def release(self, request_id: str, generated_tokens: int | None) -> None:
-        self._claims_total -= self._slabs[request_id].claim_tokens
-        super().release(request_id, generated_tokens)
+        r = self._reqs.pop(request_id)
+        for region, ext in r.runs:
+            region.free(ext)
+            del self._owner[ext.start]
+        self._claims_total -= r.claim_tokens
         if generated_tokens is None:
             return
-        self.overcommit = min(self.config.overcommit_max, self.overcommit + self.config.overcommit_increase)
         reoptimized = self.histogram.observe(generated_tokens)
         detector = self.drift_detector
         if detector is not None and not reoptimized:
             if getattr(detector, "observe")(generated_tokens, self.histogram):
                 self.histogram.reoptimize()
 
+    def reserved_tokens(self) -> int:
+        return (self.main.used_tokens + (self.safety.used_tokens if self.safety is not None else 0)) * self.unit
+
+    def num_live(self) -> int:
+        return len(self._reqs)
+
+    def max_request_tokens(self) -> int:
+        return (self.capacity_tokens // self.unit) * self.unit
+
+    def check_integrity(self) -> None:
+        self.main.check_integrity()
+        if self.safety is not None:
+            self.safety.check_integrity()
+        held = sum(r.held_units for r in self._reqs.values()) * self.unit
+        assert held == self.reserved_tokens(), f"requests hold {held} tokens, regions say {self.reserved_tokens()}"
+        starts = {e.start: rid for rid, r in self._reqs.items() for _, e in r.runs}
+        assert starts == self._owner, "owner index out of sync with the runs"
+        for rid, r in self._reqs.items():
+            assert r.runs, f"{rid} holds no run"
+            assert r.live_tokens <= r.held_units * self.unit, f"{rid}: {r.live_tokens} live tokens held in {r.runs}"
+        total = sum(r.claim_tokens for r in self._reqs.values())
+        assert total == self._claims_total, f"claims counter {self._claims_total} != {total}"
+
     def stats(self) -> PolicyStats:
         base = super().stats()
-        pool = self.pool
-        extra = {"safety_pool_used_tokens": float(pool.used_tokens if pool else 0),
-                 "safety_pool_tokens": float(pool.capacity_tokens if pool else 0),
-                 "reoptimizations": float(self.histogram.num_reoptimizations),
-                 "compactions": float(self.compactions), "overcommit": self.overcommit}
-        return PolicyStats(**{**base.__dict__, "bucket_edges_tokens": self.histogram.boundaries.edges_tokens,
-                              "extra": extra})
+        safety = self.safety
+        extra = {"safety_used_tokens": float(safety.used_tokens * self.unit if safety else 0),
+                 "safety_tokens": float(safety.capacity_tokens * self.unit if safety else 0),
+                 "reoptimizations": float(self.histogram.num_reoptimizations)}
+        return PolicyStats(**{**base.__dict__, "fragmentation": self.main.fragmentation(),
+                              "bucket_edges_tokens": self.histogram.boundaries.edges_tokens, "extra": extra})

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-from odma_mlu.kvcache.arena import KVArena
-from odma_mlu.kvcache.policy import ContiguousPolicy, GrowResult, GrowStatus, ReserveRequest, _Slab
+from odma_mlu.kvcache.arena import KVArena, KVLocation
+from odma_mlu.kvcache.policy import ContiguousPolicy, GrowResult, GrowStatus, ReserveRequest
 
 
 class S3Policy(ContiguousPolicy):
@@ -40,13 +40,13 @@ class S3Policy(ContiguousPolicy):
         edge = self.bucket_edge(req.max_new_tokens, self.bucket_index(req))
         return max(req.num_tokens, req.prompt_tokens + min(edge, req.max_new_tokens))
 
-    def reserve(self, req: ReserveRequest):  # type: ignore[override]
+    def reserve(self, req: ReserveRequest) -> KVLocation | None:
         loc = super().reserve(req)
         if loc is not None:
             self._min_bucket[req.request_id] = self.bucket_index(req)
         return loc
 
-    def grow(self, request_id: str, slab: _Slab, needed_tokens: int) -> GrowResult:
+    def grow(self, request_id: str, needed_tokens: int) -> GrowResult:
         self._min_bucket[request_id] = min(self.num_buckets - 1, self._min_bucket.get(request_id, 0) + 1)
         return GrowResult(GrowStatus.REQUEUE)
 

@@ -11,18 +11,18 @@ Token ``t`` of a sequence lives at ``location.slot_of(t)`` in every layer's
 ``arena.k[layer]`` / ``arena.v[layer]`` ([capacity_tokens, kv_heads, head_dim]). Each step
 first scatters the new K/V to ``write_slots`` (one index_copy per layer), then attends.
 
-Decode groups are where the layout matters:
+Every sequence's KV is an ordered list of runs (``KVLocation``). Decode sequences are
+batched into attention groups by ``odma_mlu.engine.step_work.decode_group_key`` (the one
+place grouping is decided; the step-cost function counts the same groups)::
 
-    contiguous, same capacity (bucket) ->  k[l][s_b : s_b + L] for b in group
-                                           = [B, L, kv, D] slabs; a zero-copy strided view
-                                           when the starts are evenly spaced, else one
-                                           stack of contiguous slab copies. No page gather.
-    paged                              ->  k[l][gather_slots] with gather_slots [B*L] built
-                                           from each block table (vLLM's way)
+    alone in its group, one run   ->  k[l][s : s + L], a view: nothing is copied
+    any other group               ->  one gather of its members' slots per layer
 
-``L`` is the longest sequence in the group (not the bucket capacity: the tail past every
-sequence's length is never read), and a length mask hides each shorter sequence's tail.
-Both layouts feed the same SDPA call, so they give identical results.
+``L`` is the longest sequence in the group (at most twice the shortest's span class), and
+a length mask hides each shorter sequence's tail. Every path feeds the same SDPA call, so
+they give identical results. A device kernel that reads runs in place (vendor paged
+attention with consecutive block ids, or a run-aware kernel) replaces the gather without
+changing the description.
 
 GQA: the ``g = heads / kv_heads`` query heads sharing a KV head are folded into the query
 axis ([B, kv, g, D] against [B, kv, L, D]), so K/V are never repeated, and the code needs no
@@ -31,13 +31,13 @@ axis ([B, kv, g, D] against [B, kv, L, D]), so K/V are never repeated, and the c
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from odma_mlu.engine.step_work import decode_group_key
 from odma_mlu.kvcache.arena import KVLocation
 
 
@@ -71,9 +71,9 @@ class PrefillPlan:
     num_new_tokens: int
     num_total_tokens: int
     start_slot: int | None
-    """Contiguous layout: the slab starts here (tokens [0, total) are slots start..start+total)."""
+    """One run: tokens [0, total) are slots start..start+total (read as a view)."""
     kv_slots: torch.Tensor | None
-    """Paged layout: slot of each token [0, total), int64 [total]."""
+    """Several runs: slot of each token [0, total), int64 [total]."""
     mask: torch.Tensor | None
     """Bool [new, total] when tokens were cached before (chunked prefill); None = plain causal."""
 
@@ -86,14 +86,12 @@ class DecodeGroup:
     """int64 [B]: row of each sequence's new token in the flattened batch."""
     span_tokens: int
     """L: tokens read per sequence, the longest length in the group."""
-    length_mask: torch.Tensor
-    """bool [B, 1, 1, L]: token j of sequence b is real (j < its length)."""
-    starts: tuple[int, ...] | None
-    """Contiguous: slab start slot of each sequence."""
-    stride_slots: int | None
-    """Contiguous with evenly spaced starts: distance between them (zero-copy view)."""
+    length_mask: torch.Tensor | None
+    """bool [B, 1, 1, L]: token j of sequence b is real (j < its length); None when B = 1."""
+    view_start: int | None
+    """B = 1 and one run: the run starts here and is read as a view."""
     gather_slots: torch.Tensor | None
-    """Paged: int64 [B * L] slots; padding repeats a valid slot and is masked."""
+    """Otherwise: int64 [B * L] slots; padding repeats a valid slot and is masked."""
 
     @property
     def batch_size(self) -> int:
@@ -134,39 +132,34 @@ class ForwardBatch:
         slots: list[torch.Tensor] = []
         last_rows: list[int] = []
         prefills: list[PrefillPlan] = []
-        groups: dict[tuple, list[tuple[int, SequenceInput]]] = {}
+        groups: dict[int, list[tuple[int, SequenceInput]]] = {}
         row = 0
         for seq in seqs:
             n, first, loc = seq.num_new_tokens, seq.num_cached_tokens, seq.location
             assert n > 0, "a sequence in a forward batch needs at least one new token"
             assert first >= 0, f"negative cached token count {first}"
-            assert seq.num_total_tokens <= loc.capacity_tokens, (
-                f"{seq.num_total_tokens} tokens do not fit the reservation of {loc.capacity_tokens}")
+            total = seq.num_total_tokens
+            assert total <= loc.capacity_tokens, (
+                f"{total} tokens do not fit the reservation of {loc.capacity_tokens}")
             ids.extend(seq.token_ids)
             positions.append(torch.arange(first, first + n, dtype=torch.int64))
+            one_run = loc.first_run_covers(total)
             if n == 1:
                 slots.append(torch.tensor([loc.slot_of(first)], dtype=torch.int64))
-                # Contiguous slabs batch by reservation-size class (powers of two): equal
-                # buckets stay together (zero-copy strided view when evenly spaced), and a
-                # handful of attention calls per step even when every slab has its own size
-                # (elastic ODMA slabs).
-                key = ("contiguous", 1 << (loc.capacity_tokens - 1).bit_length()) if loc.is_contiguous \
-                    else ("paged", loc.page_tokens)
-                groups.setdefault(key, []).append((row, seq))
+                groups.setdefault(decode_group_key(total), []).append((row, seq))
             else:
-                total = seq.num_total_tokens
-                kv_slots = None if loc.is_contiguous else _paged_slots(loc, total)
+                kv_slots = None if one_run else loc.slots(0, total)
                 slots.append(torch.arange(loc.start_slot + first, loc.start_slot + total, dtype=torch.int64)
                              if kv_slots is None else kv_slots[first:])
                 mask = None
                 if first > 0:
                     q_pos = torch.arange(first, total, dtype=torch.int64)
                     mask = (torch.arange(total, dtype=torch.int64)[None, :] <= q_pos[:, None]).to(dev)
-                prefills.append(PrefillPlan(row, n, total, loc.start_slot,
+                prefills.append(PrefillPlan(row, n, total, loc.start_slot if one_run else None,
                                             None if kv_slots is None else kv_slots.to(dev), mask))
             row += n
             last_rows.append(row - 1)
-        decode_groups = tuple(_plan_decode_group(key[0], members, dev) for key, members in groups.items())
+        decode_groups = tuple(_plan_decode_group(groups[key], dev) for key in sorted(groups))
         return cls(
             seqs=tuple(seqs),
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
@@ -178,39 +171,24 @@ class ForwardBatch:
         )
 
 
-def _paged_slots(loc: KVLocation, count: int) -> torch.Tensor:
-    """Slots of tokens [0, count) through the block table, vectorized (no per-token Python)."""
-    page = loc.page_tokens
-    assert loc.block_table is not None and page > 0
-    t = torch.arange(count, dtype=torch.int64)
-    table = torch.tensor(loc.block_table[: math.ceil(count / page)], dtype=torch.int64)
-    return table[t // page] * page + t % page
-
-
-def _plan_decode_group(kind: str, members: list[tuple[int, SequenceInput]], dev: torch.device) -> DecodeGroup:
+def _plan_decode_group(members: list[tuple[int, SequenceInput]], dev: torch.device) -> DecodeGroup:
     lengths = [seq.num_total_tokens for _, seq in members]
     span = max(lengths)
     rows = torch.tensor([r for r, _ in members], dtype=torch.int64, device=dev)
-    mask = (torch.arange(span)[None, :] < torch.tensor(lengths)[:, None]).view(len(members), 1, 1, span).to(dev)
-    if kind == "contiguous":
-        starts = tuple(int(seq.location.start_slot) for _, seq in members)  # type: ignore[arg-type]
-        stride = None
-        if len(starts) == 1:
-            stride = 0
+    if len(members) == 1 and members[0][1].location.first_run_covers(span):
+        return DecodeGroup(rows, span, None, members[0][1].location.start_slot, None)
+    mask = (torch.arange(span)[None, :] < torch.tensor(lengths)[:, None]).view(len(members), 1, 1, span)
+    parts = []
+    for (_, seq), n in zip(members, lengths):
+        loc = seq.location
+        if loc.first_run_covers(n):
+            slots = torch.arange(loc.start_slot, loc.start_slot + n, dtype=torch.int64)
         else:
-            d = starts[1] - starts[0]
-            if d > 0 and all(b - a == d for a, b in zip(starts, starts[1:])):
-                stride = d
-        return DecodeGroup(rows, span, mask, starts, stride, None)
-    page = members[0][1].location.page_tokens
-    num_pages = math.ceil(span / page)
-    tables = []
-    for _, seq in members:
-        table = list(seq.location.block_table[:num_pages])  # type: ignore[index]
-        tables.append(table + [table[0]] * (num_pages - len(table)))
-    table_t = torch.tensor(tables, dtype=torch.int64)
-    gather = (table_t[:, :, None] * page + torch.arange(page)).reshape(len(members), -1)[:, :span]
-    return DecodeGroup(rows, span, mask, None, None, gather.reshape(-1).to(dev))
+            slots = loc.slots(0, n)
+        # Past its own length a row reads its first slot again (masked), never out of range.
+        parts.append(slots if n == span else torch.cat([slots, slots[:1].expand(span - n)]))
+    gather = torch.stack(parts)
+    return DecodeGroup(rows, span, mask.to(dev), None, gather.reshape(-1).to(dev))
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
@@ -220,24 +198,12 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
     v_cache.index_copy_(0, slots, v_new)
 
 
-def _slabs(cache: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
-    """[B, L, kv, D] KV of a decode group, read the way its layout allows."""
-    span = group.span_tokens
-    if group.gather_slots is not None:
-        return cache.index_select(0, group.gather_slots).view(group.batch_size, span, *cache.shape[1:])
-    assert group.starts is not None
-    if group.stride_slots is not None and group.starts[-1] + span <= cache.shape[0]:
-        row = cache.stride(0)
-        return cache.as_strided((group.batch_size, span, *cache.shape[1:]),
-                                (group.stride_slots * row, *cache.stride()),
-                                cache.storage_offset() + group.starts[0] * row)
-    # A member's slab may be shorter than the group's span; the tail it reads past its own
-    # slab is masked out, and near the arena's end it is padded (the mask hides it too).
-    limit = cache.shape[0]
-    parts = [cache[s:s + span] if s + span <= limit else
-             torch.cat([cache[s:limit], cache.new_zeros((s + span - limit, *cache.shape[1:]))])
-             for s in group.starts]
-    return torch.stack(parts)
+def _read(cache: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
+    """[B, L, kv, D] KV of a decode group: a view of one run, or one gather."""
+    if group.view_start is not None:
+        return cache[group.view_start:group.view_start + group.span_tokens].unsqueeze(0)
+    assert group.gather_slots is not None
+    return cache.index_select(0, group.gather_slots).view(group.batch_size, group.span_tokens, *cache.shape[1:])
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -245,8 +211,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Attention of B single-token queries ([B, H, D]) over their sequences' KV -> [B, H, D]."""
     b, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
-    k = _slabs(k_cache, group).transpose(1, 2)  # [B, kv, L, D]
-    v = _slabs(v_cache, group).transpose(1, 2)
+    k = _read(k_cache, group).transpose(1, 2)  # [B, kv, L, D]
+    v = _read(v_cache, group).transpose(1, 2)
     qg = q.view(b, kv_heads, heads // kv_heads, dim)  # the g heads of a KV head act as g queries
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.length_mask, scale=scale)
     return out.reshape(b, heads, dim)

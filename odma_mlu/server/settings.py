@@ -9,7 +9,9 @@ KV capacity, in order:
 1. ``cache.kv_capacity_tokens`` when set (any backend);
 2. mlu / cuda: ``total * memory_fraction - (total - free) - weight bytes``, measured before the
    weights load, divided by the model's KV bytes per token;
-3. cpu / emulated: ``server.cpu_kv_capacity_tokens`` (host RAM is shared, never sized from it).
+3. emulated: the profiled card's capacity for the target shape (the 7B on an MLU370-X4:
+   ~118K tokens), so the emulated server admits and preempts as the card would;
+4. cpu: ``server.cpu_kv_capacity_tokens`` (host RAM is shared, never sized from it).
 """
 
 from __future__ import annotations
@@ -61,13 +63,31 @@ def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
         engine = replace(engine, cache=replace(engine.cache, policy=ns.kv_policy))
     if getattr(ns, "predictor", None):
         engine = replace(engine, predictor=ns.predictor)
-    api_key = getattr(ns, "api_key", None) or os.environ.get(API_KEY_ENV) or None
-    port = int(getattr(ns, "port", 8000))
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--port must be in [0, 65535], got {port}")
+    if getattr(ns, "reasoning_parser", None):
+        server = replace(server, reasoning_parser=None if ns.reasoning_parser == "none" else ns.reasoning_parser)
+    api_key = _api_key(getattr(ns, "api_key", None))
+    port = getattr(ns, "port", 8000)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be an integer in [0, 65535], got {port!r}")
     _check_server(server)
     return ServeSettings(engine=engine, server=server, host=getattr(ns, "host", "127.0.0.1") or "127.0.0.1",
                          port=port, api_key=api_key)
+
+
+def _api_key(flag: str | None) -> str | None:
+    """--api-key, else $ODMA_API_KEY, else None (no auth). An empty or blank key is an error:
+    it would silently turn authentication off."""
+    for where, key in (("--api-key", flag), (f"${API_KEY_ENV}", os.environ.get(API_KEY_ENV))):
+        if key is None:
+            continue
+        if not key.strip():
+            raise ConfigError(f"{where} is empty: that would disable authentication silently; give a key "
+                              f"(e.g. `openssl rand -hex 24`) or leave {where} unset for no auth")
+        if key != key.strip() or any(not c.isprintable() for c in key):
+            raise ConfigError(f"{where} has surrounding whitespace or unprintable characters; clients could "
+                              "never send it in an Authorization header")
+        return key
+    return None
 
 
 def _check_server(s: ServerConfig) -> None:
@@ -96,7 +116,9 @@ def kv_capacity_tokens(cfg: EngineConfig, server: ServerConfig, backend: Any, mo
     """KV capacity for the engine (module docstring); called before the weights load."""
     if cfg.cache.kv_capacity_tokens is not None:
         return int(cfg.cache.kv_capacity_tokens)
-    if backend.name in ("cpu", "emulated"):
+    if backend.name == "emulated":  # the card's capacity for the target shape (7B on MLU370-X4)
+        return int(backend.kv_capacity_tokens(cfg.cache.activation_reserve_fraction))
+    if backend.name == "cpu":
         return server.cpu_kv_capacity_tokens
     spec = load_model_spec(str(model_path), dtype=dtype)
     info = backend.mem_get_info()
@@ -133,7 +155,7 @@ def build_engine(settings: ServeSettings) -> Any:
 
     cfg = settings.engine
     model_path = resolve_model_path(cfg.model)
-    backend = get_backend(cfg.backend, profile=cfg.profile if cfg.backend == "emulated" else None)
+    backend = get_backend(cfg.backend, profile=cfg.profile if cfg.backend == "emulated" else None, pace=True)
     dtype = _dtype_for(cfg, backend, model_path)
     capacity = kv_capacity_tokens(cfg, settings.server, backend, model_path, dtype)
     predictor = None

@@ -1,0 +1,81 @@
+"""What one engine step issues, described once for the step-cost function.
+
+The replay (shape-only), the emulated engine and the emulated server all describe a step
+with ``describe_step`` and price it with the emulator's one step-cost function, so they
+cannot disagree. Decode grouping is decided here, by ``decode_group_key``, and nowhere
+else: ``ForwardBatch.build`` groups the real attention calls with the same key::
+
+    decode sequence -> span class: the next power of two >= its context (at least
+                       MIN_SPAN_TOKENS); a group pads to its longest member, so padding
+                       stays under 2x
+    a group of one sequence in one run  -> read in place (a view)
+    any other group                     -> one gather of its members' slots per layer
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from odma_mlu.engine.scheduler import ScheduledBatch
+    from odma_mlu.kvcache.policy import KVPolicy
+
+MIN_SPAN_TOKENS = 64
+
+
+def decode_group_key(context_tokens: int) -> int:
+    """The attention group (span class) of a decode sequence reading ``context_tokens``."""
+    return max(MIN_SPAN_TOKENS, 1 << max(0, context_tokens - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """One step as the code runs it: the step-cost function's only input."""
+
+    prefill_new_tokens: tuple[int, ...] = ()
+    """New tokens of each prefill (a whole prompt, or prompt + generated on a recompute)."""
+    prefill_cached_tokens: tuple[int, ...] = ()
+    """Tokens already in KV before each prefill chunk (0 without chunked prefill)."""
+    decode_read_runs: tuple[tuple[int, ...], ...] = ()
+    """Per decoding sequence, the token length of each KV run its attention reads
+    (the new token included)."""
+    decode_group_sizes: tuple[int, ...] = ()
+    """Sequences in each decode attention group (one batched call per layer each)."""
+    decode_group_views: int = 0
+    """Groups of one sequence whose KV is one run: read as a view, no gather."""
+    copy_tokens: tuple[int, ...] = ()
+    """Each contiguous KV copy issued this step (tokens, in every layer, K and V)."""
+
+    @property
+    def num_decodes(self) -> int:
+        return len(self.decode_read_runs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefill_new_tokens and not self.decode_read_runs
+
+
+def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
+    """The work of a scheduled batch under ``policy``; drains the arena's issued copies.
+
+    Under a policy with free preemption (``ideal``), a recompute of a preempted request
+    costs nothing beyond the decode step it would have taken: it is described as a decode
+    over its context."""
+    prefill_new: list[int] = []
+    reads: list[tuple[int, ...]] = []
+    for s in batch.prefill:
+        if policy.free_preemption and s.num_generated > 0:
+            reads.append((s.num_tokens,))
+        else:
+            prefill_new.append(s.num_tokens)
+    for s in batch.decode:
+        reads.append(policy.read_runs(s.request_id, s.num_tokens))
+    groups: dict[int, list[tuple[int, ...]]] = {}
+    for r in reads:
+        groups.setdefault(decode_group_key(sum(r)), []).append(r)
+    sizes = tuple(len(groups[k]) for k in sorted(groups))
+    views = sum(1 for g in groups.values() if len(g) == 1 and len(g[0]) == 1)
+    return StepWork(prefill_new_tokens=tuple(prefill_new), prefill_cached_tokens=(0,) * len(prefill_new),
+                    decode_read_runs=tuple(reads), decode_group_sizes=sizes, decode_group_views=views,
+                    copy_tokens=policy.arena.take_issued_copies())
