@@ -109,6 +109,14 @@ class RingPool:
     def slot_of(self, request_id: str) -> int:
         return self._owner[request_id]
 
+    def plan(self, seqs: Any, request_ids: list[str], device: torch.device | str = "cpu") -> Any:
+        """The ``RingBatch`` of one forward step (``seqs``: its SequenceInputs, in order)."""
+        from odma_mlu.models.window_attention import RingBatch  # models import kvcache, not the reverse
+
+        for seq, rid in zip(seqs, request_ids):
+            self.note_tokens(rid, seq.num_total_tokens)
+        return RingBatch.build(self, seqs, [self._owner[rid] for rid in request_ids], device)
+
     def note_tokens(self, request_id: str, total_tokens: int) -> None:
         """Record that ``request_id`` has written K/V up to ``total_tokens`` (accounting only)."""
         self._tokens[request_id] = max(self._tokens[request_id], total_tokens)
@@ -198,6 +206,21 @@ class KVGroupSplit:
     """Token capacity of the full-attention arena (full layers only)."""
     ring_slots: int
     ring_bytes: int
+
+
+def plan_window_group(model: Any, kv_capacity_tokens: int, max_num_seqs: int,
+                      ring_slots: int | None = None) -> KVGroupSplit | None:
+    """The engine's split for a model with sliding layers (None without): the budget is
+    ``kv_capacity_tokens`` tokens of K/V over *all* layers, as for a full-attention model."""
+    if getattr(model, "window_tokens", None) is None:
+        return None
+    spec = model.spec
+    elem = torch.tensor([], dtype=model.dtype).element_size()
+    per_layer_token_bytes = 2 * spec.num_kv_heads * spec.head_dim * elem
+    return split_kv_budget(kv_capacity_tokens * spec.num_layers * per_layer_token_bytes,
+                           model.num_full_layers * per_layer_token_bytes,
+                           model.window_tokens * model.num_sliding_layers * per_layer_token_bytes,
+                           max_num_seqs, ring_slots)
 
 
 def split_kv_budget(budget_bytes: int, full_bytes_per_token: int, ring_bytes_per_slot: int, max_num_seqs: int,
