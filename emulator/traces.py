@@ -140,6 +140,10 @@ def load_trace(name_or_path: str | os.PathLike[str] | None, *, seed: int = 0, ma
     requests, own_cap = _read_any(path, seed=seed, max_requests=max_requests)
     if not requests:
         raise DataFormatError(f"{path}: no requests in the trace; expected one of: {ACCEPTED_FORMATS}")
+    bad_time = next((r for r in requests if not math.isfinite(r.arrival_s)), None)
+    if bad_time is not None:  # NaN sorts nowhere and an online replay would wait for it forever
+        raise DataFormatError(f"{path}: request {bad_time.request_id!r} has arrival time {bad_time.arrival_s}; "
+                              "timestamps must be finite numbers")
     requests.sort(key=lambda r: r.arrival_s)  # stable: file order breaks ties
     if max_requests is not None:
         requests = requests[:max_requests]

@@ -7,13 +7,54 @@ missing optional dependency only affects the subcommand that needs it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from odma_mlu.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig
 from odma_mlu.errors import OdmaError
 
 POLICIES = ("static", "s3", "odma", "paged", "oracle")
+
+
+# -- value types: a bad value is a one-line usage error naming the flag, never a traceback ----
+def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range: allowed [{lo}, {hi if hi is not None else 'inf'}]")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: allowed {'(' if lo_open else '['}{lo:g}, "
+                                             f"{hi:g}]")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+def _out_path(text: str) -> str:
+    """An output file whose folder exists: commands never create folders anywhere."""
+    parent = Path(text).expanduser().parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {str(parent)!r} does not exist; create it first")
+    return text
+
+
+_SEED = _int_in(0, 2**63 - 1)
 
 
 def _bench(ns: argparse.Namespace) -> int:
@@ -67,28 +108,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=DEFAULT_MODEL, help="built-in model shape, config.json or model folder")
     b.add_argument("--trace", default=None, help="trace name or path (default: the bundled sample)")
     b.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES))
-    b.add_argument("--kv-gib", type=float, default=None, help="KV capacity in GiB (default: from the profile)")
-    b.add_argument("--max-requests", type=int, default=None)
+    b.add_argument("--kv-gib", type=_float_in(0, 1e6, lo_open=True), default=None, help="KV capacity in GiB (default: from the profile)")
+    b.add_argument("--max-requests", type=_int_in(1), default=None)
     b.add_argument("--mode", choices=("offline", "online"), default="offline")
-    b.add_argument("--rate-scale", type=float, default=1.0, help="online mode: speed arrivals up by X")
-    b.add_argument("--max-new-tokens", type=int, default=None,
+    b.add_argument("--rate-scale", type=_float_in(0, 1e6, lo_open=True), default=1.0, help="online mode: speed arrivals up by X")
+    b.add_argument("--max-new-tokens", type=_int_in(1), default=None,
                    help=f"cap on generation length (default: the trace's, else {SchedulerConfig.max_new_tokens})")
     b.add_argument("--predictor", default=None, help="predictor folder (default: the bundled one); 'simple' for "
                                                      "the histogram baseline")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,
+    b.add_argument("--seed", type=_SEED, default=0)
+    b.add_argument("--max-num-seqs", type=_int_in(1), default=SchedulerConfig.max_num_seqs,
                    help="cap on running sequences")
-    b.add_argument("--page-size", type=int, default=CacheConfig.page_size_tokens, help="paged policy page tokens")
-    b.add_argument("--json", default=None, metavar="OUT")
-    b.add_argument("--plot", default=None, metavar="OUT.png")
+    b.add_argument("--page-size", type=_int_in(1, 65536), default=CacheConfig.page_size_tokens, help="paged policy page tokens")
+    b.add_argument("--json", default=None, type=_out_path, metavar="OUT")
+    b.add_argument("--plot", default=None, type=_out_path, metavar="OUT.png")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_bench)
 
     pb = sub.add_parser("profile-bandwidth", help="measure sequential and gather bandwidth; write a profile")
     pb.add_argument("--backend", choices=("cpu", "cuda", "mlu"), default="cpu")
     pb.add_argument("--quick", action="store_true", help="small buffer and few repeats (< 30 s)")
-    pb.add_argument("--out", default=None, metavar="PROFILE.yaml")
-    pb.add_argument("--plot", default=None, metavar="OUT.png")
+    pb.add_argument("--out", default=None, type=_out_path, metavar="PROFILE.yaml")
+    pb.add_argument("--plot", default=None, type=_out_path, metavar="OUT.png")
     pb.add_argument("--name", default=None, help="profile name (default: derived from the host)")
     pb.set_defaults(func=_profile_bandwidth)
 
@@ -97,13 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = prs.add_parser("train")
     t.add_argument("--data", action="append", required=True, help="data file (repeatable)")
     t.add_argument("--out", required=True)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-minutes", type=float, default=10.0)
+    t.add_argument("--seed", type=_SEED, default=0)
+    t.add_argument("--max-minutes", type=_float_in(0, 1e5, lo_open=True), default=10.0)
     t.set_defaults(func=_predictor_train)
     e = prs.add_parser("eval")
     e.add_argument("--predictor", default=None)
     e.add_argument("--data", required=True)
-    e.add_argument("--json", default=None, metavar="OUT")
+    e.add_argument("--json", default=None, type=_out_path, metavar="OUT")
     e.add_argument("--split", default="test", choices=("test", "all"),
                    help="'test': the held-out split used in training; 'all': every record")
     e.set_defaults(func=_predictor_eval)
@@ -111,20 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with the real engine")
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=_int_in(1), default=64)
     g.add_argument("--kv-policy", choices=POLICIES, default="odma")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=_float_in(0, 100), default=0.0)
+    g.add_argument("--seed", type=_SEED, default=0)
     g.add_argument("--backend", default="auto")
     g.add_argument("--dtype", default=None)
-    g.add_argument("--json", default=None, metavar="OUT")
+    g.add_argument("--json", default=None, type=_out_path, metavar="OUT")
     g.set_defaults(func=_generate)
 
     v = sub.add_parser("validate-emulator", help="time real decode steps next to the cost model")
     v.add_argument("--model", required=True)
     v.add_argument("--profile", required=True)
     v.add_argument("--backend", choices=("cpu", "cuda", "mlu"), default="cpu")
-    v.add_argument("--json", default=None, metavar="OUT")
+    v.add_argument("--json", default=None, type=_out_path, metavar="OUT")
     v.add_argument("--timer", choices=("backend", "thread-cpu"), default="backend",
                    help="what 'measured' is: the backend's timer (default), or on CPU with one torch thread "
                         "the thread's CPU time (excludes other processes' load on a shared host)")
@@ -138,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-policy", choices=POLICIES, default=None)
     s.add_argument("--predictor", default=None)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None)
+    s.add_argument("--port", type=_int_in(0, 65535), default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set $ODMA_API_KEY)")
+    s.add_argument("--reasoning-parser", choices=("deepseek_r1", "none"), default=None,
+                   help="split <think>...</think> into reasoning_content (overrides server.reasoning_parser)")
     s.set_defaults(func=_serve)
     return p
 
@@ -147,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = ns.func
+    if hasattr(ns, "no_progress") and not sys.stderr.isatty():
+        ns.no_progress = True  # progress bars are carriage-return spam in logs and CI output
     try:
         return int(func(ns) or 0)
     except OdmaError as e:

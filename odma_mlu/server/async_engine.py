@@ -11,6 +11,12 @@ several threads. One daemon thread owns the engine outright::
 Every engine method is called from that thread only; the event loop sees the engine solely
 through per-request ``asyncio.Queue``s and an immutable ``EngineSnapshot`` the thread
 publishes after each iteration (one reference assignment: atomic under the GIL).
+
+Failure tiers: a request the engine refuses gets ``Failed(rejected=True, status=400)``; a
+request that fails inside a step (``finish_reason == "error"``) gets ``Failed(status=500)``
+alone while the others go on; if ``engine.step()`` itself raises, the engine is broken:
+every request fails with 503, ``dead`` is set (``/health`` answers 503), the thread ends
+and ``on_fatal`` asks the server to exit non-zero so a supervisor restarts the process.
 """
 
 from __future__ import annotations
@@ -97,6 +103,7 @@ class RequestStream:
 class _Timing:
     arrival: float
     first_token: float | None = None
+    last_token: float = 0.0
 
 
 class AsyncEngine:
@@ -108,6 +115,9 @@ class AsyncEngine:
         self.engine = engine
         self.max_waiting = max_waiting
         self._on_finish = on_finish  # (finish_reason, e2e_s, ttft_s, tpot_s, tokens): metrics hook
+        self._on_token_gap: Callable[[float], None] | None = None  # inter-token latency hook
+        self.on_fatal: Callable[[], None] | None = None  # called on the event loop if the engine dies
+        self.dead = False
         self._cmds: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -149,13 +159,18 @@ class AsyncEngine:
         """Submitted requests not yet running: the back-pressure measure."""
         return max(0, self._inflight - self.snapshot.running)
 
-    def submit(self, prompt: str | Sequence[int], params: SamplingParams, request_id: str) -> RequestStream:
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams, request_id: str,
+               prompt_text: str | None = None) -> RequestStream:
         """Hand a request to the engine thread; the caller must ``release()`` the stream."""
         assert self._loop is not None, "AsyncEngine.start() was not called"
         stream = RequestStream(request_id, time.perf_counter())
         self._inflight += 1
-        self._cmds.put(("add", prompt, params, stream))
+        self._cmds.put(("add", prompt, params, stream, prompt_text))
         return stream
+
+    def fail_all(self, message: str, status: int = 503) -> None:
+        """Fail every request in the engine now (drain deadline): handlers answer them."""
+        self._cmds.put(("fail_all", message, status))
 
     def release(self, stream: RequestStream) -> None:
         """The handler is done with ``stream``: abort it in the engine unless it finished
@@ -192,12 +207,17 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             self._loop_forever()
-        except Exception:  # noqa: BLE001 - last resort: never leave clients hanging silently
-            log.critical("engine thread died:\n%s", traceback.format_exc())
+        except BaseException:  # noqa: BLE001 - last resort: never leave clients hanging silently
+            log.critical("engine thread died; the server will exit so a supervisor restarts it:\n%s",
+                         traceback.format_exc())
             self.healthy = False
+            self.dead = True
             for stream in self._streams.values():
-                self._deliver(stream, Failed("the engine stopped; see the server log", status=500))
+                self._deliver(stream, Failed("the engine stopped; see the server log", status=503))
             self._streams.clear()
+            self._timing.clear()
+            if self.on_fatal is not None:
+                self._post(self.on_fatal)
 
     def _loop_forever(self) -> None:
         while True:
@@ -219,15 +239,10 @@ class AsyncEngine:
                     return
                 self._handle(cmd)
             if self.engine.has_unfinished():
-                try:
-                    outputs = self.engine.step()
-                except Exception:  # a broken step must not hang every client: fail them all
-                    log.error("engine step failed:\n%s", traceback.format_exc())
-                    self.healthy = False
-                    self._fail_all("internal engine error; see the server log", 500)
-                    outputs = []
-                else:
-                    self._account_step()
+                # A step that raises means the engine is broken (request-level failures come
+                # back as outputs): _run fails everyone, marks it dead and the server exits.
+                outputs = self.engine.step()
+                self._account_step()
                 for out in outputs:
                     self._on_output(out)
             self._publish()
@@ -235,9 +250,9 @@ class AsyncEngine:
     def _handle(self, cmd: tuple[Any, ...]) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, prompt, params, stream = cmd
+            _, prompt, params, stream, prompt_text = cmd
             try:
-                self.engine.add_request(prompt, params, request_id=stream.request_id)
+                self.engine.add_request(prompt, params, request_id=stream.request_id, prompt_text=prompt_text)
             except RequestRejected as e:
                 self._deliver(stream, Failed(str(e), rejected=True, status=400))
                 return
@@ -255,6 +270,8 @@ class AsyncEngine:
                 self._timing.pop(rid, None)
                 if self._on_finish is not None:
                     self._on_finish("abort", 0.0, None, None, 0)
+        elif kind == "fail_all":
+            self._fail_all(cmd[1], cmd[2])
         elif kind == "call":
             _, fn, fut = cmd
             try:
@@ -273,6 +290,10 @@ class AsyncEngine:
         timing = self._timing.get(out.request_id)
         if timing is not None and timing.first_token is None:
             timing.first_token = now
+        elif timing is not None and out.new_token_ids and self._on_token_gap is not None:
+            self._on_token_gap(now - timing.last_token)
+        if timing is not None:
+            timing.last_token = now
         self._acc["generated"] += len(out.new_token_ids)
         if out.finished:
             self._streams.pop(out.request_id, None)
@@ -282,6 +303,9 @@ class AsyncEngine:
                 ttft = (timing.first_token or now) - timing.arrival
                 tpot = (now - timing.first_token) / (n - 1) if timing.first_token and n > 1 else None
                 self._on_finish(out.finish_reason, now - timing.arrival, ttft, tpot, n)
+        if out.error is not None:  # this request failed alone inside a step; its KV is freed
+            self._deliver(stream, Failed(f"the request failed in the engine: {out.error}", status=500))
+            return
         self._deliver(stream, out)
 
     def _fail_all(self, message: str, status: int) -> None:
@@ -310,8 +334,9 @@ class AsyncEngine:
         self.snapshot = EngineSnapshot(
             running=len(sched.running), waiting=len(sched.waiting), capacity_tokens=st.capacity_tokens,
             live_kv_tokens=sched.live_kv_tokens(), reserved_tokens=st.reserved_tokens,
-            live_requests=st.live_requests, overflows=st.overflowed_requests, migrations=st.migrations,
-            migrated_tokens=st.migrated_tokens, preemptions=sched.num_preemptions,
+            live_requests=st.live_requests, overflows=st.overflowed_requests,
+            migrations=getattr(st, "copies", getattr(st, "migrations", 0)),
+            migrated_tokens=getattr(st, "copied_tokens", getattr(st, "migrated_tokens", 0)), preemptions=sched.num_preemptions,
             bucket_edges_tokens=tuple(st.bucket_edges_tokens),
             safety_pool_used_tokens=st.extra.get("safety_pool_used_tokens", 0.0),
             safety_pool_tokens=st.extra.get("safety_pool_tokens", 0.0),

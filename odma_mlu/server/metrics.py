@@ -5,6 +5,12 @@ Engine-side values (KV, queue, policy counters) are read at scrape time from the
 never touches the engine itself. Latency histograms are observed by the engine thread
 when a request finishes (prometheus_client's metrics are thread-safe). Each app gets its
 own ``CollectorRegistry`` so several servers in one process (tests) do not collide.
+
+Next to the ``odma_*`` names, the vLLM names that existing Grafana dashboards and
+autoscalers read are exported where the meaning is the same (``VLLM_NAMES``; all carry a
+``model_name`` label as vLLM's do). ``vllm:kv_cache_usage_perc`` is the share of KV capacity
+held by the policy (reserved slots, the analogue of vLLM's allocated blocks), as a 0-1
+fraction like vLLM's.
 """
 
 from __future__ import annotations
@@ -24,10 +30,29 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+VLLM_NAMES: dict[str, str] = {
+    "vllm:num_requests_running": "odma_requests_running",
+    "vllm:num_requests_waiting": "odma_requests_waiting",
+    "vllm:kv_cache_usage_perc": "odma_kv_reserved_tokens / odma_kv_capacity_tokens",
+    "vllm:num_preemptions_total": "odma_preemptions_total",
+    "vllm:prompt_tokens_total": "odma_prompt_tokens_total",
+    "vllm:generation_tokens_total": "odma_generation_tokens_total",
+    "vllm:request_success_total": "odma_requests_total (finished_reason stop/length)",
+    "vllm:time_to_first_token_seconds": "odma_time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds": "(per token gap; odma has the per-request mean)",
+    "vllm:time_per_output_token_seconds": "vllm:inter_token_latency_seconds (older vLLM name)",
+    "vllm:e2e_request_latency_seconds": "odma_e2e_request_latency_seconds",
+}
+"""vLLM metric name -> the odma metric it mirrors (docs/serving.md)."""
+
+
 class _EngineCollector(Collector):
-    def __init__(self, snapshot: Callable[[], EngineSnapshot], policy: str) -> None:
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], policy: str, model_name: str = "") -> None:
         self._snapshot = snapshot
         self._policy = policy
+        self._model = model_name
 
     def collect(self) -> Iterator[Metric]:
         s = self._snapshot()
@@ -66,14 +91,46 @@ class _EngineCollector(Collector):
             edges.add_metric([str(i), self._policy], float(e))
         yield edges
 
+        def vgauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric([self._model], value)
+            return g
+
+        yield vgauge("vllm:num_requests_running", "Number of requests in model execution batches.", s.running)
+        yield vgauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", s.waiting)
+        yield vgauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                     s.reserved_tokens / s.capacity_tokens if s.capacity_tokens else 0.0)
+        pre = CounterMetricFamily("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                                  labels=["model_name"])
+        pre.add_metric([self._model], s.preemptions)
+        yield pre
+        gen = CounterMetricFamily("vllm:generation_tokens", "Number of generation tokens processed.",
+                                  labels=["model_name"])
+        gen.add_metric([self._model], s.generated_tokens)
+        yield gen
+
 
 class ServerMetrics:
     """The registry of one server: engine collector, request counters, latency histograms."""
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot], policy: str) -> None:
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], policy: str, model_name: str = "") -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(snapshot, policy))
+        self.registry.register(_EngineCollector(snapshot, policy, model_name))
         r = self.registry
+        self.model_name = model_name
+        lbl = ["model_name"]
+        self.v_prompt = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", lbl, registry=r)
+        self.v_success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                                 lbl + ["finished_reason"], registry=r)
+        self.v_ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                                lbl, buckets=TTFT_BUCKETS, registry=r)
+        self.v_itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                               lbl, buckets=ITL_BUCKETS, registry=r)
+        self.v_tpot = Histogram("vllm:time_per_output_token_seconds",
+                                "Histogram of time per output token in seconds (older name of inter-token latency).",
+                                lbl, buckets=ITL_BUCKETS, registry=r)
+        self.v_e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                               lbl, buckets=E2E_BUCKETS, registry=r)
         self.requests = Counter(f"{PREFIX}_requests", "Finished requests by finish reason", ["finish_reason"],
                                 registry=r)
         self.http_errors = Counter(f"{PREFIX}_http_errors", "Requests answered with an error, by status",
@@ -91,13 +148,26 @@ class ServerMetrics:
                   tokens: int) -> None:
         """Called by the engine thread when a request ends (``reason`` "abort": client gone)."""
         self.requests.labels(reason or "unknown").inc()
-        if reason == "abort":
+        if reason in ("abort", "error"):
             return
+        m = self.model_name
+        self.v_success.labels(m, reason or "unknown").inc()
         self.e2e.observe(e2e_s)
+        self.v_e2e.labels(m).observe(e2e_s)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
+            self.v_ttft.labels(m).observe(ttft_s)
         if tpot_s is not None:
             self.tpot.observe(tpot_s)
+
+    def on_token_gap(self, gap_s: float) -> None:
+        """Called by the engine thread for each token after a request's first."""
+        self.v_itl.labels(self.model_name).observe(gap_s)
+        self.v_tpot.labels(self.model_name).observe(gap_s)
+
+    def on_prompt(self, tokens: int) -> None:
+        self.prompt_tokens.inc(tokens)
+        self.v_prompt.labels(self.model_name).inc(tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
