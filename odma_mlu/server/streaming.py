@@ -129,7 +129,10 @@ def completion_logprobs(tokenizer: Any, items: Sequence[TokenLogprobs], text_off
         t = _token_text(tokenizer, it.token_id)
         tokens.append(t)
         lps.append(it.logprob)
-        tops.append({_token_text(tokenizer, i): lp for i, lp in it.top} if it.top else None)
+        top: dict[str, float] = {}
+        for i, lp in it.top:  # best first; tokens that decode alike keep the best value
+            top.setdefault(_token_text(tokenizer, i), lp)
+        tops.append(top or None)
         offsets.append(at)
         at += len(t)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
