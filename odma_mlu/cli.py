@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from odma_mlu.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig
 from odma_mlu.errors import OdmaError
 
-POLICIES = ("static", "s3", "odma", "paged", "oracle")
+POLICIES = ("static", "s3", "odma", "paged", "exact", "ideal")
 
 
 # -- value types: a bad value is a one-line usage error naming the flag, never a traceback ----

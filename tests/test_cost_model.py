@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from emulator.cost_model import CONTIGUOUS, CostModel, KVLayout
+from emulator.cost_model import CostModel, StepCost
 from emulator.profile import available_profiles, load_profile, parse_profile
 from odma_mlu.config import load_model_spec
+from odma_mlu.engine.step_work import StepWork
 
 MODEL = load_model_spec("deepseek-r1-distill-qwen-7b", dtype="float16")
 PROFILES = ("mlu370-x4", "mlu370-x8", "mlu590", "h100-sxm", "cpu-host")
@@ -19,6 +20,21 @@ PAGES = (1, 8, 16, 32, 128, 1024)
 
 def model_for(profile_name: str) -> CostModel:
     return CostModel(load_profile(profile_name), MODEL)
+
+
+CONTIGUOUS = None  # one run per sequence
+
+
+def runs_of(ctx: int, page: int | None) -> tuple[int, ...]:
+    """A context read as one run (page None) or as scattered pages of ``page`` tokens."""
+    if page is None or ctx <= page:
+        return (ctx,)
+    return (page,) * (ctx // page) + ((ctx % page,) if ctx % page else ())
+
+
+def step(cm: CostModel, prefill_tokens: list[int] = (), decode_context_tokens: list[int] = (),  # type: ignore[assignment]
+         page: int | None = CONTIGUOUS, copy_tokens: tuple[int, ...] = ()) -> StepCost:
+    return cm.step_time(StepWork.build(prefill_tokens, [runs_of(c, page) for c in decode_context_tokens], copy_tokens))
 
 
 def flat_profile(gather_equals_sequential: bool) -> Any:
@@ -40,26 +56,26 @@ def test_profiles_under_test_exist() -> None:
 
 
 def test_empty_step_costs_nothing() -> None:
-    cost = model_for("mlu370-x4").step()
+    cost = model_for("mlu370-x4").step_time(StepWork())
     assert cost.time_s == 0.0 and cost.flops == 0.0
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize("layout", [CONTIGUOUS, KVLayout("paged", 16)])
-def test_time_grows_with_batch(profile: str, layout: KVLayout) -> None:
+@pytest.mark.parametrize("layout", [CONTIGUOUS, 16])
+def test_time_grows_with_batch(profile: str, layout: int | None) -> None:
     cm = model_for(profile)
-    times = [cm.step(decode_context_tokens=[1000] * b, layout=layout).time_s for b in (1, 2, 4, 16, 64, 256)]
+    times = [step(cm, decode_context_tokens=[1000] * b, page=layout).time_s for b in (1, 2, 4, 16, 64, 256)]
     assert all(a < b for a, b in zip(times, times[1:])), times
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize("layout", [CONTIGUOUS, KVLayout("paged", 16)])
-def test_time_grows_with_context(profile: str, layout: KVLayout) -> None:
+@pytest.mark.parametrize("layout", [CONTIGUOUS, 16])
+def test_time_grows_with_context(profile: str, layout: int | None) -> None:
     cm = model_for(profile)
     # every context from 1 to 300 tokens crosses several curve points for this model
     # (1 KiB of K per token per layer), then coarser steps to 32K
     contexts = list(range(1, 301)) + [512, 1024, 4096, 16384, 32768]
-    times = [cm.step(decode_context_tokens=[c] * 8, layout=layout).time_s for c in contexts]
+    times = [step(cm, decode_context_tokens=[c] * 8, page=layout).time_s for c in contexts]
     bad = [(c0, c1) for c0, c1, t0, t1 in zip(contexts, contexts[1:], times, times[1:]) if t1 < t0]
     assert not bad, f"{profile}: more context took less time at {bad[:5]}"
     assert times[-1] > times[0]
@@ -68,7 +84,7 @@ def test_time_grows_with_context(profile: str, layout: KVLayout) -> None:
 @pytest.mark.parametrize("profile", PROFILES)
 def test_time_grows_with_prefill(profile: str) -> None:
     cm = model_for(profile)
-    times = [cm.step(prefill_tokens=[n]).time_s for n in (1, 16, 256, 2048, 8192)]
+    times = [step(cm, prefill_tokens=[n]).time_s for n in (1, 16, 256, 2048, 8192)]
     assert all(a < b for a, b in zip(times, times[1:])), times
 
 
@@ -79,9 +95,9 @@ def test_time_grows_with_model_bytes(profile: str) -> None:
     wider = dataclasses.replace(MODEL, intermediate_size=MODEL.intermediate_size * 2)
     p = load_profile(profile)
     for batch in ([100], [2000] * 32):
-        base = CostModel(p, small).step(decode_context_tokens=batch).time_s
-        assert CostModel(p, deeper).step(decode_context_tokens=batch).time_s > base
-        assert CostModel(p, wider).step(decode_context_tokens=batch).time_s > base
+        base = step(CostModel(p, small), decode_context_tokens=batch).time_s
+        assert step(CostModel(p, deeper), decode_context_tokens=batch).time_s > base
+        assert step(CostModel(p, wider), decode_context_tokens=batch).time_s > base
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -90,8 +106,8 @@ def test_contiguous_never_slower_than_paged(profile: str) -> None:
     for ctx in CONTEXTS:
         for page in PAGES:
             for batch in (1, 32):
-                contiguous = cm.step(decode_context_tokens=[ctx] * batch, layout=CONTIGUOUS).time_s
-                paged = cm.step(decode_context_tokens=[ctx] * batch, layout=KVLayout("paged", page)).time_s
+                contiguous = step(cm, decode_context_tokens=[ctx] * batch).time_s
+                paged = step(cm, decode_context_tokens=[ctx] * batch, page=page).time_s
                 assert contiguous <= paged * (1 + 1e-12), (profile, ctx, page, batch, contiguous, paged)
 
 
@@ -99,8 +115,7 @@ def test_paging_costs_something_on_a_gather_poor_profile() -> None:
     # the converse of "paging is free when gather == sequential": a real gap must show
     cm = CostModel(flat_profile(gather_equals_sequential=False), MODEL)
     ctx = [4096] * 64
-    assert cm.step(decode_context_tokens=ctx).time_s < cm.step(decode_context_tokens=ctx,
-                                                               layout=KVLayout("paged", 16)).time_s
+    assert step(cm, decode_context_tokens=ctx).time_s < step(cm, decode_context_tokens=ctx, page=16).time_s
 
 
 def test_paging_free_when_gather_equals_sequential() -> None:
@@ -108,8 +123,8 @@ def test_paging_free_when_gather_equals_sequential() -> None:
     for ctx in CONTEXTS:
         for page in PAGES:
             batch = [ctx] * 16
-            contiguous = cm.step(decode_context_tokens=batch).time_s
-            paged = cm.step(decode_context_tokens=batch, layout=KVLayout("paged", page)).time_s
+            contiguous = step(cm, decode_context_tokens=batch).time_s
+            paged = step(cm, decode_context_tokens=batch, page=page).time_s
             assert paged == pytest.approx(contiguous, rel=1e-12), (ctx, page)
 
 
@@ -123,9 +138,9 @@ def test_roofline(profile: str) -> None:
         {"decode_context_tokens": [500] * 256}, {"prefill_tokens": [8192]},
         {"prefill_tokens": [512] * 8, "decode_context_tokens": [3000] * 64},
     ]
-    for layout in (CONTIGUOUS, KVLayout("paged", 16)):
+    for layout in (CONTIGUOUS, 16):
         for case in cases:
-            c = cm.step(layout=layout, **case)
+            c = step(cm, page=layout, **case)
             moved = c.weight_bytes + c.kv_read_bytes + c.kv_write_bytes
             assert c.time_s >= moved / p.peak_bandwidth_bytes_per_s, (profile, case)
             assert c.time_s >= c.flops / flops_peak, (profile, case)
@@ -135,15 +150,15 @@ def test_roofline(profile: str) -> None:
 
 def test_decode_is_memory_bound_and_long_prefill_compute_bound_on_mlu370() -> None:
     cm = model_for("mlu370-x4")
-    assert cm.step(decode_context_tokens=[1000] * 8).bound == "memory"
-    assert cm.step(prefill_tokens=[8192]).bound == "compute"
+    assert step(cm, decode_context_tokens=[1000] * 8).bound == "memory"
+    assert step(cm, prefill_tokens=[8192]).bound == "compute"
 
 
 def test_weights_alone_match_facts() -> None:
     # FACTS.md: ~15.23 GB of 16-bit weights; all of them at 307.2 GB/s is 49.6 ms. The cost
     # model streams all but the embedding table (a decode step reads one row of it per token).
     assert MODEL.weight_bytes / 307.2e9 == pytest.approx(0.0496, rel=0.01)
-    c = model_for("mlu370-x4").step(decode_context_tokens=[1])
+    c = step(model_for("mlu370-x4"), decode_context_tokens=[1])
     embedding_bytes = MODEL.vocab_size * MODEL.hidden_size * MODEL.dtype_bytes
     assert c.weight_bytes == MODEL.weight_bytes - embedding_bytes
     assert c.time_s >= c.weight_bytes / 307.2e9
@@ -221,25 +236,44 @@ def test_small_batches_cost_compute_when_the_profile_says_so() -> None:
     with_curve = CostModel(rows_profile(DIPPY), dataclasses.replace(MODEL, dtype="float32"))
     peak_only = CostModel(rows_profile(None), dataclasses.replace(MODEL, dtype="float32"))
     ctx = [512] * 16
-    assert with_curve.step(decode_context_tokens=ctx).compute_s > peak_only.step(decode_context_tokens=ctx).compute_s
-    assert with_curve.step(decode_context_tokens=ctx).time_s >= peak_only.step(decode_context_tokens=ctx).time_s
+    assert step(with_curve, decode_context_tokens=ctx).compute_s > step(peak_only, decode_context_tokens=ctx).compute_s
+    assert step(with_curve, decode_context_tokens=ctx).time_s >= step(peak_only, decode_context_tokens=ctx).time_s
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_time_grows_with_batch_on_a_dippy_curve(profile: str) -> None:
     cm = CostModel(rows_profile(DIPPY), dataclasses.replace(MODEL, dtype="float32"))
-    times = [cm.step(decode_context_tokens=[300] * b).time_s for b in range(1, 70)]
+    times = [step(cm, decode_context_tokens=[300] * b).time_s for b in range(1, 70)]
     assert all(a < b for a, b in zip(times, times[1:])), times
 
 
 def test_more_decode_groups_cost_more_launches() -> None:
     cm = model_for("mlu370-x4")
-    one = cm.step(decode_context_tokens=[500] * 8, num_decode_groups=1)
-    three = cm.step(decode_context_tokens=[500] * 8, num_decode_groups=3)
-    assert three.time_s > one.time_s and three.overhead_s > one.overhead_s
+    one = step(cm, decode_context_tokens=[500] * 8)
+    three = step(cm, decode_context_tokens=[500, 500, 500, 100, 100, 100, 2000, 2000])
+    assert len(three_groups := StepWork.build((), [(500,)] * 3 + [(100,)] * 3 + [(2000,)] * 2).decode_group_sizes) == 3
+    assert three_groups == (3, 3, 2)
+    assert three.overhead_s > one.overhead_s
 
 
-def _count_forward_kernels(model: Any, seqs: list) -> int:
+def test_copies_are_charged() -> None:
+    cm = model_for("mlu370-x4")
+    base = step(cm, decode_context_tokens=[500] * 8)
+    with_copy = step(cm, decode_context_tokens=[500] * 8, copy_tokens=(300,))
+    assert with_copy.copy_bytes == 2 * 300 * MODEL.kv_bytes_per_token
+    expected = cm.copy_s(300)
+    assert with_copy.time_s - base.time_s == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_lone_one_run_read_is_a_view() -> None:
+    lone = StepWork.build((), [(700,)])
+    split = StepWork.build((), [(500, 200)])
+    assert lone.decode_group_views == 1 and split.decode_group_views == 0
+    cm = model_for("mlu370-x4")
+    assert cm.num_kernels(split) - cm.num_kernels(lone) == 2 * MODEL.num_layers
+
+
+def _count_forward_kernels(model: Any, seqs: list, arena_tokens: int = 4096) -> int:
     """Non-view aten ops one forward dispatches (what the cost model calls kernels)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -257,30 +291,52 @@ def _count_forward_kernels(model: Any, seqs: list) -> int:
             return func(*args, **(kwargs or {}))
 
     batch = ForwardBatch.build(seqs, device=model.device)
-    arena = model.new_arena(4096)
+    arena = model.new_arena(max(arena_tokens, 64))
     with Count():
         model.forward(batch, arena)
     return Count.n
 
 
-@pytest.mark.parametrize("decode_groups, prefills", [(1, 0), (2, 0), (0, 1), (1, 1), (2, 2), (3, 1)])
-def test_kernel_counts_follow_the_forward(tiny_model_dir: Any, decode_groups: int, prefills: int) -> None:
+@pytest.mark.parametrize("decode_groups, prefills, multi_run", [
+    (1, 0, False), (2, 0, False), (0, 1, False), (1, 1, True), (2, 2, True), (3, 1, False)])
+def test_kernel_counts_follow_the_forward(tiny_model_dir: Any, decode_groups: int, prefills: int,
+                                          multi_run: bool) -> None:
     """The cost model's kernel count equals the ops our Qwen2 forward really dispatches."""
     from odma_mlu.kvcache.arena import KVLocation
     from odma_mlu.models.attention import SequenceInput
     from odma_mlu.models.loader import load_model
 
     model, spec, _ = load_model(tiny_model_dir, with_tokenizer=False)
-    seqs, start = [], 0
-    for g in range(decode_groups):  # one decode group per reservation-size class (powers of two)
+    seqs, reads, prefill_tokens, start = [], [], [], 0
+    for g in range(decode_groups):  # one decode group per span class (powers of two)
+        ctx = 70 << g
         for _ in range(2):
-            cap = 64 << g
-            seqs.append(SequenceInput((5,), 20, KVLocation(capacity_tokens=cap, start_slot=start)))
-            start += cap
+            if multi_run:
+                runs = ((start, 40), (start + 100, 200 << g))
+                start += 100 + (200 << g)
+            else:
+                runs = ((start, 256 << g),)
+                start += 256 << g
+            loc = KVLocation(runs)
+            seqs.append(SequenceInput((5,), ctx - 1, loc))
+            reads.append(loc.run_tokens(ctx))
     for _ in range(prefills):
-        seqs.append(SequenceInput(tuple(range(3, 13)), 0, KVLocation(capacity_tokens=64, start_slot=start)))
+        seqs.append(SequenceInput(tuple(range(3, 13)), 0, KVLocation(((start, 64),))))
+        prefill_tokens.append(10)
         start += 64
-    counted = _count_forward_kernels(model, seqs)
+    counted = _count_forward_kernels(model, seqs, start)
     cm = CostModel(load_profile("cpu-host"), spec)
-    assert cm.num_kernels(prefills, decode_groups) == counted, (
+    assert cm.num_kernels(StepWork.build(prefill_tokens, reads)) == counted, (
         f"the forward dispatches {counted} ops; update the KERNELS_* constants in emulator/cost_model.py")
+
+
+def test_kernel_count_of_a_lone_view(tiny_model_dir: Any) -> None:
+    from odma_mlu.kvcache.arena import KVLocation
+    from odma_mlu.models.attention import SequenceInput
+    from odma_mlu.models.loader import load_model
+
+    model, spec, _ = load_model(tiny_model_dir, with_tokenizer=False)
+    loc = KVLocation(((100, 300),))
+    counted = _count_forward_kernels(model, [SequenceInput((5,), 99, loc)], 400)
+    cm = CostModel(load_profile("cpu-host"), spec)
+    assert cm.num_kernels(StepWork.build((), [loc.run_tokens(100)])) == counted

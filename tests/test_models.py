@@ -80,7 +80,7 @@ def contiguous_locations(lengths: list[int], capacities: list[int], gaps: list[i
     """
     locs, start = [], 3
     for i, cap in enumerate(capacities):
-        locs.append(KVLocation(capacity_tokens=cap, start_slot=start))
+        locs.append(KVLocation(((start, cap),)))
         start += cap + (gaps[i] if gaps else 0)
     assert all(n <= c for n, c in zip(lengths, capacities))
     return locs
@@ -93,7 +93,7 @@ def paged_locations(capacities: list[int], seed: int = 0) -> list[KVLocation]:
     locs = []
     for n in pages_per:
         table, pool = tuple(pool[:n]), pool[n:]
-        locs.append(KVLocation(capacity_tokens=n * PAGE, block_table=table, page_tokens=PAGE))
+        locs.append(KVLocation.from_pages(table, PAGE))
     return locs
 
 
@@ -102,7 +102,7 @@ def test_prefill_and_decode_logits_match_transformers(loaded, hf_model, prompt_i
     ids = prompt_ids[3]
     ref = hf_logits(hf_model, ids)
     table = tuple(torch.randperm(40, generator=torch.Generator().manual_seed(1))[:32].tolist())
-    for loc in (KVLocation(128, start_slot=5), KVLocation(128, block_table=table, page_tokens=PAGE)):
+    for loc in (KVLocation(((5, 128),)), KVLocation.from_pages(table, PAGE)):
         arena = model.new_arena(160)
         split = len(ids) - 6
         out = model.forward(ForwardBatch.build([SequenceInput(tuple(ids[:split]), 0, loc)]), arena)
@@ -118,7 +118,7 @@ def test_chunked_prefill_logits_match(loaded, hf_model, prompt_ids, paged):
     ids = prompt_ids[2]
     ref = hf_logits(hf_model, ids)
     arena = model.new_arena(64)
-    loc = KVLocation(40, block_table=tuple(range(9, -1, -1)), page_tokens=4) if paged else KVLocation(40, start_slot=17)
+    loc = KVLocation.from_pages(tuple(range(9, -1, -1)), 4) if paged else KVLocation(((17, 40),))
     done = 0
     for chunk in (5, 1, 7, len(ids)):
         part = ids[done:done + chunk]
@@ -129,13 +129,16 @@ def test_chunked_prefill_logits_match(loaded, hf_model, prompt_ids, paged):
         torch.testing.assert_close(out[0], ref[done - 1], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("layout", ["contiguous_even", "contiguous_uneven", "paged"])
+@pytest.mark.parametrize("layout", ["contiguous_even", "contiguous_uneven", "paged", "runs"])
 def test_batched_greedy_matches_generate(loaded, prompt_ids, hf_greedy, layout):
     """Four prompts, staggered starts (prefill + decode in one batch), two of them in the same bucket."""
     model = loaded[0]
     lengths = [len(p) + MAX_NEW for p in prompt_ids]
     if layout == "paged":
         locs = paged_locations([16, 32, 48, 128])
+    elif layout == "runs":  # ODMA's multi-run placements: uneven runs, out of address order
+        locs = [KVLocation(((300, 5), (20, 11), (200, 40))), KVLocation(((100, 33), (0, 20))),
+                KVLocation(((140, 60),)), KVLocation(((250, 50), (40, 60), (320, 20)))]
     elif layout == "contiguous_even":  # buckets 32 (2 seqs, evenly spaced: strided view), 64, 128
         locs = contiguous_locations(lengths, [32, 32, 64, 128])
     else:  # bucket 64 holds 3 unevenly spaced seqs: a stack of slabs
@@ -145,18 +148,31 @@ def test_batched_greedy_matches_generate(loaded, prompt_ids, hf_greedy, layout):
     assert_same_greedy(ours, hf_greedy)
 
 
-def test_even_and_uneven_slabs_use_the_intended_read(prompt_ids):
-    """Evenly spaced same-bucket slabs become one zero-copy strided view; others a stack of slabs."""
-    even = contiguous_locations([], [32, 32, 32])
-    uneven = contiguous_locations([], [32, 32, 32], gaps=[0, 3, 0])
-    for locs, strided in ((even, True), (uneven, False)):
-        batch = ForwardBatch.build([SequenceInput((1,), 4, locs[0]), SequenceInput((2,), 9, locs[1]),
-                                    SequenceInput((3,), 0, locs[2])])
-        (group,) = batch.decode_groups
-        assert (group.stride_slots is not None) == strided
-        assert group.gather_slots is None and group.span_tokens == 10
-        assert batch.write_slots.tolist() == [locs[0].slot_of(4), locs[1].slot_of(9), locs[2].slot_of(0)]
-        assert group.length_mask.view(3, 10).sum(1).tolist() == [5, 10, 1]
+def test_decode_reads_a_lone_run_as_a_view_and_gathers_otherwise(loaded, prompt_ids):
+    """A lone one-run sequence is a view of the arena; groups and multi-run sequences gather."""
+    lone = ForwardBatch.build([SequenceInput((1,), 40, KVLocation(((7, 64),)))])
+    (group,) = lone.decode_groups
+    assert group.view_start == 7 and group.gather_slots is None and group.length_mask is None
+    multi = KVLocation(((100, 20), (10, 30)))
+    batch = ForwardBatch.build([SequenceInput((1,), 4, KVLocation(((0, 32),))),
+                                SequenceInput((2,), 24, multi), SequenceInput((3,), 0, KVLocation(((60, 32),)))])
+    (group,) = batch.decode_groups  # contexts 5, 25, 1: one span class
+    assert group.view_start is None and group.span_tokens == 25
+    slots = group.gather_slots.view(3, 25)
+    assert slots[1].tolist() == list(range(100, 120)) + list(range(10, 15))
+    assert slots[0, :5].tolist() == [0, 1, 2, 3, 4] and slots[2, 0].item() == 60
+    assert group.length_mask.view(3, 25).sum(1).tolist() == [5, 25, 1]
+    assert batch.write_slots.tolist() == [4, multi.slot_of(24), 60]
+    # and the gathered multi-run read attends exactly like a one-run copy of the same KV
+    model = loaded[0]
+    arena = model.new_arena(400)
+    ids = tuple(prompt_ids[1][:25])
+    one = KVLocation(((200, 25),))
+    outs = []
+    for loc in (one, multi):
+        model.forward(ForwardBatch.build([SequenceInput(ids[:-1], 0, loc)]), arena)
+        outs.append(model.forward(ForwardBatch.build([SequenceInput(ids[-1:], 24, loc)]), arena))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
 def test_chunked_prefill_greedy_matches_generate(loaded, prompt_ids, hf_greedy):
@@ -174,9 +190,9 @@ def test_moving_kv_mid_generation_keeps_output(loaded, prompt_ids, hf_greedy):
 
     def migrate(step: int, locations: list[KVLocation]) -> None:
         if step == 6:
-            old, new = locations[1], KVLocation(capacity_tokens=96, start_slot=290)
+            old, new = locations[1], KVLocation(((290, 96),))
             n = len(prompt_ids[1]) + (6 - 2) - 1  # cached after its steps 2..5: prompt + 3 decodes
-            arena.move(range(old.start_slot, old.start_slot + n), range(new.start_slot, new.start_slot + n))
+            arena.copy_run(old.start_slot, new.start_slot, n)
             arena.k[0][old.start_slot:old.start_slot + old.capacity_tokens] = float("nan")  # the old slab is dead
             locations[1] = new
 
@@ -194,7 +210,7 @@ def test_half_precision_smoke(tiny_model_dir, prompt_ids, dtype):
     paged = greedy_generate(model, model.new_arena(560), prompt_ids, paged_locations([128] * 4), 6,
                             start_steps=[0, 1, 1, 3])
     assert contiguous == paged
-    logits = model.forward(ForwardBatch.build([SequenceInput(tuple(prompt_ids[2]), 0, KVLocation(64, start_slot=0))]),
+    logits = model.forward(ForwardBatch.build([SequenceInput(tuple(prompt_ids[2]), 0, KVLocation(((0, 64),)))]),
                            model.new_arena(64))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
@@ -203,7 +219,7 @@ def test_sharded_folder_loads_the_same_weights(loaded, tiny_sharded_model_dir, p
     assert (tiny_sharded_model_dir / "model.safetensors.index.json").is_file()
     sharded, spec, tok = load_model(tiny_sharded_model_dir)
     assert spec == dataclasses.replace(loaded[1], name=spec.name)
-    batch = ForwardBatch.build([SequenceInput(tuple(prompt_ids[1]), 0, KVLocation(32, start_slot=0))])
+    batch = ForwardBatch.build([SequenceInput(tuple(prompt_ids[1]), 0, KVLocation(((0, 32),)))])
     expected = loaded[0].forward(batch, loaded[0].new_arena(32))
     torch.testing.assert_close(sharded.forward(batch, sharded.new_arena(32)), expected, atol=0, rtol=0)
 
@@ -216,7 +232,7 @@ def test_tied_embeddings_match_transformers(tmp_path, prompt_ids):
     assert spec.tie_word_embeddings and spec.rope_theta == 50000.0 and model.lm_head is model.embed
     hf = Qwen2ForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     ids = prompt_ids[3]
-    out = model.forward(ForwardBatch.build([SequenceInput(tuple(ids), 0, KVLocation(128, start_slot=0))]),
+    out = model.forward(ForwardBatch.build([SequenceInput(tuple(ids), 0, KVLocation(((0, 128),)))]),
                         model.new_arena(128))
     torch.testing.assert_close(out[0], hf_logits(hf, ids)[-1], atol=1e-4, rtol=0)
 

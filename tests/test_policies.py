@@ -1,5 +1,5 @@
-"""KV policies: exact sizes and placements per policy, ODMA's growth paths, KV contents across a
-migration, randomized integrity, and the scheduler's rejection of impossible requests."""
+"""KV policies: exact sizes and runs per policy, paged's free-queue order, ideal, ODMA v2's
+placement, growth, copy decision and admission, and KV contents across a copy."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from dataclasses import replace
 import torch
 
 from odma_mlu.config import ModelSpec, OdmaConfig, load_model_spec
-from odma_mlu.kvcache.arena import KVArena
+from odma_mlu.kvcache.arena import KVArena, KVLocation
 from odma_mlu.kvcache.odma import OdmaPolicy
-from odma_mlu.kvcache.oracle import OraclePolicy
-from odma_mlu.kvcache.paged import PagedPolicy
+from odma_mlu.kvcache.exact import ExactPolicy
+from odma_mlu.kvcache.paged import IdealPolicy, PagedPolicy
 from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
 from odma_mlu.kvcache.s3 import S3Policy
 from odma_mlu.kvcache.static import StaticPolicy
@@ -34,7 +34,7 @@ def rr(rid: str, prompt: int, max_new: int, num_tokens: int | None = None, predi
     return ReserveRequest(rid, prompt, max_new, prompt if num_tokens is None else num_tokens, prediction, true)
 
 
-# -- static / oracle -----------------------------------------------------------------------
+# -- static / exact -----------------------------------------------------------------------
 def test_static_reserves_prompt_plus_max_new() -> None:
     p = StaticPolicy(arena(1000))
     loc = p.reserve(rr("a", 10, 50))
@@ -60,8 +60,8 @@ def test_static_waits_when_full() -> None:
     p.check_integrity()
 
 
-def test_oracle_reserves_prompt_plus_true_length() -> None:
-    p = OraclePolicy(arena(1000))
+def test_exact_reserves_prompt_plus_true_length() -> None:
+    p = ExactPolicy(arena(1000))
     assert p.reserve(rr("a", 10, 50, true=20)).capacity_tokens == 30
     assert p.reserve(rr("b", 10, 50, true=80)).capacity_tokens == 60  # capped at max_new
     assert p.reserve(rr("c", 10, 50)).capacity_tokens == 60  # unknown: worst case
@@ -113,85 +113,74 @@ def test_s3_requeues_on_overflow_then_takes_the_next_bucket() -> None:
     assert p.reserve(rr("a", prompt, 100, prediction=pred([35] * 5, 100))).capacity_tokens == prompt + 40
 
 
-# -- paged -----------------------------------------------------------------------------------
-def test_paged_page_counts_and_block_tables() -> None:
+# -- paged and ideal -------------------------------------------------------------------------
+def test_paged_takes_pages_in_vllm_free_queue_order_and_merges_adjacent_ones() -> None:
     p = PagedPolicy(arena(64), page_tokens=16)  # 4 pages
     assert p.num_pages == 4 and p.max_request_tokens() == 64
     la = p.reserve(rr("a", 20, 40))
-    assert la.block_table == (0, 1) and la.capacity_tokens == 32 and la.page_tokens == 16
+    assert la.runs == ((0, 32),) and la.capacity_tokens == 32  # pages 0, 1: one run
     assert la.slot_of(0) == 0 and la.slot_of(17) == 17
     assert p.ensure_capacity("a", 32).status == GrowStatus.OK
     res = p.ensure_capacity("a", 33)
     assert res.status == GrowStatus.OK and res.how == "pages"
-    assert p.location("a").block_table == (0, 1, 2)
-    lb = p.reserve(rr("b", 16, 10))
-    assert lb.block_table == (3,)
+    assert p.location("a").runs == ((0, 48),)
+    assert p.reserve(rr("b", 16, 10)).runs == ((48, 16),)
     assert p.reserved_tokens() == 64
     assert not p.can_reserve(rr("c", 1, 10))
     assert p.reserve(rr("c", 1, 10)) is None
     assert p.ensure_capacity("a", 48).status == GrowStatus.OK
     assert p.ensure_capacity("a", 49).status == GrowStatus.NO_ROOM
-    assert p.location("a").block_table == (0, 1, 2)  # unchanged by the failed grow
+    assert p.location("a").runs == ((0, 48),)  # unchanged by the failed grow
     p.check_integrity()
-    p.release("b", 1)
+    p.release("b", 1)  # page 3 goes to the tail of the free queue
     assert p.ensure_capacity("a", 49).status == GrowStatus.OK
-    la = p.location("a")
-    assert la.block_table == (0, 1, 2, 3)
-    assert la.slot_of(48) == 3 * 16 and la.slot_of(20) == 16 + 4
-    assert la.slots(30, 4).tolist() == [30, 31, 32, 33]
-    p.release("a", 29)
+    assert p.location("a").runs == ((0, 64),)
+    p.release("a", 29)  # freed last page first: queue 3, 2, 1, 0
     assert p.reserved_tokens() == 0 and p.num_live() == 0
+    lc = p.reserve(rr("c", 40, 10))  # pages 3, 2, 1: three runs, scattered as in production
+    assert lc.runs == ((48, 16), (32, 16), (16, 16))
+    assert lc.slot_of(20) == 36 and lc.slots(14, 4).tolist() == [62, 63, 32, 33]
+    assert p.read_runs("c", 40) == (16, 16, 8)
+    p.check_integrity()
+
+
+def test_paged_admission_keeps_the_watermark_free() -> None:
+    p = PagedPolicy(arena(160), page_tokens=16, watermark_fraction=0.25)  # 10 pages, 40 tokens kept
+    assert p.watermark_tokens == 40
+    assert p.reserve(rr("a", 64, 100)) is not None  # 96 free after
+    assert p.can_reserve(rr("b", 48, 10))  # 48 free after
+    assert not p.can_reserve(rr("c", 64, 10))  # would leave 32 < 40
+    assert p.reserve(rr("c", 64, 10)) is None
+    # growth of admitted requests may use the watermark
+    assert p.ensure_capacity("a", 160).status == GrowStatus.OK
+    assert p.free_tokens() == 0
+
+
+def test_ideal_holds_exactly_live_tokens_reads_one_run_and_preempts_for_free() -> None:
+    p = IdealPolicy(arena(100))
+    assert p.free_preemption and p.watermark_tokens == 0
+    p.reserve(rr("a", 7, 50))
+    assert p.reserved_tokens() == 7
+    assert p.ensure_capacity("a", 8).status == GrowStatus.OK and p.reserved_tokens() == 8
+    p.reserve(rr("b", 10, 50))
+    p.ensure_capacity("a", 9)  # a's ninth token lands after b's: two runs ...
+    assert p.location("a").num_runs == 2
+    assert p.read_runs("a", 9) == (9,)  # ... but read as one sequential run
     p.check_integrity()
 
 
 # -- odma ------------------------------------------------------------------------------------
-# Strict mode (the paper's up-front reservations): exact offsets below assume it.
+# Granules of 1 token so offsets are exact; strict mode (the paper's up-front claims) first.
 CFG = OdmaConfig(num_buckets=4, safety_fraction=0.25, uncertainty_ratio=3.0, target_coverage=0.9,
-                 reoptimize_every=5, histogram_bin_tokens=8, growth_factor=2.0, elastic=False)
+                 reoptimize_every=5, histogram_bin_tokens=8, growth_factor=2.0, elastic=False,
+                 long_request_tokens=10_000)
 CERTAIN = [10, 12, 14, 15, 20]  # at(0.9) = 14, ratio 2
 UNCERTAIN = [5, 10, 20, 30, 40]  # ratio 8
 
 
-def odma(cap: int = 400, cfg: OdmaConfig = CFG, real: bool = False, max_new: int = 64) -> OdmaPolicy:
-    return OdmaPolicy(arena(cap, real), max_new, cfg)
-
-
-def test_odma_regions_and_prior_buckets() -> None:
-    p = odma()
-    assert p.regions[0].capacity_tokens == 300 and p.pool is not None and p.pool.capacity_tokens == 100
-    assert p.pool.base == 300
-    assert p.histogram.boundaries.edges_tokens == (8, 16, 32, 64)
-    assert p.max_request_tokens() == 300
-
-
-def test_odma_bucket_from_prediction_at_target_coverage() -> None:
-    p = odma()
-    loc = p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64)))
-    assert (loc.start_slot, loc.capacity_tokens) == (0, 8 + 16)
-    loc = p.reserve(rr("b", 8, 64, prediction=pred([3, 4, 5, 6, 7], 64)))
-    assert (loc.start_slot, loc.capacity_tokens) == (24, 8 + 8)
-    loc = p.reserve(rr("c", 8, 64, prediction=pred([20, 25, 40, 50, 55], 64)))  # at(0.9)=40 -> 64
-    assert (loc.start_slot, loc.capacity_tokens) == (40, 8 + 64)
-    # the bucket never exceeds the request's own max_new_tokens
-    loc = p.reserve(rr("d", 8, 20, prediction=pred([17, 17, 18, 19, 20], 20)))
-    assert loc.capacity_tokens == 8 + 20
-    assert p.safety_pool_reservations == 0 and p.pool.used_tokens == 0
-    p.check_integrity()
-
-
-def test_odma_uncertain_predictions_go_to_the_safety_pool() -> None:
-    p = odma()
-    loc = p.reserve(rr("u", 8, 64, prediction=pred(UNCERTAIN, 64)))
-    # at(0.9) = 20 -> bucket 32, placed at the pool's base
-    assert (loc.start_slot, loc.capacity_tokens) == (300, 8 + 32)
-    assert p.safety_pool_reservations == 1 and p.pool.used_tokens == 40
-    loc = p.reserve(rr("none", 4, 50))  # no prediction at all: uncertain, whole range
-    assert (loc.start_slot, loc.capacity_tokens) == (340, 54)
-    # pool full: an uncertain request falls back to the main region
-    loc = p.reserve(rr("u2", 8, 64, prediction=pred(UNCERTAIN, 64)))
-    assert (loc.start_slot, loc.capacity_tokens) == (0, 40)
-    assert p.safety_pool_reservations == 2
-    p.check_integrity()
+def odma(cap: int = 400, cfg: OdmaConfig = CFG, real: bool = False, max_new: int = 64, granule: int = 1,
+         watermark: float = 0.0) -> OdmaPolicy:
+    return OdmaPolicy(arena(cap, real), max_new, cfg, watermark_fraction=watermark, granule_tokens=granule)
 
 
 def _fill(p: OdmaPolicy, rid: str, t_from: int, t_to: int) -> None:
@@ -199,69 +188,141 @@ def _fill(p: OdmaPolicy, rid: str, t_from: int, t_to: int) -> None:
         assert p.ensure_capacity(rid, t).status == GrowStatus.OK
 
 
-def test_odma_overflow_grows_in_place_when_neighbour_is_free() -> None:
+def test_odma_regions_and_prior_buckets() -> None:
     p = odma()
-    p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64)))  # [0, 24)
-    _fill(p, "a", 9, 24)
-    res = p.ensure_capacity("a", 25)
-    assert res.status == GrowStatus.OK and res.how == "in_place" and res.moved_tokens == 0
-    # new size: prompt + max(bucket(17)=32, 2 * 16) = 40
-    assert p.location("a").start_slot == 0 and p.location("a").capacity_tokens == 40
-    assert p.in_place_grows == 1 and p.migrations == 0 and p.overflowed_requests == 1
+    assert p.main.capacity_tokens == 300 and p.safety is not None and p.safety.capacity_tokens == 100
+    assert p.safety.base == 300
+    assert p.histogram.boundaries.edges_tokens == (8, 16, 32, 64)
+    assert p.max_request_tokens() == 400
+
+
+def test_odma_claim_from_prediction_at_target_coverage() -> None:
+    p = odma()
+    loc = p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64)))
+    assert loc.runs == ((0, 8 + 16),)  # strict: the whole claim
+    loc = p.reserve(rr("b", 8, 64, prediction=pred([3, 4, 5, 6, 7], 64)))
+    assert loc.runs == ((24, 8 + 8),)
+    loc = p.reserve(rr("c", 8, 64, prediction=pred([20, 25, 40, 50, 55], 64)))  # at(0.9)=40 -> 64
+    assert loc.runs == ((40, 8 + 64),)
+    loc = p.reserve(rr("d", 8, 20, prediction=pred([17, 17, 18, 19, 20], 20)))  # capped at max_new
+    assert loc.capacity_tokens == 8 + 20
+    assert p.safety.used_tokens == 0
     p.check_integrity()
 
 
-def test_odma_overflow_moves_when_neighbour_is_used() -> None:
+def test_odma_uncertain_and_long_requests_start_in_the_safety_region() -> None:
+    p = odma()
+    loc = p.reserve(rr("u", 8, 64, prediction=pred(UNCERTAIN, 64)))  # at(0.9)=20 -> 32
+    assert loc.runs == ((300, 40),)
+    assert p.reserve(rr("none", 4, 50)).runs == ((340, 54),)  # no prediction: uncertain
+    # safety region full: spills into the main region
+    assert p.reserve(rr("u2", 8, 64, prediction=pred(UNCERTAIN, 64))).runs == ((0, 40),)
+    long_cfg = replace(CFG, long_request_tokens=50)
+    q = odma(cfg=long_cfg)
+    assert q.reserve(rr("long", 8, 64, prediction=pred([20, 25, 40, 50, 55], 64))).start_slot == 300
+    assert q.reserve(rr("short", 8, 64, prediction=pred(CERTAIN, 64))).start_slot == 0
+    p.check_integrity()
+    q.check_integrity()
+
+
+def test_odma_elastic_places_after_the_left_neighbours_room_and_grows_in_place() -> None:
+    cfg = replace(CFG, elastic=True, chunk_tokens=4, safety_fraction=0.0)
+    p = odma(cfg=cfg)
+    assert p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64))).runs == ((0, 12),)  # claim 24, holds 8 + 4
+    # b is placed after a's room (a expects to reach 24 slots)
+    assert p.reserve(rr("b", 8, 64, prediction=pred(CERTAIN, 64))).runs == ((24, 12),)
+    _fill(p, "a", 9, 24)
+    assert p.location("a").runs == ((0, 24),)  # grew in place into its room
+    assert p.in_place_grows >= 3 and p.new_runs == 0
+    p.check_integrity()
+
+
+def test_odma_overflow_starts_a_new_run_instead_of_copying() -> None:
     p = odma()
     p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64)))  # [0, 24)
     p.reserve(rr("b", 8, 64, prediction=pred(CERTAIN, 64)))  # [24, 48)
     _fill(p, "a", 9, 24)
     res = p.ensure_capacity("a", 25)
-    assert res.status == GrowStatus.OK and res.how == "moved"
-    assert res.moved_tokens == 24  # the 24 KV slots already written
-    assert p.location("a").start_slot == 48 and p.location("a").capacity_tokens == 40
-    assert p.migrations == 1 and p.migrated_tokens == 24
-    assert p.arena.moved_bytes == 24 * p.arena.bytes_per_token
-    # the old slot range is free again and reused
-    loc = p.reserve(rr("c", 8, 64, prediction=pred(CERTAIN, 64)))
-    assert loc.start_slot == 0
+    assert res.status == GrowStatus.OK and res.how == "new_run" and res.copied_tokens == 0
+    # the claim rose to prompt + max(bucket(17)=32, 2 * 16) = 40: a new run of 16 more
+    loc = p.location("a")
+    assert loc.runs == ((0, 24), (48, 16)) and loc.capacity_tokens == 40
+    assert p.read_runs("a", 25) == (24, 1)
+    assert p.overflowed_requests == 1 and p.arena.moved_bytes == 0
     p.check_integrity()
 
 
-def test_odma_overflow_goes_to_the_safety_pool_when_main_is_full() -> None:
+def test_odma_overflow_extends_in_place_when_the_right_side_is_free() -> None:
     p = odma()
-    for i in range(12):  # 12 x 24 = 288 of 300 main tokens
-        assert p.reserve(rr(f"r{i}", 8, 64, prediction=pred(CERTAIN, 64))).start_slot == 24 * i
-    _fill(p, "r0", 9, 24)
-    res = p.ensure_capacity("r0", 25)
-    assert res.status == GrowStatus.OK and res.how == "safety_pool" and res.moved_tokens == 24
-    assert p.location("r0").start_slot == 300 and p.location("r0").capacity_tokens == 40
-    assert p.pool.used_tokens == 40
-    # later growth of a request in the pool stays there (in place)
-    _fill(p, "r0", 26, 40)
-    res = p.ensure_capacity("r0", 41)
-    assert res.status == GrowStatus.OK and res.how == "in_place"
-    assert p.location("r0").start_slot == 300
-    p.check_integrity()
-
-
-def test_odma_no_room_when_nothing_fits() -> None:
-    cfg = replace(CFG, safety_fraction=0.0)
-    p = odma(cap=58, cfg=cfg)
     p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64)))  # [0, 24)
-    assert p.reserve(rr("b", 2, 64, prediction=pred([3, 4, 5, 6, 7], 64))).start_slot == 24  # [24, 34)
-    assert p.reserve(rr("c", 8, 64, prediction=pred(CERTAIN, 64))).start_slot == 34  # [34, 58)
     _fill(p, "a", 9, 24)
     res = p.ensure_capacity("a", 25)
-    assert res.status == GrowStatus.NO_ROOM
-    assert p.location("a").capacity_tokens == 24 and p.migrations == 0 and p.in_place_grows == 0
+    assert res.how == "in_place" and p.location("a").runs == ((0, 40),)
     p.check_integrity()
-    p.release("b", None)  # a hole of 10 to a's right: too small for the raised claim of 40
-    assert p.ensure_capacity("a", 25).status == GrowStatus.NO_ROOM
-    p.release("c", None)  # now 34 free to a's right
+
+
+class _Cost:
+    """Reads of short runs are slow, copies cheap: copying pays."""
+
+    def read_run_s(self, tokens: int) -> float:
+        return 1.0 if tokens < 30 else tokens * 1e-3
+
+    def copy_s(self, tokens: int) -> float:
+        return 1e-6 * tokens
+
+
+def test_odma_copies_into_one_run_only_when_the_cost_model_says_it_pays() -> None:
+    p = OdmaPolicy(arena(400, real=True), 64, CFG, granule_tokens=1, run_cost=_Cost())
+    ar = p.arena
+    la = p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64)))  # [0, 24)
+    p.reserve(rr("b", 8, 64, prediction=pred(CERTAIN, 64)))  # [24, 48)
+    _fill(p, "a", 9, 24)
+    n = 24
+    gen = torch.Generator().manual_seed(0)
+    want = [torch.randn(n, TINY.num_kv_heads, TINY.head_dim, generator=gen) for _ in range(TINY.num_layers)]
+    for layer in range(TINY.num_layers):
+        ar.k[layer][la.slots(0, n)] = want[layer]
     res = p.ensure_capacity("a", 25)
-    assert res.status == GrowStatus.OK and res.how == "in_place" and p.location("a").capacity_tokens == 40
+    assert res.how == "copied" and res.copied_tokens == n
+    new = p.location("a")
+    assert new.num_runs == 1 and new.start_slot != 0
+    for layer in range(TINY.num_layers):
+        assert torch.equal(ar.k[layer][new.slots(0, n)], want[layer])
+    assert ar.take_issued_copies() == (n,)
+    assert ar.moved_bytes == n * ar.bytes_per_token
     p.check_integrity()
+
+
+def test_odma_no_room_when_nothing_is_free() -> None:
+    p = odma(cap=48, cfg=replace(CFG, safety_fraction=0.0))
+    p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64)))  # [0, 24)
+    p.reserve(rr("b", 8, 64, prediction=pred(CERTAIN, 64)))  # [24, 48)
+    _fill(p, "a", 9, 24)
+    assert p.ensure_capacity("a", 25).status == GrowStatus.NO_ROOM
+    assert p.location("a").runs == ((0, 24),)
+    p.release("b", None)
+    assert p.ensure_capacity("a", 25).status == GrowStatus.OK
+    p.check_integrity()
+
+
+def test_odma_granules_hold_whole_pages() -> None:
+    p = odma(cap=160, cfg=replace(CFG, elastic=True, chunk_tokens=1, safety_fraction=0.0), granule=16)
+    loc = p.reserve(rr("a", 20, 64, prediction=pred(CERTAIN, 64)))
+    assert loc.runs == ((0, 32),)  # 21 tokens -> 2 granules of 16
+    assert p.reserved_tokens() == 32
+    p.check_integrity()
+
+
+def test_odma_admission_by_the_common_watermark_and_by_claims() -> None:
+    p = odma(cap=100, cfg=replace(CFG, safety_fraction=0.0), watermark=0.3)
+    assert p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64))) is not None  # 24: 76 free
+    assert p.reserve(rr("b", 8, 64, prediction=pred(CERTAIN, 64))) is not None  # 52 free
+    assert not p.can_reserve(rr("c", 8, 64, prediction=pred(CERTAIN, 64)))  # 28 < 30 kept free
+    q = odma(cap=100, cfg=replace(CFG, safety_fraction=0.0, elastic=True, claim_admission_factor=0.5))
+    assert q.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64))) is not None  # claim 24
+    assert q.reserve(rr("b", 8, 64, prediction=pred(CERTAIN, 64))) is not None  # claims 48
+    assert q.reserve(rr("c", 8, 64, prediction=pred(CERTAIN, 64))) is None  # 72 > 0.5 x 100
+    q.check_integrity()
 
 
 def test_odma_histogram_reoptimizes_after_reoptimize_every_completions() -> None:
@@ -285,56 +346,26 @@ def test_odma_histogram_reoptimizes_after_reoptimize_every_completions() -> None
     assert p.reserve(rr("y", 8, 64, prediction=pred(CERTAIN, 64))).capacity_tokens == 8 + 24
 
 
-def test_odma_move_preserves_kv_contents() -> None:
-    p = odma(cap=400, real=True)
-    ar = p.arena
-    la = p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64)))
-    p.reserve(rr("b", 8, 64, prediction=pred(CERTAIN, 64)))
-    lb = p.location("b")
-    _fill(p, "a", 9, 24)
-    n = 24  # KV written for tokens 0..23 of a
-    gen = torch.Generator().manual_seed(0)
-    want_k = [torch.randn(n, TINY.num_kv_heads, TINY.head_dim, generator=gen) for _ in range(TINY.num_layers)]
-    want_v = [torch.randn(n, TINY.num_kv_heads, TINY.head_dim, generator=gen) for _ in range(TINY.num_layers)]
-    b_k = torch.full((lb.capacity_tokens, TINY.num_kv_heads, TINY.head_dim), 7.0)
-    for layer in range(TINY.num_layers):
-        ar.k[layer][la.slots(0, n)] = want_k[layer]
-        ar.v[layer][la.slots(0, n)] = want_v[layer]
-        ar.k[layer][lb.slots(0, lb.capacity_tokens)] = b_k
-    res = p.ensure_capacity("a", 25)
-    assert res.how == "moved" and res.moved_tokens == n
-    new = p.location("a")
-    assert new.start_slot != la.start_slot
-    for layer in range(TINY.num_layers):
-        assert torch.equal(ar.k[layer][new.slots(0, n)], want_k[layer])
-        assert torch.equal(ar.v[layer][new.slots(0, n)], want_v[layer])
-        assert torch.equal(ar.k[layer][lb.slots(0, lb.capacity_tokens)], b_k)  # neighbour untouched
-    assert ar.moved_bytes == n * ar.bytes_per_token
-    # a second move (to the safety pool) keeps them too
-    for i in range(20):
-        if p.reserve(rr(f"f{i}", 8, 64, prediction=pred(CERTAIN, 64))) is None:
-            break
-    _fill(p, "a", 26, 40)
-    res = p.ensure_capacity("a", 41)
-    assert res.status == GrowStatus.OK
-    if res.how != "in_place":
-        new = p.location("a")
-    for layer in range(TINY.num_layers):
-        assert torch.equal(ar.k[layer][new.slots(0, n)], want_k[layer])
-        assert torch.equal(ar.v[layer][new.slots(0, n)], want_v[layer])
-    p.check_integrity()
-
-
-def test_arena_move_overlapping_ranges() -> None:
+def test_arena_copy_run_overlapping_ranges() -> None:
     ar = arena(32, real=True)
     for layer in range(TINY.num_layers):
         ar.k[layer][:, 0, 0] = torch.arange(32, dtype=torch.float32)
-    ar.move(range(0, 10), range(5, 15))  # forward overlap
+    ar.copy_run(0, 5, 10)  # forward overlap
     assert ar.k[0][5:15, 0, 0].tolist() == list(range(10))
     before = ar.k[1][10:20, 0, 0].clone()
-    ar.move(range(10, 20), range(8, 18))  # backward overlap
+    ar.copy_run(10, 8, 10)  # backward overlap
     assert torch.equal(ar.k[1][8:18, 0, 0], before)
     assert ar.moved_bytes == 20 * ar.bytes_per_token
+    assert ar.take_issued_copies() == (10, 10) and ar.take_issued_copies() == ()
+
+
+def test_kv_location_runs() -> None:
+    loc = KVLocation(((100, 4), (40, 3)))
+    assert loc.capacity_tokens == 7 and loc.num_runs == 2 and loc.start_slot == 100
+    assert [loc.slot_of(t) for t in range(7)] == [100, 101, 102, 103, 40, 41, 42]
+    assert loc.slots(2, 4).tolist() == [102, 103, 40, 41]
+    assert loc.run_tokens(5) == (4, 1) and loc.run_tokens(4) == (4,)
+    assert loc.first_run_covers(4) and not loc.first_run_covers(5)
 
 
 def test_7b_spec_shape_only_arena() -> None:

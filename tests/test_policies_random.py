@@ -21,7 +21,7 @@ from test_policies import CFG, arena, pred
 # -- randomized: every policy, integrity after every step --------------------------------------
 def _make(name: str, cap: int, elastic: bool = False) -> object:
     cache = CacheConfig(page_size_tokens=8, s3_num_buckets=4,
-                        odma=replace(CFG, elastic=elastic, chunk_tokens=4, admission_watermark_fraction=0.05))
+                        odma=replace(CFG, elastic=elastic, chunk_tokens=4), watermark_fraction=0.05)
     return make_policy(name, arena(cap), cache, 64)
 
 

@@ -126,22 +126,22 @@ def test_an_over_budget_prompt_runs_alone() -> None:
     run_all(s)
 
 
-def test_decode_grouped_by_capacity() -> None:
+def test_decode_groups_are_decided_by_span_class_in_one_place() -> None:
+    from odma_mlu.engine.step_work import decode_group_key, describe_step
+
     p = StaticPolicy(arena(10_000))
     s = sched(p)
-    caps = {"a": 50, "b": 30, "c": 50, "d": 20, "e": 30}
-    for i, (rid, cap) in enumerate(caps.items()):
-        s.add(seq(rid, 10, cap - 10, 5, i))
+    prompts = {"a": 100, "b": 30, "c": 120, "d": 20, "e": 40}
+    for i, (rid, prompt) in enumerate(prompts.items()):
+        s.add(seq(rid, prompt, 50, 5, i))
     step(s)
     batch, _ = step(s)
-    assert [ids(g) for g in batch.decode_groups] == [["d"], ["b", "e"], ["a", "c"]]
-    assert all(len({p.location(q.request_id).capacity_tokens for q in g}) == 1 for g in batch.decode_groups)
-    s2 = sched(StaticPolicy(arena(10_000)), group_decode_by_bucket=False)
-    for i, (rid, cap) in enumerate(caps.items()):
-        s2.add(seq(rid, 10, cap - 10, 5, i))
-    step(s2)
-    batch, _ = step(s2)
-    assert [ids(g) for g in batch.decode_groups] == [["a", "b", "c", "d", "e"]]
+    assert ids(batch.decode) == ["a", "b", "c", "d", "e"]  # the scheduler does not group
+    work = describe_step(batch, p)
+    # contexts 101, 31, 121, 21, 41 -> span classes 128 (a, c) and 64 (b, d, e)
+    assert [decode_group_key(q.num_tokens) for q in batch.decode] == [128, 64, 128, 64, 64]
+    assert work.decode_group_sizes == (3, 2) and work.decode_group_views == 0
+    assert work.decode_read_runs == tuple((q.num_tokens,) for q in batch.decode)
 
 
 def test_preemption_takes_the_newest_and_requeues_it_at_the_front() -> None:

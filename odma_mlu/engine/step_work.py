@@ -15,7 +15,7 @@ else: ``ForwardBatch.build`` groups the real attention calls with the same key::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
     from odma_mlu.engine.scheduler import ScheduledBatch
@@ -47,6 +47,21 @@ class StepWork:
     copy_tokens: tuple[int, ...] = ()
     """Each contiguous KV copy issued this step (tokens, in every layer, K and V)."""
 
+    @classmethod
+    def build(cls, prefill_new_tokens: "Iterable[int]" = (), decode_read_runs: "Iterable[tuple[int, ...]]" = (),
+              copy_tokens: "Iterable[int]" = ()) -> "StepWork":
+        """A step from its prefills, each decode's read runs and its copies; the decode
+        groups follow ``decode_group_key`` (the engine's grouping)."""
+        prefill = tuple(prefill_new_tokens)
+        reads = tuple(tuple(r) for r in decode_read_runs)
+        groups: dict[int, list[tuple[int, ...]]] = {}
+        for r in reads:
+            groups.setdefault(decode_group_key(sum(r)), []).append(r)
+        sizes = tuple(len(groups[k]) for k in sorted(groups))
+        views = sum(1 for g in groups.values() if len(g) == 1 and len(g[0]) == 1)
+        return cls(prefill_new_tokens=prefill, prefill_cached_tokens=(0,) * len(prefill), decode_read_runs=reads,
+                   decode_group_sizes=sizes, decode_group_views=views, copy_tokens=tuple(copy_tokens))
+
     @property
     def num_decodes(self) -> int:
         return len(self.decode_read_runs)
@@ -71,11 +86,4 @@ def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
             prefill_new.append(s.num_tokens)
     for s in batch.decode:
         reads.append(policy.read_runs(s.request_id, s.num_tokens))
-    groups: dict[int, list[tuple[int, ...]]] = {}
-    for r in reads:
-        groups.setdefault(decode_group_key(sum(r)), []).append(r)
-    sizes = tuple(len(groups[k]) for k in sorted(groups))
-    views = sum(1 for g in groups.values() if len(g) == 1 and len(g[0]) == 1)
-    return StepWork(prefill_new_tokens=tuple(prefill_new), prefill_cached_tokens=(0,) * len(prefill_new),
-                    decode_read_runs=tuple(reads), decode_group_sizes=sizes, decode_group_views=views,
-                    copy_tokens=policy.arena.take_issued_copies())
+    return StepWork.build(prefill_new, reads, policy.arena.take_issued_copies())

@@ -44,6 +44,18 @@ class KVLocation:
         assert self.runs, "a KV location needs at least one run"
         assert all(n > 0 for _, n in self.runs), f"empty run in {self.runs}"
 
+    @classmethod
+    def from_pages(cls, pages: "tuple[int, ...] | list[int]", page_tokens: int) -> "KVLocation":
+        """The runs of a block table: pages of ``page_tokens`` slots, adjacent ones merged."""
+        runs: list[list[int]] = []
+        for p in pages:
+            start = p * page_tokens
+            if runs and runs[-1][0] + runs[-1][1] == start:
+                runs[-1][1] += page_tokens
+            else:
+                runs.append([start, page_tokens])
+        return cls(tuple((a, b) for a, b in runs))
+
     @property
     def capacity_tokens(self) -> int:
         return sum(n for _, n in self.runs)

@@ -299,7 +299,11 @@ class OdmaPolicy(KVPolicy):
         if cost is None or live <= 0:
             return False
         remaining_steps = max(1, r.claim_tokens - live)
+        # Without the copy the request goes on with its runs plus a new one for the rest
+        # of its claim; with it, one run. Priced at the claim's full length (an upper bound
+        # of every remaining step's read).
         runs = [e.length * self.unit for _, e in r.runs]
+        runs.append(max(1, r.claim_tokens - sum(runs)))
         extra_s = sum(cost.read_run_s(n) for n in runs) - cost.read_run_s(sum(runs))
         return remaining_steps * extra_s > cost.copy_s(live)
 
