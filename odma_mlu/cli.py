@@ -88,7 +88,7 @@ def _generate(ns: argparse.Namespace) -> int:
 
 
 def _validate_emulator(ns: argparse.Namespace) -> int:
-    from odma_mlu.engine.commands import validate_emulator_main
+    from emulator.validate import validate_emulator_main
 
     return validate_emulator_main(ns)
 
@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--timer", choices=("backend", "thread-cpu"), default="backend",
                    help="what 'measured' is: the backend's timer (default), or on CPU with one torch thread "
                         "the thread's CPU time (excludes other processes' load on a shared host)")
+    v.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 9)")
+    v.add_argument("--max-error", type=float, default=None,
+                   help="PASS when the held-out median |predicted - measured| / measured is at most this "
+                        "(default 0.25); else FAIL, exit 1")
     v.set_defaults(func=_validate_emulator)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
