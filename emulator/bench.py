@@ -138,6 +138,12 @@ def bench_main(ns: argparse.Namespace) -> int:
         raise ConfigError(f"--max-requests must be >= 1, got {ns.max_requests}")
     if ns.max_new_tokens is not None and ns.max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {ns.max_new_tokens}")
+    slo_ttft, slo_tpot = getattr(ns, "slo_ttft_s", None), getattr(ns, "slo_tpot_s", None)
+    slo = None
+    if slo_ttft is not None or slo_tpot is not None:
+        if slo_ttft is None or slo_tpot is None or ns.mode != "online":
+            raise ConfigError("goodput needs --mode online with both --slo-ttft-s and --slo-tpot-s")
+        slo = (slo_ttft, slo_tpot)
     profile = load_profile(ns.profile)
     model = load_model_spec(ns.model)
     trace = load_trace(ns.trace, seed=ns.seed, max_requests=ns.max_requests, max_new_tokens=ns.max_new_tokens)
@@ -153,6 +159,21 @@ def bench_main(ns: argparse.Namespace) -> int:
                         max_new_tokens=ns.max_new_tokens, mode=ns.mode, rate_scale=ns.rate_scale, cache=cache,
                         scheduler=sched, progress=not ns.no_progress)
     print(format_table(results, ns.mode == "online"))
+    goodput = None
+    if slo is not None:
+        from emulator.goodput import find_goodput, format_goodput_table, log_stderr, trace_arrival_rps
+
+        base_rps = trace_arrival_rps(trace)
+        goodput = []
+        for name, first in zip(policies, results):
+            def run_at(scale: float, name: str = name) -> ReplayResult:
+                return run_bench(trace, [name], model, profile, predictor_name=ns.predictor, kv_gib=ns.kv_gib,
+                                 max_new_tokens=ns.max_new_tokens, mode="online", rate_scale=scale, cache=cache,
+                                 scheduler=sched, progress=False)[0]
+            goodput.append(find_goodput(run_at, base_rps, *slo, start_scale=ns.rate_scale, first=first,
+                                        max_runs=getattr(ns, "goodput_runs", 8), policy=name,
+                                        log=None if ns.no_progress else log_stderr))
+        print(format_goodput_table(goodput))
     if any(r.lost for r in results):
         print("WARNING: requests were lost: this is a bug", file=sys.stderr)
     if any(r.rejected for r in results):
@@ -161,6 +182,10 @@ def bench_main(ns: argparse.Namespace) -> int:
     if ns.json:
         doc = {"profile": profile.name, "model": model.name, "trace": trace.name, "mode": ns.mode,
                "capacity_tokens": capacity, "results": [r.metrics() for r in results]}
+        if goodput is not None:
+            doc["rate_scale"] = ns.rate_scale
+            for row, g in zip(doc["results"], goodput):
+                row.update(g.metrics())
         Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.json).write_text(json.dumps(doc, indent=2))
         print(f"wrote {ns.json}")

@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-requests", type=_int_in(1), default=None)
     b.add_argument("--mode", choices=("offline", "online"), default="offline")
     b.add_argument("--rate-scale", type=_float_in(0, 1e6, lo_open=True), default=1.0, help="online mode: speed arrivals up by X")
+    b.add_argument("--slo-ttft-s", type=_float_in(0, 1e6, lo_open=True), default=None,
+                   help="online mode: p99 TTFT limit; with --slo-tpot-s, report goodput_rps per policy")
+    b.add_argument("--slo-tpot-s", type=_float_in(0, 1e6, lo_open=True), default=None,
+                   help="online mode: p99 TPOT limit (seconds per output token after the first)")
+    b.add_argument("--goodput-runs", type=_int_in(1, 64), default=8,
+                   help="replays per policy in the goodput search (default 8, the first at --rate-scale)")
     b.add_argument("--max-new-tokens", type=_int_in(1), default=None,
                    help=f"cap on generation length (default: the trace's, else {SchedulerConfig.max_new_tokens})")
     b.add_argument("--predictor", default=None, help="predictor folder (default: the bundled one); 'simple' for "
@@ -169,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--timer", choices=("backend", "thread-cpu"), default="backend",
                    help="what 'measured' is: the backend's timer (default), or on CPU with one torch thread "
                         "the thread's CPU time (excludes other processes' load on a shared host)")
-    v.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 9)")
-    v.add_argument("--max-error", type=float, default=None,
+    v.add_argument("--repeats", type=_int_in(1), default=None, help="timed rounds per case (default 9)")
+    v.add_argument("--max-error", type=_float_in(0), default=None,
                    help="PASS when the held-out median |predicted - measured| / measured is at most this "
                         "(default 0.25); else FAIL, exit 1")
     v.set_defaults(func=_validate_emulator)
