@@ -70,9 +70,13 @@ def sweep(args: argparse.Namespace) -> dict:
     model = load_model_spec(args.model)
     cache = CacheConfig()
     page_bytes = cache.page_size_tokens * model.kv_bytes_per_token_per_layer // 2  # K of one layer
-    traces = [("alpaca-vicuna-train", load_trace(args.alpaca, max_requests=args.alpaca_requests, max_new_tokens=512)),
-              ("servegen-r1", load_trace("servegen-r1", seed=0, max_requests=args.servegen_requests,
-                                         max_new_tokens=32768))]
+    traces = []
+    if "alpaca" in args.traces:
+        traces.append(("alpaca-vicuna-train", load_trace(args.alpaca, max_requests=args.alpaca_requests,
+                                                         max_new_tokens=512)))
+    if "servegen" in args.traces:
+        traces.append(("servegen-r1", load_trace("servegen-r1", seed=0, max_requests=args.servegen_requests,
+                                                 max_new_tokens=32768)))
     profiles: list[tuple[str, float, DeviceProfile]] = [("derived", base.locality(page_bytes), base)]
     for r in args.ratios:
         p = reshape_profile(base, r, page_bytes)
@@ -146,7 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="300 requests per trace, ratios 0.3, 0.93, 1.0")
     ap.add_argument("--json", default=str(ROOT / "docs" / "contiguity-sweep.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "contiguity-sweep.png"))
+    ap.add_argument("--traces", default="alpaca,servegen", help="comma-separated subset of alpaca,servegen")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="no replay: merge the traces of these sweep JSONs into --json and plot them")
     args = ap.parse_args(argv)
+    if args.merge:
+        doc = json.loads(Path(args.merge[0]).read_text())
+        for other in args.merge[1:]:
+            doc["traces"].update(json.loads(Path(other).read_text())["traces"])
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+        plot(doc, Path(args.plot))
+        print(f"wrote {args.json} and {args.plot}", file=sys.stderr)
+        return 0
     if args.quick:
         args.alpaca_requests, args.servegen_requests, args.ratios = 300, 300, [0.3, 0.93, 1.0]
     doc = sweep(args)
