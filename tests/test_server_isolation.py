@@ -308,3 +308,54 @@ def test_engine_config_zero_seqs_is_refused() -> None:
 
     with pytest.raises(ConfigError, match=r"scheduler.max_num_seqs = 0 is out of range"):
         replace(SchedulerConfig(), max_num_seqs=0)
+
+
+def test_sub_second_drain_timeout_is_not_forever(tmp_path: Path) -> None:
+    """`drain_timeout_s: 0.5` used to become uvicorn's "no limit" (int(0.5) == 0): now SIGTERM
+    ends a long stream after 0.5 s with an error event and [DONE], and the process exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "tools"))
+    from make_tiny_model import main as make_tiny
+
+    assert make_tiny([str(tmp_path / "out" / "tiny-qwen2")]) == 0
+    cfg = (root / "deploy" / "emulator-cpu.yaml").read_text().replace("drain_timeout_s: 30", "drain_timeout_s: 0.5")
+    assert "drain_timeout_s: 0.5" in cfg
+    (tmp_path / "serve.yaml").write_text(cfg)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "ODMA_API_KEY"}
+    proc = subprocess.Popen([sys.executable, "-m", "odma_mlu.cli", "serve", "--config", "serve.yaml", "--port",
+                             str(port)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "server exited"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        body = {"model": "tiny-qwen2", "prompt": "hello", "max_tokens": 500, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as resp:
+            lines = resp.iter_lines()
+            assert next(ln for ln in lines if ln.startswith("data: "))
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rest = [ln for ln in lines if ln]
+        assert time.monotonic() - t0 < 15
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["error"]["code"] == "shutting_down"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
