@@ -198,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    try:
+        ns = build_parser().parse_args(argv)
+    except SystemExit as e:  # a bad flag value: argparse printed the one-line usage error
+        return e.code if isinstance(e.code, int) else 2
     func: Callable[[argparse.Namespace], int] = ns.func
     if hasattr(ns, "no_progress") and not sys.stderr.isatty():
         ns.no_progress = True  # progress bars are carriage-return spam in logs and CI output
