@@ -40,19 +40,10 @@ def parse_policies(text: str) -> list[str]:
 
 
 def resolve_predictor(name_or_dir: str | None) -> LengthPredictor:
-    """The bundled learned predictor by default; 'simple' for the histogram baseline."""
-    if name_or_dir == "simple":
-        from odma_mlu.predictor.simple import SimplePredictor
+    """A predictor by name or folder (``odma_mlu.predictor.registry``); None = the default
+    (online lengths, the bundled learned model where it proves calibrated)."""
+    from odma_mlu.predictor.registry import load_predictor
 
-        return SimplePredictor()
-    try:
-        from odma_mlu.predictor.registry import load_predictor
-    except ImportError:  # the learned predictor is not part of this build
-        if name_or_dir is not None:
-            raise ConfigError(f"--predictor {name_or_dir!r}: no learned-predictor support in this build") from None
-        from odma_mlu.predictor.simple import SimplePredictor
-
-        return SimplePredictor()
     return load_predictor(name_or_dir)
 
 

@@ -73,6 +73,10 @@ class ReplayResult:
     ttft_p99_s: float | None = None
     tpot_p50_s: float | None = None
     tpot_p99_s: float | None = None
+    ttft_mean_s: float | None = None
+    tpot_mean_s: float | None = None
+    e2e_p50_s: float | None = None
+    e2e_p99_s: float | None = None
     extents_free_after: bool = True
     bucket_edges_tokens: tuple[int, ...] = ()
     timeline_s: tuple[float, ...] = field(default=(), repr=False)
@@ -201,9 +205,12 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
     if mode == "online" and done:
         ttft = np.array([s.first_token_s - s.arrival_s for s in done])
         tpot = np.array([(s.finish_s - s.first_token_s) / (s.num_generated - 1) for s in done if s.num_generated > 1])
+        e2e = np.array([s.finish_s - s.arrival_s for s in done])
         result_kwargs = {"ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
                          "tpot_p50_s": float(np.percentile(tpot, 50)) if tpot.size else None,
-                         "tpot_p99_s": float(np.percentile(tpot, 99)) if tpot.size else None}
+                         "tpot_p99_s": float(np.percentile(tpot, 99)) if tpot.size else None,
+                         "ttft_mean_s": float(ttft.mean()), "tpot_mean_s": float(tpot.mean()) if tpot.size else None,
+                         "e2e_p50_s": float(np.percentile(e2e, 50)), "e2e_p99_s": float(np.percentile(e2e, 99))}
     keep = np.unique(np.linspace(0, len(tl_t) - 1, min(timeline_points, len(tl_t))).astype(int)) if tl_t else []
     stats = policy.stats()
     return ReplayResult(

@@ -120,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replays per policy in the goodput search (default 8, the first at --rate-scale)")
     b.add_argument("--max-new-tokens", type=_int_in(1), default=None,
                    help=f"cap on generation length (default: the trace's, else {SchedulerConfig.max_new_tokens})")
-    b.add_argument("--predictor", default=None, help="predictor folder (default: the bundled one); 'simple' for "
-                                                     "the histogram baseline")
+    b.add_argument("--predictor", default=None,
+                   help="auto (default: online lengths per client and prompt band; the bundled learned model where "
+                        "it proves calibrated), simple (online only), default (the bundled learned model alone), "
+                        "s3, median, or a folder from `predictor train`")
     b.add_argument("--seed", type=_SEED, default=0)
     b.add_argument("--max-num-seqs", type=_int_in(1), default=SchedulerConfig.max_num_seqs,
                    help="cap on running sequences")

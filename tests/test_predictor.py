@@ -179,8 +179,9 @@ def test_registry(tiny_folder: Path) -> None:
     assert load_predictor(str(tiny_folder)).name == "learned"
     with pytest.raises(PredictorFormatError, match="neither a folder"):
         load_predictor(str(tiny_folder / "nope"))
+    assert load_predictor(None).name == "auto" and load_predictor("auto").name == "auto"
     if (DEFAULT_DIR / "manifest.json").is_file():
-        assert load_predictor(None).name == "learned"
+        assert load_predictor("default").name == "learned"
         assert load_predictor("median").name == "median" and load_predictor("s3").name == "s3"
 
 
@@ -194,7 +195,9 @@ def test_registry_missing_default_says_make_predictor(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(reg, "DEFAULT_DIR", tmp_path / "absent")
     with pytest.raises(PredictorFormatError, match="make predictor"):
-        reg.load_predictor(None)
+        reg.load_predictor("default")
+    auto = reg.load_predictor(None)  # the default still works: online lengths only
+    assert auto.name == "auto" and auto.learned is None
 
 
 @needs_data
@@ -210,7 +213,7 @@ def test_bundled_default_on_real_test_split() -> None:
     if not (DEFAULT_DIR / "manifest.json").is_file():
         pytest.skip("no bundled default predictor: run `make predictor`")
     test = select(read_records(LENGTHS), "test")[:300]
-    m = evaluate(load_predictor(None), test, 0.9)
+    m = evaluate(load_predictor("default"), test, 0.9)
     assert m.mae < 70 and m.acc100 > 0.75
 
 

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_model import make_tiny_qwen2
 
-    folder = make_tiny_qwen2(ns.folder, seed=ns.seed)
+    # Long positions so the emulated server takes the 7B's request lengths (rotary grows lazily).
+    folder = make_tiny_qwen2(ns.folder, seed=ns.seed, max_position_embeddings=32768)
     print(f"wrote {folder}")
     return 0
 

@@ -298,14 +298,15 @@ class OdmaPolicy(KVPolicy):
         cost = self.run_cost
         if cost is None or live <= 0:
             return False
-        remaining_steps = max(1, r.claim_tokens - live)
         # Without the copy the request goes on with its runs plus a new one for the rest
-        # of its claim; with it, one run. Priced at the claim's full length (an upper bound
-        # of every remaining step's read).
+        # of its claim; with it, one run. The claim covers ``target_coverage`` of requests
+        # like it, so on average about half of the remaining claim is used: that many steps,
+        # each priced at the claim's full length (the largest read the request would make).
+        expected_steps = max(1, (r.claim_tokens - live) // 2)
         runs = [e.length * self.unit for _, e in r.runs]
         runs.append(max(1, r.claim_tokens - sum(runs)))
         extra_s = sum(cost.read_run_s(n) for n in runs) - cost.read_run_s(sum(runs))
-        return remaining_steps * extra_s > cost.copy_s(live)
+        return expected_steps * extra_s > cost.copy_s(live)
 
     def _move_into_one_run(self, request_id: str, r: _Request, live: int, region: ExtentAllocator,
                            ext: Extent) -> None:

@@ -1,8 +1,10 @@
 """One entry point for every caller (bench, generate, serve, eval) to get a predictor by name.
 
-``None`` -> the bundled default (odma_mlu/predictor/default/); ``"median"`` -> its
-global-median baseline; ``"s3"`` -> its S3 classifier; ``"simple"`` -> the lead's
-SimplePredictor; anything else -> a trained predictor folder.
+``None`` or ``"auto"`` -> the default: ``AutoPredictor`` (online lengths per client and
+prompt band; the bundled learned model only where it proves calibrated on the traffic);
+``"default"`` -> the bundled learned model alone (odma_mlu/predictor/default/);
+``"median"`` -> its global-median baseline; ``"s3"`` -> its S3 classifier; ``"simple"`` ->
+the online predictor alone; anything else -> a trained predictor folder.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ def resolve_folder(name_or_dir: str | None) -> Path:
 
 def load_predictor(name_or_dir: str | None = None) -> LengthPredictor:
     """Load a predictor by name or folder (see the module docstring)."""
+    if name_or_dir in (None, "", "auto"):
+        from odma_mlu.predictor.auto import AutoPredictor
+
+        learned = load_learned(DEFAULT_DIR) if (DEFAULT_DIR / MANIFEST).is_file() else None
+        return AutoPredictor(learned)
     if name_or_dir == "simple":
         from odma_mlu.predictor.simple import SimplePredictor  # written by the engine lead; imported lazily
 
