@@ -1,10 +1,11 @@
 """Full-scale trace replay: the real scheduler and KV policies, a shape-only runner, and
 the cost model's clock.
 
-Each step: ``scheduler.schedule()`` -> ``describe_step`` (prefills, decode runs, attention
-groups, KV copies as issued) -> the one step-cost function -> every scheduled sequence
-gains one token -> a sequence ends at its trace
-length -> ``scheduler.postprocess``. Nothing here re-implements allocation or scheduling.
+Each step: ``scheduler.schedule()`` -> ``describe_step`` (prefill chunks with their cached
+tokens, decode runs, attention groups, KV copies as issued) -> the one step-cost function
+-> every sequence that samples this step (decodes, and prefills whose chunk reaches their
+last token) gains one token -> a sequence ends at its trace length ->
+``scheduler.postprocess``. Nothing here re-implements allocation or scheduling.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         num_reads += work.num_decodes
         num_read_runs += sum(len(r) for r in work.decode_read_runs)
         finished: list[Sequence] = []
-        for s in batch.all_seqs():
+        for s in batch.sampled:
             s.num_generated += 1
             generated += 1
             if s.first_token_s is None:

@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=_SEED, default=0)
     b.add_argument("--max-num-seqs", type=_int_in(1), default=SchedulerConfig.max_num_seqs,
                    help="cap on running sequences")
+    b.add_argument("--chunked-prefill", action="store_true",
+                   help="one token budget per step for decodes and prefill chunks (SchedulerConfig.enable_chunked_prefill)")
+    b.add_argument("--max-prefill-chunk-tokens", type=_int_in(1), default=SchedulerConfig.max_prefill_chunk_tokens,
+                   help="with --chunked-prefill: prompt tokens one sequence computes per step")
+    b.add_argument("--max-num-batched-tokens", type=_int_in(1), default=SchedulerConfig.max_num_batched_tokens,
+                   help="tokens per step (decodes + prefill)")
     b.add_argument("--page-size", type=_int_in(1, 65536), default=CacheConfig.page_size_tokens, help="paged policy page tokens")
     b.add_argument("--json", default=None, type=_out_path, metavar="OUT")
     b.add_argument("--plot", default=None, type=_out_path, metavar="OUT.png")

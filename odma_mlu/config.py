@@ -325,6 +325,11 @@ class SchedulerConfig:
     24 GB card (~118K KV tokens): that is the regime ODMA is about."""
     max_num_batched_tokens: int = 8192
     max_new_tokens: int = 512
+    enable_chunked_prefill: bool = False
+    """One token budget per step for decodes and prefill chunks (vLLM v1): long prompts are
+    computed over several steps next to the running decodes (odma_mlu/engine/scheduler.py)."""
+    max_prefill_chunk_tokens: int = 512
+    """With chunked prefill: the most prompt tokens one sequence computes in a step."""
 
 
 @dataclass(frozen=True)

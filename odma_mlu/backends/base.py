@@ -57,6 +57,9 @@ class Backend(ABC):
 
     name: str = "abstract"
     dist_backend: str = "gloo"
+    prices_steps: bool = False
+    """``account_step`` uses the step's ``StepWork`` (the emulated backend's clock); the
+    engine describes steps only where this is set."""
 
     @property
     @abstractmethod

@@ -5,6 +5,13 @@ A small model computes the tokens; every engine step is priced by the emulator's
 step-cost function *for the target shape* (``account_step``) and advances a virtual clock.
 With ``pace=True`` (the emulated server) each step also waits until wall time catches up
 with the virtual clock, so clients see the card's TTFT and TPOT, not the host's.
+
+The target's layer kinds (``target_layers``, odma_mlu/models/layer_kinds.py) price a sliding
+or hybrid model by kind: ``EmulatedBackend(profile, host, target_model="gemma-3-12b")`` (a
+shape name or config.json path) loads the spec and its kinds together; a ``ModelSpec``
+without kinds is all full attention. The engine's ``describe_step`` says what its sliding
+layers read (each ring) and what its state pool copied, so a small sliding or hybrid model
+served here is priced as the matching target shape.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ if TYPE_CHECKING:
     from odma_mlu.config import ModelSpec
     from odma_mlu.engine.step_work import StepWork
     from odma_mlu.kvcache.odma import RunCost
+    from odma_mlu.models.layer_kinds import LayerKinds
 
 
 class VirtualClock:
@@ -47,18 +55,24 @@ class _VirtualTimer(Timer):
 
 class EmulatedBackend(Backend):
     name = "emulated"
+    prices_steps = True
 
-    def __init__(self, profile: "object", host: Backend, target_model: "ModelSpec | None" = None,
-                 pace: bool = False) -> None:
+    def __init__(self, profile: "object", host: Backend, target_model: "ModelSpec | str | None" = None,
+                 pace: bool = False, target_layers: "LayerKinds | None" = None) -> None:
         from emulator.cost_model import CostModel
         from emulator.profile import DeviceProfile
         from odma_mlu.config import load_model_spec
+        from odma_mlu.models.layer_kinds import LayerKinds, load_target_shape
 
         assert isinstance(profile, DeviceProfile), "EmulatedBackend needs an emulator.profile.DeviceProfile"
         self.profile = profile
         self.host = host
+        if isinstance(target_model, str):  # a shape name or config.json: spec and layer kinds
+            target_model, kinds = load_target_shape(target_model)
+            target_layers = target_layers or kinds
         self.target_model = target_model or load_model_spec()
-        self.cost = CostModel(profile, self.target_model)
+        self.target_layers = target_layers or LayerKinds.all_full(self.target_model)
+        self.cost = CostModel(profile, self.target_model, layers=self.target_layers)
         self.clock = VirtualClock()
         self.pace = pace
         self._wall_origin_s: float | None = None
@@ -86,9 +100,12 @@ class EmulatedBackend(Backend):
         self._allocated_bytes += num_bytes
 
     def kv_capacity_tokens(self, activation_reserve_fraction: float = 0.10) -> int:
-        """KV tokens the target shape has on the profiled card (memory - weights - reserve)."""
-        usable = self.profile.capacity_bytes * (1.0 - activation_reserve_fraction) - self.target_model.weight_bytes
-        return max(0, int(usable) // self.target_model.kv_bytes_per_token)
+        """KV tokens the target shape has on the profiled card (memory - weights - reserve),
+        counting K/V in its attention layers (full and sliding; a hybrid's states are loans)."""
+        m, kinds = self.target_model, self.target_layers
+        weight_bytes = kinds.ssm.num_params * m.dtype_bytes if kinds.ssm is not None else m.weight_bytes
+        usable = self.profile.capacity_bytes * (1.0 - activation_reserve_fraction) - weight_bytes
+        return max(0, int(usable) // (kinds.num_attention * m.kv_bytes_per_token_per_layer))
 
     def synchronize(self) -> None:
         self.host.synchronize()
@@ -117,5 +134,6 @@ class EmulatedBackend(Backend):
             time.sleep(wait_s)
 
     def describe(self) -> str:
-        return (f"emulated {self.profile.name} ({self.target_model.name} shape) on {self.host.describe()}"
+        return (f"emulated {self.profile.name} ({self.target_model.name} shape, {self.target_layers.describe()})"
+                f" on {self.host.describe()}"
                 + (", paced" if self.pace else ""))

@@ -32,7 +32,7 @@ from odma_mlu.engine.request import Sequence
 from odma_mlu.engine.sampler import (FINISH_LENGTH, IncrementalDecoder, SampleResult, SampleRow, Sampler,
                                      SamplingParams, TokenLogprobs, check_stop)
 from odma_mlu.engine.scheduler import ScheduledBatch, Scheduler
-from odma_mlu.engine.step_work import describe_step
+from odma_mlu.engine.step_work import StepWork, describe_step
 from odma_mlu.errors import ConfigError, RequestRejected
 from odma_mlu.kvcache.factory import make_policy
 from odma_mlu.kvcache.window import WindowedPolicy, plan_window_group
@@ -102,6 +102,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.eos_token_ids = tuple(self.spec.eos_token_ids)
         self._forward_failures = 0
+        self.runner = None  # a captured-graph decode runner (odma_mlu/engine/graph_runner.py), where enabled
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | Seq[int], params: SamplingParams = SamplingParams(), *,
@@ -157,39 +158,57 @@ class LLMEngine:
 
     # -- one step -------------------------------------------------------------------------
     def _forward_inputs(self, batch: ScheduledBatch) -> list[SequenceInput]:
+        """Each sequence's new tokens this step: a prefill chunk (a slice of its token list),
+        or a decode's last token; O(1) per decode, O(chunk) per prefill."""
+        sched = self.scheduler
         inputs = []
-        for s in batch.prefill:  # whole prompt (+ regenerated tokens after a preemption)
-            inputs.append(SequenceInput(tuple(s.all_token_ids()), 0, self.scheduler.location(s)))
+        for s, new, cached in zip(batch.prefill, batch.prefill_chunk_tokens, batch.prefill_cached_tokens):
+            inputs.append(SequenceInput(tuple(s.token_ids[cached:cached + new]), cached, sched.location(s)))
         for s in batch.decode:
-            inputs.append(SequenceInput((s.all_token_ids()[-1],), s.num_tokens - 1, self.scheduler.location(s)))
+            inputs.append(SequenceInput((s.last_token_id,), s.num_tokens - 1, sched.location(s)))
         return inputs
+
+    def _describe(self, batch: ScheduledBatch) -> StepWork | None:
+        """The step's ``StepWork`` where the backend prices steps (emulated); elsewhere only
+        the arena's issued copies are drained (describing costs Python per sequence)."""
+        if self.backend.prices_steps:
+            return describe_step(batch, self.policy)
+        self.arena.take_issued_copies()
+        return None
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
         seqs = batch.all_seqs()
-        work = describe_step(batch, self.policy)  # drains the KV copies the policy issued
+        work = self._describe(batch)  # drains the KV copies the policy issued
         fb = ForwardBatch.build(self._forward_inputs(batch), device=self.model.device)
         try:
             if self.states is not None:
                 logits = self.model.forward(fb, self.arena, self.states,
                                             [self.states.slot_of(s.request_id) for s in seqs])
             elif self.windows is None:
-                logits = self.model.forward(fb, self.arena)
+                logits = self.runner.forward(fb) if self.runner is not None else self.model.forward(fb, self.arena)
             else:
                 rings = self.windows.plan(fb.seqs, [s.request_id for s in seqs], self.model.device)
                 logits = self.model.forward(fb, self.arena, rings)
         except Exception as e:  # noqa: BLE001 - see the module docstring
             return self._fail_batch(seqs, e)
         self._forward_failures = 0
-        lives = [self._live[s.request_id] for s in seqs]
-        sampled, sample_errors = self._sample(logits, seqs, lives)
-        self.backend.account_step(work)
+        sampled_seqs = batch.sampled
+        if len(sampled_seqs) != len(seqs):  # unfinished prompt chunks: their logits are not used
+            done = {id(s) for s in sampled_seqs}
+            rows = [i for i, s in enumerate(seqs) if id(s) in done]
+            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64, device=logits.device))
+        lives = [self._live[s.request_id] for s in sampled_seqs]
+        sampled, sample_errors = (self._sample(logits, sampled_seqs, lives) if sampled_seqs
+                                  else (SampleResult([], []), {}))
+        if work is not None:
+            self.backend.account_step(work)
         outputs: list[RequestOutput] = []
         finished: list[Sequence] = []
         failed: dict[str, str] = {}
-        for i, (s, lv) in enumerate(zip(seqs, lives)):
+        for i, (s, lv) in enumerate(zip(sampled_seqs, lives)):
             try:
                 if i in sample_errors:
                     raise RuntimeError(sample_errors[i])
@@ -241,8 +260,7 @@ class LLMEngine:
 
     def _advance(self, s: Sequence, lv: _Live, tok: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         """Append the sampled token and run the stop checks (incremental over the new text)."""
-        s.output_token_ids.append(int(tok))
-        s.num_generated += 1
+        s.append_token(int(tok))
         text = None
         if lv.decoder is not None:
             lv.decoder.update(s.output_token_ids)

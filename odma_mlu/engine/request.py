@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from odma_mlu.kvcache.arena import KVLocation
 from odma_mlu.predictor.base import LengthPrediction, RequestFeatures
 
 
@@ -18,9 +19,14 @@ class SeqStatus(enum.Enum):
 class Sequence:
     """One request's mutable state.
 
-    ``num_tokens`` = prompt + generated. ``kv_tokens`` = tokens whose KV is in the arena;
-    the newest sampled token has no KV until the next decode step writes it, so while
-    running ``kv_tokens == num_tokens - 1``.
+    ``num_tokens`` = prompt + generated. ``kv_tokens`` = tokens whose KV is computed (in
+    the arena, or in a shared prefix); the newest sampled token has no KV until the next
+    decode step writes it, so a decoding sequence has ``kv_tokens == num_tokens - 1``; one
+    whose prompt is being prefilled in chunks has fewer.
+
+    ``token_ids`` (prompt + generated) grows by one list append per token (``append_token``),
+    so the engine never rebuilds a sequence's token list in a step; ``last_token_id`` is the
+    newest token, the decode input.
     """
 
     request_id: str
@@ -40,6 +46,13 @@ class Sequence:
     finish_s: float | None = None
     finish_reason: str | None = None
     first_capacity_tokens: int | None = None
+    kv_location: KVLocation | None = field(default=None, repr=False, compare=False)
+    """The policy's runs for this sequence, cached by the scheduler (None: ask the policy)."""
+    token_ids: list[int] = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.prompt_token_ids is not None and not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -49,6 +62,18 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SeqStatus.FINISHED
 
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    def append_token(self, token_id: int) -> None:
+        """Record one generated token (O(1): appends to the two token lists)."""
+        self.output_token_ids.append(token_id)
+        if self.prompt_token_ids is not None:
+            self.token_ids.append(token_id)
+        self.num_generated += 1
+
     def all_token_ids(self) -> list[int]:
+        """A copy of prompt + generated ids (O(length); the engine's step uses ``token_ids``)."""
         assert self.prompt_token_ids is not None, "shape-only sequences carry no token ids"
-        return self.prompt_token_ids + self.output_token_ids
+        return list(self.token_ids)

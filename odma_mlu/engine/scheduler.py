@@ -1,17 +1,32 @@
 """Continuous-batching scheduler, shared as-is by the real engine and the emulator replay.
 
-Each ``schedule()`` is two plain loops::
+Each ``schedule()`` spends one token budget (``max_num_batched_tokens``) in two loops::
 
-    1. running (oldest first): make room for the token this step writes
+    1. running (decodes first, then unfinished prefills; oldest first in each): make room for
+       the tokens this step writes
          policy.ensure_capacity -> OK | NO_ROOM: preempt the newest running request, retry
                                        | REQUEUE: preempt this one (S3 re-buckets it)
     2. waiting (FCFS; preempted requests return to the front): admit while the policy
        can reserve and the limits on sequences and batched tokens allow; never admit in a
        step that had to preempt (the memory is evidently tight) unless nothing is left running
 
+Chunked prefill (``SchedulerConfig.enable_chunked_prefill``, as vLLM v1): a sequence
+tracks the tokens whose KV is computed (``Sequence.kv_tokens``); every step it computes
+``min(left, max_prefill_chunk_tokens, budget left)`` of the rest, so a long prompt is spread
+over several steps next to the running decodes instead of stalling them. Decodes are
+scheduled before prefill chunks, so a prompt never takes the budget of a running decode.
+Admission reserves the whole prompt (vLLM's "admit on the full input length"), so a
+prompt's later chunks never run out of room. Only a sequence whose chunk reaches its last
+token samples (``ScheduledBatch.sampled``). Without chunking a prompt is prefilled whole
+and one over-budget prompt may run alone.
+
+A prefix-caching policy (odma_mlu/kvcache/prefix.py) may report at admission that the
+first tokens of a prompt are already in KV (``cached_prefix_tokens``): prefill starts there.
+
 Grouping decode sequences into attention calls is not the scheduler's business:
-``odma_mlu.engine.step_work.decode_group_key`` decides it in one place. Preemption is by recompute: the KV is dropped and the prompt plus the
-tokens generated so far are prefilled again later, so output tokens never change.
+``odma_mlu.engine.step_work.decode_group_key`` decides it in one place. Preemption is by
+recompute: the KV is dropped and the prompt plus the tokens generated so far are prefilled
+again later (in chunks, with chunking on), so output tokens never change.
 """
 
 from __future__ import annotations
@@ -33,8 +48,20 @@ PREDICT_BATCH = 64
 @dataclass(frozen=True)
 class ScheduledBatch:
     prefill: tuple[Sequence, ...]
+    """Sequences computing more than their newest token: prompts, prompt chunks, recomputes."""
     decode: tuple[Sequence, ...]
     preempted: tuple[Sequence, ...]
+    prefill_chunk_tokens: tuple[int, ...] = ()
+    """New tokens each prefill computes this step (aligned with ``prefill``)."""
+    prefill_cached_tokens: tuple[int, ...] = ()
+    """Tokens each prefill already had in KV before this step (prefix hits, earlier chunks)."""
+
+    def __post_init__(self) -> None:
+        if not self.prefill_chunk_tokens and self.prefill:  # built by hand: whole prefills
+            object.__setattr__(self, "prefill_chunk_tokens", tuple(s.num_tokens for s in self.prefill))
+            object.__setattr__(self, "prefill_cached_tokens", (0,) * len(self.prefill))
+        assert len(self.prefill_chunk_tokens) == len(self.prefill) == len(self.prefill_cached_tokens), \
+            "one chunk size and one cached count per prefill"
 
     @property
     def is_empty(self) -> bool:
@@ -42,6 +69,22 @@ class ScheduledBatch:
 
     def all_seqs(self) -> tuple[Sequence, ...]:
         return self.prefill + self.decode
+
+    def completes(self, index: int) -> bool:
+        """Prefill ``index`` reaches its last token this step (it samples)."""
+        s = self.prefill[index]
+        return self.prefill_cached_tokens[index] + self.prefill_chunk_tokens[index] == s.num_tokens
+
+    @property
+    def sampled(self) -> tuple[Sequence, ...]:
+        """Sequences that produce a token this step: every decode and each completing prefill."""
+        if all(self.completes(i) for i in range(len(self.prefill))):
+            return self.all_seqs()
+        return tuple(s for i, s in enumerate(self.prefill) if self.completes(i)) + self.decode
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.prefill_chunk_tokens) + len(self.decode)
 
 
 class Scheduler:
@@ -58,6 +101,8 @@ class Scheduler:
         # "oldest" is FCFS order; the request id string ("r10" < "r9") is not an age.
         self._submitted: dict[str, int] = {}
         self._num_submitted = 0
+        self._running_dirty = False
+        """``running`` needs re-sorting (a sequence joined, or one moved from prefill to decode)."""
 
     # -- admission checks ----------------------------------------------------------------
     def validate(self, seq: Sequence) -> None:
@@ -100,22 +145,54 @@ class Scheduler:
         self.running.remove(seq)
         seq.status = SeqStatus.WAITING
         seq.kv_tokens = 0
+        seq.kv_location = None
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     # -- the two loops ---------------------------------------------------------------------
+    def _chunk(self, left_tokens: int, budget_tokens: int) -> int:
+        """Tokens a prefill with ``left_tokens`` to compute may take now (0: not this step)."""
+        cfg = self.config
+        if not cfg.enable_chunked_prefill:
+            return left_tokens
+        return max(0, min(left_tokens, cfg.max_prefill_chunk_tokens, budget_tokens))
+
+    def _order_key(self, s: Sequence) -> tuple[bool, float, int]:
+        return (s.num_tokens - s.kv_tokens > 1, s.arrival_s, self._submitted.get(s.request_id, 0))
+
     def schedule(self) -> ScheduledBatch:
+        chunked = self.config.enable_chunked_prefill
+        budget = self.config.max_num_batched_tokens
         preempted: list[Sequence] = []
         decode: list[Sequence] = []
-        # Loop 1: running sequences, oldest first; victims are taken from the newest end.
-        queue = sorted(self.running, key=lambda s: (s.arrival_s, self._submitted.get(s.request_id, 0)))
+        prefill: list[Sequence] = []
+        chunks: list[int] = []
+        cached: list[int] = []
+        # Loop 1: running sequences, decodes before unfinished prefills, oldest first in each;
+        # victims are taken from the newest end (unfinished prefills first).
+        if self._running_dirty:
+            self.running.sort(key=self._order_key)
+            self._running_dirty = False
+        queue = deque(self.running)
         while queue:
-            seq = queue.pop(0)
+            seq = queue.popleft()
+            left = seq.num_tokens - seq.kv_tokens
+            n = 1 if left == 1 else self._chunk(left, budget)
+            if chunked and (n <= 0 or n > budget):
+                continue  # no budget left this step: it waits in place, KV kept
             while True:
-                res = self.policy.ensure_capacity(seq.request_id, seq.num_tokens)
+                res = self.policy.ensure_capacity(seq.request_id, seq.kv_tokens + n)
                 if res.status == GrowStatus.OK:
-                    decode.append(seq)
+                    if res.how:  # the runs changed: refresh the cached location
+                        seq.kv_location = None
+                    if left == 1:
+                        decode.append(seq)
+                    else:
+                        prefill.append(seq)
+                        chunks.append(n)
+                        cached.append(seq.kv_tokens)
+                    budget -= n
                     break
                 if res.status == GrowStatus.REQUEUE or not queue:
                     self._preempt(seq)
@@ -124,17 +201,17 @@ class Scheduler:
                 victim = queue.pop()  # newest not-yet-scheduled request
                 self._preempt(victim)
                 preempted.append(victim)
+        if not chunked:  # the historical rule: decodes take one token each of the budget
+            budget = self.config.max_num_batched_tokens - len(decode) - sum(chunks)
         # Loop 2: admit waiting requests FCFS.
-        prefill: list[Sequence] = []
         # After a preemption memory is tight, except when nothing runs any more (e.g. every
         # S3 request hit its bucket edge in the same step): then admit, or the step is empty.
         if not preempted or not self.running:
-            budget = self.config.max_num_batched_tokens - len(decode)
             self._predict_head()
-            while self.waiting and len(self.running) < self.config.max_num_seqs:
+            while self.waiting and len(self.running) < self.config.max_num_seqs and (budget > 0 or not chunked):
                 seq = self.waiting[0]
-                # One over-budget prompt may run alone (there is no chunked prefill).
-                if seq.num_tokens > budget and prefill:
+                # Without chunking one over-budget prompt may run alone.
+                if not chunked and seq.num_tokens > budget and (prefill or decode):
                     break
                 loc = self.policy.reserve(self._reserve_request(seq))
                 if loc is None:
@@ -142,11 +219,26 @@ class Scheduler:
                 self.waiting.popleft()
                 if seq.first_capacity_tokens is None:
                     seq.first_capacity_tokens = loc.capacity_tokens
+                seq.kv_location = None
+                seq.kv_tokens = self._cached_prefix(seq)
                 seq.status = SeqStatus.RUNNING
                 self.running.append(seq)
+                self._running_dirty = True
+                n = self._chunk(seq.num_tokens - seq.kv_tokens, budget)
+                assert n > 0, f"{seq.request_id}: admitted with no tokens to compute"
                 prefill.append(seq)
-                budget -= seq.num_tokens
-        return ScheduledBatch(tuple(prefill), tuple(decode), tuple(preempted))
+                chunks.append(n)
+                cached.append(seq.kv_tokens)
+                budget -= n
+        return ScheduledBatch(tuple(prefill), tuple(decode), tuple(preempted), tuple(chunks), tuple(cached))
+
+    def _cached_prefix(self, seq: Sequence) -> int:
+        """Prompt tokens a prefix-caching policy already holds for ``seq`` (0 without one).
+        At least one token is always left to compute: it gives the logits to sample from."""
+        hit = getattr(self.policy, "cached_prefix_tokens", None)
+        n = int(hit(seq.request_id)) if hit is not None else 0
+        assert 0 <= n < seq.num_tokens, f"{seq.request_id}: {n} cached of {seq.num_tokens} tokens"
+        return n
 
     def _predict_head(self) -> None:
         """Predict lengths for the head of the queue, in one batch, just before admission,
@@ -158,18 +250,31 @@ class Scheduler:
             s.prediction = p
 
     def location(self, seq: Sequence) -> KVLocation:
-        return self.policy.location(seq.request_id)
+        """The sequence's KV runs; cached on the sequence until the policy reports a change
+        (a reservation, or a growth whose ``GrowResult.how`` is set)."""
+        if seq.kv_location is None:
+            seq.kv_location = self.policy.location(seq.request_id)
+        return seq.kv_location
 
     # -- after the step ----------------------------------------------------------------
     def postprocess(self, batch: ScheduledBatch, finished: Iterable[Sequence]) -> None:
-        """Account the step: every scheduled sequence wrote KV for all but its newest token."""
-        for seq in batch.all_seqs():
-            seq.kv_tokens = seq.num_tokens - 1 if seq.num_generated > 0 else seq.num_tokens
+        """Account the step: every scheduled sequence computed the KV of its chunk (a decode:
+        its newest token); completed prompts tell a prefix-caching policy what is ready."""
+        noted = getattr(self.policy, "note_computed", None)
+        if batch.prefill:
+            self._running_dirty = True  # completed prefills now decode: they sort first
+        for seq, n in zip(batch.prefill, batch.prefill_chunk_tokens):
+            seq.kv_tokens += n
+            if noted is not None:
+                noted(seq.request_id, seq.kv_tokens)
+        for seq in batch.decode:
+            seq.kv_tokens += 1
         for seq in finished:
             seq.status = SeqStatus.FINISHED
             self.running.remove(seq)
             self._submitted.pop(seq.request_id, None)
             self.policy.release(seq.request_id, seq.num_generated)
+            seq.kv_location = None
             if self.predictor is not None and seq.features is not None:
                 self.predictor.observe(seq.features, seq.num_generated)
 

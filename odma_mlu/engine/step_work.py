@@ -14,8 +14,9 @@ else: ``ForwardBatch.build`` groups the real attention calls with the same key::
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
     from odma_mlu.engine.scheduler import ScheduledBatch
@@ -46,21 +47,35 @@ class StepWork:
     """Groups of one sequence whose KV is one run: read as a view, no gather."""
     copy_tokens: tuple[int, ...] = ()
     """Each contiguous KV copy issued this step (tokens, in every layer, K and V)."""
+    decode_sliding_runs: tuple[tuple[int, ...], ...] = ()
+    """Per decoding sequence, the token length of each run its sliding-window layers read (at
+    most the window; the engine reads a request's whole ring as one run). Empty: the cost
+    model reads min(context, window) as one run (models without sliding layers ignore it)."""
+    state_copy_bytes: tuple[int, ...] = ()
+    """Each contiguous copy of SSM state slots issued this step (bytes; AVMP compaction)."""
 
     @classmethod
     def build(cls, prefill_new_tokens: "Iterable[int]" = (), decode_read_runs: "Iterable[tuple[int, ...]]" = (),
-              copy_tokens: "Iterable[int]" = ()) -> "StepWork":
-        """A step from its prefills, each decode's read runs and its copies; the decode
-        groups follow ``decode_group_key`` (the engine's grouping)."""
+              copy_tokens: "Iterable[int]" = (), prefill_cached_tokens: "Iterable[int] | None" = None, *,
+              sliding_read_runs: "Iterable[tuple[int, ...]]" = (),
+              state_copy_bytes: "Iterable[int]" = ()) -> "StepWork":
+        """A step from its prefills (new tokens, and tokens already cached before each:
+        chunked prefill, prefix hits), each decode's read runs and its copies; the decode
+        groups follow ``decode_group_key`` (the engine's grouping). ``sliding_read_runs``: each
+        decode's sliding-layer runs; ``state_copy_bytes``: the state copies issued."""
         prefill = tuple(prefill_new_tokens)
+        cached = (0,) * len(prefill) if prefill_cached_tokens is None else tuple(prefill_cached_tokens)
+        assert len(cached) == len(prefill), f"{len(prefill)} prefills but {len(cached)} cached counts"
         reads = tuple(tuple(r) for r in decode_read_runs)
         groups: dict[int, list[tuple[int, ...]]] = {}
         for r in reads:
             groups.setdefault(decode_group_key(sum(r)), []).append(r)
         sizes = tuple(len(groups[k]) for k in sorted(groups))
         views = sum(1 for g in groups.values() if len(g) == 1 and len(g[0]) == 1)
-        return cls(prefill_new_tokens=prefill, prefill_cached_tokens=(0,) * len(prefill), decode_read_runs=reads,
-                   decode_group_sizes=sizes, decode_group_views=views, copy_tokens=tuple(copy_tokens))
+        return cls(prefill_new_tokens=prefill, prefill_cached_tokens=cached, decode_read_runs=reads,
+                   decode_group_sizes=sizes, decode_group_views=views, copy_tokens=tuple(copy_tokens),
+                   decode_sliding_runs=tuple(tuple(r) for r in sliding_read_runs),
+                   state_copy_bytes=tuple(state_copy_bytes))
 
     @property
     def num_decodes(self) -> int:
@@ -74,16 +89,46 @@ class StepWork:
 def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
     """The work of a scheduled batch under ``policy``; drains the arena's issued copies.
 
+    A prefill is described by its chunk: the new tokens it computes this step and the tokens
+    already in KV before them (earlier chunks, a shared prefix), which its attention reads.
     Under a policy with free preemption (``ideal``), a recompute of a preempted request
-    costs nothing beyond the decode step it would have taken: it is described as a decode
-    over its context."""
+    costs nothing beyond the decode step it would have taken: its last chunk is described
+    as a decode over its context, its earlier chunks as nothing."""
     prefill_new: list[int] = []
+    prefill_cached: list[int] = []
     reads: list[tuple[int, ...]] = []
-    for s in batch.prefill:
+    for i, s in enumerate(batch.prefill):
+        new, cached = batch.prefill_chunk_tokens[i], batch.prefill_cached_tokens[i]
         if policy.free_preemption and s.num_generated > 0:
-            reads.append((s.num_tokens,))
+            if cached + new == s.num_tokens:
+                reads.append((s.num_tokens,))
         else:
-            prefill_new.append(s.num_tokens)
+            prefill_new.append(new)
+            prefill_cached.append(cached)
     for s in batch.decode:
         reads.append(policy.read_runs(s.request_id, s.num_tokens))
-    return StepWork.build(prefill_new, reads, policy.arena.take_issued_copies())
+    return StepWork.build(prefill_new, reads, policy.arena.take_issued_copies(), prefill_cached,
+                          sliding_read_runs=_sliding_reads(policy, len(reads)),
+                          state_copy_bytes=_take_state_copies(policy))
+
+
+def _sliding_reads(policy: Any, num_decodes: int) -> list[tuple[int, ...]]:
+    """Under a windowed policy (kvcache/window.py) each decode reads its whole ring: one run
+    of the window (window_attention.py gathers the ring's rows, masked past the length)."""
+    rings = getattr(policy, "rings", None)
+    return [(int(rings.window_tokens),)] * num_decodes if rings is not None else []
+
+
+# StatePool counts the bytes it moved (``moved_bytes``); the part not yet described is this step's.
+_STATE_BYTES_DESCRIBED: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+
+
+def _take_state_copies(policy: Any) -> tuple[int, ...]:
+    """State bytes a hybrid's pool (AvmpPolicy.states) moved since the last described step."""
+    states = getattr(policy, "states", None)
+    moved = getattr(states, "moved_bytes", None)
+    if moved is None:
+        return ()
+    new = moved - _STATE_BYTES_DESCRIBED.get(states, 0)
+    _STATE_BYTES_DESCRIBED[states] = moved
+    return (new,) if new > 0 else ()
