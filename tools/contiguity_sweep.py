@@ -156,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.merge:
         doc = json.loads(Path(args.merge[0]).read_text())
-        for other in args.merge[1:]:
-            doc["traces"].update(json.loads(Path(other).read_text())["traces"])
+        for other in args.merge[1:]:  # rows of a trace in several files are pooled (one per label)
+            for tname, t in json.loads(Path(other).read_text())["traces"].items():
+                mine = doc["traces"].setdefault(tname, {**t, "rows": []})
+                labels = {r["label"] for r in mine["rows"]}
+                mine["rows"] += [r for r in t["rows"] if r["label"] not in labels]
+                mine["rows"].sort(key=lambda x: (x["label"] != "derived", x["ratio_at_page"]))
         Path(args.json).write_text(json.dumps(doc, indent=2))
         plot(doc, Path(args.plot))
         print(f"wrote {args.json} and {args.plot}", file=sys.stderr)
