@@ -18,6 +18,7 @@ On the emulated backend each step also advances the virtual clock by the cost mo
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 from dataclasses import dataclass
@@ -103,6 +104,11 @@ class LLMEngine:
         self.eos_token_ids = tuple(self.spec.eos_token_ids)
         self._forward_failures = 0
         self.runner = None  # a captured-graph decode runner (odma_mlu/engine/graph_runner.py), where enabled
+        # Everything built so far (model, tokenizer, imports) lives as long as the engine: move it
+        # out of the cycle collector's reach, or each full collection walks it (tens of ms, a
+        # stall of every stream; vLLM does the same after start-up).
+        gc.collect()
+        gc.freeze()
 
     # -- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | Seq[int], params: SamplingParams = SamplingParams(), *,

@@ -93,6 +93,19 @@ class KVLocation:
             token_index -= n
         raise AssertionError("unreachable")
 
+    def slot_table(self) -> torch.Tensor:
+        """int64 [capacity_tokens] (CPU): the slot of every token, built once per location
+        object and kept on it (the scheduler reuses a sequence's location until its runs
+        change), so per-step readers index it instead of walking the runs."""
+        table = self.__dict__.get("_slot_table")
+        if table is None:
+            starts = torch.tensor([s for s, _ in self.runs], dtype=torch.int64)
+            lengths = torch.tensor([n for _, n in self.runs], dtype=torch.int64)
+            offsets = torch.cumsum(lengths, 0) - lengths  # token index of each run's first token
+            table = torch.repeat_interleave(starts - offsets, lengths) + torch.arange(int(lengths.sum()))
+            object.__setattr__(self, "_slot_table", table)  # a memo, not a field: equality is by runs
+        return table
+
     def slots(self, first: int, count: int) -> torch.Tensor:
         """Slot indices of tokens [first, first + count) as an int64 tensor (CPU)."""
         assert first >= 0 and first + count <= self.capacity_tokens, "slots past the reservation"

@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from odma_mlu.engine.step_work import decode_group_key
+from odma_mlu.engine.step_work import MIN_SPAN_TOKENS, decode_group_key
 from odma_mlu.kvcache.arena import KVLocation
 
 
@@ -113,6 +113,8 @@ class ForwardBatch:
     """int64 [S], row of each sequence's last new token: the logits returned."""
     prefills: tuple[PrefillPlan, ...]
     decode_groups: tuple[DecodeGroup, ...]
+    max_position: int = -1
+    """The largest position in the batch (rotary tables grow to it); -1: compute it."""
 
     @property
     def num_tokens(self) -> int:
@@ -124,71 +126,105 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, seqs: Sequence[SequenceInput], device: torch.device | str = "cpu") -> "ForwardBatch":
-        """Flatten ``seqs`` and plan their attention; metadata tensors land on ``device``."""
+        """Flatten ``seqs`` and plan their attention; metadata tensors land on ``device``.
+
+        Host work is O(1) Python per decode sequence (a few list appends; each decode group is
+        then planned with a handful of tensor ops over the whole group) and O(chunk) per
+        prefill; a multi-run location's slot table is built once per location and reused
+        (``location_slots``)."""
         assert len(seqs) > 0, "a forward batch needs at least one sequence"
         dev = torch.device(device)
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        positions: list[int] = []
+        slots: list[int] = []
         last_rows: list[int] = []
         prefills: list[PrefillPlan] = []
         groups: dict[int, list[tuple[int, SequenceInput]]] = {}
+        max_total = 0
         row = 0
         for seq in seqs:
-            n, first, loc = seq.num_new_tokens, seq.num_cached_tokens, seq.location
+            n, first, loc = len(seq.token_ids), seq.num_cached_tokens, seq.location
+            total = first + n
+            if total > max_total:
+                max_total = total
+            start, first_run = loc.runs[0]
+            if n == 1 and first < first_run:  # the common decode: its newest token in the first run
+                ids.append(seq.token_ids[0])
+                positions.append(first)
+                slots.append(start + first)
+                key = 1 << first.bit_length()  # decode_group_key(total), inlined (hot path)
+                groups.setdefault(key if key > MIN_SPAN_TOKENS else MIN_SPAN_TOKENS, []).append((row, seq))
+                row += 1
+                last_rows.append(row - 1)
+                continue
             assert n > 0, "a sequence in a forward batch needs at least one new token"
             assert first >= 0, f"negative cached token count {first}"
-            total = seq.num_total_tokens
             assert total <= loc.capacity_tokens, (
                 f"{total} tokens do not fit the reservation of {loc.capacity_tokens}")
             ids.extend(seq.token_ids)
-            positions.append(torch.arange(first, first + n, dtype=torch.int64))
-            one_run = loc.first_run_covers(total)
             if n == 1:
-                slots.append(torch.tensor([loc.slot_of(first)], dtype=torch.int64))
+                positions.append(first)
+                slots.append(-1)  # past the first run: filled from the group's slot table
                 groups.setdefault(decode_group_key(total), []).append((row, seq))
             else:
-                kv_slots = None if one_run else loc.slots(0, total)
-                slots.append(torch.arange(loc.start_slot + first, loc.start_slot + total, dtype=torch.int64)
-                             if kv_slots is None else kv_slots[first:])
+                positions.extend(range(first, total))
+                one_run = total <= first_run
+                kv_slots = None if one_run else location_slots(loc)[:total]
+                slots.extend(range(start + first, start + total) if kv_slots is None else kv_slots[first:].tolist())
                 mask = None
                 if first > 0:
                     q_pos = torch.arange(first, total, dtype=torch.int64)
                     mask = (torch.arange(total, dtype=torch.int64)[None, :] <= q_pos[:, None]).to(dev)
-                prefills.append(PrefillPlan(row, n, total, loc.start_slot if one_run else None,
+                prefills.append(PrefillPlan(row, n, total, start if one_run else None,
                                             None if kv_slots is None else kv_slots.to(dev), mask))
             row += n
             last_rows.append(row - 1)
-        decode_groups = tuple(_plan_decode_group(groups[key], dev) for key in sorted(groups))
+        write_slots = torch.tensor(slots, dtype=torch.int64)
+        decode_groups = tuple(_plan_decode_group(groups[key], write_slots, dev) for key in sorted(groups))
         return cls(
             seqs=tuple(seqs),
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.cat(positions).to(dev),
-            write_slots=torch.cat(slots).to(dev),
-            last_token_rows=torch.tensor(last_rows, dtype=torch.int64, device=dev),
+            input_ids=torch.tensor(ids, dtype=torch.int64).to(dev),
+            positions=torch.tensor(positions, dtype=torch.int64).to(dev),
+            write_slots=write_slots.to(dev),
+            last_token_rows=torch.tensor(last_rows, dtype=torch.int64).to(dev),
             prefills=tuple(prefills),
             decode_groups=decode_groups,
+            max_position=max_total - 1,
         )
 
 
-def _plan_decode_group(members: list[tuple[int, SequenceInput]], dev: torch.device) -> DecodeGroup:
-    lengths = [seq.num_total_tokens for _, seq in members]
-    span = max(lengths)
-    rows = torch.tensor([r for r, _ in members], dtype=torch.int64, device=dev)
-    if len(members) == 1 and members[0][1].location.first_run_covers(span):
-        return DecodeGroup(rows, span, None, members[0][1].location.start_slot, None)
-    mask = (torch.arange(span)[None, :] < torch.tensor(lengths)[:, None]).view(len(members), 1, 1, span)
-    parts = []
-    for (_, seq), n in zip(members, lengths):
-        loc = seq.location
-        if loc.first_run_covers(n):
-            slots = torch.arange(loc.start_slot, loc.start_slot + n, dtype=torch.int64)
-        else:
-            slots = loc.slots(0, n)
-        # Past its own length a row reads its first slot again (masked), never out of range.
-        parts.append(slots if n == span else torch.cat([slots, slots[:1].expand(span - n)]))
-    gather = torch.stack(parts)
-    return DecodeGroup(rows, span, mask.to(dev), None, gather.reshape(-1).to(dev))
+def location_slots(loc: KVLocation) -> torch.Tensor:
+    """int64 [capacity]: the slot of every token of ``loc`` (CPU, memoized on the location)."""
+    return loc.slot_table()
+
+
+def _plan_decode_group(members: list[tuple[int, SequenceInput]], write_slots: torch.Tensor,
+                       dev: torch.device) -> DecodeGroup:
+    """One decode group with tensor ops over the group; fills the write slots of members whose
+    newest token is past their first run (in ``write_slots``, in place)."""
+    rows_l = [r for r, _ in members]
+    lengths_l = [seq.num_cached_tokens + 1 for _, seq in members]
+    span = max(lengths_l)
+    rows = torch.tensor(rows_l, dtype=torch.int64)
+    if len(members) == 1 and span <= members[0][1].location.runs[0][1]:
+        return DecodeGroup(rows.to(dev), span, None, members[0][1].location.runs[0][0], None)
+    lengths = torch.tensor(lengths_l, dtype=torch.int64)
+    starts = torch.tensor([seq.location.runs[0][0] for _, seq in members], dtype=torch.int64)
+    j = torch.arange(span, dtype=torch.int64)
+    valid = j[None, :] < lengths[:, None]
+    # One-run members: start + j. Past its own length a row reads its first slot (masked).
+    gather = torch.where(valid, starts[:, None] + j[None, :], starts[:, None])
+    multi = [b for b, (_, seq) in enumerate(members) if lengths_l[b] > seq.location.runs[0][1]]
+    if multi:  # members reading several runs: their slot tables, padded, in one go
+        tables = torch.nn.utils.rnn.pad_sequence([members[b][1].location.slot_table() for b in multi],
+                                                 batch_first=True)[:, :span]
+        if tables.shape[1] < span:  # a longer one-run member set the span
+            tables = F.pad(tables, (0, span - tables.shape[1]))
+        m = torch.tensor(multi, dtype=torch.int64)
+        gather[m] = torch.where(valid[m], tables, starts[m, None])
+        write_slots[rows[m]] = gather[m, lengths[m] - 1]
+    mask = valid.view(len(members), 1, 1, span)
+    return DecodeGroup(rows.to(dev), span, mask.to(dev), None, gather.reshape(-1).to(dev))
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

@@ -121,7 +121,7 @@ class Qwen2ForwardModel:
         heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_size, kv_size = heads * dim, kv_heads * dim
         num_tokens = batch.num_tokens
-        max_pos = max(s.num_total_tokens for s in batch.seqs) - 1
+        max_pos = batch.max_position if batch.max_position >= 0 else max(s.num_total_tokens for s in batch.seqs) - 1
         cos, sin = self.rotary.lookup(batch.positions, max_pos)
 
         h = self.embed.index_select(0, batch.input_ids)  # [T, hidden]
