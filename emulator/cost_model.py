@@ -34,17 +34,37 @@ run far below the dense peak (measured: 7 GFLOP/s at M=1 against 83 at M=1024 on
 host); decode attention runs at the one-row rate (measured with the profiler's curve
 against torch's CPU flash kernel).
 
-The kernel counts below are the ops our forward dispatches (views excluded), counted by
-tests/test_cost_model.py with a TorchDispatchMode on a real forward, so they follow the code.
+Layer kinds (``LayerKinds``, odma_mlu/models/layer_kinds.py; without one every layer is
+full attention)::
+
+    full attention   as above, over ``decode_read_runs``
+    sliding window   the same weight matmuls; a decode reads its ``decode_sliding_runs`` (at
+                     most the window; default min(context, window) as one run); a prefill
+                     chunk attends, under the sliding mask, to the cached tokens still in the
+                     window plus its own: the masked kernel computes every score, so
+                     4 x heads x head_dim x new x (min(cached, window - 1) + new) FLOPs;
+                     only the last ``window`` new tokens are written
+    SSM (Mamba)      in_proj / out_proj (+ x_proj, dt_proj for Mamba1) matmuls; a decode
+                     reads and writes each sequence's state once (stream bandwidth); a
+                     prefill runs the chunked scan (6 t d_inner d_state, + Mamba2's
+                     intra-chunk 2 t L heads (d_state + head_dim) FLOPs) and writes the state
+    state copies     ``state_copy_bytes``: read + write at stream bandwidth, one launch each
+
+The kernel counts below are the ops our forwards dispatch (views excluded), per
+architecture and layer kind, counted by tests/test_cost_model.py and
+tests/test_cost_model_kinds.py with a TorchDispatchMode on real forwards (qwen2.py with
+window_attention.py, gemma3.py, bamba.py with mamba2.py), so they follow the code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from emulator.profile import DeviceProfile
 from odma_mlu.config import ModelSpec
 from odma_mlu.engine.step_work import StepWork
+from odma_mlu.models.layer_kinds import LayerKinds
 
 # Non-view ops dispatched by Qwen2ForwardModel.forward (counted; see the module docstring).
 KERNELS_PER_LAYER = 36  # norms, qkv, rotary, K/V scatter, o, residuals, gate_up, act, down
@@ -53,6 +73,40 @@ KERNELS_PER_GATHERED_GROUP_PER_LAYER = 2  # a group not read as a view gathers i
 KERNELS_PER_PREFILL_PER_LAYER = 2  # attention, copy the output rows
 KERNELS_PER_COPY_PER_LAYER = 2  # one contiguous copy of K and one of V
 KERNELS_FIXED = 15  # rotary lookup, embedding, buffers, final norm, LM head, logits cast
+
+
+@dataclass(frozen=True)
+class ForwardKernels:
+    """Ops one architecture's forward dispatches, per layer kind (counted, not estimated)."""
+
+    fixed: int = KERNELS_FIXED
+    full_layer: int = KERNELS_PER_LAYER
+    sliding_layer: int = KERNELS_PER_LAYER + 2  # the ring write (4 ops) replaces the K/V scatter (2)
+    ssm_layer: int = 38  # norms, in_proj, gated norm, out_proj, residuals, MLP
+    decode_group: int = KERNELS_PER_DECODE_GROUP_PER_LAYER  # per full layer and decode group
+    gathered_group: int = KERNELS_PER_GATHERED_GROUP_PER_LAYER
+    prefill: int = KERNELS_PER_PREFILL_PER_LAYER  # per full or sliding layer and prefill
+    sliding_cached_prefill: int = 4  # a prefill with cached tokens gathers them from the ring (K, V)
+    sliding_decode: int = 5  # per sliding layer, once when the step decodes: gathers, attention, scatter
+    ssm_prefill: int = 66  # per SSM layer and prefill: causal conv + chunked scan
+    ssm_prefill_continued: int = 1  # a later chunk prepends the slot's conv state
+    ssm_prefill_short: int = 1  # a fresh prefill shorter than d_conv pads the conv input
+    ssm_decode: int = 39  # per SSM layer, once when the step decodes: conv step + recurrent step
+    copy: int = KERNELS_PER_COPY_PER_LAYER  # per full layer and KV copy
+    state_copy: int = 1  # per state copy
+
+
+QWEN2_KERNELS = ForwardKernels()
+FORWARD_KERNELS: dict[str, ForwardKernels] = {
+    "Qwen2ForCausalLM": QWEN2_KERNELS,
+    # 4 RMSNorms (1 + w), q/k norms, embedding scale, GELU-tanh: gemma3.py
+    "Gemma3ForCausalLM": ForwardKernels(fixed=20, full_layer=80, sliding_layer=82),
+    # partial rotary (cat) on attention layers; Mamba2 mixers: bamba.py, mamba2.py
+    "BambaForCausalLM": ForwardKernels(fixed=14, full_layer=39, sliding_layer=41),
+}
+# Hybrids without a forward of their own here are counted as Bamba (Jamba's Mamba1 included).
+FORWARD_KERNELS["GraniteMoeHybridForCausalLM"] = FORWARD_KERNELS["JambaForCausalLM"] = \
+    FORWARD_KERNELS["BambaForCausalLM"]
 
 
 @dataclass(frozen=True)
@@ -66,33 +120,68 @@ class StepCost:
     kv_write_bytes: int
     flops: float
     copy_bytes: int = 0
+    state_bytes: int = 0
+    """SSM state read + written (decodes) and written (prefills)."""
 
     @property
     def bound(self) -> str:
         return "memory" if self.memory_s >= self.compute_s else "compute"
 
 
+class _Acc:
+    """Running sums of one step: kernel times take max(memory, compute) each."""
+
+    __slots__ = ("time_s", "memory_s", "compute_s", "flops")
+
+    def __init__(self) -> None:
+        self.time_s = self.memory_s = self.compute_s = self.flops = 0.0
+
+    def add(self, count: int, memory_s: float, compute_s: float, flops: float) -> None:
+        self.memory_s += count * memory_s
+        self.compute_s += count * compute_s
+        self.flops += count * flops
+        self.time_s += count * max(memory_s, compute_s)
+
+
 class CostModel:
-    """Step times for one (device profile, model shape) pair: THE step-cost function.
+    """Step times for one (device profile, model shape, layer kinds): THE step-cost function.
 
-    The replay, the emulated engine and the emulated server all price steps with
-    ``step_time(StepWork)``; nothing else computes a step's time."""
+    The replay, the hybrid and hetero replays, the emulated engine and the emulated server
+    all price steps with ``step_time(StepWork)``; nothing else computes a step's time."""
 
-    def __init__(self, profile: DeviceProfile, model: ModelSpec, dtype: str | None = None) -> None:
+    def __init__(self, profile: DeviceProfile, model: ModelSpec, dtype: str | None = None,
+                 layers: LayerKinds | None = None) -> None:
         self.profile = profile
         self.model = model
+        self.layers = layers or LayerKinds.all_full(model)
+        self.layers.check(model)
         self.dtype = dtype or model.dtype
+        self.kernels = FORWARD_KERNELS.get(model.architecture, QWEN2_KERNELS)
         self._stream_bw = profile.stream_bandwidth_bytes_per_s
         self._flops = profile.flops_for(self.dtype)
         self._launch = profile.launch_overhead_s
         self._half_kv_per_token_layer = model.kv_bytes_per_token_per_layer // 2
+        self._n_full, self._n_sliding, self._n_ssm = self.layers.num_full, self.layers.num_sliding, self.layers.num_ssm
         h, d, i = model.hidden_size, model.head_dim, model.intermediate_size
         q, kv = model.num_heads * d, model.num_kv_heads * d
         # (K, N) of each weight matmul of a layer; biases and norms ride with them.
-        self._layer_matmuls = ((h, q + 2 * kv), (q, h), (h, 2 * i), (i, h))
+        self._attn_matmuls = ((h, q + 2 * kv), (q, h))
+        self._mlp_matmuls = ((h, 2 * i), (i, h))
+        self._ssm_matmuls: tuple[tuple[int, int], ...] = ()
+        hs = self.layers.ssm
+        if hs is not None:
+            in_width = hs.d_inner + hs.conv_dim + (hs.num_ssm_heads if hs.ssm_kind == "mamba2" else 0)
+            self._ssm_matmuls = ((h, in_width), (hs.d_inner, h))
+            if hs.ssm_extra_params_per_layer:  # Mamba1's x_proj / dt_proj
+                self._ssm_matmuls += ((hs.ssm_extra_params_per_layer // hs.d_inner, hs.d_inner),)
         self._attn_width = q
         self._locality_cache: dict[int, float] = {}
         self._rate_cache: dict[int, float] = {}
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token over the full-attention layers (what the arena holds)."""
+        return self._n_full * self.model.kv_bytes_per_token_per_layer
 
     def run_bandwidth(self, run_tokens: int) -> float:
         """Achieved bandwidth reading a run of ``run_tokens`` (K or V of one layer is one
@@ -105,18 +194,18 @@ class CostModel:
         return self._stream_bw * loc
 
     def read_run_s(self, tokens: int) -> float:
-        """Seconds to read one run of ``tokens`` of KV in every layer (K and V)."""
+        """Seconds to read one run of ``tokens`` of KV in every full-attention layer (K and V)."""
         if tokens <= 0:
             return 0.0
-        return self.model.num_layers * tokens * self.model.kv_bytes_per_token_per_layer / self.run_bandwidth(tokens)
+        return self._n_full * tokens * self.model.kv_bytes_per_token_per_layer / self.run_bandwidth(tokens)
 
     def copy_s(self, tokens: int) -> float:
-        """Seconds to copy ``tokens`` of KV contiguously in every layer: read + write, and
-        the copy kernels' launches."""
+        """Seconds to copy ``tokens`` of KV contiguously in every full-attention layer: read +
+        write, and the copy kernels' launches."""
         if tokens <= 0:
             return 0.0
-        nbytes = tokens * self.model.kv_bytes_per_token
-        return 2.0 * nbytes / self._stream_bw + self.model.num_layers * KERNELS_PER_COPY_PER_LAYER * self._launch
+        nbytes = tokens * self.kv_bytes_per_token
+        return 2.0 * nbytes / self._stream_bw + self._n_full * self.kernels.copy * self._launch
 
     def matmul_rate(self, rows: int) -> float:
         """FLOP/s of a matmul with ``rows`` rows on this profile, in this model's dtype."""
@@ -127,91 +216,135 @@ class CostModel:
         return r
 
     def num_kernels(self, work: StepWork) -> int:
-        """Ops our forward dispatches for ``work`` (plus the KV copies it issued)."""
+        """Ops our forward dispatches for ``work`` (plus the KV and state copies it issued)."""
+        k = self.kernels
         groups = work.decode_group_sizes
-        per_layer = (KERNELS_PER_LAYER + KERNELS_PER_DECODE_GROUP_PER_LAYER * len(groups)
-                     + KERNELS_PER_GATHERED_GROUP_PER_LAYER * (len(groups) - work.decode_group_views)
-                     + KERNELS_PER_PREFILL_PER_LAYER * len(work.prefill_new_tokens)
-                     + KERNELS_PER_COPY_PER_LAYER * len(work.copy_tokens))
-        return self.model.num_layers * per_layer + KERNELS_FIXED
+        prefills = len(work.prefill_new_tokens)
+        cached = work.prefill_cached_tokens or (0,) * prefills
+        full = (k.full_layer + k.decode_group * len(groups) + k.gathered_group * (len(groups) - work.decode_group_views)
+                + k.prefill * prefills + k.copy * len(work.copy_tokens))
+        total = self._n_full * full + k.fixed + k.state_copy * len(work.state_copy_bytes)
+        if self._n_sliding:
+            sliding = (k.sliding_layer + k.prefill * prefills + k.sliding_cached_prefill * sum(c > 0 for c in cached)
+                       + (k.sliding_decode if work.num_decodes else 0))
+            total += self._n_sliding * sliding
+        if self._n_ssm:
+            assert self.layers.ssm is not None
+            d_conv = self.layers.ssm.d_conv
+            ssm = (k.ssm_layer + k.ssm_prefill * prefills
+                   + sum(k.ssm_prefill_continued if c > 0 else (k.ssm_prefill_short if t < d_conv else 0)
+                         for t, c in zip(work.prefill_new_tokens, cached))
+                   + (k.ssm_decode if work.num_decodes else 0))
+            total += self._n_ssm * ssm
+        return total
 
-    def step_time(self, work: StepWork) -> StepCost:
-        """Cost of one step described by ``work`` (see ``odma_mlu.engine.step_work``)."""
-        m = self.model
-        if work.is_empty and not work.copy_tokens:
-            return StepCost(0.0, 0.0, 0.0, 0.0, 0, 0, 0, 0.0)
-        layers = m.num_layers
-        dbytes = m.dtype_bytes
-        num_seqs = len(work.prefill_new_tokens) + work.num_decodes
-        new_tokens = sum(work.prefill_new_tokens) + work.num_decodes
-        memory_s = compute_s = time_s = 0.0
-        flops = 0.0
+    def _sliding_runs(self, work: StepWork) -> Sequence[tuple[int, ...]]:
+        if work.decode_sliding_runs:
+            assert len(work.decode_sliding_runs) == work.num_decodes, (
+                f"{len(work.decode_sliding_runs)} sliding reads for {work.num_decodes} decodes")
+            return work.decode_sliding_runs
+        w = self.layers.window_tokens or 0
+        return [(min(sum(r), w),) for r in work.decode_read_runs]
 
-        if num_seqs:
-            # Weight matmuls: every layer's 4, then the LM head (one row per sequence).
-            rate = self.matmul_rate(new_tokens)
-            layer_time = 0.0
-            for k, n in self._layer_matmuls:
-                mem, f = k * n * dbytes / self._stream_bw, 2.0 * new_tokens * k * n
-                comp = f / rate
-                memory_s += layers * mem
-                compute_s += layers * comp
-                flops += layers * f
-                layer_time += max(mem, comp)
-            time_s += layers * layer_time
-            vocab_k_n = m.hidden_size * m.vocab_size
-            mem, f = vocab_k_n * dbytes / self._stream_bw, 2.0 * num_seqs * vocab_k_n
-            comp = f / self.matmul_rate(num_seqs)
-            memory_s += mem
-            compute_s += comp
-            flops += f
-            time_s += max(mem, comp)
-
-        # Decode attention: each run read at the bandwidth of its length + new K/V written.
-        kv_read = 0
-        attn_mem = 0.0  # one layer
-        ctx_sum = 0
-        per_token_layer = m.kv_bytes_per_token_per_layer
-        for runs in work.decode_read_runs:
+    def _attention_reads(self, acc: _Acc, layers: int, reads: Sequence[tuple[int, ...]], written_tokens: int) -> int:
+        """Decode attention of ``layers`` layers over ``reads`` (each run at the bandwidth of
+        its length) + the new tokens' K/V written; returns the KV bytes read."""
+        if layers == 0:
+            return 0
+        per_token_layer = self.model.kv_bytes_per_token_per_layer
+        write_mem = written_tokens * per_token_layer / self._stream_bw
+        if not reads:
+            acc.add(layers, write_mem, 0.0, 0.0)
+            return 0
+        read_mem = 0.0  # one layer
+        ctx_sum = kv_read = 0
+        for runs in reads:
             for n in runs:
                 if n <= 0:
                     continue
-                nbytes = n * per_token_layer
-                kv_read += layers * nbytes
-                attn_mem += nbytes / self.run_bandwidth(n)
+                kv_read += n * per_token_layer
+                read_mem += n * per_token_layer / self.run_bandwidth(n)
                 ctx_sum += n
-        kv_write = new_tokens * m.kv_bytes_per_token
-        write_mem = new_tokens * per_token_layer / self._stream_bw
-        if work.decode_read_runs:
-            f = 4.0 * self._attn_width * ctx_sum
-            # Decode attention runs one query row at a time: the CPU flash kernel measured at
-            # the 1-row matmul rate (2.6 ms/layer at batch 16 x 1024 context on cpu-host),
-            # not the g-row rate; on accelerators this term is small next to the KV read.
-            comp = f / self.matmul_rate(1)
-            memory_s += layers * (attn_mem + write_mem)
-            compute_s += layers * comp
-            flops += layers * f
-            time_s += layers * max(attn_mem + write_mem, comp)
-        else:
-            memory_s += layers * write_mem
-            time_s += layers * write_mem
-        # Prefill attention: causal, q rows = the chunk's new tokens over cached + new keys.
+        f = 4.0 * self._attn_width * ctx_sum
+        # Decode attention runs one query row at a time: the CPU flash kernel measured at the
+        # 1-row matmul rate (2.6 ms/layer at batch 16 x 1024 context on cpu-host), not the
+        # g-row rate; on accelerators this term is small next to the KV read.
+        acc.add(layers, read_mem + write_mem, f / self.matmul_rate(1), f)
+        return layers * kv_read
+
+    def _matmuls(self, acc: _Acc, layers: int, shapes: Sequence[tuple[int, int]], rows: int) -> None:
+        if layers == 0:
+            return
+        rate = self.matmul_rate(rows)
+        dbytes = self.model.dtype_bytes
+        for k, n in shapes:
+            f = 2.0 * rows * k * n
+            acc.add(layers, k * n * dbytes / self._stream_bw, f / rate, f)
+
+    def step_time(self, work: StepWork) -> StepCost:
+        """Cost of one step described by ``work`` (see ``odma_mlu.engine.step_work``)."""
+        m, kinds = self.model, self.layers
+        if work.is_empty and not work.copy_tokens and not work.state_copy_bytes:
+            return StepCost(0.0, 0.0, 0.0, 0.0, 0, 0, 0, 0.0)
+        num_seqs = len(work.prefill_new_tokens) + work.num_decodes
+        new_tokens = sum(work.prefill_new_tokens) + work.num_decodes
+        acc = _Acc()
+        if num_seqs:
+            # Weight matmuls of every layer by kind, then the LM head (one row per sequence).
+            self._matmuls(acc, kinds.num_attention, self._attn_matmuls, new_tokens)
+            self._matmuls(acc, kinds.num_layers, self._mlp_matmuls, new_tokens)
+            self._matmuls(acc, self._n_ssm, self._ssm_matmuls, new_tokens)
+            self._matmuls(acc, 1, ((m.hidden_size, m.vocab_size),), num_seqs)
+        # Decode attention: each run read at the bandwidth of its length + new K/V written.
+        kv_read = self._attention_reads(acc, self._n_full, work.decode_read_runs, new_tokens)
+        per_token_layer = m.kv_bytes_per_token_per_layer
+        kv_write = new_tokens * self._n_full * per_token_layer
         cached = work.prefill_cached_tokens or (0,) * len(work.prefill_new_tokens)
+        if self._n_sliding:
+            w = kinds.window_tokens or 0
+            sliding_written = sum(min(t, w) for t in work.prefill_new_tokens) + work.num_decodes
+            kv_read += self._attention_reads(acc, self._n_sliding, self._sliding_runs(work) if work.num_decodes
+                                             else (), sliding_written)
+            kv_write += sliding_written * self._n_sliding * per_token_layer
+        # Prefill attention, q rows = the chunk's new tokens: causal over cached + new keys in
+        # full layers; the sliding mask's every score over the window's cached keys + new.
         for t, c in zip(work.prefill_new_tokens, cached):
             f = 4.0 * self._attn_width * t * (c + (t + 1) / 2.0)
-            comp = f / self.matmul_rate(max(1, t))
-            compute_s += layers * comp
-            flops += layers * f
-            time_s += layers * comp
-        # KV copies the policy issued (contiguous, read + write at stream bandwidth).
-        copy_bytes = 2 * sum(work.copy_tokens) * m.kv_bytes_per_token
-        memory_s += copy_bytes / self._stream_bw
-        time_s += copy_bytes / self._stream_bw
+            acc.add(self._n_full, 0.0, f / self.matmul_rate(max(1, t)), f)
+            if self._n_sliding:
+                f = 4.0 * self._attn_width * t * (min(c, (kinds.window_tokens or 1) - 1) + t)
+                acc.add(self._n_sliding, 0.0, f / self.matmul_rate(max(1, t)), f)
+        state_bytes = self._ssm_state(acc, work)
+        # KV copies the policy issued (contiguous, read + write at stream bandwidth), state copies.
+        copy_bytes = 2 * sum(work.copy_tokens) * self.kv_bytes_per_token + 2 * sum(work.state_copy_bytes)
+        acc.add(1, copy_bytes / self._stream_bw, 0.0, 0.0)
 
         overhead_s = self.num_kernels(work) * self._launch
-        time_s += overhead_s
+        weights = (kinds.ssm.streamed_weight_bytes if kinds.ssm is not None else m.streamed_weight_bytes)
         return StepCost(
-            time_s=time_s, memory_s=memory_s, compute_s=compute_s, overhead_s=overhead_s,
-            weight_bytes=m.streamed_weight_bytes if num_seqs else 0, kv_read_bytes=kv_read, kv_write_bytes=kv_write,
-            flops=flops, copy_bytes=copy_bytes,
+            time_s=acc.time_s + overhead_s, memory_s=acc.memory_s, compute_s=acc.compute_s, overhead_s=overhead_s,
+            weight_bytes=weights if num_seqs else 0, kv_read_bytes=kv_read, kv_write_bytes=kv_write,
+            flops=acc.flops, copy_bytes=copy_bytes, state_bytes=state_bytes,
         )
+
+    def _ssm_state(self, acc: _Acc, work: StepWork) -> int:
+        """SSM layers: each decode reads and writes its state; each prefill scans in chunks
+        and writes its state. Returns the state bytes moved."""
+        hs = self.layers.ssm
+        if hs is None or not self._n_ssm:
+            return 0
+        layer_state = hs.state_bytes_per_layer
+        moved = 0
+        if work.num_decodes:
+            nbytes = 2 * work.num_decodes * layer_state
+            acc.add(self._n_ssm, nbytes / self._stream_bw, 0.0, 0.0)
+            moved += self._n_ssm * nbytes
+        for t in work.prefill_new_tokens:
+            # state updates 6 t d_inner d_state; Mamba2's intra-chunk (attention-like) part
+            # 2 t L heads (d_state + head_dim) with chunks of L tokens.
+            f = 6.0 * t * hs.d_inner * hs.d_state
+            if hs.ssm_kind == "mamba2":
+                f += 2.0 * t * min(t, hs.chunk_size_tokens) * hs.num_ssm_heads * (hs.d_state + hs.ssm_head_dim)
+            acc.add(self._n_ssm, layer_state / self._stream_bw, f / self.matmul_rate(max(1, t)), f)
+            moved += self._n_ssm * layer_state
+        return moved

@@ -38,6 +38,7 @@ from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.factory import make_policy
 from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
 from odma_mlu.kvcache.window import RingPool, WindowedPolicy
+from odma_mlu.models.layer_kinds import LayerKinds
 from odma_mlu.predictor.base import QUANTILES, LengthPrediction
 
 PAGE_TOKENS = 16
@@ -64,7 +65,13 @@ class HeteroShape:
     def layer_token_bytes(self) -> int:
         return self.spec.kv_bytes_per_token_per_layer
 
+    @property
+    def kinds(self) -> LayerKinds:
+        """What the step-cost function prices: full and sliding layers."""
+        return LayerKinds.from_windows(self.windows)
+
     def layers_spec(self, num_layers: int) -> ModelSpec:
+        """The spec cut to ``num_layers`` layers: the shape of an arena of full layers."""
         return dataclasses.replace(self.spec, num_layers=num_layers)
 
     def live_bytes(self, tokens: int) -> int:
@@ -215,7 +222,8 @@ class OdmaFixedRings(HeteroMemory):
                 + self.rings.stats().used_slots * self.ring_bytes)
 
     def read_runs(self, rid: str, num_tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return self.policy.read_runs(rid, num_tokens), (min(num_tokens, self.shape.window_tokens),)
+        # As the engine (window_attention.py): a decode reads its whole ring, one run of W.
+        return self.policy.read_runs(rid, num_tokens), (self.shape.window_tokens,)
 
     def check_integrity(self) -> None:
         self.policy.check_integrity()

@@ -5,9 +5,9 @@
     trace (prompt, output tokens) -> continuous batching (FCFS; preempt the newest by
         recompute; no admission in a step that preempted) -> memory scheme
         (emulator/hetero_memory.py, emulator/hetero_paged.py; one byte budget, one watermark)
-        -> every step priced by the one step-cost function (emulator/cost_model.py), once
-           for the full layers over their read runs and once for the sliding layers over
-           theirs (the LM head and fixed kernels counted once)
+        -> every step priced by the one step-cost function (emulator/cost_model.py) with
+           the shape's layer kinds: full layers over their read runs, sliding layers over
+           the runs of their window (``StepWork.decode_sliding_runs``)
 
 Traces: ShareGPT-like (ShareGPT pairs, tokens = characters / 4) and Alpaca-like (Vicuna-7B
 output lengths of Alpaca prompts, prompt tokens = characters / 4). Every request arrives at
@@ -81,21 +81,9 @@ def alpaca_trace(path: Path = ALPACA, max_requests: int | None = None) -> list[t
     return out
 
 
-class HeteroCost:
-    """Step time = full layers over their runs + sliding layers over theirs - the LM head
-    and fixed kernels counted twice (a zero-layer model's cost of the same step)."""
-
-    def __init__(self, profile: DeviceProfile, shape: HeteroShape) -> None:
-        self.full = CostModel(profile, shape.layers_spec(shape.num_full))
-        self.sliding = CostModel(profile, shape.layers_spec(shape.num_sliding))
-        self.zero = CostModel(profile, shape.layers_spec(0))
-
-    def step_s(self, prefill_tokens: list[int], full_runs: list[tuple[int, ...]],
-               sliding_runs: list[tuple[int, ...]], copy_tokens: list[int]) -> float:
-        base = StepWork.build(prefill_tokens, full_runs)
-        return (self.full.step_time(StepWork.build(prefill_tokens, full_runs, copy_tokens)).time_s
-                + self.sliding.step_time(StepWork.build(prefill_tokens, sliding_runs)).time_s
-                - self.zero.step_time(base).time_s)
+def step_cost(profile: DeviceProfile, shape: HeteroShape) -> CostModel:
+    """The one step-cost function for ``shape``: its spec and its layer kinds (full + sliding)."""
+    return CostModel(profile, shape.spec, layers=shape.kinds)
 
 
 @dataclass
@@ -131,7 +119,7 @@ class _Seq:
         return self.prompt + self.generated
 
 
-def replay(trace: list[tuple[int, int]], memory: HeteroMemory, cost: HeteroCost, trace_name: str,
+def replay(trace: list[tuple[int, int]], memory: HeteroMemory, cost: CostModel, trace_name: str,
            max_new_tokens: int, max_num_seqs: int = 1024, max_batched_tokens: int = 8192,
            check_every: int = 0) -> HeteroResult:
     res = HeteroResult(memory.name, memory.shape.spec.name, trace_name, memory.budget_bytes)
@@ -189,7 +177,9 @@ def replay(trace: list[tuple[int, int]], memory: HeteroMemory, cost: HeteroCost,
         runs_n += len(reads)
         copies, memory.pending_copy_tokens = memory.pending_copy_tokens, []
         res.copied_tokens += sum(copies)
-        clock_s += cost.step_s([s.tokens for s in prefill], [r[0] for r in reads], [r[1] for r in reads], copies)
+        work = StepWork.build([s.tokens for s in prefill], [r[0] for r in reads], copies,
+                              sliding_read_runs=[r[1] for r in reads])
+        clock_s += cost.step_time(work).time_s
         steps += 1
         conc += len(running)
         res.max_concurrent = max(res.max_concurrent, len(running))
@@ -226,7 +216,7 @@ def ring_fraction(shape: HeteroShape, trace: list[tuple[int, int]]) -> float:
 
 def schemes(shape: HeteroShape, budget: int, profile: DeviceProfile, max_new_tokens: int,
             trace: list[tuple[int, int]], cache: CacheConfig = CacheConfig()) -> dict[str, Callable[[], HeteroMemory]]:
-    run_cost = CostModel(profile, shape.layers_spec(shape.num_full))
+    run_cost = step_cost(profile, shape)  # ODMA's copy decision: runs and copies of the full layers
     wm = cache.watermark_fraction
     return {
         "odma_rings": lambda: OdmaRings(shape, budget, cache, max_new_tokens, run_cost),

@@ -49,13 +49,26 @@ class HybridMemory(ABC):
         self.budget_bytes = int(budget_bytes)
         self.counters = MemoryCounters()
         self._tokens: dict[str, int] = {}
-        self.pending_copy_bytes: list[int] = []
-        """Copies issued since the step-cost function last drained them."""
+        self.pending_copy_tokens: list[int] = []
+        """KV copies (tokens, every attention layer) issued since the replay last drained them."""
+        self.pending_state_copy_bytes: list[int] = []
+        """State-slot copies (bytes) issued since the replay last drained them."""
 
     @property
     def kv_run_tokens(self) -> int:
         """Tokens of one attention layer's K (or V) that lie contiguously: the page."""
         return KV_PAGE_TOKENS
+
+    def read_runs(self, request_id: str, tokens: int) -> tuple[int, ...]:
+        """The runs a decode over ``tokens`` reads in each attention layer: pages."""
+        full, rest = divmod(tokens, self.kv_run_tokens)
+        return (self.kv_run_tokens,) * full + ((rest,) if rest else ())
+
+    def take_copies(self) -> tuple[list[int], list[int]]:
+        """(KV copy tokens, state copy bytes) issued since the last call."""
+        out = (self.pending_copy_tokens, self.pending_state_copy_bytes)
+        self.pending_copy_tokens, self.pending_state_copy_bytes = [], []
+        return out
 
     @abstractmethod
     def admit(self, request_id: str, tokens: int) -> bool:
@@ -165,7 +178,10 @@ class DualPools(HybridMemory):
         if pages > self.kv.num_free:
             return False
         moved = self.kv.resize(self.kv.num_pages - pages)
-        self._charge(moved, self.page_bytes)
+        if moved:  # live KV pages move below the new boundary: one copy of their tokens
+            self.pending_copy_tokens.append(moved * KV_PAGE_TOKENS)
+            self.counters.copied_bytes += moved * self.page_bytes
+            self.counters.num_copies += moved
         self.slack_bytes += pages * self.page_bytes - self.chunk_slots * self.hybrid.state_bytes_per_request
         self.states.resize(self.states.num_slots + self.chunk_slots)
         self.counters.migrations += 1
@@ -179,7 +195,7 @@ class DualPools(HybridMemory):
         before = self.states.moved_bytes
         self.states.resize(self.states.num_slots - chunks * self.chunk_slots)
         if self.states.moved_bytes > before:
-            self.pending_copy_bytes.append(self.states.moved_bytes - before)
+            self.pending_state_copy_bytes.append(self.states.moved_bytes - before)
             self.counters.copied_bytes += self.states.moved_bytes - before
             self.counters.num_copies += (self.states.moved_bytes - before) // slot
         self.slack_bytes += chunks * self.chunk_slots * slot
@@ -188,12 +204,6 @@ class DualPools(HybridMemory):
         self.kv.resize(self.kv.num_pages + pages)
         self.counters.migrations += 1
         return True
-
-    def _charge(self, items: int, item_bytes: int) -> None:
-        if items:
-            self.pending_copy_bytes.append(items * item_bytes)
-            self.counters.copied_bytes += items * item_bytes
-            self.counters.num_copies += items
 
     # -- interface ------------------------------------------------------------------------
     def _kv(self, request_id: str, pages: int) -> bool:

@@ -4,7 +4,8 @@
 
     trace (prompt, output tokens) -> continuous batching (FCFS, preempt newest by recompute)
         -> memory scheme: static split | AVMP (migrate on failure) | padded unified (vLLM)
-        -> HybridCostModel prices every step on the device profile (virtual clock)
+        -> the one step-cost function (emulator/cost_model.py: CostModel.step_time) prices
+           every step with the hybrid's layer kinds (attention + SSM) on the device profile
         -> HybridResult: waste, concurrency, tps, OOM events, preemptions, migrations
 
 Traces come from ShareGPT pairs (tokens = characters / 4): ``sharegpt`` as recorded, and
@@ -27,10 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from emulator.hybrid_cost import HybridCostModel
+from emulator.cost_model import CostModel
 from emulator.hybrid_pools import DualPools, HybridMemory, PaddedUnified
 from emulator.profile import DeviceProfile
+from odma_mlu.engine.step_work import StepWork
 from odma_mlu.models.hybrid_spec import HybridSpec
+from odma_mlu.models.layer_kinds import LayerKinds
 
 SHAREGPT_DEV = Path("/work/shared/data/sharegpt/sharegpt_pairs_dev.jsonl")
 CHARS_PER_TOKEN = 4
@@ -127,7 +130,12 @@ class _Seq:
         return self.prompt + self.generated
 
 
-def replay(trace: list[TraceRequest], memory: HybridMemory, cost: HybridCostModel, trace_name: str,
+def step_cost(profile: DeviceProfile, hybrid: HybridSpec) -> CostModel:
+    """The one step-cost function for ``hybrid``: its base shape and its layer kinds."""
+    return CostModel(profile, hybrid.base, layers=LayerKinds.from_hybrid(hybrid))
+
+
+def replay(trace: list[TraceRequest], memory: HybridMemory, cost: CostModel, trace_name: str,
            max_num_seqs: int = 1024, max_batched_tokens: int = 8192, check_every: int = 0) -> HybridResult:
     """Run ``trace`` to completion under ``memory``; every step priced by ``cost``."""
     res = HybridResult(memory.name, memory.hybrid.base.name, trace_name, memory.budget_bytes,
@@ -180,10 +188,10 @@ def replay(trace: list[TraceRequest], memory: HybridMemory, cost: HybridCostMode
             waste_sum += 1.0 - live / memory.budget_bytes
             held_sum += (held - live) / memory.budget_bytes
             waited_steps += 1
-        step = cost.step([s.tokens for s in prefill], [s.tokens - 1 for s in decode], memory.kv_run_tokens,
-                         memory.pending_copy_bytes)
-        memory.pending_copy_bytes = []
-        clock_s += step.time_s
+        copy_tokens, state_copy_bytes = memory.take_copies()
+        work = StepWork.build([s.tokens for s in prefill], [memory.read_runs(s.rid, s.tokens) for s in decode],
+                              copy_tokens, state_copy_bytes=state_copy_bytes)
+        clock_s += cost.step_time(work).time_s
         steps += 1
         conc_sum += len(running)
         res.max_concurrent = max(res.max_concurrent, len(running))
@@ -227,7 +235,7 @@ def run_all(hybrids: list[HybridSpec], profile: DeviceProfile, traces: dict[str,
     out = []
     for hybrid in hybrids:
         budget = budget_bytes if budget_bytes is not None else cache_budget_bytes(profile, hybrid)
-        cost = HybridCostModel(profile, hybrid)
+        cost = step_cost(profile, hybrid)
         tuned = tuned_state_fraction(hybrid, traces["sharegpt"]) if "sharegpt" in traces \
             else tuned_state_fraction(hybrid, next(iter(traces.values())))
         for trace_name, trace in traces.items():

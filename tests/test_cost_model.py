@@ -273,8 +273,9 @@ def test_a_lone_one_run_read_is_a_view() -> None:
     assert cm.num_kernels(split) - cm.num_kernels(lone) == 2 * MODEL.num_layers
 
 
-def _count_forward_kernels(model: Any, seqs: list, arena_tokens: int = 4096) -> int:
-    """Non-view aten ops one forward dispatches (what the cost model calls kernels)."""
+def _count_forward_kernels(model: Any, seqs: list, arena_tokens: int = 4096, extra: tuple = ()) -> int:
+    """Non-view aten ops one forward dispatches (what the cost model calls kernels);
+    ``extra``: the forward's arguments after the arena (rings, or states and their slots)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from odma_mlu.models.attention import ForwardBatch
@@ -293,7 +294,7 @@ def _count_forward_kernels(model: Any, seqs: list, arena_tokens: int = 4096) -> 
     batch = ForwardBatch.build(seqs, device=model.device)
     arena = model.new_arena(max(arena_tokens, 64))
     with Count():
-        model.forward(batch, arena)
+        model.forward(batch, arena, *extra)
     return Count.n
 
 

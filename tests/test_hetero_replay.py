@@ -8,7 +8,7 @@ import pytest
 
 from emulator.hetero_memory import PAGE_TOKENS
 from emulator.hetero_paged import JengaLCM, VllmHybrid, live_pages
-from emulator.hetero_replay import HeteroCost, load_shape, replay, schemes
+from emulator.hetero_replay import load_shape, replay, schemes, step_cost
 from emulator.profile import load_profile
 from odma_mlu.config import load_model_spec
 
@@ -84,7 +84,7 @@ def test_every_scheme_completes_a_tight_trace(model: str) -> None:
     profile = load_profile("mlu370-x4")
     rng = random.Random(1)
     trace = [(rng.randrange(20, 1000), rng.randrange(20, 1000)) for _ in range(30)]
-    cost = HeteroCost(profile, shape)
+    cost = step_cost(profile, shape)
     budget = GIB  # tight: vllm_uniform holds ~2700 Gemma tokens, so requests queue and preempt
     tps = {}
     for label, make in schemes(shape, budget, profile, 2048, trace).items():

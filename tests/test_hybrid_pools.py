@@ -7,10 +7,9 @@ import random
 import pytest
 import torch
 
-from emulator.hybrid_cost import HybridCostModel
 from emulator.hybrid_pools import DualPools, PaddedUnified, vllm_block_tokens
 from emulator.hybrid_replay import (SHAREGPT_DEV, TraceRequest, drifting_trace, load_pairs, replay, sharegpt_trace,
-                                    tuned_state_fraction)
+                                    step_cost, tuned_state_fraction)
 from emulator.profile import load_profile
 from odma_mlu.kvcache.state_pool import StatePool
 from odma_mlu.models.hybrid_spec import hybrid_spec_from_config, load_hybrid_spec
@@ -115,10 +114,16 @@ def test_padded_pool_pads_kv_to_big_blocks() -> None:
 
 
 def test_copies_are_charged() -> None:
-    cost = HybridCostModel(load_profile("mlu370-x4"), load_hybrid_spec("jamba-1.5-mini"))
-    base = cost.step([], [100, 200], 16)
-    with_copy = cost.step([], [100, 200], 16, copy_bytes=[64 * 2**20])
-    assert with_copy.copy_s > 0 and with_copy.time_s > base.time_s
+    from odma_mlu.engine.step_work import StepWork
+
+    cost = step_cost(load_profile("mlu370-x4"), load_hybrid_spec("jamba-1.5-mini"))
+    reads = [(16,) * 6 + (5,), (16,) * 12 + (9,)]
+    base = cost.step_time(StepWork.build((), reads))
+    with_state = cost.step_time(StepWork.build((), reads, state_copy_bytes=[64 * 2**20]))
+    with_kv = cost.step_time(StepWork.build((), reads, [512]))
+    assert with_state.copy_bytes == 2 * 64 * 2**20 and with_state.time_s > base.time_s
+    assert with_kv.copy_bytes == 2 * 512 * load_hybrid_spec("jamba-1.5-mini").kv_bytes_per_token
+    assert with_kv.time_s > base.time_s
 
 
 @pytest.mark.skipif(not SHAREGPT_DEV.is_file(), reason="needs shared/data/sharegpt")
@@ -129,7 +134,7 @@ def test_replay_avmp_beats_static_split_on_drift() -> None:
     trace = drifting_trace(pairs)
     frac = tuned_state_fraction(hs, sharegpt_trace(pairs))
     budget = 2 * 2**30
-    cost = HybridCostModel(profile, hs)
+    cost = step_cost(profile, hs)
     avmp = replay(trace, DualPools(hs, budget, frac, migrate=True), cost, "drifting", check_every=50)
     static = replay(trace, DualPools(hs, budget, frac, migrate=False), cost, "drifting")
     padded = replay(trace, PaddedUnified(hs, budget), cost, "drifting")
@@ -141,7 +146,7 @@ def test_replay_avmp_beats_static_split_on_drift() -> None:
 
 def test_replay_counts_requests_that_can_never_fit() -> None:
     hs = load_hybrid_spec("bamba-9b")
-    cost = HybridCostModel(load_profile("mlu370-x4"), hs)
+    cost = step_cost(load_profile("mlu370-x4"), hs)
     mem = DualPools(hs, 2 * hs.state_bytes_per_request, 0.99, migrate=False)  # KV pool of a few tokens
     res = replay([TraceRequest(30_000, 4), TraceRequest(1, 2)], mem, cost, "tiny")  # KV pool: ~10K tokens
     assert res.lost == 1 and res.completed == 1

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from emulator.hetero_replay import (ALPACA, SHAREGPT_DEV, HeteroCost, alpaca_trace, cache_budget_bytes,  # noqa: E402
-                                    format_table, load_shape, replay, schemes, sharegpt_trace)
+from emulator.hetero_replay import (ALPACA, SHAREGPT_DEV, alpaca_trace, cache_budget_bytes,  # noqa: E402
+                                    format_table, load_shape, replay, schemes, sharegpt_trace, step_cost)
 from emulator.profile import load_profile  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                 budget = cache_budget_bytes(profile, shape)
             except ValueError:
                 budget = 6 * 2**30
-        cost = HeteroCost(profile, shape)
+        cost = step_cost(profile, shape)
         for trace_name, trace in traces.items():
             for label, make in schemes(shape, budget, profile, args.max_new_tokens, trace).items():
                 r = replay(trace, make(), cost, trace_name, args.max_new_tokens)
