@@ -310,6 +310,9 @@ class CacheConfig:
     after it. 0.01 is vLLM's block-manager default (``watermark=0.01``), so paged runs under
     the rule it has in production."""
     s3_num_buckets: int = 10
+    enable_prefix_caching: bool = False
+    """Requests sharing a prompt prefix share its KV (odma_mlu/kvcache/prefix.py); full-attention
+    models only."""
     activation_reserve_fraction: float = 0.10
     """Share of device memory kept for activations and the runtime (90% memory use)."""
     odma: OdmaConfig = field(default_factory=OdmaConfig)

@@ -36,6 +36,7 @@ from odma_mlu.engine.scheduler import ScheduledBatch, Scheduler
 from odma_mlu.engine.step_work import StepWork, describe_step
 from odma_mlu.errors import ConfigError, RequestRejected
 from odma_mlu.kvcache.factory import make_policy
+from odma_mlu.kvcache.prefix import PrefixCachingPolicy
 from odma_mlu.kvcache.window import WindowedPolicy, plan_window_group
 from odma_mlu.models.attention import ForwardBatch, SequenceInput
 from odma_mlu.models.loader import load_model
@@ -88,6 +89,11 @@ class LLMEngine:
         self.arena = self.model.new_arena(split.arena_tokens if split else kv_capacity_tokens)
         self.policy = make_policy(kv_policy, self.arena, cache, scheduler.max_new_tokens,
                                   run_cost=self.backend.kv_run_cost())
+        if cache.enable_prefix_caching:
+            if split is not None or getattr(self.model, "is_hybrid", False):
+                raise ConfigError("enable_prefix_caching: prefix sharing needs a full-attention model; this one has "
+                                  "sliding-window or SSM layers (their rings and states are per request)")
+            self.policy = PrefixCachingPolicy(self.policy)
         self.windows = self.model.new_window_pool(split.ring_slots) if split else None
         if self.windows is not None:  # admission also takes a ring; every release returns it
             self.policy = WindowedPolicy(self.policy, self.windows)

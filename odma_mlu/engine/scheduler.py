@@ -101,6 +101,8 @@ class Scheduler:
         # "oldest" is FCFS order; the request id string ("r10" < "r9") is not an age.
         self._submitted: dict[str, int] = {}
         self._num_submitted = 0
+        self._offer_prompt = getattr(policy, "set_prompt_tokens", None)
+        """A prefix-caching policy reads the prompt's token ids before ``reserve``."""
         self._running_dirty = False
         """``running`` needs re-sorting (a sequence joined, or one moved from prefill to decode)."""
 
@@ -213,6 +215,8 @@ class Scheduler:
                 # Without chunking one over-budget prompt may run alone.
                 if not chunked and seq.num_tokens > budget and (prefill or decode):
                     break
+                if self._offer_prompt is not None:
+                    self._offer_prompt(seq.request_id, seq.prompt_token_ids)
                 loc = self.policy.reserve(self._reserve_request(seq))
                 if loc is None:
                     break
