@@ -73,6 +73,7 @@ KERNELS_PER_GATHERED_GROUP_PER_LAYER = 2  # a group not read as a view gathers i
 KERNELS_PER_PREFILL_PER_LAYER = 2  # attention, copy the output rows
 KERNELS_PER_COPY_PER_LAYER = 2  # one contiguous copy of K and one of V
 KERNELS_FIXED = 15  # rotary lookup, embedding, buffers, final norm, LM head, logits cast
+READ_CACHE_ENTRIES = 1 << 16  # memoized per-sequence reads (CostModel._read)
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ class CostModel:
         self._attn_width = q
         self._locality_cache: dict[int, float] = {}
         self._rate_cache: dict[int, float] = {}
+        self._read_cache: dict[tuple[int, ...], tuple[int, float]] = {}
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -257,20 +259,34 @@ class CostModel:
             acc.add(layers, write_mem, 0.0, 0.0)
             return 0
         read_mem = 0.0  # one layer
-        ctx_sum = kv_read = 0
+        ctx_sum = 0
         for runs in reads:
-            for n in runs:
-                if n <= 0:
-                    continue
-                kv_read += n * per_token_layer
-                read_mem += n * per_token_layer / self.run_bandwidth(n)
-                ctx_sum += n
+            tokens, mem = self._read(runs)
+            read_mem += mem
+            ctx_sum += tokens
+        kv_read = ctx_sum * per_token_layer
         f = 4.0 * self._attn_width * ctx_sum
         # Decode attention runs one query row at a time: the CPU flash kernel measured at the
         # 1-row matmul rate (2.6 ms/layer at batch 16 x 1024 context on cpu-host), not the
         # g-row rate; on accelerators this term is small next to the KV read.
         acc.add(layers, read_mem + write_mem, f / self.matmul_rate(1), f)
         return layers * kv_read
+
+    def _read(self, runs: tuple[int, ...]) -> tuple[int, float]:
+        """(tokens, seconds) of one sequence's read of ``runs`` in one layer, each run at the
+        bandwidth of its length; memoized (a paged read repeats the same tuple every step)."""
+        hit = self._read_cache.get(runs)
+        if hit is None:
+            per_token_layer = self.model.kv_bytes_per_token_per_layer
+            tokens, mem = 0, 0.0
+            for n in runs:
+                if n > 0:
+                    tokens += n
+                    mem += n * per_token_layer / self.run_bandwidth(n)
+            if len(self._read_cache) >= READ_CACHE_ENTRIES:
+                self._read_cache.clear()
+            hit = self._read_cache[runs] = (tokens, mem)
+        return hit
 
     def _matmuls(self, acc: _Acc, layers: int, shapes: Sequence[tuple[int, int]], rows: int) -> None:
         if layers == 0:
