@@ -77,6 +77,9 @@ class EngineSnapshot:
     sum_util_saturated: float = 0.0
     sum_util_all: float = 0.0
     generated_tokens: int = 0
+    prefix_cache_query_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_blocks: int = 0
 
     @property
     def kv_utilization_now(self) -> float:
@@ -342,4 +345,14 @@ class AsyncEngine:
             safety_pool_tokens=st.extra.get("safety_pool_tokens", 0.0),
             steps=a["steps"], sum_live_tokens=a["sum_live"], sum_reserved_tokens=a["sum_reserved"],
             saturated_steps=a["sat"], sum_util_saturated=a["util_sat"], sum_util_all=a["util_all"],
-            generated_tokens=a["generated"])
+            generated_tokens=a["generated"], **_prefix_fields(self.engine.policy))
+
+
+def _prefix_fields(policy: object) -> dict[str, int]:
+    """Prefix-cache counters of a policy wrapped by PrefixCachingPolicy (zeros otherwise)."""
+    stats = getattr(policy, "prefix_stats", None)
+    if stats is None:
+        return {}
+    st = stats()
+    return {"prefix_cache_query_tokens": st.query_tokens, "prefix_cache_hit_tokens": st.hit_tokens,
+            "prefix_cache_blocks": st.blocks}

@@ -85,6 +85,10 @@ class _EngineCollector(Collector):
         yield counter("migrations", "KV moves into a larger extent or the safety pool", s.migrations)
         yield counter("migrated_tokens", "KV tokens copied by migrations", s.migrated_tokens)
         yield counter("preemptions", "Requests preempted (KV dropped, recomputed later)", s.preemptions)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s.prefix_cache_query_tokens)
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled)",
+                      s.prefix_cache_hit_tokens)
+        yield gauge("prefix_cache_blocks", "Cached prefix blocks, now", s.prefix_cache_blocks)
         edges = GaugeMetricFamily(f"{PREFIX}_bucket_boundary_tokens",
                                   "Current KV bucket boundaries of the policy (tokens)", labels=["index", "policy"])
         for i, e in enumerate(s.bucket_edges_tokens):
@@ -108,6 +112,13 @@ class _EngineCollector(Collector):
                                   labels=["model_name"])
         gen.add_metric([self._model], s.generated_tokens)
         yield gen
+        for vname, doc, value in (("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+                                   s.prefix_cache_query_tokens),
+                                  ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                                   s.prefix_cache_hit_tokens)):
+            c = CounterMetricFamily(vname, doc, labels=["model_name"])
+            c.add_metric([self._model], value)
+            yield c
 
 
 class ServerMetrics:
