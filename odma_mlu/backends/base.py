@@ -9,8 +9,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -52,6 +51,46 @@ class WallTimer(Timer):
         return time.perf_counter() - self._t0
 
 
+class DeviceGraph(ABC):
+    """A captured sequence of device kernels replayed with one launch (CUDA graphs,
+    ``torch.mlu.MLUGraph``). Inputs and outputs are the static tensors used at capture."""
+
+    @abstractmethod
+    def capture(self, fn: "Callable[[], torch.Tensor]") -> torch.Tensor:
+        """Run ``fn`` under capture (after warm-up runs); returns its static output."""
+
+    @abstractmethod
+    def replay(self) -> None: ...
+
+
+class _TorchGraph(DeviceGraph):
+    """The common torch API: ``graph_cls()`` and the ``graph_ctx(g, pool=...)`` context
+    (``torch.cuda.CUDAGraph`` / ``torch.cuda.graph``; ``torch.mlu.MLUGraph`` / ``torch.mlu.graph``)."""
+
+    def __init__(self, device_module: Any, graph_cls: Any, graph_ctx: Any, pool: Any = None,
+                 warmup_runs: int = 2) -> None:
+        self._mod, self._ctx, self._pool, self._warmup = device_module, graph_ctx, pool, warmup_runs
+        self._graph = graph_cls()
+
+    def capture(self, fn: "Callable[[], torch.Tensor]") -> torch.Tensor:
+        stream = self._mod.Stream()
+        stream.wait_stream(self._mod.current_stream())
+        with self._mod.stream(stream):  # warm-up off the default stream, as the torch docs ask
+            for _ in range(self._warmup):
+                fn()
+        self._mod.current_stream().wait_stream(stream)
+        with self._ctx(self._graph, pool=self._pool):
+            out = fn()
+        return out
+
+    def replay(self) -> None:
+        self._graph.replay()
+
+    @property
+    def pool(self) -> Any:
+        return self._graph.pool()
+
+
 class Backend(ABC):
     """A device that runs tensors: its memory, dtypes, synchronization and timing."""
 
@@ -90,6 +129,12 @@ class Backend(ABC):
     def kv_run_cost(self) -> "RunCost | None":
         """Prices of KV runs and copies for the policies' copy decisions; None where the
         device has no profile (policies then never copy to merge runs)."""
+        return None
+
+    def new_graph(self, share_pool_with: "DeviceGraph | None" = None) -> "DeviceGraph | None":
+        """A device graph for capturing decode steps, or None where the backend has none
+        (CPU, the emulated backend): the engine then runs eagerly. ``share_pool_with``: a
+        graph whose memory pool this one reuses (graphs replayed one at a time)."""
         return None
 
     def account_step(self, work: "StepWork") -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from odma_mlu.backends.base import Backend, MemoryInfo, Timer
+from odma_mlu.backends.base import Backend, DeviceGraph, MemoryInfo, Timer, _TorchGraph
 from odma_mlu.errors import BackendUnavailable
 
 
@@ -58,6 +58,10 @@ class CudaBackend(Backend):
 
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
+
+    def new_graph(self, share_pool_with: DeviceGraph | None = None) -> DeviceGraph | None:
+        pool = share_pool_with.pool if isinstance(share_pool_with, _TorchGraph) else None
+        return _TorchGraph(torch.cuda, torch.cuda.CUDAGraph, torch.cuda.graph, pool)
 
     def describe(self) -> str:
         return f"cuda ({torch.cuda.get_device_name(self._device)})"

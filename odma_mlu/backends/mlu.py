@@ -93,3 +93,14 @@ class MluBackend(Backend):
 
     def empty_cache(self) -> None:
         self._mlu.empty_cache()
+
+    def new_graph(self, share_pool_with: Any = None) -> Any:
+        """``torch.mlu.MLUGraph`` where this torch_mlu has it (vllm-mlu captures decode with it);
+        None otherwise (the engine then runs eagerly)."""
+        from odma_mlu.backends.base import _TorchGraph
+
+        graph_cls, graph_ctx = getattr(self._mlu, "MLUGraph", None), getattr(self._mlu, "graph", None)
+        if graph_cls is None or graph_ctx is None:
+            return None
+        pool = share_pool_with.pool if isinstance(share_pool_with, _TorchGraph) else None
+        return _TorchGraph(self._mlu, graph_cls, graph_ctx, pool)

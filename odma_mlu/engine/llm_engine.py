@@ -29,6 +29,7 @@ import torch
 
 from odma_mlu.backends import Backend, get_backend
 from odma_mlu.config import CacheConfig, SchedulerConfig
+from odma_mlu.engine.graph_runner import DecodeGraphRunner
 from odma_mlu.engine.request import Sequence
 from odma_mlu.engine.sampler import (FINISH_LENGTH, IncrementalDecoder, SampleResult, SampleRow, Sampler,
                                      SamplingParams, TokenLogprobs, check_stop)
@@ -78,9 +79,13 @@ class LLMEngine:
     def __init__(self, model_path: str | Path, *, kv_policy: str = "odma", backend: str | Backend = "auto",
                  dtype: str | None = None, kv_capacity_tokens: int = 4096, predictor: LengthPredictor | None = None,
                  cache: CacheConfig = CacheConfig(), scheduler: SchedulerConfig = SchedulerConfig(),
-                 profile: str | None = None, seed: int = 0, window_slots: int | None = None) -> None:
+                 profile: str | None = None, seed: int = 0, window_slots: int | None = None,
+                 decode_graphs: bool | None = None) -> None:
         """``window_slots``: ring slots of a model with sliding layers (kvcache/window.py);
-        None sizes them from ``kv_capacity_tokens``, which then counts K/V of every layer."""
+        None sizes them from ``kv_capacity_tokens``, which then counts K/V of every layer.
+        ``decode_graphs``: replay decode-only steps from captured device graphs
+        (engine/graph_runner.py); None = where the backend has graphs (CUDA, MLU; never CPU),
+        True on a backend without graphs runs the same padded static path eagerly."""
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, profile=profile)
         self.model, self.spec, self.tokenizer = load_model(model_path, backend=self.backend, dtype=dtype)
         if kv_capacity_tokens <= 0:
@@ -109,7 +114,16 @@ class LLMEngine:
         self._ids = itertools.count()
         self.eos_token_ids = tuple(self.spec.eos_token_ids)
         self._forward_failures = 0
-        self.runner = None  # a captured-graph decode runner (odma_mlu/engine/graph_runner.py), where enabled
+        self.runner: DecodeGraphRunner | None = None
+        plain = self.windows is None and self.states is None
+        if decode_graphs is None:
+            decode_graphs = plain and self.backend.new_graph() is not None
+        if decode_graphs:
+            if not plain:
+                raise ConfigError("decode_graphs: graph capture covers models whose every layer reads the KV arena; "
+                                  "this one has sliding-window or SSM layers")
+            self.runner = DecodeGraphRunner(self.model, self.arena, self.backend, max_batch=scheduler.max_num_seqs,
+                                            use_graphs=self.backend.new_graph() is not None)
         # Everything built so far (model, tokenizer, imports) lives as long as the engine: move it
         # out of the cycle collector's reach, or each full collection walks it (tens of ms, a
         # stall of every stream; vLLM does the same after start-up).
@@ -194,15 +208,20 @@ class LLMEngine:
             return []
         seqs = batch.all_seqs()
         work = self._describe(batch)  # drains the KV copies the policy issued
-        fb = ForwardBatch.build(self._forward_inputs(batch), device=self.model.device)
+        inputs = self._forward_inputs(batch)
+        graph = self.runner is not None and not batch.prefill and self.runner.fits(inputs)
+        fb = None if graph else ForwardBatch.build(inputs, device=self.model.device)
         try:
-            if self.states is not None:
+            if fb is None:
+                assert self.runner is not None
+                logits = self.runner.run(inputs)
+            elif self.states is not None:
                 logits = self.model.forward(fb, self.arena, self.states,
                                             [self.states.slot_of(s.request_id) for s in seqs])
             elif self.windows is None:
-                logits = self.runner.forward(fb) if self.runner is not None else self.model.forward(fb, self.arena)
+                logits = self.model.forward(fb, self.arena)
             else:
-                rings = self.windows.plan(fb.seqs, [s.request_id for s in seqs], self.model.device)
+                rings = self.windows.plan(inputs, [s.request_id for s in seqs], self.model.device)
                 logits = self.model.forward(fb, self.arena, rings)
         except Exception as e:  # noqa: BLE001 - see the module docstring
             return self._fail_batch(seqs, e)

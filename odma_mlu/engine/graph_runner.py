@@ -1,0 +1,132 @@
+"""Decode steps replayed from captured device graphs (CUDA graphs, ``torch.mlu.MLUGraph``).
+
+A 7B decode step issues over a thousand small kernels; on a GPU or an MLU their launches,
+not the memory, bound small batches. A captured graph replays them with one launch, but
+needs fixed shapes, so a decode-only step is padded to a *graph key*::
+
+    batch B real sequences  -> B_pad: the next size in GRAPH_BATCH_SIZES (1, 2, 4, 8, 16, 24, 32, ...)
+    longest context L       -> S: decode_group_key(L) (a power of two, at least 64)
+    one attention group of B_pad x S slots (a gather; masked past each sequence's length)
+
+Padding rows repeat row 0 exactly (same token, position, write slot and KV slots): they
+write the very same K/V into row 0's slot, so the duplicate write is harmless, and their
+logits are dropped. Static input tensors are filled with ``copy_`` each step and the graph
+is replayed; one graph per key, captured on first use, all sharing one memory pool.
+
+Only for a model whose every layer reads the arena (no sliding-window rings, no SSM
+states) and only for decode-only steps: prefill steps (and chunked-prefill steps) run
+eagerly. ``graph=None`` (a backend without graphs, e.g. CPU in tests) runs the same padded
+static path eagerly, which checks the padding logic anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from odma_mlu.backends.base import Backend, DeviceGraph
+from odma_mlu.engine.step_work import decode_group_key
+from odma_mlu.kvcache.arena import KVArena
+from odma_mlu.models.attention import DecodeGroup, ForwardBatch, SequenceInput
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+@dataclass
+class _Captured:
+    batch: ForwardBatch
+    """Static inputs (the graph reads these tensors)."""
+    graph: DeviceGraph | None
+    output: torch.Tensor | None
+
+
+class DecodeGraphRunner:
+    """Runs decode-only steps of ``model`` over ``arena`` from captured graphs."""
+
+    def __init__(self, model: Any, arena: KVArena, backend: Backend, max_batch: int = 256,
+                 max_span_tokens: int = 8192, use_graphs: bool = True) -> None:
+        self.model, self.arena, self.backend = model, arena, backend
+        self.device = model.device
+        self.max_batch = max(b for b in GRAPH_BATCH_SIZES if b <= max(1, max_batch))
+        self.max_span_tokens = max_span_tokens
+        self.use_graphs = use_graphs
+        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self._pool_owner: DeviceGraph | None = None
+        self.replays = 0
+
+    def fits(self, inputs: Sequence[SequenceInput]) -> bool:
+        """A decode-only step this runner can take (size and context within its keys)."""
+        if not inputs or len(inputs) > self.max_batch:
+            return False
+        if any(len(s.token_ids) != 1 for s in inputs):
+            return False
+        return decode_group_key(max(s.num_total_tokens for s in inputs)) <= self.max_span_tokens
+
+    @staticmethod
+    def key(inputs: Sequence[SequenceInput]) -> tuple[int, int]:
+        b = next(x for x in GRAPH_BATCH_SIZES if x >= len(inputs))
+        return b, decode_group_key(max(s.num_total_tokens for s in inputs))
+
+    def _host_batch(self, inputs: Sequence[SequenceInput], batch: int, span: int) -> ForwardBatch:
+        """The padded step on the host: one decode group of ``batch`` x ``span`` slots."""
+        padded = list(inputs) + [inputs[0]] * (batch - len(inputs))
+        lengths = torch.tensor([s.num_total_tokens for s in padded], dtype=torch.int64)
+        j = torch.arange(span, dtype=torch.int64)
+        valid = j[None, :] < lengths[:, None]
+        gather = torch.zeros(batch, span, dtype=torch.int64)
+        for b, s in enumerate(padded[:len(inputs)]):
+            n = s.num_total_tokens
+            gather[b, :n] = s.location.slot_table()[:n]
+        gather[len(inputs):] = gather[0]
+        write = gather[torch.arange(batch), lengths - 1]
+        rows = torch.arange(batch, dtype=torch.int64)
+        group = DecodeGroup(rows, span, valid.view(batch, 1, 1, span), None, gather.reshape(-1))
+        return ForwardBatch(tuple(padded), torch.tensor([s.token_ids[0] for s in padded], dtype=torch.int64),
+                            lengths - 1, write, rows, (), (group,), max_position=span - 1)
+
+    def run(self, inputs: Sequence[SequenceInput]) -> torch.Tensor:
+        """Logits [len(inputs), vocab] of a decode-only step (see ``fits``)."""
+        assert self.fits(inputs), "DecodeGraphRunner.run on a step it cannot take"
+        batch, span = self.key(inputs)
+        host = self._host_batch(inputs, batch, span)
+        cap = self._graphs.get((batch, span))
+        if cap is None:
+            cap = self._capture(host)
+            self._graphs[(batch, span)] = cap
+        st = cap.batch
+        for dst, src in ((st.input_ids, host.input_ids), (st.positions, host.positions),
+                         (st.write_slots, host.write_slots), (st.decode_groups[0].gather_slots, host.decode_groups[0].gather_slots),
+                         (st.decode_groups[0].length_mask, host.decode_groups[0].length_mask)):
+            assert dst is not None and src is not None
+            dst.copy_(src, non_blocking=True)
+        if cap.graph is None:
+            out = self.model.forward(st, self.arena)
+        else:
+            cap.graph.replay()
+            out = cap.output
+            self.replays += 1
+        assert out is not None
+        return out[:len(inputs)]
+
+    def _capture(self, host: ForwardBatch) -> _Captured:
+        dev = self.device
+        g = host.decode_groups[0]
+        assert g.gather_slots is not None and g.length_mask is not None
+        group = DecodeGroup(g.token_rows.to(dev), g.span_tokens, g.length_mask.to(dev), None, g.gather_slots.to(dev))
+        static = ForwardBatch(host.seqs, host.input_ids.to(dev), host.positions.to(dev), host.write_slots.to(dev),
+                              host.last_token_rows.to(dev), (), (group,), max_position=host.max_position)
+        # Grow the rotary tables before capture: growing inside a graph would allocate.
+        self.model.rotary.lookup(static.positions, static.max_position)
+        graph = self.backend.new_graph(self._pool_owner) if self.use_graphs else None
+        if graph is None:
+            return _Captured(static, None, None)
+        out = graph.capture(lambda: self.model.forward(static, self.arena))
+        if self._pool_owner is None:
+            self._pool_owner = graph
+        return _Captured(static, graph, out)
+
+    @property
+    def num_graphs(self) -> int:
+        return sum(1 for c in self._graphs.values() if c.graph is not None)
