@@ -212,8 +212,10 @@ class Scheduler:
             self._predict_head()
             while self.waiting and len(self.running) < self.config.max_num_seqs and (budget > 0 or not chunked):
                 seq = self.waiting[0]
-                # Without chunking one over-budget prompt may run alone.
-                if not chunked and seq.num_tokens > budget and (prefill or decode):
+                # Without chunking one over-budget prompt may join the decodes as the step's
+                # only prefill (a recompute of a long reasoning output exceeds any budget;
+                # waiting for every decode to finish would idle the card).
+                if not chunked and seq.num_tokens > budget and prefill:
                     break
                 if self._offer_prompt is not None:
                     self._offer_prompt(seq.request_id, seq.prompt_token_ids)

@@ -95,6 +95,11 @@ class ExtentAllocator:
     def num_used(self) -> int:
         return len(self._used)
 
+    @property
+    def num_free(self) -> int:
+        """Number of free holes."""
+        return len(self._free_len)
+
     def largest_free(self) -> int:
         return self._free_by_size[-1][0] if self._free_by_size else 0
 

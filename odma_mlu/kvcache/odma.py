@@ -218,10 +218,11 @@ class OdmaPolicy(KVPolicy):
     def _scatter(self, regions: tuple[ExtentAllocator, ...], units: int) -> list[tuple[ExtentAllocator, Extent]]:
         """No hole holds ``units``: take the largest holes until they do (several runs),
         rather than wait while the free memory would suffice; [] if it does not."""
-        holes = sorted(((n, s, region) for region in regions for n, s in region.largest_holes(PLACEMENT_CANDIDATES)),
-                       key=lambda h: -h[0])
-        if sum(n for n, _, _ in holes) < units:
+        if sum(r.free_tokens for r in regions) < units:
             return []
+        # Largest holes first, as few runs as possible; all holes if it comes to that.
+        holes = sorted(((n, s, region) for region in regions for n, s in region.largest_holes(region.num_free)),
+                       key=lambda h: -h[0])
         pieces: list[tuple[ExtentAllocator, Extent]] = []
         left = units
         for n, start, region in holes:
