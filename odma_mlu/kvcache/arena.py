@@ -18,6 +18,7 @@ Per-layer tensors (not one big tensor) keep each under torch_mlu's 2^31-byte cap
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -26,6 +27,20 @@ from odma_mlu.config import ModelSpec
 
 Run = tuple[int, int]
 """A physical run of KV: (first slot, tokens). Consecutive token slots in every layer."""
+
+
+def covering_runs(run_lengths: Iterable[int], num_tokens: int) -> tuple[int, ...]:
+    """The lengths of the leading runs (of ``run_lengths``, in order) that tokens
+    [0, num_tokens) occupy: what a read of ``num_tokens`` touches."""
+    out: list[int] = []
+    left = num_tokens
+    for n in run_lengths:
+        if left <= 0:
+            break
+        out.append(min(n, left))
+        left -= n
+    assert left <= 0, f"a read of {num_tokens} tokens goes past the runs"
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -74,15 +89,7 @@ class KVLocation:
 
     def run_tokens(self, num_tokens: int) -> tuple[int, ...]:
         """Lengths of the runs that tokens [0, num_tokens) occupy, in order."""
-        out: list[int] = []
-        left = num_tokens
-        for _, n in self.runs:
-            if left <= 0:
-                break
-            out.append(min(n, left))
-            left -= n
-        assert left <= 0, f"{num_tokens} tokens exceed the location's {self.capacity_tokens}"
-        return tuple(out)
+        return covering_runs((n for _, n in self.runs), num_tokens)
 
     def slot_of(self, token_index: int) -> int:
         assert 0 <= token_index < self.capacity_tokens, \

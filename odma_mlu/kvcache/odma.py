@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from odma_mlu.config import OdmaConfig
-from odma_mlu.kvcache.arena import KVArena, KVLocation
+from odma_mlu.kvcache.arena import KVArena, KVLocation, covering_runs
 from odma_mlu.kvcache.extent import Extent, ExtentAllocator
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, PolicyStats, ReserveRequest
 from odma_mlu.predictor.histogram import OnlineLengthHistogram
@@ -333,16 +333,8 @@ class OdmaPolicy(KVPolicy):
         return KVLocation(tuple((e.start * unit, e.length * unit) for _, e in self._reqs[request_id].runs))
 
     def read_runs(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
-        out: list[int] = []
-        left = num_tokens
-        for _, e in self._reqs[request_id].runs:
-            if left <= 0:
-                break
-            n = e.length * self.unit
-            out.append(min(n, left))
-            left -= n
-        assert left <= 0, f"{request_id}: read of {num_tokens} tokens past its runs"
-        return tuple(out)
+        unit = self.unit
+        return covering_runs((e.length * unit for _, e in self._reqs[request_id].runs), num_tokens)
 
     def release(self, request_id: str, generated_tokens: int | None) -> None:
         r = self._reqs.pop(request_id)

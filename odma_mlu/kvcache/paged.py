@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from odma_mlu.kvcache.arena import KVArena, KVLocation
+from odma_mlu.kvcache.arena import KVArena, KVLocation, covering_runs
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, ReserveRequest
 
 
@@ -79,15 +79,7 @@ class PagedPolicy(KVPolicy):
         return KVLocation(tuple((s, n) for s, n in self._reqs[request_id].runs))
 
     def read_runs(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
-        out: list[int] = []
-        left = num_tokens
-        for _, n in self._reqs[request_id].runs:
-            if left <= 0:
-                break
-            out.append(min(n, left))
-            left -= n
-        assert left <= 0, f"{request_id}: read of {num_tokens} tokens past its pages"
-        return tuple(out)
+        return covering_runs((n for _, n in self._reqs[request_id].runs), num_tokens)
 
     def ensure_capacity(self, request_id: str, needed_tokens: int) -> GrowResult:
         r = self._reqs[request_id]
