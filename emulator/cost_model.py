@@ -248,9 +248,11 @@ class CostModel:
         w = self.layers.window_tokens or 0
         return [(min(sum(r), w),) for r in work.decode_read_runs]
 
-    def _attention_reads(self, acc: _Acc, layers: int, reads: Sequence[tuple[int, ...]], written_tokens: int) -> int:
+    def _attention_reads(self, acc: _Acc, layers: int, reads: Sequence[tuple[int, ...]], written_tokens: int,
+                         stream_reads: bool = False) -> int:
         """Decode attention of ``layers`` layers over ``reads`` (each run at the bandwidth of
-        its length) + the new tokens' K/V written; returns the KV bytes read."""
+        its length, or all at the stream bandwidth with ``stream_reads``: ``ideal``) + the
+        new tokens' K/V written; returns the KV bytes read."""
         if layers == 0:
             return 0
         per_token_layer = self.model.kv_bytes_per_token_per_layer
@@ -261,7 +263,11 @@ class CostModel:
         read_mem = 0.0  # one layer
         ctx_sum = 0
         for runs in reads:
-            tokens, mem = self._read(runs)
+            if stream_reads:
+                tokens = sum(runs)
+                mem = tokens * per_token_layer / self._stream_bw
+            else:
+                tokens, mem = self._read(runs)
             read_mem += mem
             ctx_sum += tokens
         kv_read = ctx_sum * per_token_layer
@@ -312,7 +318,7 @@ class CostModel:
             self._matmuls(acc, self._n_ssm, self._ssm_matmuls, new_tokens)
             self._matmuls(acc, 1, ((m.hidden_size, m.vocab_size),), num_seqs)
         # Decode attention: each run read at the bandwidth of its length + new K/V written.
-        kv_read = self._attention_reads(acc, self._n_full, work.decode_read_runs, new_tokens)
+        kv_read = self._attention_reads(acc, self._n_full, work.decode_read_runs, new_tokens, work.stream_reads)
         per_token_layer = m.kv_bytes_per_token_per_layer
         kv_write = new_tokens * self._n_full * per_token_layer
         cached = work.prefill_cached_tokens or (0,) * len(work.prefill_new_tokens)
@@ -320,7 +326,7 @@ class CostModel:
             w = kinds.window_tokens or 0
             sliding_written = sum(min(t, w) for t in work.prefill_new_tokens) + work.num_decodes
             kv_read += self._attention_reads(acc, self._n_sliding, self._sliding_runs(work) if work.num_decodes
-                                             else (), sliding_written)
+                                             else (), sliding_written, work.stream_reads)
             kv_write += sliding_written * self._n_sliding * per_token_layer
         # Prefill attention, q rows = the chunk's new tokens: causal over cached + new keys in
         # full layers; the sliding mask's every score over the window's cached keys + new.

@@ -341,3 +341,18 @@ def test_kernel_count_of_a_lone_view(tiny_model_dir: Any) -> None:
     counted = _count_forward_kernels(model, [SequenceInput((5,), 99, loc)], 400)
     cm = CostModel(load_profile("cpu-host"), spec)
     assert cm.num_kernels(StepWork.build((), [loc.run_tokens(100)])) == counted
+
+
+def test_stream_reads_price_every_read_at_the_stream_bandwidth() -> None:
+    """``ideal``'s reads: sequential whatever the runs, so never slower than any layout."""
+    cm = model_for("mlu370-x4")
+    reads = [(300,), (16,) * 40, (900, 16)]
+    ideal = cm.step_time(StepWork.build((), reads, stream_reads=True))
+    for runs in ([(300,), (640,), (916,)], reads):
+        assert ideal.time_s <= cm.step_time(StepWork.build((), runs)).time_s
+    expected_read_s = MODEL.num_layers * sum(map(sum, reads)) * MODEL.kv_bytes_per_token_per_layer \
+        / load_profile("mlu370-x4").stream_bandwidth_bytes_per_s
+    contiguous = cm.step_time(StepWork.build((), [(300,), (640,), (916,)]))
+    assert contiguous.memory_s - ideal.memory_s > 0
+    assert ideal.kv_read_bytes == contiguous.kv_read_bytes
+    assert expected_read_s < contiguous.memory_s

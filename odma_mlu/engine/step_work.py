@@ -53,12 +53,14 @@ class StepWork:
     model reads min(context, window) as one run (models without sliding layers ignore it)."""
     state_copy_bytes: tuple[int, ...] = ()
     """Each contiguous copy of SSM state slots issued this step (bytes; AVMP compaction)."""
+    stream_reads: bool = False
+    """Every KV read at the stream (sequential) bandwidth, whatever its runs: ``ideal``."""
 
     @classmethod
     def build(cls, prefill_new_tokens: "Iterable[int]" = (), decode_read_runs: "Iterable[tuple[int, ...]]" = (),
               copy_tokens: "Iterable[int]" = (), prefill_cached_tokens: "Iterable[int] | None" = None, *,
               sliding_read_runs: "Iterable[tuple[int, ...]]" = (),
-              state_copy_bytes: "Iterable[int]" = ()) -> "StepWork":
+              state_copy_bytes: "Iterable[int]" = (), stream_reads: bool = False) -> "StepWork":
         """A step from its prefills (new tokens, and tokens already cached before each:
         chunked prefill, prefix hits), each decode's read runs and its copies; the decode
         groups follow ``decode_group_key`` (the engine's grouping). ``sliding_read_runs``: each
@@ -75,7 +77,7 @@ class StepWork:
         return cls(prefill_new_tokens=prefill, prefill_cached_tokens=cached, decode_read_runs=reads,
                    decode_group_sizes=sizes, decode_group_views=views, copy_tokens=tuple(copy_tokens),
                    decode_sliding_runs=tuple(tuple(r) for r in sliding_read_runs),
-                   state_copy_bytes=tuple(state_copy_bytes))
+                   state_copy_bytes=tuple(state_copy_bytes), stream_reads=stream_reads)
 
     @property
     def num_decodes(self) -> int:
@@ -109,7 +111,7 @@ def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
         reads.append(policy.read_runs(s.request_id, s.num_tokens))
     return StepWork.build(prefill_new, reads, policy.arena.take_issued_copies(), prefill_cached,
                           sliding_read_runs=_sliding_reads(policy, len(reads)),
-                          state_copy_bytes=_take_state_copies(policy))
+                          state_copy_bytes=_take_state_copies(policy), stream_reads=policy.stream_reads)
 
 
 def _sliding_reads(policy: Any, num_decodes: int) -> list[tuple[int, ...]]:

@@ -124,11 +124,12 @@ class PagedPolicy(KVPolicy):
 class IdealPolicy(PagedPolicy):
     name = "ideal"
     free_preemption = True
+    stream_reads = True
     can_run_out_of_room = False  # no watermark: running out of room costs nothing here
 
     def __init__(self, arena: KVArena) -> None:
         super().__init__(arena, page_tokens=1)
 
     def read_runs(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
-        """Every read is priced as one sequential run, whatever the pages."""
+        """One run, whatever the pages (and ``stream_reads`` prices it at the stream rate)."""
         return (num_tokens,)

@@ -85,6 +85,8 @@ class KVPolicy(ABC):
     uses_prediction: bool = False
     free_preemption: bool = False
     """Only ``ideal``: a preempted request resumes where it stopped at no cost."""
+    stream_reads: bool = False
+    """Only ``ideal``: every KV read is priced at the stream (sequential) bandwidth."""
     can_run_out_of_room: bool = False
     """Requests may need memory after admission that is not reserved for them; these
     policies admit under the common free-memory watermark."""
