@@ -56,8 +56,7 @@ class KVLocation:
     runs: tuple[Run, ...]
 
     def __post_init__(self) -> None:
-        assert self.runs, "a KV location needs at least one run"
-        assert all(n > 0 for _, n in self.runs), f"empty run in {self.runs}"
+        assert self.runs and min(n for _, n in self.runs) > 0, f"a KV location needs non-empty runs: {self.runs}"
 
     @classmethod
     def from_pages(cls, pages: "tuple[int, ...] | list[int]", page_tokens: int) -> "KVLocation":

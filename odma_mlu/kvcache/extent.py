@@ -167,6 +167,10 @@ class ExtentAllocator:
         """Up to ``limit`` of the largest free holes as (length, start), largest first."""
         return self._free_by_size[:-limit - 1:-1] if limit > 0 else []
 
+    def start_of_used_ending_at(self, slot: int) -> int | None:
+        """First slot of the used extent whose end is ``slot`` (None if none ends there)."""
+        return self._used_by_end.get(slot)
+
     def used_ending_at(self, slot: int) -> Extent | None:
         """The used extent whose end is ``slot`` (the left neighbour of a hole starting there)."""
         start = self._used_by_end.get(slot)

@@ -37,8 +37,10 @@ from odma_mlu.kvcache.extent import Extent, ExtentAllocator
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, PolicyStats, ReserveRequest
 from odma_mlu.predictor.histogram import OnlineLengthHistogram
 
-PLACEMENT_CANDIDATES = 16
+PLACEMENT_CANDIDATES = 8
 """Holes (smallest first) examined for one that holds the neighbour's room and the claim."""
+LEND_CANDIDATES = 4
+"""Largest holes examined for the one with the most room to spare when none fits."""
 
 
 class RunCost(Protocol):
@@ -51,22 +53,20 @@ class RunCost(Protocol):
 
 
 class _Request:
-    __slots__ = ("runs", "prompt_tokens", "max_total_tokens", "claim_tokens", "first_claim_tokens",
+    __slots__ = ("runs", "held_units", "prompt_tokens", "max_total_tokens", "claim_tokens", "first_claim_tokens",
                  "live_tokens", "prefer_safety")
 
     def __init__(self, prompt_tokens: int, max_total_tokens: int, claim_tokens: int, live_tokens: int,
                  prefer_safety: bool) -> None:
         self.runs: list[tuple[ExtentAllocator, Extent]] = []
+        self.held_units = 0
+        """Granules held: the runs' total length (kept as a counter, read on every placement)."""
         self.prompt_tokens = prompt_tokens
         self.max_total_tokens = max_total_tokens
         self.claim_tokens = claim_tokens
         self.first_claim_tokens = claim_tokens
         self.live_tokens = live_tokens
         self.prefer_safety = prefer_safety
-
-    @property
-    def held_units(self) -> int:
-        return sum(e.length for _, e in self.runs)
 
 
 class OdmaPolicy(KVPolicy):
@@ -135,32 +135,33 @@ class OdmaPolicy(KVPolicy):
     # -- placement ---------------------------------------------------------------------
     def _room_before(self, region: ExtentAllocator, slot: int) -> int:
         """Room the request whose last run ends at ``slot`` still expects to grow into."""
-        left = region.used_ending_at(slot)
-        if left is None:
-            return 0
-        rid = self._owner.get(left.start)
+        start = region.start_of_used_ending_at(slot)
+        rid = None if start is None else self._owner.get(start)
         if rid is None:
             return 0
         r = self._reqs[rid]
-        if r.runs[-1][1].start != left.start:
+        if r.runs[-1][1].start != start:
             return 0  # not its last run: it will not grow there
-        return max(0, self._units(r.claim_tokens) - r.held_units)
+        return max(0, -(-r.claim_tokens // self.unit) - r.held_units)
 
-    def _fit(self, region: ExtentAllocator, want: int, hold: int) -> int | None:
-        """Start slot in ``region`` for a run that will want ``want`` tokens and takes
+    def _fit(self, region: ExtentAllocator, want: int, hold: int) -> tuple[int, int] | None:
+        """(start, start of its hole) in ``region`` for a run that will want ``want`` tokens and takes
         ``hold`` now: after the left neighbour's room in the smallest hole that has room for
         both. Failing that (the rooms oversubscribe memory), lend: among the largest holes,
         the one with the most room to spare, split between the neighbour's room and ours in
         proportion to the two."""
+        rooms: dict[int, int] = {}
         for hole_len, hole_start in region.holes_at_least(want, PLACEMENT_CANDIDATES):
-            room = self._room_before(region, hole_start)
+            room = rooms[hole_start] = self._room_before(region, hole_start)
             if hole_len >= room + want:
-                return hole_start + room
+                return hole_start + room, hole_start
         best: tuple[int, int, int] | None = None  # (spare, start, room)
-        for hole_len, hole_start in region.largest_holes(PLACEMENT_CANDIDATES):
+        for hole_len, hole_start in region.largest_holes(LEND_CANDIDATES):
             if hole_len < hold:
                 break
-            room = self._room_before(region, hole_start)
+            room = rooms.get(hole_start)
+            if room is None:
+                room = self._room_before(region, hole_start)
             spare = hole_len - room - want
             if best is None or spare > best[0]:
                 best = (spare, hole_start, room)
@@ -169,14 +170,14 @@ class OdmaPolicy(KVPolicy):
         spare, hole_start, room = best
         hole_len = spare + room + want
         offset = (hole_len * room) // (room + want) if room + want > 0 else 0
-        return hole_start + max(0, min(offset, hole_len - hold))
+        return hole_start + max(0, min(offset, hole_len - hold)), hole_start
 
     def _place(self, regions: tuple[ExtentAllocator, ...], want: int, hold: int
                ) -> tuple[ExtentAllocator, Extent] | None:
         for region in regions:
-            start = self._fit(region, want, hold)
-            if start is not None:
-                ext = region.allocate_at(start, hold)
+            fit = self._fit(region, want, hold)
+            if fit is not None:
+                ext = region.allocate_at(fit[0], hold, fit[1])
                 assert ext is not None, "a fitted slot range must be free"
                 return region, ext
         return None
@@ -236,6 +237,7 @@ class OdmaPolicy(KVPolicy):
 
     def _add_run(self, request_id: str, r: _Request, region: ExtentAllocator, ext: Extent) -> None:
         r.runs.append((region, ext))
+        r.held_units += ext.length
         self._owner[ext.start] = request_id
 
     # -- growth ------------------------------------------------------------------------
@@ -276,6 +278,7 @@ class OdmaPolicy(KVPolicy):
             grown = region.grow_in_place(last, last.length + size - held)
             if grown is not None:
                 r.runs[-1] = (region, grown)
+                r.held_units += grown.length - last.length
                 self.in_place_grows += 1
                 return GrowResult(GrowStatus.OK, 0, "in_place")
         live = r.live_tokens
@@ -323,6 +326,7 @@ class OdmaPolicy(KVPolicy):
             old_region.free(old)
             del self._owner[old.start]
         r.runs = []
+        r.held_units = 0
         self._add_run(request_id, r, region, ext)
         self.copies += 1
         self.copied_tokens += live
@@ -370,6 +374,7 @@ class OdmaPolicy(KVPolicy):
         for rid, r in self._reqs.items():
             assert r.runs, f"{rid} holds no run"
             assert r.live_tokens <= r.held_units * self.unit, f"{rid}: {r.live_tokens} live tokens held in {r.runs}"
+            assert r.held_units == sum(e.length for _, e in r.runs), f"{rid}: held counter out of sync"
         total = sum(r.claim_tokens for r in self._reqs.values())
         assert total == self._claims_total, f"claims counter {self._claims_total} != {total}"
 
