@@ -57,6 +57,7 @@ def _reference(folder: Path, prompts: list[list[int]], max_new: int = MAX_NEW) -
 def loaded(folders: dict[str, Path]) -> dict[str, tuple[Any, list[list[int]], list[list[int]]]]:
     """family -> (our model, prompt ids, transformers' greedy continuation)."""
     out = {}
+    _FOLDERS.update(folders)
     for fam, folder in folders.items():
         model, _, tok = load_model(folder, dtype="float32")
         ids = [tok(p)["input_ids"] for p in PROMPTS]
@@ -116,14 +117,56 @@ def test_prefill_logits_match_transformers(loaded, folders, family: str) -> None
 
 
 def test_ring_holds_only_the_window(loaded) -> None:
-    """The ring storage is window-sized per request: the prefix that slid out is gone
+    """A ring never holds more than the window: the prefix that slid out is gone
     (overwritten in place), and generation is still exact."""
     model, ids, ref = loaded["gemma3"]
-    arena, pool, locs, rings = _setup(model, len(ids))
-    assert all(t.shape[0] == pool.num_slots * WINDOW for t in pool.k + pool.v)
-    assert pool.bytes_per_slot == WINDOW * model.num_sliding_layers * 2 * model.spec.num_kv_heads \
-        * model.spec.head_dim * 4
-    assert greedy_generate_rings(model, arena, pool, ids, locs, rings, MAX_NEW) == ref
+    arena = model.new_arena(len(ids) * 101)
+    pool = model.new_window_pool(len(ids), granule_tokens=4)
+    assert all(t.shape[0] == pool.capacity_slots == len(ids) * WINDOW for t in pool.k + pool.v)
+    assert pool.bytes_per_token == model.num_sliding_layers * 2 * model.spec.num_kv_heads * model.spec.head_dim * 4
+    locs = [slab(i * 101, 96) for i in range(len(ids))]
+    assert greedy_generate_rings(model, arena, pool, ids, locs, None, MAX_NEW) == ref
+    assert pool.stats().held_slots == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_growing_rings_match_transformers(loaded, family: str, chunk: int | None) -> None:
+    """Rings start at the prompt (granule 2), grow in place to the window, then wrap;
+    unwritten slots hold garbage that must stay masked."""
+    model, ids, ref = loaded[family]
+    arena, _, locs, _ = _setup(model, len(ids))
+    pool = model.new_window_pool(len(ids) + 2, granule_tokens=2)
+    for t in pool.k + pool.v:
+        t.fill_(30.0)
+    ours = greedy_generate_rings(model, arena, pool, ids, locs, None, MAX_NEW, start_steps=[0, 3, 0, 7],
+                                 prefill_chunk_tokens=chunk)
+    assert ours == ref
+    assert pool.in_place_grows > 0 and pool.second_runs == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rings_of_two_runs_match_transformers(loaded, family: str) -> None:
+    """Rings packed tightly (no room left for growth): a blocked ring continues in a second
+    run and wraps over both."""
+    model, ids, ref = loaded[family]
+    arena, _, locs, _ = _setup(model, len(ids))
+    pool = model.new_window_pool(len(ids) + 1, granule_tokens=2)
+    for t in pool.k + pool.v:
+        t.fill_(30.0)
+    short = [[5, 9], [7], ids[2], [11, 4, 3]]  # three rings that must grow, one at the window
+    short_ref = _reference_ids(loaded, family, short)
+    assert greedy_generate_rings(model, arena, pool, short, locs, None, MAX_NEW, room_tokens=1) == short_ref
+    assert pool.second_runs >= 2, f"{pool.second_runs} second runs: the test meant to block growth"
+    assert greedy_generate_rings(model, arena, pool, ids, locs, None, MAX_NEW, room_tokens=1,
+                                 start_steps=[0, 1, 2, 3]) == ref
+
+
+_FOLDERS: dict[str, Path] = {}
+
+
+def _reference_ids(loaded, family: str, prompts: list[list[int]]) -> list[list[int]]:
+    return _reference(_FOLDERS[family], prompts)
 
 
 def test_gemma3_linear_rope_and_final_softcap(tmp_path: Path) -> None:

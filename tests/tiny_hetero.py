@@ -102,9 +102,14 @@ def slab(start_slot: int, capacity_tokens: int) -> Any:
 
 
 def greedy_generate_rings(model: Any, arena: Any, pool: Any, prompts: list[list[int]], locations: list[Any],
-                          ring_slots: list[int], max_new_tokens: int, *, start_steps: list[int] | None = None,
-                          prefill_chunk_tokens: int | None = None) -> list[list[int]]:
-    """tests/tiny_model.greedy_generate with a RingBatch for the sliding layers."""
+                          ring_slots: list[int] | None, max_new_tokens: int, *, start_steps: list[int] | None = None,
+                          prefill_chunk_tokens: int | None = None, room_tokens: int | None = None,
+                          ) -> list[list[int]]:
+    """tests/tiny_model.greedy_generate with a RingBatch for the sliding layers.
+
+    ``ring_slots``: fixed whole-window rings (ring r = slots [r * window, (r + 1) * window));
+    None: growing rings placed by ``pool`` (``room_tokens`` is the growth each placement
+    leaves room for: small values pack rings tightly and force second runs)."""
     from odma_mlu.models.attention import ForwardBatch, SequenceInput
     from odma_mlu.models.window_attention import RingBatch
 
@@ -128,7 +133,18 @@ def greedy_generate_rings(model: Any, arena: Any, pool: Any, prompts: list[list[
         step += 1
         if not seqs:
             continue
-        rings = RingBatch.build(pool, seqs, [ring_slots[i] for i in rows], model.device) if pool is not None else None
+        if pool is None:
+            rings = None
+        elif ring_slots is not None:
+            rings = RingBatch.build(pool, seqs, [ring_slots[i] for i in rows], model.device)
+        else:
+            for i, seq in zip(rows, seqs):
+                rid = f"s{i}"
+                if not pool.holds(rid):
+                    assert pool.allocate(rid, seq.num_total_tokens, room_tokens), f"no ring for {rid}"
+                assert pool.ensure(rid, seq.num_total_tokens), f"the ring of {rid} cannot grow"
+            rings = pool.plan(seqs, [f"s{i}" for i in rows], model.device)
+            pool.check_integrity()
         logits = model.forward(ForwardBatch.build(seqs, device=model.device), arena, rings)
         next_ids = logits.argmax(dim=-1).tolist()
         for row, (i, seq) in enumerate(zip(rows, seqs)):
@@ -136,4 +152,8 @@ def greedy_generate_rings(model: Any, arena: Any, pool: Any, prompts: list[list[
             if cached[i] == len(tokens[i]):
                 tokens[i].append(next_ids[row])
                 generated[i].append(next_ids[row])
+    if pool is not None and ring_slots is None:
+        for i in range(n):
+            pool.free(f"s{i}")
+        pool.check_integrity()
     return generated
