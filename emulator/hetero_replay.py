@@ -1,4 +1,4 @@
-"""Shape-only replay of a model with sliding-window layers under five KV memory schemes.
+"""Shape-only replay of a model with sliding-window layers under six KV memory schemes.
 
 ::
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from emulator.cost_model import CostModel
-from emulator.hetero_memory import HeteroMemory, HeteroShape, OdmaFixedRings, OdmaRings
+from emulator.hetero_memory import HeteroMemory, HeteroShape, OdmaEngineRings, OdmaRings
 from emulator.hetero_paged import JengaLCM, VllmHybrid
 from emulator.profile import DeviceProfile
 from odma_mlu.config import BUILTIN_MODEL_SHAPES, CacheConfig, load_model_spec
@@ -214,14 +214,24 @@ def ring_fraction(shape: HeteroShape, trace: list[tuple[int, int]]) -> float:
     return ring / (ring + shape.num_full * mean_tokens)
 
 
+def growing_ring_fraction(shape: HeteroShape, trace: list[tuple[int, int]]) -> float:
+    """The ring pool's share for growing rings (odma_engine_rings): a mean request's ring,
+    min(tokens, W) in S layers, against its full KV, tokens in F layers (at half its output)."""
+    tokens = [p + o / 2 for p, o in trace]
+    ring = shape.num_sliding * sum(min(t, shape.window_tokens) for t in tokens)
+    return ring / (ring + shape.num_full * sum(tokens))
+
+
 def schemes(shape: HeteroShape, budget: int, profile: DeviceProfile, max_new_tokens: int,
             trace: list[tuple[int, int]], cache: CacheConfig = CacheConfig()) -> dict[str, Callable[[], HeteroMemory]]:
     run_cost = step_cost(profile, shape)  # ODMA's copy decision: runs and copies of the full layers
     wm = cache.watermark_fraction
     return {
         "odma_rings": lambda: OdmaRings(shape, budget, cache, max_new_tokens, run_cost),
-        "odma_fixed_rings": lambda: OdmaFixedRings(shape, budget, cache, max_new_tokens, run_cost,
-                                                   ring_fraction(shape, trace)),
+        "odma_engine_rings": lambda: OdmaEngineRings(shape, budget, cache, max_new_tokens, run_cost,
+                                                     growing_ring_fraction(shape, trace)),
+        "odma_fixed_rings": lambda: OdmaEngineRings(shape, budget, cache, max_new_tokens, run_cost,
+                                                    ring_fraction(shape, trace), granule_tokens=shape.window_tokens),
         "jenga": lambda: JengaLCM(shape, budget, wm),
         "vllm_hybrid": lambda: VllmHybrid(shape, budget, wm),
         "vllm_uniform": lambda: VllmHybrid(shape, budget, wm, uniform=True),

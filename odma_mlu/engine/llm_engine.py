@@ -81,8 +81,10 @@ class LLMEngine:
                  cache: CacheConfig = CacheConfig(), scheduler: SchedulerConfig = SchedulerConfig(),
                  profile: str | None = None, seed: int = 0, window_slots: int | None = None,
                  decode_graphs: bool | None = None) -> None:
-        """``window_slots``: ring slots of a model with sliding layers (kvcache/window.py);
-        None sizes them from ``kv_capacity_tokens``, which then counts K/V of every layer.
+        """``window_slots``: whole windows of ring slots of a model with sliding layers
+        (kvcache/window.py: rings grow from the prompt to the window); None gives the ring
+        pool as many slots as the arena has tokens, from ``kv_capacity_tokens``, which then
+        counts K/V of every layer.
         ``decode_graphs``: replay decode-only steps from captured device graphs
         (engine/graph_runner.py); None = where the backend has graphs (CUDA, MLU; never CPU),
         True on a backend without graphs runs the same padded static path eagerly."""
@@ -99,8 +101,8 @@ class LLMEngine:
                 raise ConfigError("enable_prefix_caching: prefix sharing needs a full-attention model; this one has "
                                   "sliding-window or SSM layers (their rings and states are per request)")
             self.policy = PrefixCachingPolicy(self.policy)
-        self.windows = self.model.new_window_pool(split.ring_slots) if split else None
-        if self.windows is not None:  # admission also takes a ring; every release returns it
+        self.windows = self.model.new_window_pool(0, capacity_slots=split.ring_slots) if split else None
+        if self.windows is not None:  # admission also places a ring, growth grows it, release frees it
             self.policy = WindowedPolicy(self.policy, self.windows)
         self.states = None
         if getattr(self.model, "is_hybrid", False):  # SSM state slots; capacity moves between pools (AVMP)

@@ -110,15 +110,23 @@ def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
     for s in batch.decode:
         reads.append(policy.read_runs(s.request_id, s.num_tokens))
     return StepWork.build(prefill_new, reads, policy.arena.take_issued_copies(), prefill_cached,
-                          sliding_read_runs=_sliding_reads(policy, len(reads)),
+                          sliding_read_runs=_sliding_reads(policy, batch, len(reads)),
                           state_copy_bytes=_take_state_copies(policy), stream_reads=policy.stream_reads)
 
 
-def _sliding_reads(policy: Any, num_decodes: int) -> list[tuple[int, ...]]:
-    """Under a windowed policy (kvcache/window.py) each decode reads its whole ring: one run
-    of the window (window_attention.py gathers the ring's rows, masked past the length)."""
+def _sliding_reads(policy: Any, batch: "ScheduledBatch", num_decodes: int) -> list[tuple[int, ...]]:
+    """Under a windowed policy (kvcache/window.py) each decode reads the entries its ring
+    holds, ring indices [0, min(context, window)), as the ring's runs (one, or two where its
+    growth was blocked): ``RingPool.read_runs``. Described in ``describe_step``'s order: the
+    recomputes described as decodes (free preemption), then the decodes."""
     rings = getattr(policy, "rings", None)
-    return [(int(rings.window_tokens),)] * num_decodes if rings is not None else []
+    if rings is None:
+        return []
+    readers = [s for i, s in enumerate(batch.prefill) if policy.free_preemption and s.num_generated > 0
+               and batch.prefill_cached_tokens[i] + batch.prefill_chunk_tokens[i] == s.num_tokens]
+    readers += batch.decode
+    assert len(readers) == num_decodes, f"{len(readers)} sliding reads for {num_decodes} decodes"
+    return [rings.read_runs(s.request_id, s.num_tokens) for s in readers]
 
 
 # StatePool counts the bytes it moved (``moved_bytes``); the part not yet described is this step's.

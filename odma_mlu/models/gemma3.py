@@ -246,7 +246,9 @@ class Gemma3ForwardModel:
         spec = dataclasses.replace(self.spec, num_layers=self.num_full_layers)
         return KVArena(spec, capacity_tokens, device=self.device, dtype=self.dtype)
 
-    def new_window_pool(self, num_slots: int) -> RingPool:
+    def new_window_pool(self, num_windows: int, capacity_slots: int | None = None,
+                        granule_tokens: int | None = None) -> RingPool:
         assert self.window_tokens is not None, "new_window_pool on a model without sliding layers"
-        return RingPool(self.num_sliding_layers, self.window_tokens, num_slots, self.spec.num_kv_heads,
-                        self.spec.head_dim, self.dtype, self.device)
+        return RingPool(self.num_sliding_layers, self.window_tokens, num_windows, self.spec.num_kv_heads,
+                        self.spec.head_dim, self.dtype, self.device, capacity_slots=capacity_slots,
+                        granule_tokens=granule_tokens)
