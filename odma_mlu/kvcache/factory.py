@@ -43,5 +43,5 @@ def make_policy(name: str, arena: KVArena, cache: CacheConfig, max_new_tokens: i
 
             drift_detector = KSDriftDetector()
         return OdmaPolicy(arena, max_new_tokens, cache.odma, drift_detector, cache.watermark_fraction, run_cost,
-                          cache.page_size_tokens)
+                          granule_tokens=cache.page_size_tokens, min_run_tokens=cache.page_size_tokens)
     raise ConfigError(f"unknown KV policy {name!r}; choose one of {list(POLICY_NAMES)}")

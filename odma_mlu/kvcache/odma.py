@@ -76,14 +76,17 @@ class OdmaPolicy(KVPolicy):
 
     def __init__(self, arena: KVArena, max_new_tokens: int, config: OdmaConfig = OdmaConfig(),
                  drift_detector: object | None = None, watermark_fraction: float = 0.0,
-                 run_cost: RunCost | None = None, granule_tokens: int = 16) -> None:
+                 run_cost: RunCost | None = None, granule_tokens: int = 1, min_run_tokens: int = 16) -> None:
         super().__init__(arena, watermark_fraction)
         assert 0.0 <= config.safety_fraction < 1.0, "safety_fraction must be in [0, 1)"
         assert config.chunk_tokens >= 1, "chunk_tokens must be >= 1"
         assert granule_tokens >= 1, "granule_tokens must be >= 1"
-        # The allocator counts granules (pages) of ``granule_tokens``: a run is never shorter
-        # than a page, so ODMA holds no more slack than paging and its worst case is paging.
+        # The allocator counts granules of ``granule_tokens`` (the factory: the page size) and
+        # places a run only in a hole of at least ``min_run_tokens``, so no run reads worse
+        # than a page. Finer granules (1 token) were measured worse: frees leave sub-page
+        # holes no run may use, and preemptions rose 14x on Alpaca (docs/odma-sensitivity.md).
         self.unit = granule_tokens
+        self.min_run_units = max(1, -(-min_run_tokens // granule_tokens))
         total = arena.capacity_tokens // granule_tokens
         safety = int(total * config.safety_fraction)
         main = total - safety
@@ -151,13 +154,14 @@ class OdmaPolicy(KVPolicy):
         the one with the most room to spare, split between the neighbour's room and ours in
         proportion to the two."""
         rooms: dict[int, int] = {}
-        for hole_len, hole_start in region.holes_at_least(want, PLACEMENT_CANDIDATES):
+        floor = max(hold, self.min_run_units)
+        for hole_len, hole_start in region.holes_at_least(max(want, floor), PLACEMENT_CANDIDATES):
             room = rooms[hole_start] = self._room_before(region, hole_start)
             if hole_len >= room + want:
                 return hole_start + room, hole_start
         best: tuple[int, int, int] | None = None  # (spare, start, room)
         for hole_len, hole_start in region.largest_holes(LEND_CANDIDATES):
-            if hole_len < hold:
+            if hole_len < floor:
                 break
             room = rooms.get(hole_start)
             if room is None:
@@ -219,11 +223,11 @@ class OdmaPolicy(KVPolicy):
     def _scatter(self, regions: tuple[ExtentAllocator, ...], units: int) -> list[tuple[ExtentAllocator, Extent]]:
         """No hole holds ``units``: take the largest holes until they do (several runs),
         rather than wait while the free memory would suffice; [] if it does not."""
-        if sum(r.free_tokens for r in regions) < units:
+        # Largest holes first, as few runs as possible; all holes of a page or more if need be.
+        holes = sorted(((n, s, region) for region in regions for n, s in region.largest_holes(region.num_free)
+                        if n >= self.min_run_units), key=lambda h: -h[0])
+        if sum(n for n, _, _ in holes) < units:
             return []
-        # Largest holes first, as few runs as possible; all holes if it comes to that.
-        holes = sorted(((n, s, region) for region in regions for n, s in region.largest_holes(region.num_free)),
-                       key=lambda h: -h[0])
         pieces: list[tuple[ExtentAllocator, Extent]] = []
         left = units
         for n, start, region in holes:
