@@ -428,4 +428,8 @@ class ServerConfig:
     reasoning_parser: str | None = None
     """``deepseek_r1``: chat answers split the ``<think>`` part into ``reasoning_content``
     (as vLLM's ``--reasoning-parser deepseek_r1``); None leaves it in ``content``."""
+    request_log: str | None = None
+    """A JSONL file to append each finished request to (prompt text and output length, the
+    format ``odma-mlu predictor train --data`` reads): fit the predictor to this traffic.
+    None (default): nothing is logged (the log holds prompts)."""
     log_level: str = "info"

@@ -34,6 +34,7 @@ from odma_mlu.engine.request import Sequence
 from odma_mlu.engine.sampler import (FINISH_LENGTH, IncrementalDecoder, SampleResult, SampleRow, Sampler,
                                      SamplingParams, TokenLogprobs, check_stop)
 from odma_mlu.engine.scheduler import ScheduledBatch, Scheduler
+from odma_mlu.engine.request_log import RequestLog
 from odma_mlu.engine.step_work import StepWork, describe_step
 from odma_mlu.errors import ConfigError, RequestRejected
 from odma_mlu.kvcache.factory import make_policy
@@ -80,14 +81,17 @@ class LLMEngine:
                  dtype: str | None = None, kv_capacity_tokens: int = 4096, predictor: LengthPredictor | None = None,
                  cache: CacheConfig = CacheConfig(), scheduler: SchedulerConfig = SchedulerConfig(),
                  profile: str | None = None, seed: int = 0, window_slots: int | None = None,
-                 decode_graphs: bool | None = None) -> None:
+                 decode_graphs: bool | None = None, request_log: str | Path | None = None) -> None:
         """``window_slots``: whole windows of ring slots of a model with sliding layers
         (kvcache/window.py: rings grow from the prompt to the window); None gives the ring
         pool as many slots as the arena has tokens, from ``kv_capacity_tokens``, which then
         counts K/V of every layer.
         ``decode_graphs``: replay decode-only steps from captured device graphs
         (engine/graph_runner.py); None = where the backend has graphs (CUDA, MLU; never CPU),
-        True on a backend without graphs runs the same padded static path eagerly."""
+        True on a backend without graphs runs the same padded static path eagerly.
+        ``request_log``: append each finished request (prompt, output length) to this JSONL
+        file, the format ``odma-mlu predictor train`` reads (engine/request_log.py)."""
+        self.request_log = RequestLog(request_log) if request_log is not None else None
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, profile=profile)
         self.model, self.spec, self.tokenizer = load_model(model_path, backend=self.backend, dtype=dtype)
         if kv_capacity_tokens <= 0:
@@ -263,6 +267,8 @@ class LLMEngine:
         self.scheduler.postprocess(batch, finished)
         for s in finished:
             self._live.pop(s.request_id, None)
+            if self.request_log is not None:
+                self.request_log.record(s)
         for rid, message in failed.items():
             outputs.append(self._fail(rid, message))
         return outputs

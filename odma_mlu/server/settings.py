@@ -171,4 +171,4 @@ def build_engine(settings: ServeSettings) -> Any:
     log.info("loading %s on %s (policy %s, KV %d tokens)", model_path, backend.describe(), cfg.cache.policy, capacity)
     return LLMEngine(model_path, kv_policy=cfg.cache.policy, backend=backend, dtype=dtype,
                      kv_capacity_tokens=capacity, predictor=predictor, cache=cfg.cache, scheduler=cfg.scheduler,
-                     seed=cfg.seed)
+                     seed=cfg.seed, request_log=settings.server.request_log)
