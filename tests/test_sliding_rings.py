@@ -74,7 +74,7 @@ def test_random_operations_keep_the_pool_consistent() -> None:
     rng = random.Random(3)
     pool = _pool(windows=6, granule=4)
     tokens: dict[str, int] = {}
-    for step in range(3000):
+    for step in range(3000):  # noqa: B007
         rid = f"r{rng.randrange(20)}"
         if rid not in tokens:
             n = rng.randrange(1, 50)

@@ -11,15 +11,17 @@ more than ``window_tokens`` K/V entries per sliding layer. Token ``p`` lives at 
       prompt of 3        [0 1 2 .]                          4 slots held
       grows in place     [0 1 2 3 4 5 . .]                  8 slots (= window)
       wraps (p = 11)     [8 9 10 11 4 5 6 7]                tokens 0..3 overwritten in place
-    blocked growth: a second run   [0 1 2 3] ... [4 5 . .]  wrap continues over both runs
+    blocked growth: a second run   [0 1 2 3] ... [4 5 . .]  wrap continues over every run
 
 The pool (``RingPool``) is an ``ExtentAllocator`` over ``capacity_slots`` token slots
 (rows of ``k[layer]`` / ``v[layer]``). A new ring takes ``min(prompt, window)`` rounded up
 to ``granule_tokens`` slots, placed where it can grow: in a hole with ``room`` slots free
 after it (``min(prompt + predicted output, window)``), past the unclaimed room of a growing
 ring on the hole's left. Growth extends the last run in place; when the right neighbour is
-taken it adds a run (at most ``max_runs``, placed with room up to the window), else it
-fails and the policy reports NO_ROOM (the scheduler preempts). No copies, ever.
+taken it adds a run (placed with room up to the window), else it fails and the policy
+reports NO_ROOM (the scheduler preempts). Where no single hole fits a new ring or its
+growth, it takes pieces of the largest holes; a ring has at most ``max_runs`` runs (64).
+No copies, ever.
 
 Memory accounting counts held slots (``held_bytes``); tokens that slid out of the window
 (``evicted_tokens``) are overwritten in place and counted as freed.
@@ -43,7 +45,7 @@ from odma_mlu.kvcache.extent import Extent, ExtentAllocator
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus
 
 RING_GRANULE_TOKENS = 16
-RING_MAX_RUNS = 2
+RING_MAX_RUNS = 64
 Run = tuple[int, int]  # (first slot, length in slots)
 
 
@@ -167,12 +169,31 @@ class RingPool:
                 fallback = start + length - slots
         return fallback
 
-    def _take(self, slots: int, room_slots: int) -> Extent | None:
+    def _take(self, slots: int, room_slots: int, max_pieces: int) -> list[Extent] | None:
+        """One run placed by ``_place``; when no hole fits, up to ``max_pieces`` runs from the
+        largest holes (a fragmented pool still admits and grows); None if neither fits."""
         start = self._place(slots, room_slots)
-        return None if start is None else self.allocator.allocate_at(start, slots)
+        if start is not None:
+            got = self.allocator.allocate_at(start, slots)
+            assert got is not None
+            return [got]
+        if not self._fits_in_pieces(slots, max_pieces):
+            return None
+        runs: list[Extent] = []
+        for length, hole in self.allocator.largest_holes(max_pieces):
+            take = min(length, slots - sum(e.length for e in runs))
+            got = self.allocator.allocate_at(hole, take, hole_start=hole)
+            assert got is not None
+            runs.append(got)
+            if sum(e.length for e in runs) == slots:
+                return runs
+        raise AssertionError("the largest holes were counted to fit")
+
+    def _fits_in_pieces(self, slots: int, max_pieces: int) -> bool:
+        return max_pieces > 0 and sum(n for n, _ in self.allocator.largest_holes(max_pieces)) >= slots
 
     def can_allocate(self, tokens: int) -> bool:
-        return self.allocator.can_allocate(self.ring_slots_for(tokens))
+        return self._fits_in_pieces(self.ring_slots_for(tokens), self.max_runs)
 
     def allocate(self, request_id: str, tokens: int, room_tokens: int | None = None) -> bool:
         """A ring holding ``tokens`` for ``request_id``, placed to grow to ``room_tokens``;
@@ -180,11 +201,11 @@ class RingPool:
         assert request_id not in self._rings, f"request {request_id} already holds a ring"
         slots = self.ring_slots_for(tokens)
         room = max(slots, self.ring_slots_for(room_tokens if room_tokens is not None else self.window_tokens))
-        extent = self._take(slots, room)
-        if extent is None:
+        runs = self._take(slots, room, self.max_runs)
+        if runs is None:
             return False
-        self._rings[request_id] = _Ring([extent], room, tokens)
-        self._growing_at[extent.start] = request_id
+        self._rings[request_id] = _Ring(runs, room, tokens)
+        self._growing_at[runs[-1].start] = request_id
         return True
 
     def ensure(self, request_id: str, tokens: int) -> bool:
@@ -199,12 +220,13 @@ class RingPool:
             if grown is not None:
                 ring.runs[-1] = grown
                 self.in_place_grows += 1
-            elif len(ring.runs) < self.max_runs and (run := self._take(extra, self.window_tokens - ring.slots)):
+            elif len(ring.runs) < self.max_runs and \
+                    (runs := self._take(extra, self.window_tokens - ring.slots, self.max_runs - len(ring.runs))):
                 ring.room_slots = self.window_tokens  # it outgrew its room: the new run keeps room to the window
                 del self._growing_at[last.start]
-                ring.runs.append(run)
-                self._growing_at[run.start] = request_id
-                self.second_runs += 1
+                ring.runs.extend(runs)
+                self._growing_at[runs[-1].start] = request_id
+                self.second_runs += len(runs)
             else:
                 self.blocked_grows += 1
                 return False
@@ -307,7 +329,7 @@ class WindowedPolicy:
 
     def _ring_fits(self, tokens: int) -> bool:
         slots = self.rings.ring_slots_for(tokens)
-        return self.rings.allocator.can_allocate(slots) and self.rings.free_slots - slots >= self.ring_watermark_slots
+        return self.rings.can_allocate(tokens) and self.rings.free_slots - slots >= self.ring_watermark_slots
 
     def can_reserve(self, req: Any) -> bool:
         return self._ring_fits(self._ring_tokens(req)[0]) and self.inner.can_reserve(req)
