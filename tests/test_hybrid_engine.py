@@ -29,7 +29,7 @@ PROMPTS = [
     [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42],
 ]
 MAX_NEW = 16
-ENGINE_POLICIES = [p for p in POLICY_NAMES if p != "ideal"]  # ideal is the replay's bound, not an allocator
+ENGINE_POLICIES = list(POLICY_NAMES)
 
 
 class ConstantPredictor(LengthPredictor):
