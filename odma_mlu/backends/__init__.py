@@ -50,7 +50,6 @@ def get_backend(name: str = "auto", profile: str | None = None, host: str = "aut
         return _real_backend(name)
     if profile is None:
         raise ConfigError("backend 'emulated' needs a device profile (e.g. --profile mlu370-x4)")
-    from emulator.profile import load_profile
     from odma_mlu.backends.emulated import EmulatedBackend
 
     if host == "auto":
@@ -59,7 +58,7 @@ def get_backend(name: str = "auto", profile: str | None = None, host: str = "aut
         host = "cuda" if CudaBackend.is_available() else "cpu"
     if host in ("emulated", "mlu"):
         raise ConfigError(f"emulated backend host must be cpu or cuda, not {host!r}")
-    return EmulatedBackend(load_profile(profile), _real_backend(host), pace=pace)
+    return EmulatedBackend(profile, _real_backend(host), pace=pace)
 
 
 def backend_unavailable_message(name: str) -> str | None:

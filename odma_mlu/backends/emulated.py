@@ -60,11 +60,13 @@ class EmulatedBackend(Backend):
     def __init__(self, profile: "object", host: Backend, target_model: "ModelSpec | str | None" = None,
                  pace: bool = False, target_layers: "LayerKinds | None" = None) -> None:
         from emulator.cost_model import CostModel
-        from emulator.profile import DeviceProfile
+        from emulator.profile import DeviceProfile, load_profile
         from odma_mlu.config import load_model_spec
         from odma_mlu.models.layer_kinds import LayerKinds, load_target_shape
 
-        assert isinstance(profile, DeviceProfile), "EmulatedBackend needs an emulator.profile.DeviceProfile"
+        if isinstance(profile, str):  # a name in device_profiles/ or a YAML path
+            profile = load_profile(profile)
+        assert isinstance(profile, DeviceProfile), "EmulatedBackend needs a DeviceProfile or a profile name/path"
         self.profile = profile
         self.host = host
         if isinstance(target_model, str):  # a shape name or config.json: spec and layer kinds

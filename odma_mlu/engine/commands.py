@@ -15,13 +15,13 @@ from odma_mlu.errors import ConfigError
 def default_predictor() -> object:
     """The bundled learned length predictor, or the histogram baseline (with a note on
     stderr) when this checkout has not built it (``make predictor``)."""
-    from emulator.bench import resolve_predictor
+    from odma_mlu.predictor.registry import load_predictor
 
     try:
-        return resolve_predictor(None)
+        return load_predictor(None)
     except ConfigError as e:
         print(f"note: {e}; using the histogram baseline predictor", file=sys.stderr)
-        return resolve_predictor("simple")
+        return load_predictor("simple")
 
 
 def generate_main(ns: argparse.Namespace) -> int:

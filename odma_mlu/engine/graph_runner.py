@@ -1,4 +1,5 @@
-"""Decode steps replayed from captured device graphs (CUDA graphs, ``torch.mlu.MLUGraph``).
+"""Decode steps replayed from captured device graphs (CUDA graphs, MLU graphs), obtained from
+the backend (``Backend.new_graph``).
 
 A 7B decode step issues over a thousand small kernels; on a GPU or an MLU their launches,
 not the memory, bound small batches. A captured graph replays them with one launch, but

@@ -149,7 +149,7 @@ def _dtype_for(cfg: EngineConfig, backend: Any, model_path: Path) -> str | None:
 
 def build_engine(settings: ServeSettings) -> Any:
     """Load the model and policy: the slow part of startup (weights from disk)."""
-    from emulator.bench import resolve_predictor
+    from odma_mlu.predictor.registry import load_predictor
     from odma_mlu.backends import get_backend
     from odma_mlu.engine.llm_engine import LLMEngine
 
@@ -161,13 +161,13 @@ def build_engine(settings: ServeSettings) -> Any:
     predictor = None
     if cfg.cache.policy in ("odma", "s3"):
         try:
-            predictor = resolve_predictor(cfg.predictor)
+            predictor = load_predictor(cfg.predictor)
         except ConfigError:
             if cfg.predictor is not None:
                 raise
             # The bundled default is built separately (`make predictor`); serving must still start.
             log.warning("bundled default predictor not found; using the 'simple' histogram predictor")
-            predictor = resolve_predictor("simple")
+            predictor = load_predictor("simple")
     log.info("loading %s on %s (policy %s, KV %d tokens)", model_path, backend.describe(), cfg.cache.policy, capacity)
     return LLMEngine(model_path, kv_policy=cfg.cache.policy, backend=backend, dtype=dtype,
                      kv_capacity_tokens=capacity, predictor=predictor, cache=cfg.cache, scheduler=cfg.scheduler,
