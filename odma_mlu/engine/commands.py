@@ -13,8 +13,9 @@ from odma_mlu.errors import ConfigError
 
 
 def default_predictor() -> object:
-    """The bundled learned length predictor, or the histogram baseline (with a note on
-    stderr) when this checkout has not built it (``make predictor``)."""
+    """The default predictor (``auto``: online lengths, the bundled learned model where it
+    proves calibrated), or the online one alone (with a note on stderr) if the bundled
+    model cannot be read."""
     from odma_mlu.predictor.registry import load_predictor
 
     try:

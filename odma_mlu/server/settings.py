@@ -165,8 +165,8 @@ def build_engine(settings: ServeSettings) -> Any:
         except ConfigError:
             if cfg.predictor is not None:
                 raise
-            # The bundled default is built separately (`make predictor`); serving must still start.
-            log.warning("bundled default predictor not found; using the 'simple' histogram predictor")
+            # A damaged bundled model must not stop serving: the online predictor needs none.
+            log.warning("the bundled learned predictor could not be read; using the online 'simple' predictor")
             predictor = load_predictor("simple")
     log.info("loading %s on %s (policy %s, KV %d tokens)", model_path, backend.describe(), cfg.cache.policy, capacity)
     return LLMEngine(model_path, kv_policy=cfg.cache.policy, backend=backend, dtype=dtype,
