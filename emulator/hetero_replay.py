@@ -28,6 +28,7 @@ from emulator.cost_model import CostModel
 from emulator.hetero_memory import HeteroMemory, HeteroShape, OdmaEngineRings, OdmaRings
 from emulator.hetero_paged import JengaLCM, VllmHybrid
 from emulator.profile import DeviceProfile
+from emulator.shape_scheduler import ShapeSeq as _Seq, schedule_shape_step
 from odma_mlu.config import BUILTIN_MODEL_SHAPES, CacheConfig, load_model_spec
 from odma_mlu.engine.step_work import StepWork
 from odma_mlu.models.layer_types import layer_windows
@@ -107,18 +108,6 @@ class HeteroResult:
     sliding_runs_per_read: float = 0.0
 
 
-@dataclass
-class _Seq:
-    rid: str
-    prompt: int
-    output: int
-    generated: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt + self.generated
-
-
 def replay(trace: list[tuple[int, int]], memory: HeteroMemory, cost: CostModel, trace_name: str,
            max_new_tokens: int, max_num_seqs: int = 1024, max_batched_tokens: int = 8192,
            check_every: int = 0) -> HeteroResult:
@@ -132,37 +121,16 @@ def replay(trace: list[tuple[int, int]], memory: HeteroMemory, cost: CostModel, 
     steps = waited = 0
     conc = held_sum = live_sum = waste_sum = unused_sum = 0.0
     runs_sum = runs_n = 0
+
+    def admit(seq: _Seq) -> bool:
+        f = feats.setdefault(seq.rid, RequestFeatures(seq.prompt, max_new_tokens))
+        return memory.admit(seq.rid, seq.tokens, seq.prompt, max_new_tokens, predictor.predict(f))
+
     while waiting or running:
-        preempted = False
-        decode: list[_Seq] = []
-        queue = list(running)
-        while queue:
-            seq = queue.pop(0)
-            while not memory.grow(seq.rid, seq.tokens):
-                victim = queue.pop() if queue else seq
-                memory.release(victim.rid, None)
-                running.remove(victim)
-                waiting.append(victim)
-                res.preemptions += 1
-                preempted = True
-                if victim is seq:
-                    break
-            else:
-                decode.append(seq)
-        prefill: list[_Seq] = []
-        if not preempted or not running:
-            budget = max_batched_tokens - len(decode)
-            while waiting and len(running) < max_num_seqs:
-                seq = waiting[-1]
-                if seq.tokens > budget and prefill:
-                    break
-                f = feats.setdefault(seq.rid, RequestFeatures(seq.prompt, max_new_tokens))
-                if not memory.admit(seq.rid, seq.tokens, seq.prompt, max_new_tokens, predictor.predict(f)):
-                    break
-                waiting.pop()
-                running.append(seq)
-                prefill.append(seq)
-                budget -= seq.tokens
+        step = schedule_shape_step(running, waiting, memory.grow, lambda victim: memory.release(victim.rid, None),
+                                   admit, max_num_seqs, max_batched_tokens)
+        prefill, decode = step.prefill, step.decode
+        res.preemptions += step.preemptions
         if not prefill and not decode:
             raise AssertionError(f"{memory.name}: no progress with {len(waiting)} waiting and an empty device")
         held, live = memory.held_bytes(), memory.live_bytes()

@@ -31,6 +31,7 @@ from typing import Callable
 from emulator.cost_model import CostModel
 from emulator.hybrid_pools import DualPools, HybridMemory, PaddedUnified
 from emulator.profile import DeviceProfile
+from emulator.shape_scheduler import ShapeSeq as _Seq, schedule_shape_step
 from odma_mlu.engine.step_work import StepWork
 from odma_mlu.models.hybrid_spec import HybridSpec
 from odma_mlu.models.layer_kinds import LayerKinds
@@ -118,18 +119,6 @@ class HybridResult:
     notes: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class _Seq:
-    rid: str
-    prompt: int
-    output: int
-    generated: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt + self.generated
-
-
 def step_cost(profile: DeviceProfile, hybrid: HybridSpec) -> CostModel:
     """The one step-cost function for ``hybrid``: its base shape and its layer kinds."""
     return CostModel(profile, hybrid.base, layers=LayerKinds.from_hybrid(hybrid))
@@ -148,35 +137,10 @@ def replay(trace: list[TraceRequest], memory: HybridMemory, cost: CostModel, tra
     conc_sum = 0
     waste_sum = held_sum = 0.0
     while waiting or running:
-        preempted = False
-        decode: list[_Seq] = []
-        queue = list(running)  # oldest first
-        while queue:
-            seq = queue.pop(0)
-            while not memory.grow(seq.rid, seq.tokens):
-                victim = queue.pop() if queue else seq
-                memory.release(victim.rid)
-                running.remove(victim)
-                waiting.append(victim)  # front of the queue; recomputed from prompt + generated
-                res.preemptions += 1
-                preempted = True
-                if victim is seq:
-                    break
-            else:
-                decode.append(seq)
-        prefill: list[_Seq] = []
-        if not preempted or not running:
-            budget = max_batched_tokens - len(decode)
-            while waiting and len(running) < max_num_seqs:
-                seq = waiting[-1]
-                if seq.tokens > budget and prefill:
-                    break
-                if not memory.admit(seq.rid, seq.tokens):
-                    break
-                waiting.pop()
-                running.append(seq)
-                prefill.append(seq)
-                budget -= seq.tokens
+        step = schedule_shape_step(running, waiting, memory.grow, lambda victim: memory.release(victim.rid),
+                                   lambda seq: memory.admit(seq.rid, seq.tokens), max_num_seqs, max_batched_tokens)
+        prefill, decode = step.prefill, step.decode
+        res.preemptions += step.preemptions
         if not prefill and not decode:
             if waiting and not running:  # cannot run even on an empty device: it never will
                 res.lost += 1
