@@ -132,7 +132,8 @@ def replay(trace: list[tuple[int, int]], memory: HeteroMemory, cost: CostModel, 
         prefill, decode = step.prefill, step.decode
         res.preemptions += step.preemptions
         if not prefill and not decode:
-            raise AssertionError(f"{memory.name}: no progress with {len(waiting)} waiting and an empty device")
+            raise StalledScheme(f"{memory.name}: no progress with {len(waiting)} waiting and an empty device (a "
+                                "request needs more than this scheme can ever give it)")
         held, live = memory.held_bytes(), memory.live_bytes()
         held_sum += held / len(running)
         live_sum += live / len(running)
@@ -172,6 +173,11 @@ def replay(trace: list[tuple[int, int]], memory: HeteroMemory, cost: CostModel, 
     res.unused_while_waiting = unused_sum / waited if waited else 0.0
     res.sliding_runs_per_read = runs_sum / runs_n if runs_n else 0.0
     return res
+
+
+class StalledScheme(RuntimeError):
+    """A memory scheme that can never admit the next request (e.g. a static split whose
+    full-attention share is smaller than one request): the bench reports it, not a result."""
 
 
 def ring_fraction(shape: HeteroShape, trace: list[tuple[int, int]]) -> float:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from emulator.hetero_replay import (ALPACA, SHAREGPT_DEV, alpaca_trace, cache_budget_bytes,  # noqa: E402
-                                    format_table, load_shape, replay, schemes, sharegpt_trace, step_cost)
+from emulator.hetero_replay import (ALPACA, SHAREGPT_DEV, StalledScheme, alpaca_trace,  # noqa: E402
+                                    cache_budget_bytes, format_table, load_shape, replay, schemes, sharegpt_trace,
+                                    step_cost)
 from emulator.profile import load_profile  # noqa: E402
 
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
               "alpaca": alpaca_trace(args.alpaca, args.max_requests)}
     t0 = time.perf_counter()
     results = []
+    stalled: list[str] = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         shape = load_shape(name)
         if args.kv_gib is not None:
@@ -53,13 +55,20 @@ def main(argv: list[str] | None = None) -> int:
         cost = step_cost(profile, shape)
         for trace_name, trace in traces.items():
             for label, make in schemes(shape, budget, profile, args.max_new_tokens, trace).items():
-                r = replay(trace, make(), cost, trace_name, args.max_new_tokens)
+                try:
+                    r = replay(trace, make(), cost, trace_name, args.max_new_tokens)
+                except StalledScheme as e:
+                    stalled.append(f"{name} {trace_name} {label}: {e}")
+                    print(f"  {name} {trace_name} {label}: STALLED ({e})", file=sys.stderr)
+                    continue
                 results.append(r)
                 print(f"  {name} {trace_name} {r.scheme}: {r.tps:.1f} tok/s", file=sys.stderr)
     print(format_table(results))
+    for line in stalled:
+        print(f"stalled (no result): {line}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"profile": profile.name, "max_new_tokens": args.max_new_tokens,
-                                     "results": [asdict(r) for r in results]}, indent=1))
+                                     "results": [asdict(r) for r in results], "stalled": stalled}, indent=1))
     print(f"wrote {args.json} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
