@@ -110,29 +110,11 @@ def greedy_generate_rings(model: Any, arena: Any, pool: Any, prompts: list[list[
     ``ring_slots``: fixed whole-window rings (ring r = slots [r * window, (r + 1) * window));
     None: growing rings placed by ``pool`` (``room_tokens`` is the growth each placement
     leaves room for: small values pack rings tightly and force second runs)."""
-    from odma_mlu.models.attention import ForwardBatch, SequenceInput
+    from odma_mlu.models.attention import ForwardBatch
     from odma_mlu.models.window_attention import RingBatch
+    from tiny_model import greedy_generate
 
-    n = len(prompts)
-    start_steps = start_steps or [0] * n
-    tokens = [list(p) for p in prompts]
-    cached = [0] * n
-    generated: list[list[int]] = [[] for _ in range(n)]
-    step = 0
-    while any(len(g) < max_new_tokens for g in generated):
-        rows: list[int] = []
-        seqs = []
-        for i in range(n):
-            if step < start_steps[i] or len(generated[i]) >= max_new_tokens:
-                continue
-            todo = tokens[i][cached[i]:]
-            if prefill_chunk_tokens is not None and cached[i] < len(prompts[i]):
-                todo = todo[:prefill_chunk_tokens]
-            seqs.append(SequenceInput(tuple(todo), cached[i], locations[i]))
-            rows.append(i)
-        step += 1
-        if not seqs:
-            continue
+    def forward(seqs: list[Any], rows: list[int]) -> Any:
         if pool is None:
             rings = None
         elif ring_slots is not None:
@@ -145,15 +127,12 @@ def greedy_generate_rings(model: Any, arena: Any, pool: Any, prompts: list[list[
                 assert pool.ensure(rid, seq.num_total_tokens), f"the ring of {rid} cannot grow"
             rings = pool.plan(seqs, [f"s{i}" for i in rows], model.device)
             pool.check_integrity()
-        logits = model.forward(ForwardBatch.build(seqs, device=model.device), arena, rings)
-        next_ids = logits.argmax(dim=-1).tolist()
-        for row, (i, seq) in enumerate(zip(rows, seqs)):
-            cached[i] += seq.num_new_tokens
-            if cached[i] == len(tokens[i]):
-                tokens[i].append(next_ids[row])
-                generated[i].append(next_ids[row])
+        return model.forward(ForwardBatch.build(seqs, device=model.device), arena, rings)
+
+    generated = greedy_generate(model, arena, prompts, locations, max_new_tokens, start_steps=start_steps,
+                                prefill_chunk_tokens=prefill_chunk_tokens, forward=forward)
     if pool is not None and ring_slots is None:
-        for i in range(n):
+        for i in range(len(prompts)):
             pool.free(f"s{i}")
         pool.check_integrity()
     return generated

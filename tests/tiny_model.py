@@ -116,14 +116,16 @@ def make_tiny_qwen2(folder: str | Path, *, num_layers: int = 2, hidden: int = 64
 
 def greedy_generate(model, arena, prompts: "list[list[int]]", locations: "list", max_new_tokens: int, *,
                     start_steps: "list[int] | None" = None, prefill_chunk_tokens: "int | None" = None,
-                    on_step=None) -> "list[list[int]]":
+                    on_step=None, forward=None) -> "list[list[int]]":
     """Drive greedy decoding of several prompts through ``model.forward`` (the engine's loop, minus policy).
 
     Each step builds one ``ForwardBatch`` of every active sequence: a sequence enters at
     ``start_steps[i]`` (so prefills and decodes mix in one batch), prefills in chunks of
     ``prefill_chunk_tokens`` (None = whole prompt), then decodes one token per step.
     ``on_step(step, locations)`` runs before each step and may move KV and replace
-    ``locations[i]`` (migration). Returns the generated ids per prompt (no eos stop).
+    ``locations[i]`` (migration). ``forward(seqs, rows)`` replaces the plain
+    ``model.forward(ForwardBatch.build(seqs), arena)`` (rows: each sequence's prompt index),
+    e.g. to pass sliding-window rings. Returns the generated ids per prompt (no eos stop).
     """
     from odma_mlu.models.attention import ForwardBatch, SequenceInput
 
@@ -149,7 +151,10 @@ def greedy_generate(model, arena, prompts: "list[list[int]]", locations: "list",
         step += 1
         if not seqs:
             continue
-        logits = model.forward(ForwardBatch.build(seqs, device=model.device), arena)
+        if forward is None:
+            logits = model.forward(ForwardBatch.build(seqs, device=model.device), arena)
+        else:
+            logits = forward(seqs, batch_rows)
         next_ids = logits.argmax(dim=-1).tolist()
         for row, (i, seq) in enumerate(zip(batch_rows, seqs)):
             cached[i] += seq.num_new_tokens

@@ -227,6 +227,20 @@ def _plan_decode_group(members: list[tuple[int, SequenceInput]], write_slots: to
     return DecodeGroup(rows.to(dev), span, mask.to(dev), None, gather.reshape(-1).to(dev))
 
 
+def arena_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, attn_out: torch.Tensor) -> None:
+    """One full-attention layer over the arena, for every model family: write the new
+    tokens' K/V ([T, kv, D]) at ``batch.write_slots``, then attend each prefill plan and each
+    decode group, filling ``attn_out`` [T, H, D] in the batch's row order."""
+    write_kv(k_cache, v_cache, batch.write_slots, k, v)
+    for plan in batch.prefills:
+        rows = slice(plan.token_offset, plan.token_offset + plan.num_new_tokens)
+        attn_out[rows] = prefill_attention(q[rows], k_cache, v_cache, plan, scale)
+    for group in batch.decode_groups:
+        out = decode_attention(q.index_select(0, group.token_rows), k_cache, v_cache, group, scale)
+        attn_out.index_copy_(0, group.token_rows, out)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
              k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     """Scatter new tokens' K/V ([T, kv, D]) into one layer's arena tensors at ``slots``."""

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.state_pool import StatePool
-from odma_mlu.models.attention import ForwardBatch, decode_attention, prefill_attention, write_kv
+from odma_mlu.models.attention import ForwardBatch, arena_attention
 from odma_mlu.models.hybrid_spec import HybridSpec
 from odma_mlu.models.mamba2 import chunk_scan, conv_decode, conv_prefill, gated_rms_norm, recurrent_step
 from odma_mlu.models.qwen2 import RotaryCache, _rotate_half
@@ -106,15 +106,8 @@ class BambaForwardModel:
         q = torch.cat([q[..., :rot] * cos + _rotate_half(q[..., :rot]) * sin, q[..., rot:]], dim=-1)
         k = torch.cat([k[..., :rot] * cos + _rotate_half(k[..., :rot]) * sin, k[..., rot:]], dim=-1)
         li = self.kv_index[layer]
-        k_cache, v_cache = arena.k[li], arena.v[li]
-        write_kv(k_cache, v_cache, batch.write_slots, k, v)
         attn_out = torch.empty(num_tokens, heads, dim, device=self.device, dtype=self.dtype)
-        for plan in batch.prefills:
-            rows = slice(plan.token_offset, plan.token_offset + plan.num_new_tokens)
-            attn_out[rows] = prefill_attention(q[rows], k_cache, v_cache, plan, self.scale)
-        for group in batch.decode_groups:
-            out = decode_attention(q.index_select(0, group.token_rows), k_cache, v_cache, group, self.scale)
-            attn_out.index_copy_(0, group.token_rows, out)
+        arena_attention(q, k, v, batch, arena.k[li], arena.v[li], self.scale, attn_out)
         return F.linear(attn_out.view(num_tokens, q_size), w.o_weight, w.o_bias)
 
     def _mamba(self, x: torch.Tensor, w: MambaWeights, batch: ForwardBatch, states: StatePool, layer: int,

@@ -28,7 +28,7 @@ from odma_mlu.config import ModelSpec
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.window import RingPool
-from odma_mlu.models.attention import ForwardBatch, decode_attention, prefill_attention, write_kv
+from odma_mlu.models.attention import ForwardBatch, arena_attention
 from odma_mlu.models.layer_types import FULL, SLIDING
 from odma_mlu.models.qwen2 import RotaryCache, _rotate_half, layer_groups
 from odma_mlu.models.window_attention import RingBatch, ring_attention
@@ -232,14 +232,7 @@ class Gemma3ForwardModel:
     def _full_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
                         arena: KVArena, arena_layer: int, attn_out: torch.Tensor) -> None:
         """Full layers: the same arena helpers as Qwen2 (write, prefill plans, decode groups)."""
-        k_cache, v_cache = arena.k[arena_layer], arena.v[arena_layer]
-        write_kv(k_cache, v_cache, batch.write_slots, k, v)
-        for plan in batch.prefills:
-            rows = slice(plan.token_offset, plan.token_offset + plan.num_new_tokens)
-            attn_out[rows] = prefill_attention(q[rows], k_cache, v_cache, plan, self.scale)
-        for group in batch.decode_groups:
-            out = decode_attention(q.index_select(0, group.token_rows), k_cache, v_cache, group, self.scale)
-            attn_out.index_copy_(0, group.token_rows, out)
+        arena_attention(q, k, v, batch, arena.k[arena_layer], arena.v[arena_layer], self.scale, attn_out)
 
     def new_arena(self, capacity_tokens: int) -> KVArena:
         """An arena for the full-attention layers only."""

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from odma_mlu.config import ModelSpec
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.window import RingPool
-from odma_mlu.models.attention import (DecodeGroup, ForwardBatch, PrefillPlan, SequenceInput, decode_attention,
-                                       prefill_attention, write_kv)
+from odma_mlu.models.attention import DecodeGroup, ForwardBatch, PrefillPlan, SequenceInput, arena_attention
 from odma_mlu.models.window_attention import RingBatch, ring_attention
 
 __all__ = ["ForwardBatch", "SequenceInput", "DecodeGroup", "PrefillPlan", "LayerWeights", "Qwen2ForwardModel"]
@@ -151,14 +150,7 @@ class Qwen2ForwardModel:
 
     def _full_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
                         arena: KVArena, arena_layer: int, attn_out: torch.Tensor) -> None:
-        k_cache, v_cache = arena.k[arena_layer], arena.v[arena_layer]
-        write_kv(k_cache, v_cache, batch.write_slots, k, v)
-        for plan in batch.prefills:
-            rows = slice(plan.token_offset, plan.token_offset + plan.num_new_tokens)
-            attn_out[rows] = prefill_attention(q[rows], k_cache, v_cache, plan, self.scale)
-        for group in batch.decode_groups:
-            out = decode_attention(q.index_select(0, group.token_rows), k_cache, v_cache, group, self.scale)
-            attn_out.index_copy_(0, group.token_rows, out)
+        arena_attention(q, k, v, batch, arena.k[arena_layer], arena.v[arena_layer], self.scale, attn_out)
 
     def new_arena(self, capacity_tokens: int) -> KVArena:
         """An arena for this model's full-attention layers, on its device and in its dtype."""
