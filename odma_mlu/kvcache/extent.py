@@ -151,12 +151,6 @@ class ExtentAllocator:
         self.used_tokens += length
         return Extent(start, length)
 
-    def smallest_hole(self, min_length: int) -> tuple[int, int] | None:
-        """The smallest free hole of at least ``min_length`` tokens as (length, start)
-        (lowest address on ties), or None."""
-        i = bisect.bisect_left(self._free_by_size, (min_length, -1))
-        return self._free_by_size[i] if i < len(self._free_by_size) else None
-
     def holes_at_least(self, min_length: int, limit: int) -> list[tuple[int, int]]:
         """Up to ``limit`` free holes of at least ``min_length`` tokens as (length, start),
         smallest first (lowest address on ties)."""
@@ -171,21 +165,12 @@ class ExtentAllocator:
         """First slot of the used extent whose end is ``slot`` (None if none ends there)."""
         return self._used_by_end.get(slot)
 
-    def used_ending_at(self, slot: int) -> Extent | None:
-        """The used extent whose end is ``slot`` (the left neighbour of a hole starting there)."""
-        start = self._used_by_end.get(slot)
-        return None if start is None else Extent(start, self._used[start])
-
     def free(self, extent: Extent) -> None:
         got = self._used.pop(extent.start, None)
         assert got == extent.length, f"free of {extent} which is not allocated (found length {got})"
         del self._used_by_end[extent.end]
         self.used_tokens -= extent.length
         self._insert_free_coalesced(extent.start, extent.length)
-
-    def free_run_after(self, slot: int) -> int:
-        """Length of the free hole starting exactly at ``slot`` (0 if none)."""
-        return self._free_len.get(slot, 0)
 
     def can_grow_in_place(self, extent: Extent, new_length: int) -> bool:
         extra = new_length - extent.length
