@@ -26,9 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from odma_mlu.config import OdmaConfig, load_model_spec  # noqa: E402
+from odma_mlu.config import CacheConfig, load_model_spec  # noqa: E402
 from odma_mlu.kvcache.arena import KVArena  # noqa: E402
 from odma_mlu.kvcache.extent import ExtentAllocator  # noqa: E402
+from odma_mlu.kvcache.factory import make_policy  # noqa: E402
 from odma_mlu.kvcache.odma import OdmaPolicy  # noqa: E402
 from odma_mlu.kvcache.policy import ReserveRequest  # noqa: E402
 from odma_mlu.predictor.base import LengthPrediction  # noqa: E402
@@ -83,7 +84,9 @@ def bench_odma(live: int, ops: int, seed: int, max_new: int = 512) -> dict[str, 
         return ReserveRequest(f"r{i}", prompt, max_new, prompt, pred)
 
     arena = KVArena(model, live * (256 + max_new), shape_only=True)
-    policy = OdmaPolicy(arena, max_new, OdmaConfig())
+    # As the engine and the replay build it (page-sized granules, the drift detector on).
+    policy = make_policy("odma", arena, CacheConfig(), max_new)
+    assert isinstance(policy, OdmaPolicy)
     ids = []
     for i in range(live):
         assert policy.reserve(request(i)) is not None, "arena too small for the live set"
@@ -112,7 +115,6 @@ def bench_replay(n: int, profile_name: str, seed: int) -> dict[str, object]:
     from emulator.profile import load_profile
     from emulator.replay import kv_capacity_tokens, replay
     from emulator.traces import Trace, TraceRequest, default_shared_dir, load_trace
-    from odma_mlu.config import CacheConfig
 
     model = load_model_spec()
     max_new = 512

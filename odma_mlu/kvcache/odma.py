@@ -53,17 +53,20 @@ class RunCost(Protocol):
 
 
 class _Request:
-    __slots__ = ("runs", "held_units", "prompt_tokens", "max_total_tokens", "claim_tokens", "first_claim_tokens",
-                 "live_tokens", "prefer_safety")
+    __slots__ = ("request_id", "runs", "held_units", "prompt_tokens", "max_total_tokens", "claim_tokens",
+                 "claim_units", "first_claim_tokens", "live_tokens", "prefer_safety")
 
-    def __init__(self, prompt_tokens: int, max_total_tokens: int, claim_tokens: int, live_tokens: int,
-                 prefer_safety: bool) -> None:
+    def __init__(self, request_id: str, prompt_tokens: int, max_total_tokens: int, claim_tokens: int,
+                 claim_units: int, live_tokens: int, prefer_safety: bool) -> None:
+        self.request_id = request_id
         self.runs: list[tuple[ExtentAllocator, Extent]] = []
         self.held_units = 0
         """Granules held: the runs' total length (kept as a counter, read on every placement)."""
         self.prompt_tokens = prompt_tokens
         self.max_total_tokens = max_total_tokens
         self.claim_tokens = claim_tokens
+        self.claim_units = claim_units
+        """The claim in granules (read on every placement next to this request)."""
         self.first_claim_tokens = claim_tokens
         self.live_tokens = live_tokens
         self.prefer_safety = prefer_safety
@@ -100,7 +103,8 @@ class OdmaPolicy(KVPolicy):
             reoptimize_every=config.reoptimize_every, bin_tokens=config.histogram_bin_tokens)
         self.drift_detector = drift_detector
         self._reqs: dict[str, _Request] = {}
-        self._owner: dict[int, str] = {}  # start granule of each run -> request id
+        self._tails: dict[int, _Request] = {}
+        """End granule of each request's last run -> the request: whose room a hole starts with."""
         self._claims_total = 0
 
     # -- sizes -------------------------------------------------------------------------
@@ -137,15 +141,12 @@ class OdmaPolicy(KVPolicy):
 
     # -- placement ---------------------------------------------------------------------
     def _room_before(self, region: ExtentAllocator, slot: int) -> int:
-        """Room the request whose last run ends at ``slot`` still expects to grow into."""
-        start = region.start_of_used_ending_at(slot)
-        rid = None if start is None else self._owner.get(start)
-        if rid is None:
+        """Room the request whose last run ends at ``slot`` still expects to grow into (0 if
+        none does: free, or a run its request no longer grows)."""
+        r = self._tails.get(slot)
+        if r is None or slot == region.base:  # a run ending at a region's base is the other region's
             return 0
-        r = self._reqs[rid]
-        if r.runs[-1][1].start != start:
-            return 0  # not its last run: it will not grow there
-        return max(0, -(-r.claim_tokens // self.unit) - r.held_units)
+        return max(0, r.claim_units - r.held_units)
 
     def _fit(self, region: ExtentAllocator, want: int, hold: int) -> tuple[int, int] | None:
         """(start, start of its hole) in ``region`` for a run that will want ``want`` tokens and takes
@@ -153,12 +154,18 @@ class OdmaPolicy(KVPolicy):
         both. Failing that (the rooms oversubscribe memory), lend: among the largest holes,
         the one with the most room to spare, split between the neighbour's room and ours in
         proportion to the two."""
+        # The hot path of every reservation and new run: the neighbour's room
+        # (``_room_before``) is computed inline, at most once per hole.
+        tail = self._tails.get
+        base = region.base
         rooms: dict[int, int] = {}
         floor = max(hold, self.min_run_units)
         for hole_len, hole_start in region.holes_at_least(max(want, floor), PLACEMENT_CANDIDATES):
-            room = rooms[hole_start] = self._room_before(region, hole_start)
+            r = tail(hole_start)
+            room = 0 if r is None or hole_start == base else max(0, r.claim_units - r.held_units)
             if hole_len >= room + want:
                 return hole_start + room, hole_start
+            rooms[hole_start] = room
         best: tuple[int, int, int] | None = None  # (spare, start, room)
         for hole_len, hole_start in region.largest_holes(LEND_CANDIDATES):
             if hole_len < floor:
@@ -212,10 +219,11 @@ class OdmaPolicy(KVPolicy):
         pieces = [placed] if placed is not None else self._scatter(regions, self._units(req.num_tokens))
         if not pieces:
             return None
-        r = _Request(req.prompt_tokens, req.max_total_tokens, claim, req.num_tokens, prefer_safety)
+        r = _Request(req.request_id, req.prompt_tokens, req.max_total_tokens, claim, self._units(claim),
+                     req.num_tokens, prefer_safety)
         self._reqs[req.request_id] = r
         for region, ext in pieces:
-            self._add_run(req.request_id, r, region, ext)
+            self._add_run(r, region, ext)
         self.new_runs += len(pieces) - 1
         self._claims_total += claim
         return self.location(req.request_id)
@@ -239,10 +247,13 @@ class OdmaPolicy(KVPolicy):
                 break
         return pieces
 
-    def _add_run(self, request_id: str, r: _Request, region: ExtentAllocator, ext: Extent) -> None:
+    def _add_run(self, r: _Request, region: ExtentAllocator, ext: Extent) -> None:
+        """Append a run: it becomes the request's last run (the one that grows)."""
+        if r.runs:
+            del self._tails[r.runs[-1][1].end]
         r.runs.append((region, ext))
         r.held_units += ext.length
-        self._owner[ext.start] = request_id
+        self._tails[ext.end] = r
 
     # -- growth ------------------------------------------------------------------------
     def _raise_claim(self, r: _Request, needed_tokens: int) -> None:
@@ -253,6 +264,7 @@ class OdmaPolicy(KVPolicy):
         new_claim = min(r.max_total_tokens, r.prompt_tokens + max(bucket, floor, needed_tokens - r.prompt_tokens))
         self._claims_total += new_claim - r.claim_tokens
         r.claim_tokens = new_claim
+        r.claim_units = self._units(new_claim)
 
     def ensure_capacity(self, request_id: str, needed_tokens: int) -> GrowResult:
         r = self._reqs[request_id]
@@ -282,6 +294,8 @@ class OdmaPolicy(KVPolicy):
             grown = region.grow_in_place(last, last.length + size - held)
             if grown is not None:
                 r.runs[-1] = (region, grown)
+                del self._tails[last.end]
+                self._tails[grown.end] = r
                 r.held_units += grown.length - last.length
                 self.in_place_grows += 1
                 return GrowResult(GrowStatus.OK, 0, "in_place")
@@ -295,7 +309,7 @@ class OdmaPolicy(KVPolicy):
         for hold in (target - held, needed - held):
             placed = self._place(self._regions(r.prefer_safety), remaining_want, hold)
             if placed is not None:
-                self._add_run(request_id, r, *placed)
+                self._add_run(r, *placed)
                 self.new_runs += 1
                 return GrowResult(GrowStatus.OK, 0, "new_run")
         return GrowResult(GrowStatus.NO_ROOM)
@@ -328,10 +342,10 @@ class OdmaPolicy(KVPolicy):
                 pos += n
                 left -= n
             old_region.free(old)
-            del self._owner[old.start]
+        del self._tails[r.runs[-1][1].end]
         r.runs = []
         r.held_units = 0
-        self._add_run(request_id, r, region, ext)
+        self._add_run(r, region, ext)
         self.copies += 1
         self.copied_tokens += live
 
@@ -348,7 +362,7 @@ class OdmaPolicy(KVPolicy):
         r = self._reqs.pop(request_id)
         for region, ext in r.runs:
             region.free(ext)
-            del self._owner[ext.start]
+        del self._tails[r.runs[-1][1].end]
         self._claims_total -= r.claim_tokens
         if generated_tokens is None:
             return
@@ -373,12 +387,13 @@ class OdmaPolicy(KVPolicy):
             self.safety.check_integrity()
         held = sum(r.held_units for r in self._reqs.values()) * self.unit
         assert held == self.reserved_tokens(), f"requests hold {held} tokens, regions say {self.reserved_tokens()}"
-        starts = {e.start: rid for rid, r in self._reqs.items() for _, e in r.runs}
-        assert starts == self._owner, "owner index out of sync with the runs"
+        tails = {r.runs[-1][1].end: rid for rid, r in self._reqs.items()}
+        assert tails == {end: r.request_id for end, r in self._tails.items()}, "tail index out of sync with the runs"
         for rid, r in self._reqs.items():
             assert r.runs, f"{rid} holds no run"
             assert r.live_tokens <= r.held_units * self.unit, f"{rid}: {r.live_tokens} live tokens held in {r.runs}"
             assert r.held_units == sum(e.length for _, e in r.runs), f"{rid}: held counter out of sync"
+            assert r.claim_units == self._units(r.claim_tokens), f"{rid}: claim in granules out of sync"
         total = sum(r.claim_tokens for r in self._reqs.values())
         assert total == self._claims_total, f"claims counter {self._claims_total} != {total}"
 
