@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from emulator.cost_model import CostModel
 from emulator.hetero_memory import HeteroMemory, HeteroShape, OdmaEngineRings, OdmaRings
@@ -197,9 +197,15 @@ def growing_ring_fraction(shape: HeteroShape, trace: list[tuple[int, int]]) -> f
 
 
 def schemes(shape: HeteroShape, budget: int, profile: DeviceProfile, max_new_tokens: int,
-            trace: list[tuple[int, int]], cache: CacheConfig = CacheConfig()) -> dict[str, Callable[[], HeteroMemory]]:
+            trace: list[tuple[int, int]], engine_ring_shares: Sequence[float] = (),
+            cache: CacheConfig = CacheConfig()) -> dict[str, Callable[[], HeteroMemory]]:
+    """The schemes compared, by label; ``engine_ring_shares`` adds the engine's two-pool
+    layout at those static ring shares (the split sweep)."""
     run_cost = step_cost(profile, shape)  # ODMA's copy decision: runs and copies of the full layers
     wm = cache.watermark_fraction
+    swept: dict[str, Callable[[], HeteroMemory]] = {
+        f"odma_engine_rings@{f:g}": (lambda f=f: OdmaEngineRings(shape, budget, cache, max_new_tokens, run_cost, f))
+        for f in engine_ring_shares}
     return {
         "odma_rings": lambda: OdmaRings(shape, budget, cache, max_new_tokens, run_cost),
         "odma_engine_rings": lambda: OdmaEngineRings(shape, budget, cache, max_new_tokens, run_cost,
@@ -209,6 +215,7 @@ def schemes(shape: HeteroShape, budget: int, profile: DeviceProfile, max_new_tok
         "jenga": lambda: JengaLCM(shape, budget, wm),
         "vllm_hybrid": lambda: VllmHybrid(shape, budget, wm),
         "vllm_uniform": lambda: VllmHybrid(shape, budget, wm, uniform=True),
+        **swept,
     }
 
 

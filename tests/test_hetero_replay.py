@@ -93,3 +93,14 @@ def test_every_scheme_completes_a_tight_trace(model: str) -> None:
         assert 0.0 <= r.waste_while_waiting <= 1.0 and r.held_per_request_bytes >= r.live_per_request_bytes * 0.9
         tps[label] = r.tps
     assert tps["jenga"] >= tps["vllm_uniform"] * 0.99, tps
+
+
+def test_engine_ring_shares_add_the_split_sweep() -> None:
+    shape = load_shape("gemma-3-12b")
+    profile = load_profile("mlu370-x4")
+    trace = [(200, 300)] * 4
+    made = schemes(shape, GIB, profile, 2048, trace, engine_ring_shares=(0.5, 0.8))
+    assert {"odma_engine_rings@0.5", "odma_engine_rings@0.8"} <= set(made)
+    names = {made[label]().name for label in ("odma_engine_rings@0.5", "odma_engine_rings@0.8")}
+    assert names == {"odma_engine_rings(0.50)", "odma_engine_rings(0.80)"}
+    assert "odma_engine_rings@0.5" not in schemes(shape, GIB, profile, 2048, trace)
