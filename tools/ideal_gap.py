@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Split odma's gap to ``ideal`` into free preemption and the rest (docs/results.md).
+
+Replays one trace under odma, paged and ideal, then under ideal once more with its free
+preemption switched off (one-token pages read at the stream rate, no watermark, but every
+preempted request recomputed as under the other policies)::
+
+    .venv/bin/python tools/ideal_gap.py --trace servegen-r1 --max-requests 1000 --seed 0
+
+The second ideal is a diagnostic bound, not a policy the CLI offers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from emulator.bench import resolve_predictor  # noqa: E402
+from emulator.profile import load_profile  # noqa: E402
+from emulator.replay import ReplayResult, kv_capacity_tokens, replay  # noqa: E402
+from emulator.traces import load_trace  # noqa: E402
+from odma_mlu.config import CacheConfig, load_model_spec  # noqa: E402
+from odma_mlu.kvcache.paged import IdealPolicy  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", default="servegen-r1")
+    ap.add_argument("--max-requests", type=int, default=1000)
+    ap.add_argument("--max-new-tokens", type=int, default=32768)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", default="mlu370-x4")
+    ap.add_argument("--json", type=Path, default=None)
+    ns = ap.parse_args(argv)
+    model = load_model_spec()
+    profile = load_profile(ns.profile)
+    trace = load_trace(ns.trace, seed=ns.seed, max_requests=ns.max_requests, max_new_tokens=ns.max_new_tokens)
+    cap = kv_capacity_tokens(profile, model, CacheConfig())
+
+    def run(policy: str) -> ReplayResult:
+        return replay(trace, policy, model, profile, max_new_tokens=ns.max_new_tokens, capacity_tokens=cap,
+                      predictor=resolve_predictor(None))
+
+    rows: dict[str, ReplayResult] = {p: run(p) for p in ("odma", "paged", "ideal")}
+    IdealPolicy.free_preemption = False  # this process only: the bound that pays for recomputes
+    try:
+        rows["ideal_recompute"] = run("ideal")
+    finally:
+        IdealPolicy.free_preemption = True
+    print(f"{'policy':<18}{'tps':>9}{'kv_util':>9}{'preempt':>9}{'runs':>9}")
+    for name, r in rows.items():
+        print(f"{name:<18}{r.tps:>9.2f}{r.kv_utilization:>9.3f}{r.preemptions:>9}{r.runs_per_request:>9.1f}")
+    odma, ideal, recompute = rows["odma"].tps, rows["ideal"].tps, rows["ideal_recompute"].tps
+    print(f"odma/ideal {odma / ideal:.3f}; odma/ideal_recompute {odma / recompute:.3f}; free preemption is "
+          f"{(ideal - recompute) / ideal * 100:.1f} of the {(ideal - odma) / ideal * 100:.1f} points")
+    if ns.json is not None:
+        ns.json.parent.mkdir(parents=True, exist_ok=True)
+        ns.json.write_text(json.dumps({k: r.metrics() for k, r in rows.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
