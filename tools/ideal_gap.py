@@ -34,12 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32768)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", default="mlu370-x4")
+    ap.add_argument("--kv-capacity-tokens", type=int, default=None,
+                    help="KV capacity (default: what the profile's card holds for the 7B shape)")
     ap.add_argument("--json", type=Path, default=None)
     ns = ap.parse_args(argv)
     model = load_model_spec()
     profile = load_profile(ns.profile)
     trace = load_trace(ns.trace, seed=ns.seed, max_requests=ns.max_requests, max_new_tokens=ns.max_new_tokens)
-    cap = kv_capacity_tokens(profile, model, CacheConfig())
+    cap = ns.kv_capacity_tokens or kv_capacity_tokens(profile, model, CacheConfig())
+    if cap <= 0:
+        ap.error(f"--kv-capacity-tokens must be positive, got {cap}")
 
     def run(policy: str) -> ReplayResult:
         return replay(trace, policy, model, profile, max_new_tokens=ns.max_new_tokens, capacity_tokens=cap,

@@ -1,0 +1,32 @@
+"""tools/ideal_gap.py: the second ideal pays for its recomputes, and the switch is undone."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from odma_mlu.kvcache.paged import IdealPolicy
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "ideal_gap.py"
+
+
+def test_ideal_gap_reports_the_recompute_bound(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("ideal_gap", TOOL)
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "gap.json"
+    # A small card, so requests are preempted and the two ideals differ.
+    assert tool.main(["--trace", "alpaca-vicuna", "--max-requests", "300", "--max-new-tokens", "512",
+                      "--kv-capacity-tokens", "6000", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert set(rows) == {"odma", "paged", "ideal", "ideal_recompute"}
+    assert IdealPolicy.free_preemption is True  # the process-wide switch is restored
+    # Same schedule and memory model; the recompute bound can only be slower than free preemption.
+    assert rows["ideal_recompute"]["preemptions"] > 0
+    assert rows["ideal_recompute"]["tps"] < rows["ideal"]["tps"]
+    assert rows["odma"]["tps"] <= rows["ideal"]["tps"] * 1.005
+    assert "odma/ideal_recompute" in capsys.readouterr().out
