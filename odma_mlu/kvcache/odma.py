@@ -154,18 +154,12 @@ class OdmaPolicy(KVPolicy):
         both. Failing that (the rooms oversubscribe memory), lend: among the largest holes,
         the one with the most room to spare, split between the neighbour's room and ours in
         proportion to the two."""
-        # The hot path of every reservation and new run: the neighbour's room
-        # (``_room_before``) is computed inline, at most once per hole.
-        tail = self._tails.get
-        base = region.base
-        rooms: dict[int, int] = {}
+        rooms: dict[int, int] = {}  # each hole's neighbour room, computed once
         floor = max(hold, self.min_run_units)
         for hole_len, hole_start in region.holes_at_least(max(want, floor), PLACEMENT_CANDIDATES):
-            r = tail(hole_start)
-            room = 0 if r is None or hole_start == base else max(0, r.claim_units - r.held_units)
+            room = rooms[hole_start] = self._room_before(region, hole_start)
             if hole_len >= room + want:
                 return hole_start + room, hole_start
-            rooms[hole_start] = room
         best: tuple[int, int, int] | None = None  # (spare, start, room)
         for hole_len, hole_start in region.largest_holes(LEND_CANDIDATES):
             if hole_len < floor:
