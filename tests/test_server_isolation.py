@@ -313,10 +313,10 @@ def test_engine_config_zero_seqs_is_refused() -> None:
 def test_sub_second_drain_timeout_is_not_forever(tmp_path: Path) -> None:
     """`drain_timeout_s: 0.5` used to become uvicorn's "no limit" (int(0.5) == 0): now SIGTERM
     ends a long stream after 0.5 s with an error event and [DONE], and the process exits 0."""
-    import os
     import signal
-    import subprocess
     import sys
+
+    from serve_process import start_server
 
     root = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(root / "tools"))
@@ -326,24 +326,8 @@ def test_sub_second_drain_timeout_is_not_forever(tmp_path: Path) -> None:
     cfg = (root / "deploy" / "emulator-cpu.yaml").read_text().replace("drain_timeout_s: 30", "drain_timeout_s: 0.5")
     assert "drain_timeout_s: 0.5" in cfg
     (tmp_path / "serve.yaml").write_text(cfg)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "ODMA_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "odma_mlu.cli", "serve", "--config", "serve.yaml", "--port",
-                             str(port)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server("serve.yaml", tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, "server exited"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
         body = {"model": "tiny-qwen2", "prompt": "hello", "max_tokens": 500, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as resp:
             lines = resp.iter_lines()

@@ -14,16 +14,15 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from odma_mlu.server.metrics import parse_metrics
+from serve_process import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDELLM = os.environ.get("GUIDELLM") or shutil.which("guidellm")
@@ -38,25 +37,8 @@ def test_guidellm_against_serve_emulated(tmp_path: Path) -> None:
 
     model = tmp_path / "out" / "tiny-qwen2"
     assert make_tiny([str(model)]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "ODMA_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "odma_mlu.cli", "serve", "--config",
-                             str(ROOT / "deploy" / "emulator-cpu.yaml"), "--port", str(port)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(ROOT / "deploy" / "emulator-cpu.yaml", tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, "server exited"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
         out = tmp_path / "guidellm.json"
         run = subprocess.run([GUIDELLM, "run", "--backend", f"kind=openai_http,target={url},model=tiny-qwen2",
                               "--profile", f"kind=concurrent,streams={STREAMS}",
