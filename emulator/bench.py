@@ -21,6 +21,7 @@ from emulator.traces import Trace, load_trace
 from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig, load_model_spec
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.factory import POLICY_NAMES
+from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds
 from odma_mlu.predictor.base import LengthPredictor
 
 TABLE_COLUMNS = (("policy", "{:<7}"), ("completed", "{:>9}"), ("lost", "{:>4}"), ("tps", "{:>8.1f}"),
@@ -50,8 +51,10 @@ def resolve_predictor(name_or_dir: str | None) -> LengthPredictor:
 def run_bench(trace: Trace, policies: Sequence[str], model: ModelSpec, profile: DeviceProfile, *,
               predictor_name: str | None = None, kv_gib: float | None = None, max_new_tokens: int | None = None,
               mode: str = "offline", rate_scale: float = 1.0, cache: CacheConfig = CacheConfig(),
-              scheduler: SchedulerConfig = SchedulerConfig(), progress: bool = True) -> list[ReplayResult]:
-    """Replay ``trace`` under each policy; one fresh predictor per policy (no shared learning)."""
+              scheduler: SchedulerConfig = SchedulerConfig(), progress: bool = True,
+              layers: LayerKinds | None = None) -> list[ReplayResult]:
+    """Replay ``trace`` under each policy; one fresh predictor per policy (no shared learning).
+    ``layers``: the model's layer kinds (sliding-window layers change the layout and prices)."""
     cap_new = max_new_tokens or trace.max_new_tokens or scheduler.max_new_tokens
     capacity = kv_capacity_tokens(profile, model, cache, kv_gib)
     results: list[ReplayResult] = []
@@ -65,7 +68,7 @@ def run_bench(trace: Trace, policies: Sequence[str], model: ModelSpec, profile: 
         t0 = time.perf_counter()
         res = replay(trace, name, model, profile, cache=cache, scheduler_config=scheduler, max_new_tokens=cap_new,
                      capacity_tokens=capacity, predictor=predictor, mode=mode, rate_scale=rate_scale,
-                     progress=bar.update if bar is not None else None)
+                     progress=bar.update if bar is not None else None, layers=layers)
         if bar is not None:
             bar.close()
         if progress:
@@ -136,6 +139,10 @@ def bench_main(ns: argparse.Namespace) -> int:
             raise ConfigError("goodput needs --mode online with both --slo-ttft-s and --slo-tpot-s")
         slo = (slo_ttft, slo_tpot)
     profile = load_profile(ns.profile)
+    layers = load_layer_kinds(ns.model)
+    if layers.ssm is not None:
+        raise ConfigError(f"--model {ns.model}: a hybrid (SSM) shape; its state and KV pools are benchmarked by "
+                          "tools/bench_hybrid.py, not odma-mlu bench")
     model = load_model_spec(ns.model)
     trace = load_trace(ns.trace, seed=ns.seed, max_requests=ns.max_requests, max_new_tokens=ns.max_new_tokens)
     cache = replace(CacheConfig(), page_size_tokens=ns.page_size)
@@ -147,12 +154,14 @@ def bench_main(ns: argparse.Namespace) -> int:
     if getattr(ns, "max_num_batched_tokens", None):
         sched = replace(sched, max_num_batched_tokens=ns.max_num_batched_tokens)
     capacity = kv_capacity_tokens(profile, model, cache, ns.kv_gib)
-    print(f"profile {profile.name} | model {model.name} ({model.dtype}) | trace {trace.name}: "
+    kinds = (f"{layers.num_full} full + {layers.num_sliding} sliding-window ({layers.window_tokens}) layers"
+             if layers.num_sliding else f"{model.num_layers} layers")
+    print(f"profile {profile.name} | model {model.name} ({model.dtype}, {kinds}) | trace {trace.name}: "
           f"{len(trace.requests)} requests | KV capacity {capacity} tokens "
           f"({capacity * model.kv_bytes_per_token / 1024**3:.2f} GiB) | mode {ns.mode}")
     results = run_bench(trace, policies, model, profile, predictor_name=ns.predictor, kv_gib=ns.kv_gib,
                         max_new_tokens=ns.max_new_tokens, mode=ns.mode, rate_scale=ns.rate_scale, cache=cache,
-                        scheduler=sched, progress=not ns.no_progress)
+                        scheduler=sched, progress=not ns.no_progress, layers=layers)
     print(format_table(results, ns.mode == "online"))
     goodput = None
     if slo is not None:
@@ -164,7 +173,7 @@ def bench_main(ns: argparse.Namespace) -> int:
             def run_at(scale: float, name: str = name) -> ReplayResult:
                 return run_bench(trace, [name], model, profile, predictor_name=ns.predictor, kv_gib=ns.kv_gib,
                                  max_new_tokens=ns.max_new_tokens, mode="online", rate_scale=scale, cache=cache,
-                                 scheduler=sched, progress=False)[0]
+                                 scheduler=sched, progress=False, layers=layers)[0]
             goodput.append(find_goodput(run_at, base_rps, *slo, start_scale=ns.rate_scale, first=first,
                                         max_runs=getattr(ns, "goodput_runs", 8), policy=name,
                                         log=None if ns.no_progress else log_stderr))

@@ -29,14 +29,15 @@ from emulator.hetero_memory import HeteroMemory, HeteroShape, OdmaEngineRings, O
 from emulator.hetero_paged import JengaLCM, VllmHybrid
 from emulator.profile import DeviceProfile
 from emulator.shape_scheduler import ShapeSeq as _Seq, schedule_shape_step
+from emulator.traces import default_shared_dir
 from odma_mlu.config import BUILTIN_MODEL_SHAPES, CacheConfig, load_model_spec
 from odma_mlu.engine.step_work import StepWork
 from odma_mlu.models.layer_types import layer_windows
 from odma_mlu.predictor.base import RequestFeatures
 from odma_mlu.predictor.simple import SimplePredictor
 
-SHAREGPT_DEV = Path("/work/shared/data/sharegpt/sharegpt_pairs_dev.jsonl")
-ALPACA = Path("/work/shared/data/lengths/alpaca_vicuna7b_train.jsonl")
+SHAREGPT_DEV = default_shared_dir() / "sharegpt" / "sharegpt_pairs_dev.jsonl"
+ALPACA = default_shared_dir() / "lengths" / "alpaca_vicuna7b_train.jsonl"
 CHARS_PER_TOKEN = 4
 MEMORY_USE_FRACTION = 0.90
 

@@ -32,11 +32,12 @@ from emulator.cost_model import CostModel
 from emulator.hybrid_pools import DualPools, HybridMemory, PaddedUnified
 from emulator.profile import DeviceProfile
 from emulator.shape_scheduler import ShapeSeq as _Seq, schedule_shape_step
+from emulator.traces import default_shared_dir
 from odma_mlu.engine.step_work import StepWork
 from odma_mlu.models.hybrid_spec import HybridSpec
 from odma_mlu.models.layer_kinds import LayerKinds
 
-SHAREGPT_DEV = Path("/work/shared/data/sharegpt/sharegpt_pairs_dev.jsonl")
+SHAREGPT_DEV = default_shared_dir() / "sharegpt" / "sharegpt_pairs_dev.jsonl"
 CHARS_PER_TOKEN = 4
 MEMORY_USE_FRACTION = 0.90  # as FACTS.md's KV estimate for the 7B on one card
 

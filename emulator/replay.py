@@ -6,12 +6,19 @@ tokens, decode runs, attention groups, KV copies as issued) -> the one step-cost
 -> every sequence that samples this step (decodes, and prefills whose chunk reaches their
 last token) gains one token -> a sequence ends at its trace length ->
 ``scheduler.postprocess``. Nothing here re-implements allocation or scheduling.
+
+A model with sliding-window layers (``layers`` with ``num_sliding``) is replayed in the
+engine's layout (``LLMEngine``): the budget split by ``split_kv_budget`` into an arena for
+the full layers, under the named policy, and a ring pool for the sliding layers, joined by
+``WindowedPolicy``; every step is priced with the layer kinds. Token counts (capacity,
+live, reserved) are then in tokens of *every* layer's K/V, so ``kv_utilization`` is the
+share of the byte budget that live K/V fills, as for a full-attention model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 import numpy as np
 
@@ -25,6 +32,8 @@ from odma_mlu.engine.step_work import describe_step
 from odma_mlu.errors import ConfigError, RequestRejected
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.factory import make_policy
+from odma_mlu.kvcache.window import RingPool, WindowedPolicy, split_kv_budget
+from odma_mlu.models.layer_kinds import LayerKinds
 from odma_mlu.predictor.base import LengthPredictor, RequestFeatures
 
 GIB = 1024**3
@@ -102,19 +111,65 @@ def _features(r: TraceRequest, max_new_tokens: int) -> RequestFeatures:
                            metadata=dict(r.metadata))
 
 
+class _KVLayout:
+    """The KV policy as the engine builds it for ``layers``, and what it holds, in tokens of
+    every layer's K/V (a sliding layer holds at most its window of a request's tokens)."""
+
+    def __init__(self, policy_name: str, model: ModelSpec, layers: LayerKinds | None, capacity_tokens: int,
+                 cache: CacheConfig, max_new_tokens: int, max_num_seqs: int, drift_detector: object | None,
+                 cost: CostModel) -> None:
+        self.layers = layers if layers is not None and layers.num_sliding else None
+        self.rings: RingPool | None = None
+        if self.layers is None:
+            self.arena = KVArena(model, capacity_tokens, shape_only=True)
+            self.policy: Any = make_policy(policy_name, self.arena, cache, max_new_tokens, drift_detector,
+                                           run_cost=cost)
+            return
+        kinds = self.layers
+        assert kinds.num_layers == model.num_layers and kinds.window_tokens is not None, \
+            f"layer kinds of {kinds.num_layers} layers for a model of {model.num_layers}"
+        per_layer = model.kv_bytes_per_token_per_layer
+        split = split_kv_budget(capacity_tokens * model.num_layers * per_layer, kinds.num_full * per_layer,
+                                kinds.num_sliding * per_layer, kinds.window_tokens, max_num_seqs)
+        self.arena = KVArena(replace(model, num_layers=kinds.num_full), split.arena_tokens, shape_only=True)
+        self.rings = RingPool(kinds.num_sliding, kinds.window_tokens, 0, model.num_kv_heads, model.head_dim,
+                              shape_only=True, capacity_slots=split.ring_slots)
+        inner = make_policy(policy_name, self.arena, cache, max_new_tokens, drift_detector, run_cost=cost)
+        self.policy = WindowedPolicy(inner, self.rings)
+
+    def live_tokens(self, running: list[Sequence]) -> int:
+        kinds = self.layers
+        if kinds is None:
+            return sum(s.kv_tokens for s in running)
+        w = kinds.window_tokens
+        assert w is not None
+        layer_tokens = sum(kinds.num_full * s.kv_tokens + kinds.num_sliding * min(s.kv_tokens, w) for s in running)
+        return layer_tokens // kinds.num_layers
+
+    def reserved_tokens(self) -> int:
+        kinds = self.layers
+        if kinds is None or self.rings is None:
+            return self.policy.reserved_tokens()
+        held = kinds.num_full * self.policy.reserved_tokens() + kinds.num_sliding * self.rings.stats().held_slots
+        return held // kinds.num_layers
+
+
 def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProfile, *,
            cache: CacheConfig = CacheConfig(), scheduler_config: SchedulerConfig = SchedulerConfig(),
            max_new_tokens: int, capacity_tokens: int, predictor: LengthPredictor | None = None,
            mode: str = "offline", rate_scale: float = 1.0, timeline_points: int = 400,
-           progress: Callable[[int], None] | None = None, drift_detector: object | None = None) -> ReplayResult:
-    """Replay ``trace`` under one KV policy; returns the DESIGN.md metrics."""
+           progress: Callable[[int], None] | None = None, drift_detector: object | None = None,
+           layers: LayerKinds | None = None) -> ReplayResult:
+    """Replay ``trace`` under one KV policy; returns the DESIGN.md metrics. ``layers``: the
+    model's layer kinds (None: every layer full attention)."""
     if mode not in ("offline", "online"):
         raise ConfigError(f"mode must be offline or online, not {mode!r}")
     if rate_scale <= 0:
         raise ConfigError(f"--rate-scale must be positive, got {rate_scale}")
-    arena = KVArena(model, capacity_tokens, shape_only=True)
-    cost = CostModel(profile, model)
-    policy = make_policy(policy_name, arena, cache, max_new_tokens, drift_detector, run_cost=cost)
+    cost = CostModel(profile, model, layers=layers)
+    kv = _KVLayout(policy_name, model, layers, capacity_tokens, cache, max_new_tokens, scheduler_config.max_num_seqs,
+                   drift_detector, cost)
+    arena, policy = kv.arena, kv.policy
     scheduler = Scheduler(policy, scheduler_config, model.max_position_embeddings, predictor)
 
     # Requests, predictions (made once, before they run: what a server would know).
@@ -184,8 +239,8 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
                 s.finish_reason = "length"
                 finished.append(s)
         scheduler.postprocess(batch, finished)
-        live = scheduler.live_kv_tokens()
-        reserved = policy.reserved_tokens()
+        live = kv.live_tokens(scheduler.running)
+        reserved = kv.reserved_tokens()
         frac = live / capacity_tokens
         util_all.append(frac)
         if scheduler.waiting:

@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", default=None)
     src.add_argument("--model", default=None)
     s.add_argument("--backend", choices=("auto", "mlu", "cuda", "cpu", "emulated"), default=None)
+    s.add_argument("--emulated-target", default=None,
+                   help="--backend emulated: the model shape the clock and KV capacity follow (e.g. gemma-3-12b, "
+                        "or a config.json; default: the 7B target)")
     s.add_argument("--kv-policy", choices=POLICIES, default=None)
     s.add_argument("--predictor", default=None)
     s.add_argument("--host", default="127.0.0.1")

@@ -249,6 +249,9 @@ class EngineConfig:
     backend: str = "auto"
     dtype: str = "float16"
     profile: str = "mlu370-x4"
+    emulated_target: str | None = None
+    """Backend ``emulated`` only: the model shape its clock and KV capacity follow (a built-in
+    shape such as ``gemma-3-12b``, or a config.json / model folder); None: the 7B target."""
     predictor: str | None = None
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -37,16 +37,20 @@ def _real_backend(name: str) -> Backend:
     raise ConfigError(f"unknown backend {name!r}; choose one of {list(BACKEND_NAMES)}")
 
 
-def get_backend(name: str = "auto", profile: str | None = None, host: str = "auto", pace: bool = False) -> Backend:
+def get_backend(name: str = "auto", profile: str | None = None, host: str = "auto", pace: bool = False,
+                target_model: str | None = None) -> Backend:
     """Return the backend ``name``.
 
     ``emulated`` needs ``profile`` (a name in device_profiles/ or a YAML path) and runs its
     tensors on ``host`` (cuda if available under auto, else cpu); its clock and KV capacity
-    are those of the 7B shape on that profile, and ``pace`` makes steps take the card's time.
+    are those of ``target_model`` (a shape name or config.json; None: the 7B shape) on that
+    profile, and ``pace`` makes steps take the card's time.
     """
     if name not in BACKEND_NAMES:
         raise ConfigError(f"unknown backend {name!r}; choose one of {list(BACKEND_NAMES)}")
     if name != "emulated":
+        if target_model is not None:
+            raise ConfigError(f"emulated_target = {target_model!r} applies to backend 'emulated' only, not {name!r}")
         return _real_backend(name)
     if profile is None:
         raise ConfigError("backend 'emulated' needs a device profile (e.g. --profile mlu370-x4)")
@@ -58,7 +62,7 @@ def get_backend(name: str = "auto", profile: str | None = None, host: str = "aut
         host = "cuda" if CudaBackend.is_available() else "cpu"
     if host in ("emulated", "mlu"):
         raise ConfigError(f"emulated backend host must be cpu or cuda, not {host!r}")
-    return EmulatedBackend(profile, _real_backend(host), pace=pace)
+    return EmulatedBackend(profile, _real_backend(host), target_model=target_model, pace=pace)
 
 
 def backend_unavailable_message(name: str) -> str | None:

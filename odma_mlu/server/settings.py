@@ -59,6 +59,8 @@ def settings_from_args(ns: argparse.Namespace) -> ServeSettings:
         engine, server = EngineConfig(model=ns.model, dtype="auto"), ServerConfig()
     if getattr(ns, "backend", None):
         engine = replace(engine, backend=ns.backend)
+    if getattr(ns, "emulated_target", None):
+        engine = replace(engine, emulated_target=ns.emulated_target)
     if getattr(ns, "kv_policy", None):
         engine = replace(engine, cache=replace(engine.cache, policy=ns.kv_policy))
     if getattr(ns, "predictor", None):
@@ -117,7 +119,11 @@ def kv_capacity_tokens(cfg: EngineConfig, server: ServerConfig, backend: Any, mo
     if cfg.cache.kv_capacity_tokens is not None:
         return int(cfg.cache.kv_capacity_tokens)
     if backend.name == "emulated":  # the card's capacity for the target shape (7B on MLU370-X4)
-        return int(backend.kv_capacity_tokens(cfg.cache.activation_reserve_fraction))
+        tokens = int(backend.kv_capacity_tokens(cfg.cache.activation_reserve_fraction))
+        if tokens < 256:
+            raise ConfigError(f"emulated_target {backend.target_model.name}: its weights leave {tokens} KV tokens on "
+                              f"{backend.profile.name}; set cache.kv_capacity_tokens (the KV budget to emulate)")
+        return tokens
     if backend.name == "cpu":
         return server.cpu_kv_capacity_tokens
     spec = load_model_spec(str(model_path), dtype=dtype)
@@ -155,7 +161,14 @@ def build_engine(settings: ServeSettings) -> Any:
 
     cfg = settings.engine
     model_path = resolve_model_path(cfg.model)
-    backend = get_backend(cfg.backend, profile=cfg.profile if cfg.backend == "emulated" else None, pace=True)
+    emulated = cfg.backend == "emulated"
+    try:
+        backend = get_backend(cfg.backend, profile=cfg.profile if emulated else None, pace=True,
+                              target_model=cfg.emulated_target)
+    except ConfigError as e:
+        if cfg.emulated_target is None or not emulated:
+            raise
+        raise ConfigError(f"emulated_target = {cfg.emulated_target!r}: {e}") from e
     dtype = _dtype_for(cfg, backend, model_path)
     capacity = kv_capacity_tokens(cfg, settings.server, backend, model_path, dtype)
     predictor = None

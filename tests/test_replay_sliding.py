@@ -1,0 +1,68 @@
+"""`odma-mlu bench` on a shape with sliding-window layers replays the engine's layout
+(arena for the full layers + growing rings, joined by WindowedPolicy) and prices each
+layer by its kind, instead of treating every layer as full attention."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from emulator.profile import load_profile
+from emulator.replay import replay
+from emulator.traces import Trace, TraceRequest
+from odma_mlu.cli import main as cli_main
+from odma_mlu.config import load_model_spec
+from odma_mlu.kvcache.factory import POLICY_NAMES
+from odma_mlu.models.layer_kinds import load_layer_kinds
+
+SHAPE = "qwen2-7b-swa"  # 8 full + 20 sliding layers, window 1024
+MODEL = load_model_spec(SHAPE)
+KINDS = load_layer_kinds(SHAPE)
+
+
+def _long_trace(n: int = 40) -> Trace:
+    """Contexts well past the window, so the sliding layers keep less than every token."""
+    reqs = tuple(TraceRequest(f"r{i}", 0.0, 1500 + 37 * i, 200 + 11 * i) for i in range(n))
+    return Trace("long", "test", reqs, 1024)
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_sliding_shape_replays_under_every_policy(policy: str) -> None:
+    profile = load_profile("mlu370-x4")
+    capacity = 40_000  # tokens of every layer's K/V: tight, so requests wait and some preempt
+    res = replay(_long_trace(), policy, MODEL, profile, max_new_tokens=1024, capacity_tokens=capacity, layers=KINDS)
+    assert res.lost == 0 and res.completed == 40 and res.extents_free_after
+    assert 0.0 < res.kv_utilization <= 1.0
+    assert max(res.timeline_reserved_tokens) <= capacity
+
+
+def test_windows_change_memory_and_prices() -> None:
+    """The same trace and budget as an all-full-attention model reads more KV per token and fits
+    fewer requests; with the kinds, sliding layers read at most their window."""
+    profile = load_profile("mlu370-x4")
+    trace = _long_trace()
+    kw = dict(max_new_tokens=1024, capacity_tokens=40_000)
+    windowed = replay(trace, "odma", MODEL, profile, layers=KINDS, **kw)
+    all_full = replay(trace, "odma", MODEL, profile, **kw)
+    assert windowed.kv_read_bytes / windowed.generated_tokens < 0.7 * all_full.kv_read_bytes / all_full.generated_tokens
+    assert windowed.tps > all_full.tps
+    assert windowed.preemptions <= all_full.preemptions
+
+
+def test_bench_cli_names_the_layer_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b.json"
+    rc = cli_main(["bench", "--model", SHAPE, "--max-requests", "30", "--policies", "odma,paged", "--no-progress",
+                   "--json", str(out)])
+    assert rc == 0
+    assert "8 full + 20 sliding-window (1024) layers" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert [r["policy"] for r in doc["results"]] == ["odma", "paged"] and all(r["lost"] == 0 for r in doc["results"])
+
+
+def test_bench_cli_rejects_a_hybrid_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli_main(["bench", "--model", "bamba-9b", "--max-requests", "5", "--no-progress"])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "bamba-9b" in err and "tools/bench_hybrid.py" in err and "Traceback" not in err
