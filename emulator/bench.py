@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from emulator.hetero_policy import HETERO_BASELINES
 from emulator.profile import DeviceProfile, load_profile
 from emulator.replay import ReplayResult, kv_capacity_tokens, replay
 from emulator.traces import Trace, load_trace
@@ -24,7 +25,7 @@ from odma_mlu.kvcache.factory import POLICY_NAMES
 from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds
 from odma_mlu.predictor.base import LengthPredictor
 
-TABLE_COLUMNS = (("policy", "{:<7}"), ("completed", "{:>9}"), ("lost", "{:>4}"), ("tps", "{:>8.1f}"),
+TABLE_COLUMNS = (("policy", "{}"), ("completed", "{:>9}"), ("lost", "{:>4}"), ("tps", "{:>8.1f}"),
                  ("rps", "{:>6.2f}"), ("kv_utilization", "{:>14.3f}"), ("reservation_efficiency", "{:>22.3f}"),
                  ("overflow_rate", "{:>13.3f}"), ("preemptions", "{:>11}"), ("runs_per_request", "{:>16.3f}"),
                  ("copied_kv_fraction", "{:>18.4f}"), ("makespan_s", "{:>10.1f}"))
@@ -32,11 +33,16 @@ ONLINE_COLUMNS = (("ttft_p50_s", "{:>10.3f}"), ("ttft_p99_s", "{:>10.3f}"), ("tp
                   ("tpot_p99_s", "{:>10.4f}"))
 
 
-def parse_policies(text: str) -> list[str]:
+def parse_policies(text: str, sliding: bool = False) -> list[str]:
+    """``--policies``; ``sliding``: the model has sliding-window layers, so the paged
+    baselines for such models (``jenga``, ``vllm_hybrid``) are accepted too."""
+    allowed = POLICY_NAMES + (HETERO_BASELINES if sliding else ())
     names = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in names if p not in POLICY_NAMES]
+    bad = [p for p in names if p not in allowed]
     if bad or not names:
-        raise ConfigError(f"--policies: unknown {bad or text!r}; choose from {','.join(POLICY_NAMES)}")
+        only = [p for p in bad if p in HETERO_BASELINES]
+        why = f" ({', '.join(only)}: only for models with sliding-window layers)" if only else ""
+        raise ConfigError(f"--policies: unknown {bad or text!r}{why}; choose from {','.join(allowed)}")
     return names
 
 
@@ -78,20 +84,21 @@ def run_bench(trace: Trace, policies: Sequence[str], model: ModelSpec, profile: 
 
 
 def format_table(results: Sequence[ReplayResult], online: bool) -> str:
+    """One row per policy; each column as wide as its name or its widest value (the policy
+    name left-aligned, figures right-aligned)."""
     cols = TABLE_COLUMNS + (ONLINE_COLUMNS if online else ())
-    header = " ".join(name for name, _ in cols)
-    lines = [header]
+    rows: list[list[str]] = []
     for r in results:
         m = r.metrics()
-        cells = []
+        row = []
         for name, fmt in cols:
             v = m.get(name)
-            width = len(name)
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                cells.append(f"{'-':>{width}}")
-            else:
-                cells.append(f"{fmt.format(v):>{width}}")
-        lines.append(" ".join(cells))
+            row.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v).strip())
+        rows.append(row)
+    widths = [max([len(name)] + [len(row[i]) for row in rows]) for i, (name, _) in enumerate(cols)]
+    lines = [" ".join(name.ljust(w) if i == 0 else name.rjust(w) for i, ((name, _), w) in enumerate(zip(cols, widths)))]
+    for row in rows:
+        lines.append(" ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(lines)
 
 
@@ -127,7 +134,6 @@ def write_plot(results: Sequence[ReplayResult], path: str, title: str) -> None:
 
 
 def bench_main(ns: argparse.Namespace) -> int:
-    policies = parse_policies(ns.policies)
     if ns.max_requests is not None and ns.max_requests <= 0:
         raise ConfigError(f"--max-requests must be >= 1, got {ns.max_requests}")
     if ns.max_new_tokens is not None and ns.max_new_tokens <= 0:
@@ -144,6 +150,8 @@ def bench_main(ns: argparse.Namespace) -> int:
         raise ConfigError(f"--model {ns.model}: a hybrid (SSM) shape; its state and KV pools are benchmarked by "
                           "tools/bench_hybrid.py, not odma-mlu bench")
     model = load_model_spec(ns.model)
+    sliding = layers.num_sliding > 0
+    policies = parse_policies(ns.policies or ",".join(POLICY_NAMES + (HETERO_BASELINES if sliding else ())), sliding)
     trace = load_trace(ns.trace, seed=ns.seed, max_requests=ns.max_requests, max_new_tokens=ns.max_new_tokens)
     cache = replace(CacheConfig(), page_size_tokens=ns.page_size)
     sched = SchedulerConfig()

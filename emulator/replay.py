@@ -10,7 +10,9 @@ last token) gains one token -> a sequence ends at its trace length ->
 A model with sliding-window layers (``layers`` with ``num_sliding``) is replayed in the
 engine's layout (``LLMEngine``): the budget split by ``split_kv_budget`` into an arena for
 the full layers, under the named policy, and a ring pool for the sliding layers, joined by
-``WindowedPolicy``; every step is priced with the layer kinds. Token counts (capacity,
+``WindowedPolicy``; every step is priced with the layer kinds. There the policies ``jenga``
+and ``vllm_hybrid`` (emulator/hetero_policy.py) run the paged baselines over the same byte
+budget under the same scheduler. Token counts (capacity,
 live, reserved) are then in tokens of *every* layer's K/V, so ``kv_utilization`` is the
 share of the byte budget that live K/V fills, as for a full-attention model.
 """
@@ -23,6 +25,8 @@ from typing import Any, Callable
 import numpy as np
 
 from emulator.cost_model import CostModel
+from emulator.hetero_memory import HeteroShape
+from emulator.hetero_policy import HETERO_BASELINES, make_hetero_baseline
 from emulator.profile import DeviceProfile
 from emulator.traces import Trace, TraceRequest
 from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig
@@ -120,7 +124,11 @@ class _KVLayout:
                  cost: CostModel) -> None:
         self.layers = layers if layers is not None and layers.num_sliding else None
         self.rings: RingPool | None = None
+        self.arena: Any
         if self.layers is None:
+            if policy_name in HETERO_BASELINES:
+                raise ConfigError(f"policy {policy_name!r} is a baseline for models with sliding-window layers; "
+                                  f"{model.name} has none")
             self.arena = KVArena(model, capacity_tokens, shape_only=True)
             self.policy: Any = make_policy(policy_name, self.arena, cache, max_new_tokens, drift_detector,
                                            run_cost=cost)
@@ -128,6 +136,12 @@ class _KVLayout:
         kinds = self.layers
         assert kinds.num_layers == model.num_layers and kinds.window_tokens is not None, \
             f"layer kinds of {kinds.num_layers} layers for a model of {model.num_layers}"
+        if policy_name in HETERO_BASELINES:  # Jenga / vLLM-hybrid over the same byte budget
+            windows = (None,) * kinds.num_full + (kinds.window_tokens,) * kinds.num_sliding
+            self.policy = make_hetero_baseline(policy_name, HeteroShape(model, windows),
+                                               capacity_tokens * model.kv_bytes_per_token, cache)
+            self.arena = self.policy.arena
+            return
         per_layer = model.kv_bytes_per_token_per_layer
         split = split_kv_budget(capacity_tokens * model.num_layers * per_layer, kinds.num_full * per_layer,
                                 kinds.num_sliding * per_layer, kinds.window_tokens, max_num_seqs)
@@ -148,7 +162,7 @@ class _KVLayout:
 
     def reserved_tokens(self) -> int:
         kinds = self.layers
-        if kinds is None or self.rings is None:
+        if kinds is None or self.rings is None:  # one pool (or a baseline that counts its own)
             return self.policy.reserved_tokens()
         held = kinds.num_full * self.policy.reserved_tokens() + kinds.num_sliding * self.rings.stats().held_slots
         return held // kinds.num_layers

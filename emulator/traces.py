@@ -47,12 +47,14 @@ NAMED_TRACES: Mapping[str, str] = {
     "azure-code": "traces/azure_code_2023.csv",
     "mooncake": "traces/mooncake_synthetic.jsonl",
     "servegen-r1": "servegen_deepseek_r1",
+    "sharegpt-dev": "sharegpt/sharegpt_pairs_dev.jsonl",
     "vidur-arxiv": "traces/vidur_arxiv_summarization_lengths.csv",
 }
 ACCEPTED_FORMATS = (
     "Azure CSV (header TIMESTAMP,ContextTokens,GeneratedTokens); "
     "Mooncake JSONL (timestamp ms, input_length, output_length, hash_ids); "
     "lengths JSONL (prompt, output_tokens); "
+    "conversation pairs JSONL (prompt, response: both lengths from characters); "
     "Vidur CSV (header num_prefill_tokens,num_decode_tokens,...); "
     "ServeGen folder of chunk-N-trace.csv + chunk-N-dataset.json, or one chunk-N prefix"
 )
@@ -65,7 +67,8 @@ CHARS_PER_TOKEN = 4
 def estimate_prompt_tokens(text: str) -> int:
     """Prompt tokens of ``text`` when no serving-model tokenizer is at hand:
     ``max(1, len(text) // 4)`` (characters, not bytes). An estimate, not a count: it sizes
-    the prompt's KV footprint, never the generated length being replayed."""
+    the prompt's KV footprint; only a trace with no token counts at all (conversation pairs)
+    also sizes its replies by it."""
     return max(1, len(text) // CHARS_PER_TOKEN)
 
 
@@ -213,6 +216,8 @@ def _read_any(path: Path, *, seed: int, max_requests: int | None) -> tuple[list[
             return _read_mooncake(path), None
         if {"prompt", "output_tokens"} <= keys:
             return _read_lengths(path)
+        if {"prompt", "response"} <= keys:
+            return _read_pairs(path), None
         raise DataFormatError(f"{path}:1: JSONL record with fields {sorted(keys)} is no known trace; "
                               f"expected one of: {ACCEPTED_FORMATS}")
     header = [h.strip() for h in first.split(",")]
@@ -316,6 +321,20 @@ def _read_lengths(path: Path) -> tuple[list[TraceRequest], int | None]:
         out.append(TraceRequest(str(o.get("id", f"{path.stem}-{i}")), 0.0, estimate_prompt_tokens(prompt),
                                 output, prompt, meta))
     return out, cap
+
+
+def _read_pairs(path: Path) -> list[TraceRequest]:
+    """Conversation pairs JSONL (ShareGPT): requests at time 0; the reply's length in tokens
+    is estimated from its characters by the prompt's rule (``estimate_prompt_tokens``)."""
+    out: list[TraceRequest] = []
+    for i, (where, o) in enumerate(_iter_jsonl(path)):
+        prompt, response = o.get("prompt"), o.get("response")  # an empty turn is one token, not an error
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise DataFormatError(f"{where}: fields 'prompt' and 'response' must be text, got "
+                                  f"{type(prompt).__name__} and {type(response).__name__}")
+        out.append(TraceRequest(str(o.get("id", f"{path.stem}-{i}")), 0.0, estimate_prompt_tokens(prompt),
+                                max(1, estimate_prompt_tokens(response)), prompt))
+    return out
 
 
 def _read_mooncake(path: Path) -> list[TraceRequest]:

@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--profile", default="mlu370-x4", help="device profile name or YAML path")
     b.add_argument("--model", default=DEFAULT_MODEL, help="built-in model shape, config.json or model folder")
     b.add_argument("--trace", default=None, help="trace name or path (default: the bundled sample)")
-    b.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES))
+    b.add_argument("--policies", default=None,
+                   help="comma-separated subset of " + ",".join(POLICIES) + " (default: all; with a sliding-window "
+                        "model also the baselines jenga,vllm_hybrid)")
     b.add_argument("--kv-gib", type=_float_in(0, 1e6, lo_open=True), default=None, help="KV capacity in GiB (default: from the profile)")
     b.add_argument("--max-requests", type=_int_in(1), default=None)
     b.add_argument("--mode", choices=("offline", "online"), default="offline")

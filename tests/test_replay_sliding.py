@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from emulator.bench import parse_policies
+from emulator.hetero_policy import HETERO_BASELINES
 from emulator.profile import load_profile
 from emulator.replay import replay
-from emulator.traces import Trace, TraceRequest
+from emulator.traces import Trace, TraceRequest, load_trace
 from odma_mlu.cli import main as cli_main
 from odma_mlu.config import load_model_spec
+from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.factory import POLICY_NAMES
 from odma_mlu.models.layer_kinds import load_layer_kinds
 
@@ -28,7 +31,7 @@ def _long_trace(n: int = 40) -> Trace:
     return Trace("long", "test", reqs, 1024)
 
 
-@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("policy", POLICY_NAMES + HETERO_BASELINES)
 def test_sliding_shape_replays_under_every_policy(policy: str) -> None:
     profile = load_profile("mlu370-x4")
     capacity = 40_000  # tokens of every layer's K/V: tight, so requests wait and some preempt
@@ -66,3 +69,37 @@ def test_bench_cli_rejects_a_hybrid_shape(capsys: pytest.CaptureFixture[str]) ->
     assert rc != 0
     err = capsys.readouterr().err
     assert "bamba-9b" in err and "tools/bench_hybrid.py" in err and "Traceback" not in err
+
+
+def test_baselines_share_the_budget_and_free_out_of_window_pages() -> None:
+    """Jenga and vLLM-hybrid run under the engine's scheduler on the same byte budget: nothing
+    held at the end, and while requests run they hold less than every layer's K/V of every
+    token (their sliding groups free pages that left the window)."""
+    profile = load_profile("mlu370-x4")
+    for name in HETERO_BASELINES:
+        res = replay(_long_trace(), name, MODEL, profile, max_new_tokens=1024, capacity_tokens=40_000, layers=KINDS)
+        assert res.completed == 40 and res.lost == 0 and res.extents_free_after, name
+        assert res.capacity_tokens == 40_000
+        # Every request runs past the window: all-layer K/V of every token would be 1.0.
+        assert 0.3 < res.reservation_efficiency <= 1.0, (name, res.reservation_efficiency)
+
+
+def test_baselines_need_sliding_layers() -> None:
+    with pytest.raises(ConfigError, match="only for models with sliding-window layers"):
+        parse_policies("odma,jenga")
+    assert parse_policies("odma,jenga", sliding=True) == ["odma", "jenga"]
+    with pytest.raises(ConfigError, match="has none"):
+        replay(_long_trace(4), "jenga", load_model_spec(), load_profile("mlu370-x4"), max_new_tokens=1024,
+               capacity_tokens=40_000)
+
+
+def test_conversation_pairs_trace(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"id": "a", "prompt": "x", "response": "' + "y" * 400 + '"}\n'
+                    '{"id": "b", "prompt": "", "response": "' + "z" * 41 + '"}\n')
+    trace = load_trace(str(path))
+    assert [(r.request_id, r.prompt_tokens, r.output_tokens) for r in trace.requests] == [("a", 1, 100), ("b", 1, 10)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "response": 5}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: fields 'prompt' and 'response' must be text"):
+        load_trace(str(bad))
