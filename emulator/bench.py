@@ -125,6 +125,7 @@ def write_plot(results: Sequence[ReplayResult], path: str, title: str) -> None:
     for i, r in enumerate(results):
         ax2.text(i, r.tps, f"{r.tps:.0f}", ha="center", va="bottom", fontsize=8)
     ax2.set_ylabel("generated tokens / s")
+    ax2.tick_params(axis="x", labelrotation=30)
     ax2.set_title("throughput")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
