@@ -10,15 +10,13 @@ of K+V per token per layer::
                       a request's full KV is ODMA's slab, its ring a second slab of
                       ceil(min(tokens, W) * S / F) slots that grows in place up to W and
                       then wraps (no eviction copy). Sliding reads: one run per ring part.
-    odma_engine_rings the engine's layout (odma_mlu/kvcache/window.py, WindowedPolicy): a
-                      ring pool of its own (S-layer token slots; its share of the budget
-                      from the trace's mean min(tokens, W) against tokens) + ODMA over the
-                      rest for the full layers; a ring starts at the prompt (16-token
-                      granule), grows in place to W, then wraps; blocked growth takes a
-                      second run or preempts (NO_ROOM). Sliding reads: the ring's runs.
-    odma_fixed_rings  the engine's first layout: the same pool with a granule of W, i.e. a
-                      whole W-slot ring per request from admission (share of the budget:
-                      a ring of W against the trace's mean request).
+    odma_engine_rings the engine's layout (odma_mlu/kvcache/window.py, WindowedPolicy):
+                      as odma_rings, one ODMA arena of F-layer slots over the whole budget
+                      and the ring a second ODMA request, but laid out as the engine's
+                      forward reads it: G = ceil(S / F) groups of 16-slot ring blocks,
+                      interleaved, G * 16 * ceil(min(tokens, W) / 16) slots (rounded up to
+                      whole blocks and groups where odma_rings rounds S / F). Sliding reads:
+                      one group's runs of the ring.
     jenga             Jenga's two-level allocator: large pages of LCM(16 F b, 16 S b) bytes,
                       carved into per-group small pages of 16 tokens; a request's small pages
                       go to a large page it already uses when possible (request-aware); a large
@@ -189,25 +187,20 @@ class OdmaRings(HeteroMemory):
 
 
 class OdmaEngineRings(HeteroMemory):
-    """The engine's layout: a ring pool (RingPool, shape only) + ODMA, as WindowedPolicy.
-
-    ``granule_tokens`` None: the engine's growing rings; ``window`` tokens: fixed rings."""
+    """The engine's layout (odma_mlu/kvcache/window.py): one shape-only arena of F-layer
+    slots over the whole budget, ``WindowedPolicy`` over ODMA; each request's ring is ODMA's
+    second request ``<id>#ring`` of G * B * ceil(C / B) rows (G = ceil(S / F) groups,
+    B = min(16, W) ring slots per block, C = the ring's slots)."""
 
     def __init__(self, shape: HeteroShape, budget_bytes: int, cache: CacheConfig, max_new_tokens: int,
-                 cost: CostModel, ring_fraction: float, granule_tokens: int | None = None) -> None:
-        w, b = shape.window_tokens, shape.layer_token_bytes
-        fixed = granule_tokens is not None and granule_tokens >= w
-        super().__init__(shape, budget_bytes, cache.watermark_fraction,
-                         f"odma_{'fixed' if fixed else 'engine'}_rings({ring_fraction:.2f})")
-        slot_bytes = shape.num_sliding * b
-        slots = max(w, int(budget_bytes * ring_fraction) // slot_bytes)
-        self.arena = KVArena(shape.layers_spec(shape.num_full), (budget_bytes - slots * slot_bytes)
-                             // (shape.num_full * b), shape_only=True)
-        self.rings = RingPool(shape.num_sliding, w, 0, shape.spec.num_kv_heads, shape.spec.head_dim,
-                              shape_only=True, capacity_slots=slots, granule_tokens=granule_tokens)
+                 cost: CostModel) -> None:
+        super().__init__(shape, budget_bytes, cache.watermark_fraction, "odma_engine_rings")
+        assert shape.num_full > 0, "the engine keeps rings in the full layers' arena"
+        self.slot_bytes = shape.num_full * shape.layer_token_bytes
+        self.arena = KVArena(shape.layers_spec(shape.num_full), budget_bytes // self.slot_bytes, shape_only=True)
+        self.rings = RingPool(self.arena, shape.num_sliding, shape.window_tokens)
         self.policy = WindowedPolicy(make_policy("odma", self.arena, cache, max_new_tokens, run_cost=cost),
                                      self.rings)
-        self.slot_bytes = slot_bytes
 
     def admit(self, rid: str, num_tokens: int, prompt_tokens: int, max_new_tokens: int,
               prediction: LengthPrediction | None) -> bool:
@@ -228,11 +221,10 @@ class OdmaEngineRings(HeteroMemory):
         self.tokens.pop(rid)
 
     def held_bytes(self) -> int:
-        return (self.policy.reserved_tokens() * self.shape.num_full * self.shape.layer_token_bytes
-                + self.rings.stats().held_slots * self.slot_bytes)
+        return self.policy.reserved_tokens() * self.slot_bytes  # requests and rings alike
 
     def read_runs(self, rid: str, num_tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        # As the engine (window_attention.py, step_work._sliding_reads): what the ring holds, as its runs.
+        # As the engine (window_attention.py, step_work._sliding_reads): group 0's runs of the ring.
         return self.policy.read_runs(rid, num_tokens), self.rings.read_runs(rid, num_tokens)
 
     def check_integrity(self) -> None:

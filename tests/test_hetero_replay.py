@@ -95,12 +95,23 @@ def test_every_scheme_completes_a_tight_trace(model: str) -> None:
     assert tps["jenga"] >= tps["vllm_uniform"] * 0.99, tps
 
 
-def test_engine_ring_shares_add_the_split_sweep() -> None:
+def test_engine_rings_share_one_arena_with_the_requests() -> None:
+    """odma_engine_rings: one arena of full-layer slots over the whole budget; each request
+    and its ring are two ODMA requests, and the bytes held are the arena's reserved slots."""
+    from odma_mlu.kvcache.window import ring_id
+
     shape = load_shape("gemma-3-12b")
     profile = load_profile("mlu370-x4")
-    trace = [(200, 300)] * 4
-    made = schemes(shape, GIB, profile, 2048, trace, engine_ring_shares=(0.5, 0.8))
-    assert {"odma_engine_rings@0.5", "odma_engine_rings@0.8"} <= set(made)
-    names = {made[label]().name for label in ("odma_engine_rings@0.5", "odma_engine_rings@0.8")}
-    assert names == {"odma_engine_rings(0.50)", "odma_engine_rings(0.80)"}
-    assert "odma_engine_rings@0.5" not in schemes(shape, GIB, profile, 2048, trace)
+    scheme = schemes(shape, GIB, profile, 2048, [(200, 300)])["odma_engine_rings"]()
+    slot_bytes = shape.num_full * shape.layer_token_bytes
+    assert scheme.arena.capacity_tokens == GIB // slot_bytes
+    assert scheme.rings.num_groups == shape.num_sliding // shape.num_full  # 40 sliding over 8 lanes: 5 groups
+    assert scheme.admit("a", 200, 200, 300, None)
+    assert scheme.policy.inner.num_live() == 2 and scheme.policy.num_live() == 1
+    ring_rows = scheme.policy.location(ring_id("a")).capacity_tokens
+    assert ring_rows >= scheme.rings.rows_for(200) == 5 * 16 * 13
+    assert scheme.held_bytes() == scheme.policy.reserved_tokens() * slot_bytes
+    assert len(scheme.policy.location(ring_id("a")).runs) == 1
+    assert scheme.read_runs("a", 200)[1] == (16,) * 12 + (8,)  # group 0's blocks, interleaved with the others'
+    scheme.release("a", 300)
+    assert scheme.policy.inner.num_live() == 0 and scheme.held_bytes() == 0

@@ -35,17 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-gib", type=float, default=None,
                     help="KV budget for every scheme; default: 90%% of device memory minus the weights, "
                          "or 6 GiB where the weights alone exceed that (Gemma-3-12B on a 24 GB card)")
-    ap.add_argument("--engine-ring-shares", default="",
-                    help="also replay the engine's two-pool layout at these ring shares (comma-separated, "
-                         "each in (0, 1)): the static-split sweep of docs/hetero.md")
     ap.add_argument("--json", type=Path, default=Path("out/bench_hetero.json"))
     args = ap.parse_args(argv)
-    try:
-        shares = [float(x) for x in args.engine_ring_shares.split(",") if x.strip()]
-    except ValueError:
-        ap.error(f"--engine-ring-shares: comma-separated numbers, got {args.engine_ring_shares!r}")
-    if any(not 0.0 < f < 1.0 for f in shares):
-        ap.error(f"--engine-ring-shares: each share must be in (0, 1), got {args.engine_ring_shares!r}")
     profile = load_profile(args.profile)
     traces = {"sharegpt": sharegpt_trace(args.sharegpt, args.max_requests),
               "alpaca": alpaca_trace(args.alpaca, args.max_requests)}
@@ -63,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 budget = 6 * 2**30
         cost = step_cost(profile, shape)
         for trace_name, trace in traces.items():
-            for label, make in schemes(shape, budget, profile, args.max_new_tokens, trace, shares).items():
+            for label, make in schemes(shape, budget, profile, args.max_new_tokens, trace).items():
                 try:
                     r = replay(trace, make(), cost, trace_name, args.max_new_tokens)
                 except StalledScheme as e:

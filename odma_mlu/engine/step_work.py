@@ -116,8 +116,8 @@ def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
 
 def _sliding_reads(policy: Any, batch: "ScheduledBatch", num_decodes: int) -> list[tuple[int, ...]]:
     """Under a windowed policy (kvcache/window.py) each decode reads the entries its ring
-    holds, ring indices [0, min(context, window)), as the ring's runs (one, or two where its
-    growth was blocked): ``RingPool.read_runs``. Described in ``describe_step``'s order: the
+    holds, ring indices [0, min(context, window)), as the ring's runs in one group's arena
+    slots (every group has the same block structure): ``RingPool.read_runs``. Described in ``describe_step``'s order: the
     recomputes described as decodes (free preemption), then the decodes."""
     rings = getattr(policy, "rings", None)
     if rings is None:

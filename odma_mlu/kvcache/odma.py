@@ -75,6 +75,7 @@ class _Request:
 class OdmaPolicy(KVPolicy):
     name = "odma"
     uses_prediction = True
+    learns_lengths = True
     can_run_out_of_room = True
 
     def __init__(self, arena: KVArena, max_new_tokens: int, config: OdmaConfig = OdmaConfig(),

@@ -87,6 +87,8 @@ class KVPolicy(ABC):
     """Only ``ideal``: a preempted request resumes where it stopped at no cost."""
     stream_reads: bool = False
     """Only ``ideal``: every KV read is priced at the stream (sequential) bandwidth."""
+    learns_lengths: bool = False
+    """Only ``odma``: a finished request's length (``release``) trains its length histogram."""
     can_run_out_of_room: bool = False
     """Requests may need memory after admission that is not reserved for them; these
     policies admit under the common free-memory watermark."""

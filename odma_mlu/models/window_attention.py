@@ -1,10 +1,12 @@
 """Attention of sliding-window layers over their rings (odma_mlu/kvcache/window.py).
 
-A ``RingBatch`` is planned once per step from the same ``SequenceInput``s as the
-``ForwardBatch`` (same row order) plus each sequence's ring (its runs of pool slots, in
-ring order); every sliding layer then runs ``ring_attention``. Token ``p`` of a sequence is
-at ring index ``p % window``, i.e. the ``p % window``-th slot of its runs read one after
-another (a ring is one run, or two when its growth was blocked)::
+A ``RingBatch`` is planned once per step and ring group from the same ``SequenceInput``s as
+the ``ForwardBatch`` (same row order) plus each sequence's ring in that group (its runs of
+arena slots, in ring order); a ``RingPlan`` holds the step's batches, one per group, and
+the arena's lanes (the full layers' K/V tensors). Sliding layer ``j`` reads and writes
+group ``j // lanes`` in lane ``j % lanes`` through ``ring_attention``. Token ``p`` of a
+sequence is at ring index ``p % window``, i.e. the ``p % window``-th slot of its runs read
+one after another (as many runs as the policy's pages or runs cut the ring into)::
 
     1. prefills (multi-token sequences): queries attend to the cached tokens still in the
        window (read from the ring, in position order) followed by the new K/V (not yet
@@ -53,6 +55,21 @@ def _slot_of(runs: RingRuns, ring_index: int) -> int:
 
 
 @dataclass(frozen=True)
+class RingPlan:
+    """One step's rings: a ``RingBatch`` per ring group and the lanes they live in."""
+
+    groups: tuple["RingBatch", ...]
+    k: list[torch.Tensor]
+    """The arena's per-lane K tensors (one per full-attention layer)."""
+    v: list[torch.Tensor]
+
+    def lane(self, sliding_layer: int) -> tuple["RingBatch", torch.Tensor, torch.Tensor]:
+        """(the group's batch, K, V) of sliding layer ``sliding_layer`` (0-based among the sliding layers)."""
+        lanes = len(self.k)
+        return self.groups[sliding_layer // lanes], self.k[sliding_layer % lanes], self.v[sliding_layer % lanes]
+
+
+@dataclass(frozen=True)
 class RingPrefill:
     token_offset: int
     num_new_tokens: int
@@ -67,6 +84,7 @@ class RingBatch:
     """One step's ring reads and writes, shared by every sliding layer."""
 
     pool: RingPool
+    """Anything with ``window_tokens`` and ``capacity_slots`` (the arena's slots)."""
     write_rows: torch.Tensor
     """int64 [W]: rows (flattened batch) of the new tokens that stay in their ring."""
     write_index: torch.Tensor
@@ -160,11 +178,12 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPrefil
     return out.permute(2, 0, 1, 3).reshape(n, heads, dim)
 
 
-def ring_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, rings: RingBatch, ring_layer: int,
+def ring_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan: RingPlan, sliding_layer: int,
                    scale: float, out: torch.Tensor) -> None:
-    """One sliding layer: attention of every new token ([T, H, D] queries, [T, kv, D] new
-    K/V) over its window, written into ``out`` [T, H, D]; the ring is updated in place."""
-    k_ring, v_ring = rings.pool.k[ring_layer], rings.pool.v[ring_layer]
+    """Sliding layer ``sliding_layer``: attention of every new token ([T, H, D] queries,
+    [T, kv, D] new K/V) over its window, written into ``out`` [T, H, D]; the ring is updated
+    in place (its group's slots of its lane)."""
+    rings, k_ring, v_ring = plan.lane(sliding_layer)
     for plan in rings.prefills:
         rows = slice(plan.token_offset, plan.token_offset + plan.num_new_tokens)
         k, v = k_new[rows], v_new[rows]
