@@ -110,6 +110,8 @@ class RingPool:
         self.new_runs = 0
         self.copies = 0
         self.blocked_grows = 0
+        self.stepped_grows = 0
+        """Ring growths that took one granule at a time (no single hole held the next block)."""
 
     # -- sizes ----------------------------------------------------------------------------
     @property
@@ -316,10 +318,12 @@ class WindowedPolicy:
         res = self.inner.ensure_capacity(request_id, needed_tokens)
         if res.status != GrowStatus.OK:
             return res
-        ring = self.inner.ensure_capacity(ring_id(request_id), self.rings.rows_for(needed_tokens))
+        ring = self._grow_ring(request_id, self.rings.rows_for(needed_tokens))
         rings = self.rings
         if ring.status != GrowStatus.OK:
             rings.blocked_grows += 1
+            if ring.how:
+                rings.moved(request_id)
             # the request's runs may have changed already: say so, or its cached location goes stale
             return GrowResult(ring.status, res.copied_tokens, res.how)
         if ring.how:
@@ -329,6 +333,27 @@ class WindowedPolicy:
             rings.copies += ring.how == "copied"
         rings.note_tokens(request_id, needed_tokens)
         return GrowResult(GrowStatus.OK, res.copied_tokens + ring.copied_tokens, res.how or ring.how)
+
+    def _grow_ring(self, request_id: str, rows: int) -> GrowResult:
+        """The ring to ``rows``: at once where the inner policy can (in place, or one new run
+        placed with room); else, under a policy of granules (ODMA), one granule at a time,
+        each going wherever a hole is (a block's rows need not be adjacent: the mapping goes
+        through the location), so a fragmented arena still takes a ring's next block."""
+        rid = ring_id(request_id)
+        res = self.inner.ensure_capacity(rid, rows)
+        unit = int(getattr(self.inner, "unit", 0))
+        if res.status != GrowStatus.NO_ROOM or unit <= 0:
+            return res
+        held = self.inner.location(rid).capacity_tokens
+        self.rings.stepped_grows += 1
+        copied, how = 0, ""
+        while held < rows:
+            step = self.inner.ensure_capacity(rid, min(held + unit, rows))
+            copied, how = copied + step.copied_tokens, how or step.how
+            if step.status != GrowStatus.OK:
+                return GrowResult(step.status, copied, how)
+            held = self.inner.location(rid).capacity_tokens
+        return GrowResult(GrowStatus.OK, copied, how or "new_run")
 
     def release(self, request_id: str, generated_tokens: int | None) -> None:
         self.inner.release(request_id, generated_tokens)
