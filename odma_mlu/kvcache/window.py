@@ -21,8 +21,14 @@ interleaved, so a ring of ``C`` slots needs ``rows_for = G * B * ceil(C / B)`` r
     ring index i of group g = row (i // B) * G * B + g * B + i % B
     row r = the r-th slot of the ring request's KVLocation (its runs, read in order)
 
+    the same ring under paged, pages of 8 slots, location runs ((96, 8), (24, 8)):
+      arena slots 96..99  = g0 i0..i3     24..27 = g0 i4..i7     group 0's runs: (96, 4), (24, 4)
+                  100..103 = g1 i0..i3    28..31 = g1 i4..i7     group 1's runs: (100, 4), (28, 4)
+
 A ring grows with its request (``ensure_capacity`` of the ring request to ``rows_for``), in
-whole ``G * B``-row steps until the window, then stays and wraps. Whatever runs the policy
+whole ``G * B``-row steps until the window, then stays and wraps. Where no single hole takes
+the next block (a fragmented ODMA arena), it grows one policy granule at a time, each piece
+wherever a hole is: a block's rows need not be adjacent. Whatever runs the policy
 gives (pages, ODMA runs, ODMA's move into one run, which copies every lane) the mapping
 goes through the location, so ring data stays where the attention reads it.
 
@@ -38,7 +44,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
