@@ -13,10 +13,11 @@ of K+V per token per layer::
     odma_engine_rings the engine's layout (odma_mlu/kvcache/window.py, WindowedPolicy):
                       as odma_rings, one ODMA arena of F-layer slots over the whole budget
                       and the ring a second ODMA request, but laid out as the engine's
-                      forward reads it: G = ceil(S / F) groups of 16-slot ring blocks,
-                      interleaved, G * 16 * ceil(min(tokens, W) / 16) slots (rounded up to
-                      whole blocks and groups where odma_rings rounds S / F). Sliding reads:
-                      one group's runs of the ring.
+                      forward reads it: flat lanes, blocks of B = 16 ring slots, block b of
+                      sliding layer j is cell b S + j, F cells to a B-row row-block: a ring
+                      of n blocks holds ceil(n S / F) B rows (rounded up to whole blocks
+                      and row-blocks where odma_rings rounds S / F per slot). Sliding reads:
+                      sliding layer 0's runs of the ring (one per block).
     jenga             Jenga's two-level allocator: large pages of LCM(16 F b, 16 S b) bytes,
                       carved into per-group small pages of 16 tokens; a request's small pages
                       go to a large page it already uses when possible (request-aware); a large
@@ -41,7 +42,7 @@ from odma_mlu.config import CacheConfig, ModelSpec
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.factory import make_policy
 from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
-from odma_mlu.kvcache.window import RingPool, WindowedPolicy
+from odma_mlu.kvcache.window import RING_BLOCK_TOKENS, RingPool, WindowedPolicy
 from odma_mlu.models.layer_kinds import LayerKinds
 from odma_mlu.predictor.base import QUANTILES, LengthPrediction
 
@@ -189,16 +190,16 @@ class OdmaRings(HeteroMemory):
 class OdmaEngineRings(HeteroMemory):
     """The engine's layout (odma_mlu/kvcache/window.py): one shape-only arena of F-layer
     slots over the whole budget, ``WindowedPolicy`` over ODMA; each request's ring is ODMA's
-    second request ``<id>#ring`` of G * B * ceil(C / B) rows (G = ceil(S / F) groups,
-    B = min(16, W) ring slots per block, C = the ring's slots)."""
+    second request ``<id>#ring`` of ceil(n S / F) * B rows (n = ceil(C / B) blocks of
+    B = min(16, W) ring slots, C = the ring's slots; flat lanes, no group padding)."""
 
     def __init__(self, shape: HeteroShape, budget_bytes: int, cache: CacheConfig, max_new_tokens: int,
-                 cost: CostModel) -> None:
+                 cost: CostModel, block_tokens: int = RING_BLOCK_TOKENS) -> None:
         super().__init__(shape, budget_bytes, cache.watermark_fraction, "odma_engine_rings")
         assert shape.num_full > 0, "the engine keeps rings in the full layers' arena"
         self.slot_bytes = shape.num_full * shape.layer_token_bytes
         self.arena = KVArena(shape.layers_spec(shape.num_full), budget_bytes // self.slot_bytes, shape_only=True)
-        self.rings = RingPool(self.arena, shape.num_sliding, shape.window_tokens)
+        self.rings = RingPool(self.arena, shape.num_sliding, shape.window_tokens, block_tokens)
         self.policy = WindowedPolicy(make_policy("odma", self.arena, cache, max_new_tokens, run_cost=cost),
                                      self.rings)
 
@@ -224,7 +225,7 @@ class OdmaEngineRings(HeteroMemory):
         return self.policy.reserved_tokens() * self.slot_bytes  # requests and rings alike
 
     def read_runs(self, rid: str, num_tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        # As the engine (window_attention.py, step_work._sliding_reads): group 0's runs of the ring.
+        # As the engine (window_attention.py, step_work._sliding_reads): sliding layer 0's runs of the ring.
         return self.policy.read_runs(rid, num_tokens), self.rings.read_runs(rid, num_tokens)
 
     def check_integrity(self) -> None:

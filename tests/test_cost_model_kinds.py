@@ -75,6 +75,7 @@ def _batch(decode_groups: int, prefills: int, multi_run: bool, cached: int) -> t
 
 def _count(model: Any, seqs: list, arena_tokens: int) -> int:
     """Kernels of one forward of a sliding (rings) or hybrid (state slots) model."""
+    from odma_mlu.kvcache.arena import KVLocation
     from odma_mlu.models.attention import ForwardBatch
     from odma_mlu.models.window_attention import RingBatch, RingPlan
 
@@ -82,13 +83,14 @@ def _count(model: Any, seqs: list, arena_tokens: int) -> int:
         states = model.new_state_pool(len(seqs) + 1)
         return _count_forward_kernels(model, seqs, arena_tokens, extra=(states, list(range(len(seqs)))))
     window = model.window_tokens
-    groups = -(-model.num_sliding_layers // model.num_full_layers)
-    pool = model.new_window_pool(model.new_arena((len(seqs) + 1) * groups * window))
+    pool = model.new_window_pool(model.new_arena(16))
+    rows = pool.rows_for(window)
+    pool = model.new_window_pool(model.new_arena((len(seqs) + 1) * rows))
     fb_seqs = ForwardBatch.build(seqs).seqs
-    # whole-window rings, not in row order: group g of sequence i is window-slot ring (n - i) * groups + g
-    batches = tuple(RingBatch.build(pool, fb_seqs, [(len(seqs) - i) * groups + g for i in range(len(seqs))])
-                    for g in range(groups))
-    return _count_forward_kernels(model, seqs, arena_tokens, extra=(RingPlan(batches, pool.k, pool.v),))
+    # whole-window rings, not in row order: sequence i's ring is rows [(n - i) * rows, (n - i + 1) * rows)
+    rings = [(KVLocation((((len(seqs) - i) * rows, rows),)), window) for i in range(len(seqs))]
+    batch = RingBatch.build(pool, fb_seqs, rings)
+    return _count_forward_kernels(model, seqs, arena_tokens, extra=(RingPlan(batch, pool.k, pool.v),))
 
 
 CASES = [(1, 0, False, 0), (2, 0, False, 0), (0, 1, False, 0), (0, 2, False, 5), (1, 1, True, 0),

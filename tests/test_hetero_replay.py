@@ -95,23 +95,27 @@ def test_every_scheme_completes_a_tight_trace(model: str) -> None:
     assert tps["jenga"] >= tps["vllm_uniform"] * 0.99, tps
 
 
-def test_engine_rings_share_one_arena_with_the_requests() -> None:
+@pytest.mark.parametrize("model, ring_rows_200", [("gemma-3-12b", 5 * 16 * 13), ("qwen2-7b-swa", 33 * 16)])
+def test_engine_rings_share_one_arena_with_the_requests(model: str, ring_rows_200: int) -> None:
     """odma_engine_rings: one arena of full-layer slots over the whole budget; each request
-    and its ring are two ODMA requests, and the bytes held are the arena's reserved slots."""
+    and its ring are two ODMA requests, and the bytes held are the arena's reserved slots.
+    A ring's 13 blocks of 16 are 13 S cells over F lanes: Gemma-3-12B 520 cells = 65
+    row-blocks; qwen2-7b-swa (20 over 8) 260 cells = 33 row-blocks, not 3 groups x 13 = 39."""
     from odma_mlu.kvcache.window import ring_id
 
-    shape = load_shape("gemma-3-12b")
+    shape = load_shape(model)
     profile = load_profile("mlu370-x4")
     scheme = schemes(shape, GIB, profile, 2048, [(200, 300)])["odma_engine_rings"]()
     slot_bytes = shape.num_full * shape.layer_token_bytes
     assert scheme.arena.capacity_tokens == GIB // slot_bytes
-    assert scheme.rings.num_groups == shape.num_sliding // shape.num_full  # 40 sliding over 8 lanes: 5 groups
+    assert (scheme.rings.num_layers, scheme.rings.num_lanes) == (shape.num_sliding, shape.num_full)
     assert scheme.admit("a", 200, 200, 300, None)
     assert scheme.policy.inner.num_live() == 2 and scheme.policy.num_live() == 1
     ring_rows = scheme.policy.location(ring_id("a")).capacity_tokens
-    assert ring_rows >= scheme.rings.rows_for(200) == 5 * 16 * 13
+    assert ring_rows >= scheme.rings.rows_for(200) == ring_rows_200
     assert scheme.held_bytes() == scheme.policy.reserved_tokens() * slot_bytes
     assert len(scheme.policy.location(ring_id("a")).runs) == 1
-    assert scheme.read_runs("a", 200)[1] == (16,) * 12 + (8,)  # group 0's blocks, interleaved with the others'
+    assert scheme.read_runs("a", 200)[1] == (16,) * 12 + (8,)  # one run per block: a layer's blocks are S cells apart
     scheme.release("a", 300)
     assert scheme.policy.inner.num_live() == 0 and scheme.held_bytes() == 0
+

@@ -36,8 +36,12 @@ BLOCK = 4
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Qwen2 (s, f, s, f), Gemma-3 (5 : 1) and Gemma-3 with 5 sliding over 2 full layers (7
+    layers, every third global: F does not divide S, a layer's blocks lie in both lanes)."""
     return {"qwen2_sliding": make_tiny_qwen2_sliding(tmp_path_factory.mktemp("q2s_e"), window=WINDOW, seed=1),
-            "gemma3": make_tiny_gemma3(tmp_path_factory.mktemp("g3_e"), window=WINDOW, seed=2)}
+            "gemma3": make_tiny_gemma3(tmp_path_factory.mktemp("g3_e"), window=WINDOW, seed=2),
+            "gemma3_5over2": make_tiny_gemma3(tmp_path_factory.mktemp("g3u_e"), window=WINDOW, num_layers=7,
+                                              pattern=3, seed=6)}
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +89,13 @@ def _run(engine: LLMEngine, on_step: Any = None, prompts: list[str] = PROMPTS) -
     return [last[i] for i in ids]
 
 
-@pytest.mark.parametrize("family", ["qwen2_sliding", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_sliding", "gemma3", "gemma3_5over2"])
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_greedy_matches_transformers_every_policy(folders, references, family: str, policy: str) -> None:
     assert _run(_engine(folders[family], policy, 2048)) == references[family]
 
 
-@pytest.mark.parametrize("family", ["qwen2_sliding", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_sliding", "gemma3", "gemma3_5over2"])
 @pytest.mark.parametrize("policy", ["static", "odma", "paged"])
 def test_greedy_matches_under_preemption(folders, references, family: str, policy: str) -> None:
     """An arena too small for the batch: requests are preempted (their rings freed) and
@@ -137,11 +141,11 @@ def test_budget_is_one_arena_of_every_layer(folders) -> None:
     exactly that many bytes (the rings take their rows from it)."""
     engine = _engine(folders["gemma3"], "odma", 1000)
     model, pool = engine.model, engine.windows
-    assert pool is not None and pool.k is engine.arena.k and pool.v is engine.arena.v
+    assert pool is not None and pool.k is engine.arena.k_flat and pool.v is engine.arena.v_flat
     per_layer_token_bytes = engine.arena.bytes_per_token // model.num_full_layers
     budget = 1000 * engine.spec.num_layers * per_layer_token_bytes  # 1000 tokens of K/V over every layer
     assert engine.arena.nbytes == budget and engine.arena.capacity_tokens == 6000
-    assert pool.num_lanes == 1 and pool.num_groups == 5 and pool.bytes_per_slot == engine.arena.bytes_per_token
+    assert pool.num_lanes == 1 and pool.num_layers == 5 and pool.bytes_per_slot == engine.arena.bytes_per_token
 
 
 def test_ring_grows_then_wraps_and_frees_the_evicted_prefix(folders) -> None:
@@ -155,13 +159,13 @@ def test_ring_grows_then_wraps_and_frees_the_evicted_prefix(folders) -> None:
         engine.step()
         if engine.has_unfinished():
             seen.append((pool.stats(), engine.scheduler.running[0].kv_tokens,
-                         [pool.runs_of(rid, g) for g in range(pool.num_groups)],
+                         [pool.runs_of(rid, j) for j in range(pool.num_layers)],
                          engine.scheduler.live_kv_tokens()))
     assert len(seen) > WINDOW
     page = engine.policy.inner.page_tokens
     for stats, tokens, runs, live in seen:
         slots = min(-(-tokens // BLOCK) * BLOCK, WINDOW)
-        rows = 5 * BLOCK * -(-slots // BLOCK)  # five groups of blocks
+        rows = 5 * BLOCK * -(-slots // BLOCK)  # five sliding layers' blocks in the one lane
         assert stats.num_rings == 1 and stats.held_slots == -(-rows // page) * page
         assert all(sum(n for _, n in r) == slots for r in runs)
         assert stats.held_bytes == stats.held_slots * stats.bytes_per_slot

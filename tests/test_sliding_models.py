@@ -26,6 +26,10 @@ PROMPTS = [
 MAX_NEW = 24
 WINDOW = 8
 FAMILIES = ["qwen2_sliding", "gemma3"]
+UNEVEN = ["qwen2_3over2", "gemma3_5over2"]
+"""Shapes whose F full layers do not divide the S sliding ones: Qwen2 with 3 sliding over 2
+full layers, Gemma-3 with 5 over 2 (7 layers, every third global): a layer's blocks lie in
+both lanes and rings end in part-used row-blocks."""
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +37,10 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "qwen2_sliding": make_tiny_qwen2_sliding(tmp_path_factory.mktemp("q2s"), window=WINDOW),
         "gemma3": make_tiny_gemma3(tmp_path_factory.mktemp("g3"), window=WINDOW),
+        "qwen2_3over2": make_tiny_qwen2_sliding(tmp_path_factory.mktemp("q2u"), window=WINDOW, seed=4, layer_types=[
+            "sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]),
+        "gemma3_5over2": make_tiny_gemma3(tmp_path_factory.mktemp("g3u"), window=WINDOW, num_layers=7, pattern=3,
+                                          seed=5),
     }
 
 
@@ -73,16 +81,20 @@ def _setup(model: Any, policy: str = "paged", capacity: int = 1024, **kw: Any) -
     return windowed_policy(model, capacity, policy, max_new_tokens=MAX_NEW, fill=30.0, **kw)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + UNEVEN)
 def test_layer_groups_from_config(loaded, family: str) -> None:
     model = loaded[family][0]
     assert model.window_tokens == WINDOW
     assert model.num_sliding_layers > 0 and model.num_full_layers > 0
     if family == "gemma3":  # 5 local : 1 global
         assert model.layer_windows == (WINDOW,) * 5 + (None,)
+    if family in UNEVEN:
+        assert model.num_sliding_layers % model.num_full_layers != 0
+        assert (model.num_sliding_layers, model.num_full_layers) == {"qwen2_3over2": (3, 2),
+                                                                     "gemma3_5over2": (5, 2)}[family]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + UNEVEN)
 @pytest.mark.parametrize("policy", ["paged", "odma", "static"])
 def test_batched_greedy_matches_transformers(loaded, family: str, policy: str) -> None:
     model, ids, ref = loaded[family]
@@ -91,7 +103,7 @@ def test_batched_greedy_matches_transformers(loaded, family: str, policy: str) -
     assert ours == ref
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + UNEVEN)
 def test_chunked_prefill_matches_transformers(loaded, family: str) -> None:
     """Chunks of 5 read the cached part of the window back from the ring."""
     model, ids, ref = loaded[family]
@@ -117,13 +129,14 @@ def test_prefill_logits_match_transformers(loaded, folders, family: str) -> None
 
 
 def test_rings_live_in_the_arena_lanes(loaded) -> None:
-    """Gemma-3 (5 sliding : 1 full): five ring groups in the one lane; a ring never holds
-    more than the window (the prefix that slid out is overwritten in place), it is a second
+    """Gemma-3 (5 sliding : 1 full): every layer's blocks in the one lane (the flat tensor is
+    that lane); a ring never holds more than the window (the prefix that slid out is overwritten in place), it is a second
     request of the policy, and generation is still exact."""
     model, ids, ref = loaded["gemma3"]
     arena, windowed = _setup(model, block_tokens=4)
     pool = windowed.rings
-    assert pool.num_lanes == 1 and pool.num_groups == 5 and pool.k is arena.k and pool.v is arena.v
+    assert pool.num_lanes == 1 and pool.num_layers == 5 and pool.k is arena.k_flat and pool.v is arena.v_flat
+    assert arena.k[0].data_ptr() == arena.k_flat.data_ptr() and arena.k[0].shape == arena.k_flat.shape
     assert pool.rows_for(3) == 5 * 4 and pool.rows_for(100) == pool.rows_for(WINDOW) == 5 * WINDOW
     held: list[tuple[int, int]] = []
 
@@ -138,7 +151,7 @@ def test_rings_live_in_the_arena_lanes(loaded) -> None:
     assert pool.stats().held_slots == 0 and pool.stats().num_rings == 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + UNEVEN)
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_growing_rings_match_transformers(loaded, family: str, chunk: int | None) -> None:
     """Rings start at the prompt (block 2), grow with the request (in place under ODMA) to
@@ -151,7 +164,7 @@ def test_growing_rings_match_transformers(loaded, family: str, chunk: int | None
     assert windowed.rings.in_place_grows > 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + UNEVEN)
 def test_rings_of_many_runs_match_transformers(loaded, family: str) -> None:
     """Small pages and interleaved requests: rings span several runs of the arena, not in
     ring order, and wrap over all of them."""
@@ -161,7 +174,7 @@ def test_rings_of_many_runs_match_transformers(loaded, family: str) -> None:
 
     def record(p: Any) -> None:
         rings = p.rings
-        most_runs.append(max(len(rings.runs_of(rid, g)) for rid in rings.ring_ids() for g in range(rings.num_groups)))
+        most_runs.append(max(len(rings.runs_of(rid, j)) for rid in rings.ring_ids() for j in range(rings.num_layers)))
 
     short = [[5, 9], [7], ids[2], [11, 4, 3]]
     assert greedy_generate_rings(model, arena, windowed, short, MAX_NEW, on_step=record) == \
@@ -181,12 +194,12 @@ class _CopyAlways:
         return 0.0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + UNEVEN)
 def test_rings_moved_by_odma_copies_match_transformers(loaded, family: str) -> None:
     """ODMA packed tight (holds live + 1, no room between requests) moves a blocked request
     or ring into one run: the copy takes every lane, so ring entries move with their rows."""
     model, ids, ref = loaded[family]
-    capacity = {"qwen2_sliding": 256, "gemma3": 400}[family]  # claims oversubscribe it: room is lent
+    capacity = {"qwen2_sliding": 256, "gemma3": 400, "qwen2_3over2": 300, "gemma3_5over2": 300}[family]  # claims oversubscribe it: room is lent
     arena, windowed = _setup(model, "odma", capacity=capacity, block_tokens=2, page_tokens=2, odma_chunk_tokens=1,
                              run_cost=_CopyAlways())
     assert greedy_generate_rings(model, arena, windowed, ids, MAX_NEW, start_steps=[0, 1, 2, 3]) == ref
@@ -202,14 +215,14 @@ def _reference_ids(loaded, family: str, prompts: list[list[int]]) -> list[list[i
 
 def test_gemma3_linear_rope_and_final_softcap(tmp_path: Path) -> None:
     """Gemma-3 4B/12B/27B scale the global rope linearly; softcapping is a config option.
-    Two full layers of four: two lanes, one ring group."""
+    Two full layers of four: two lanes, two sliding layers (one cell of each lane a block)."""
     folder = make_tiny_gemma3(tmp_path / "g3x", window=6, num_layers=4, pattern=2, global_rope_factor=8.0,
                               final_logit_softcapping=5.0, seed=3)
     model, _, tok = load_model(folder, dtype="float32")
     assert model.extras.global_rope_factor == 8.0 and model.extras.final_logit_softcapping == 5.0
     ids = [tok(p)["input_ids"] for p in PROMPTS[1:3]]
     arena, windowed = _setup(model, "odma")
-    assert windowed.rings.num_lanes == 2 and windowed.rings.num_groups == 1
+    assert windowed.rings.num_lanes == 2 and windowed.rings.num_layers == 2
     assert greedy_generate_rings(model, arena, windowed, ids, 16) == _reference(folder, ids, 16)
 
 

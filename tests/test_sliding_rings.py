@@ -1,5 +1,6 @@
-"""Rings inside the arena (odma_mlu/kvcache/window.py), shape only: the logical-row layout of
-ring groups and blocks, its mapping through any location the policy gives, WindowedPolicy
+"""Rings inside the arena (odma_mlu/kvcache/window.py), shape only: the flat-lane layout of
+ring blocks (cells packed over the lanes, no padding where F does not divide S), its mapping
+through any location the policy gives, WindowedPolicy
 reserving / growing / releasing each ring as a second request of the inner policy, sizes
 under the policies that size at admission, blocked rings as NO_ROOM, and integrity under
 random operations."""
@@ -36,27 +37,52 @@ def _windowed(policy: str = "paged", slots: int = 4096, sliding: int = 5, block:
     return WindowedPolicy(make_policy(policy, arena, cache, max_new), RingPool(arena, sliding, WINDOW, block))
 
 
-def _brute_runs(pool: RingPool, loc: KVLocation, group: int, slots: int) -> tuple[tuple[int, int], ...]:
-    """Group ``group``'s runs of ring indices [0, slots), slot by slot."""
+def _brute_runs(pool: RingPool, loc: KVLocation, layer: int, slots: int) -> tuple[tuple[int, int], ...]:
+    """Sliding layer ``layer``'s runs of ring indices [0, slots), slot by slot, from the
+    definition: block b of layer j is cell q = b S + j, in lane q % F at row-block q // F."""
     out: list[list[int]] = []
+    b, s, f = pool.block_tokens, pool.num_layers, pool.num_lanes
     for i in range(slots):
-        s = loc.slot_of(pool.ring_row(group, i))
-        if out and out[-1][0] + out[-1][1] == s:
+        q = (i // b) * s + layer
+        flat = (q % f) * pool.capacity_slots + loc.slot_of((q // f) * b + i % b)
+        if out and out[-1][0] + out[-1][1] == flat:
             out[-1][1] += 1
         else:
-            out.append([s, 1])
-    return tuple((a, b) for a, b in out)
+            out.append([flat, 1])
+    return tuple((a, n) for a, n in out)
 
 
-def test_layout_of_groups_and_blocks() -> None:
-    """window 8, B 4, F 2, S 4: two groups whose blocks interleave (the module's diagram)."""
-    pool = RingPool(_arena(), 4, 8, 4)
-    assert (pool.num_lanes, pool.num_groups, pool.block_tokens) == (2, 2, 4)
-    assert [pool.ring_row(0, i) for i in range(8)] == [0, 1, 2, 3, 8, 9, 10, 11]
-    assert [pool.ring_row(1, i) for i in range(8)] == [4, 5, 6, 7, 12, 13, 14, 15]
-    assert [pool.rows_for(t) for t in (1, 4, 5, 8, 100)] == [8, 8, 16, 16, 16]
-    five = RingPool(_arena(), 5, WINDOW, 16)  # 5 sliding over 2 lanes: 3 groups, the last one half used
-    assert five.num_groups == 3 and five.rows_for(1) == 48 and five.rows_for(17) == five.rows_for(99) == 96
+def _fixed(pool: RingPool, runs: tuple[tuple[int, int], ...]) -> None:
+    """Ring "a" at a location of ``runs``, whatever a policy would give."""
+
+    class Fixed:
+        def location(self, rid: str) -> KVLocation:
+            assert rid == ring_id("a")
+            return KVLocation(runs)
+
+    pool.policy = Fixed()
+    pool.admit("a", 1)
+
+
+def test_layout_of_cells_over_the_lanes() -> None:
+    """window 8, B 2, F 2, S 3 (the module's diagram): cell q = 3 b + j in lane q % 2 at
+    row-block q // 2; whole rings take ceil(n S / F) row-blocks, no padding."""
+    pool = RingPool(_arena(), 3, 8, 2)
+    assert (pool.num_lanes, pool.num_layers, pool.block_tokens) == (2, 3, 2)
+    lanes = [[None] * 6 for _ in range(2)]
+    for j in range(3):
+        for blk in range(4):
+            lane, rb = pool.cell(j, blk)
+            assert lanes[lane][rb] is None, "two blocks in one cell"
+            lanes[lane][rb] = f"L{j}.b{blk}"
+    assert lanes == [["L0.b0", "L2.b0", "L1.b1", "L0.b2", "L2.b2", "L1.b3"],
+                     ["L1.b0", "L0.b1", "L2.b1", "L1.b2", "L0.b3", "L2.b3"]]
+    assert [pool.ring_row(0, i) for i in range(8)] == [0, 1, 2, 3, 6, 7, 8, 9]
+    assert [pool.ring_row(2, i) for i in range(8)] == [2, 3, 4, 5, 8, 9, 10, 11]
+    assert [pool.rows_for(t) for t in (1, 2, 3, 5, 6, 7, 100)] == [4, 4, 6, 10, 10, 12, 12]
+    # 5 sliding over 2 lanes, B 16: 2.5 row-blocks a block, not 3 groups of blocks (G F = 6 lane-layers for 5)
+    five = RingPool(_arena(), 5, WINDOW, 16)
+    assert five.rows_for(1) == 48 and five.rows_for(17) == five.rows_for(99) == 80
     odd = RingPool(_arena(), 2, 18, 4)  # a window that is no multiple of the block: a partial last block
     assert odd.ring_slots_for(17) == 18 and odd.rows_for(18) == 4 * 5
 
@@ -66,30 +92,53 @@ def test_shapes_must_match_and_full_layers_must_exist() -> None:
         RingPool(_arena(), 3, WINDOW, num_kv_heads=4, head_dim=8)
     with pytest.raises(ConfigError, match="sliding window of 0 tokens"):
         RingPool(_arena(), 3, 0)
+    with pytest.raises(ConfigError, match="ring block of 0 tokens"):
+        RingPool(_arena(), 3, WINDOW, 0)
     with pytest.raises(ConfigError, match="every attention layer slides"):
         RingPool(KVArena(replace(SPEC, num_layers=0), 16, shape_only=True), 3, WINDOW)
 
 
+def test_no_padding_at_scale() -> None:
+    """qwen2-7b-swa's shape, 20 sliding over 8 lanes, a whole 1024 window in blocks of 16:
+    64 blocks x 20 layers = 1280 cells = 160 row-blocks of 8 lanes, every cell used."""
+    lanes8 = KVArena(replace(SPEC, num_layers=8), 1 << 16, shape_only=True)
+    pool = RingPool(lanes8, 20, 1024, 16)
+    assert pool.rows_for(1024) == 160 * 16 == 1024 * 20 // 8
+    used = {pool.cell(j, blk) for j in range(20) for blk in range(64)}
+    assert len(used) == 64 * 20 and used == {(lane, rb) for lane in range(8) for rb in range(160)}
+
+
+def test_docstring_example_under_pages() -> None:
+    """The module docstring's paged example: location runs ((96, 4), (24, 8))."""
+    pool = RingPool(_arena(), 3, 8, 2)
+    _fixed(pool, ((96, 4), (24, 8)))
+    pool.note_tokens("a", 8)
+    c = pool.capacity_slots
+    assert pool.runs_of("a", 0) == ((96, 2), (c + 98, 2), (26, 2), (c + 28, 2))
+    assert pool.read_runs("a", 5) == (2, 2, 1)
+
+
+@pytest.mark.parametrize("sliding", [3, 4, 5])
 @pytest.mark.parametrize("runs", [((0, 200),), ((100, 7), (40, 9), (300, 50), (7, 30), (600, 200)),
                                   tuple((i * 8, 4) for i in range(60, 0, -1))])
-def test_group_runs_follow_the_location(runs: tuple[tuple[int, int], ...]) -> None:
-    """Whatever runs the ring's location has, each group's runs are its ring indices' slots."""
-    windowed = _windowed()
-    pool = windowed.rings
+def test_layer_runs_follow_the_location(sliding: int, runs: tuple[tuple[int, int], ...]) -> None:
+    """Whatever runs the ring's location has, each sliding layer's runs (and the flat slots
+    the forward gathers) are its ring indices' slots by the definition."""
+    import torch
 
-    class Fixed:
-        def location(self, rid: str) -> KVLocation:
-            assert rid == ring_id("a")
-            return KVLocation(runs)
-
-    pool.policy = Fixed()
-    pool.admit("a", 5)
-    for tokens in (5, 9, 17, 31, 32, 70):
+    pool = _windowed(sliding=sliding).rings
+    _fixed(pool, runs)
+    for tokens in (1, 5, 9, 17, 31, 32, 70):
         pool.note_tokens("a", tokens)
         c = pool.ring_slots_for(tokens)
-        for g in range(pool.num_groups):
-            assert pool.runs_of("a", g) == _brute_runs(pool, KVLocation(runs), g, c)
-            assert sum(n for _, n in pool.runs_of("a", g)) == c
+        flat = pool.flat_slots(KVLocation(runs), torch.arange(c)).tolist()
+        seen: set[int] = set()
+        for j in range(sliding):
+            brute = _brute_runs(pool, KVLocation(runs), j, c)
+            assert pool.runs_of("a", j) == brute
+            assert [s + i for s, n in brute for i in range(n)] == flat[j]
+            seen.update(flat[j])
+        assert len(seen) == sliding * c, "two ring entries share a flat slot"
         assert pool.read_runs("a", tokens) == tuple(
             n for n in _covering([n for _, n in pool.runs_of("a", 0)], min(tokens, WINDOW)))
 
@@ -117,7 +166,7 @@ def test_ring_is_a_second_request_that_grows_to_the_window() -> None:
         assert res.status == GrowStatus.OK
         held.append(pool.stats().held_slots)
         windowed.check_integrity()
-    assert held[0] == 24 and held[-1] == pool.rows_for(WINDOW) == 3 * WINDOW == max(held)
+    assert held[0] == 24 and held[-1] == pool.rows_for(WINDOW) == 5 * WINDOW // 2 == max(held)  # 4 blocks: 10 row-blocks
     stats = pool.stats()
     assert stats.num_rings == 1 and stats.live_tokens == WINDOW and stats.evicted_tokens == 99 - WINDOW
     assert stats.held_bytes == stats.held_slots * pool.bytes_per_slot
@@ -160,23 +209,24 @@ def test_ring_release_does_not_teach_odma_lengths() -> None:
 
 
 def test_blocked_ring_growth_is_no_room_and_release_frees_both() -> None:
-    # 152 slots, pages of 8: each request holds a page, each ring 3 groups x 8 rows at first
-    windowed = _windowed("paged", slots=152, page=8, block=8)
+    # 144 slots, pages of 8: each request holds a page, each ring ceil(5 / 2) row-blocks of 8 rows at first
+    windowed = _windowed("paged", slots=144, page=8, block=8)
     pool = windowed.rings
     for rid in "abcd":
         assert windowed.reserve(ReserveRequest(rid, 3, 100, 3)) is not None
-    assert windowed.inner.free_tokens() == 152 - 4 * (8 + 24) == 24
+    assert windowed.inner.free_tokens() == 144 - 4 * (8 + 24) == 16
     assert windowed.reserve(ReserveRequest("e", 3, 100, 3)) is None  # no room for its ring: it waits
-    assert windowed.inner.num_live() == 8 and windowed.inner.free_tokens() == 24, "a failed admission leaves nothing"
+    assert windowed.inner.num_live() == 8 and windowed.inner.free_tokens() == 16, "a failed admission leaves nothing"
     assert windowed.ensure_capacity("a", 8).status == GrowStatus.OK  # within its page and its ring's first block
-    res = windowed.ensure_capacity("a", 9)  # a second page (8 rows) fits, its ring's second block (24) does not
+    res = windowed.ensure_capacity("a", 9)  # a second page (8 rows) fits, its ring's second block (2 blocks
+    # = 10 cells = 5 row-blocks: 16 more rows) does not
     assert res.status == GrowStatus.NO_ROOM and pool.blocked_grows == 1
     assert res.how == "pages", "the request's runs changed: the scheduler must drop its cached location"
     windowed.check_integrity()
     windowed.release("d", None)
     res = windowed.ensure_capacity("a", 9)
     assert res.status == GrowStatus.OK and res.how == "pages"
-    assert pool.stats().held_slots == 3 * 24 + 24 and not pool.holds("d") and pool.stats().num_rings == 3
+    assert pool.stats().held_slots == 2 * 24 + 40 and not pool.holds("d") and pool.stats().num_rings == 3
     windowed.check_integrity()
 
 
@@ -218,14 +268,42 @@ def test_random_operations_keep_policy_and_rings_consistent(policy: str) -> None
         if step % 13 == 0:
             windowed.check_integrity()
             assert windowed.num_live() == len(tokens) and windowed.inner.num_live() == 2 * len(tokens)
+            # every ring entry of every layer has its own flat slot, inside its ring's rows, and no
+            # ring entry lies on a slot a request's KV (every lane of its slots) or another ring holds
+            cap, taken = pool.capacity_slots, set()
+            for rid in tokens:
+                for s, k in windowed.location(rid).runs:
+                    taken.update(lane * cap + s + i for lane in range(pool.num_lanes) for i in range(k))
             for rid, (_, n) in tokens.items():
                 c = pool.ring_slots_for(n)
-                assert all(sum(k for _, k in pool.runs_of(rid, g)) == c for g in range(pool.num_groups))
-                slots = {s + i for g in range(pool.num_groups) for s, k in pool.runs_of(rid, g) for i in range(k)}
-                assert len(slots) == pool.num_groups * c, f"{rid}: two ring entries share a slot"
+                rows = {s + i for s, k in windowed.location(ring_id(rid)).runs for i in range(k)}
+                flat = {s + i for j in range(pool.num_layers) for s, k in pool.runs_of(rid, j) for i in range(k)}
+                assert all(sum(k for _, k in pool.runs_of(rid, j)) == c for j in range(pool.num_layers))
+                assert len(flat) == pool.num_layers * c, f"{rid}: two ring entries share a slot"
+                assert {f % cap for f in flat} <= rows, f"{rid}: a ring entry outside its ring's rows"
+                assert not flat & taken, f"{rid}: a ring entry on another request's or ring's slot"
+                taken |= flat
     assert grown > 0
     if policy == "odma":  # a fragmented arena: some ring's next block went into several holes
         assert pool.stepped_grows > 0
     for rid in list(tokens):
         windowed.release(rid, None)
     assert windowed.inner.reserved_tokens() == 0 and windowed.num_live() == 0
+
+
+def test_flat_arena_lanes_are_views_of_one_tensor() -> None:
+    """KVArena(flat=True): k[layer] is rows [layer * C, (layer + 1) * C) of k_flat, so a ring
+    entry written through the flat tensor is what the full layer's tensor holds there, and
+    copy_run (per lane, as ever) moves ring entries of every lane with their rows."""
+    import torch
+
+    arena = KVArena(SPEC, 32, dtype=torch.float32, flat=True)
+    assert arena.k_flat is not None and arena.v_flat is not None
+    assert arena.k_flat.shape == (2 * 32, SPEC.num_kv_heads, SPEC.head_dim)
+    arena.k_flat[32 + 5] = 7.0  # lane 1, slot 5
+    assert float(arena.k[1][5].mean()) == 7.0 and float(arena.k[0][5].abs().sum()) == 0.0
+    arena.v[0][3] = 2.0
+    assert float(arena.v_flat[3].mean()) == 2.0
+    arena.copy_run(3, 20, 4)  # slots 3..6 -> 20..23 in every lane
+    assert float(arena.k_flat[32 + 22].mean()) == 7.0 and float(arena.v_flat[20].mean()) == 2.0
+    assert KVArena(SPEC, 32, dtype=torch.float32).k_flat is None

@@ -7,36 +7,46 @@ more than ``window_tokens`` K/V entries per sliding layer. Token ``p`` lives at 
 ``p % window``; the ring holds ``C = min(tokens rounded up to the block, window)`` ring
 slots, so that index never moves while the ring grows.
 
-Layout. The arena has one K and one V tensor per full layer (``F`` of them, the *lanes*).
-The ``S`` sliding layers are dealt onto the lanes: sliding layer ``j`` (0-based among the
-sliding layers) is group ``g = j // F``, lane ``j % F``; there are ``G = ceil(S / F)``
-groups. A request's ring is the policy's request ``"<id>#ring"`` whose "tokens" are
-*logical rows*: ring blocks of ``B = min(16, window)`` ring slots, the groups' blocks
-interleaved, so a ring of ``C`` slots needs ``rows_for = G * B * ceil(C / B)`` rows::
+Layout (flat lanes). The arena of a model with sliding layers is *flat*
+(``KVArena(flat=True)``): one K and one V tensor of ``F * capacity`` slots, lane-major, the
+``F`` full layers' tensors (the *lanes*) contiguous views of it. A ring is cut into blocks
+of ``B = min(16, window)`` ring slots; block ``b`` (ring slots ``[b B, (b + 1) B)``) of
+sliding layer ``j`` (0-based among the ``S`` sliding layers) is *cell* ``q = b S + j``,
+which lies in lane ``q % F`` at row-block ``q // F``, i.e. rows ``[(q // F) B, (q // F) B +
+B)`` of the ring request ``"<id>#ring"`` (whose policy "tokens" are these rows). A ring of
+``n`` blocks needs ``rows_for = ceil(n S / F) * B`` rows: the cells are packed row-block by
+row-block over all lanes, so there is no per-layer-group padding (at most the last
+row-block is partly used, until the ring's next block fills it)::
 
-    window 8, B 4, F 2 full layers, S 4 sliding (G 2): logical rows of one ring
-      row:    0  1  2  3 | 4  5  6  7 | 8  9 10 11 | 12 13 14 15
-      ring:   g0 i0..i3  | g1 i0..i3  | g0 i4..i7  | g1 i4..i7
-      lane 0 holds sliding layers 0 and 2 (groups 0, 1), lane 1 layers 1 and 3
-    ring index i of group g = row (i // B) * G * B + g * B + i % B
+    window 8, B 2, F 2 lanes (full layers), S 3 sliding layers; Lj.b = block b of layer j
+      row-block:         0      1      2      3      4      5        (rows 2 rb, 2 rb + 1)
+      lane 0 (full 0):   L0.b0  L2.b0  L1.b1  L0.b2  L2.b2  L1.b3
+      lane 1 (full 1):   L1.b0  L0.b1  L2.b1  L1.b2  L0.b3  L2.b3
+      cell q = 3 b + j -> lane q % 2, row-block q // 2
+      4 blocks: 12 cells in 6 row-blocks = 12 rows; 3 blocks: 9 cells, 5 row-blocks (10 rows)
+    ring index i of sliding layer j: q = (i // B) S + j, row r = (q // F) B + i % B
     row r = the r-th slot of the ring request's KVLocation (its runs, read in order)
+    flat slot = (q % F) * capacity + location.slot_of(r)        (what a layer gathers)
 
-    the same ring under paged, pages of 8 slots, location runs ((96, 8), (24, 8)):
-      arena slots 96..99  = g0 i0..i3     24..27 = g0 i4..i7     group 0's runs: (96, 4), (24, 4)
-                  100..103 = g1 i0..i3    28..31 = g1 i4..i7     group 1's runs: (100, 4), (28, 4)
+    the same ring under paged, pages of 4 slots, location runs ((96, 4), (24, 8)):
+      rows 0..3 -> arena slots 96..99, rows 4..11 -> 24..31
+      layer 0's blocks: rows 0-1 lane 0, rows 2-3 lane 1, rows 6-7 lane 0, rows 8-9 lane 1
+      layer 0's runs (flat slots): (96, 2), (C + 98, 2), (26, 2), (C + 28, 2)   C = capacity
 
 A ring grows with its request (``ensure_capacity`` of the ring request to ``rows_for``), in
-whole ``G * B``-row steps until the window, then stays and wraps. Where no single hole takes
-the next block (a fragmented ODMA arena), it grows one policy granule at a time, each piece
-wherever a hole is: a block's rows need not be adjacent. Whatever runs the policy
-gives (pages, ODMA runs, ODMA's move into one run, which copies every lane) the mapping
-goes through the location, so ring data stays where the attention reads it.
+whole blocks (``S * B / F`` rows a block, rounded up to row-blocks) until the window, then
+stays and wraps; a grown ring's cells keep their rows. Where no single hole takes the next
+block (a fragmented ODMA arena), it grows one policy granule at a time, each piece
+wherever a hole is: a block's rows need not be adjacent. Whatever runs the policy gives
+(pages, ODMA runs, ODMA's move into one run, which copies every lane) the mapping goes
+through the location, so ring data stays where the attention reads it.
 
 ``RingPool`` is that mapping, not an allocator: it reads the ring request's location from
-the policy, turns it into each group's runs in ring order (what ``RingBatch`` consumes) and
-keeps per-ring token counts. ``WindowedPolicy`` reserves, grows and releases the ring with
-the request through the inner (full-attention) policy; memory accounting is the inner
-policy's: ring rows are arena slots held like any other.
+the policy, turns ring indices into flat slots of each sliding layer (what ``RingBatch``
+gathers and scatters) and runs (what the step description prices), and keeps per-ring token
+counts. ``WindowedPolicy`` reserves, grows and releases the ring with the request through
+the inner (full-attention) policy; memory accounting is the inner policy's: ring rows are
+arena slots held like any other.
 """
 
 from __future__ import annotations
@@ -82,7 +92,7 @@ class WindowStats:
 
 
 class RingPool:
-    """The rings of ``num_layers`` sliding layers, laid into the lanes of ``arena``."""
+    """The rings of ``num_layers`` sliding layers, laid into the flat lanes of ``arena``."""
 
     def __init__(self, arena: KVArena, num_layers: int, window_tokens: int,
                  block_tokens: int = RING_BLOCK_TOKENS, *, num_kv_heads: int | None = None,
@@ -91,11 +101,14 @@ class RingPool:
         be the full layers' (a ring entry is one arena row)."""
         if window_tokens <= 0:
             raise ConfigError(f"sliding window of {window_tokens} tokens: it must be >= 1 (config.json sliding_window)")
+        if block_tokens <= 0:
+            raise ConfigError(f"ring block of {block_tokens} tokens: it must be >= 1 (RING_BLOCK_TOKENS)")
         lanes = arena.model.num_layers
         if lanes <= 0:
             raise ConfigError("a model whose every attention layer slides is not supported for now: rings live in "
                               "the full-attention layers' arena")
         assert num_layers > 0, "a ring pool without sliding layers"
+        assert arena.shape_only or arena.flat, "rings need a flat arena (KVArena(flat=True)): a layer's blocks lie in every lane"
         full = (arena.model.num_kv_heads, arena.model.head_dim)
         sliding = (num_kv_heads if num_kv_heads is not None else full[0], head_dim if head_dim is not None else full[1])
         if sliding != full:
@@ -104,14 +117,15 @@ class RingPool:
         self.arena = arena
         self.num_layers = num_layers
         self.num_lanes = lanes
-        self.num_groups = -(-num_layers // lanes)
         self.window_tokens = int(window_tokens)
         self._block = max(1, min(block_tokens, self.window_tokens))
+        self._layer_ids = torch.arange(num_layers, dtype=torch.int64)
         self.policy: Any = None
         """The inner policy that holds the ring requests (``WindowedPolicy`` attaches it)."""
         self._tokens: dict[str, int] = {}
         self._locations: dict[str, KVLocation] = {}
-        self._runs: dict[str, tuple[int, KVLocation, tuple[tuple[Run, ...], ...]]] = {}
+        self._runs: dict[str, tuple[int, KVLocation, tuple[Run, ...]]] = {}
+        """Layer 0's runs of each ring, for (ring slots, location): what the step description reads."""
         self.in_place_grows = 0
         self.new_runs = 0
         self.copies = 0
@@ -127,18 +141,24 @@ class RingPool:
     @block_tokens.setter
     def block_tokens(self, tokens: int) -> None:
         assert not self._tokens, "change the ring block only while no ring is held"
+        if tokens <= 0:
+            raise ConfigError(f"ring block of {tokens} tokens: it must be >= 1 (RING_BLOCK_TOKENS)")
         self._block = max(1, min(tokens, self.window_tokens))
 
     @property
-    def k(self) -> list[torch.Tensor]:
-        return self.arena.k
+    def k(self) -> torch.Tensor:
+        """The arena's flat K tensor (every lane, lane-major)."""
+        assert self.arena.k_flat is not None, "a shape-only arena has no tensors"
+        return self.arena.k_flat
 
     @property
-    def v(self) -> list[torch.Tensor]:
-        return self.arena.v
+    def v(self) -> torch.Tensor:
+        assert self.arena.v_flat is not None, "a shape-only arena has no tensors"
+        return self.arena.v_flat
 
     @property
     def capacity_slots(self) -> int:
+        """Slots of one lane (the arena's capacity)."""
         return self.arena.capacity_tokens
 
     @property
@@ -152,9 +172,29 @@ class RingPool:
         return min(-(-max(1, tokens) // b) * b, self.window_tokens)
 
     def rows_for(self, tokens: float) -> int:
-        """Logical rows (arena slots) of a ring holding ``tokens``: G * B * ceil(C / B)."""
+        """Rows (arena slots) of a ring holding ``tokens``: its n = ceil(C / B) blocks of S
+        layers are n S cells, F to a row-block of B rows: ceil(n S / F) * B."""
         b = self._block
-        return self.num_groups * b * -(-self.ring_slots_for(int(math.ceil(tokens))) // b)
+        blocks = -(-self.ring_slots_for(int(math.ceil(tokens))) // b)
+        return -(-blocks * self.num_layers // self.num_lanes) * b
+
+    def cell(self, layer: int, block: int) -> tuple[int, int]:
+        """(lane, row-block) of block ``block`` of sliding layer ``layer``."""
+        q = block * self.num_layers + layer
+        return q % self.num_lanes, q // self.num_lanes
+
+    def ring_row(self, layer: int, ring_index: int) -> int:
+        """The row (of the ring request's location) of ``ring_index`` of sliding layer ``layer``."""
+        b = self._block
+        return self.cell(layer, ring_index // b)[1] * b + ring_index % b
+
+    def flat_slots(self, location: KVLocation, ring_index: torch.Tensor) -> torch.Tensor:
+        """int64 [S, n] (CPU): flat slots (lane * capacity + arena slot) of ring indices
+        ``ring_index`` (int64 [n]) in every sliding layer, for a ring at ``location``."""
+        b, s, f = self._block, self.num_layers, self.num_lanes
+        q = (ring_index // b)[None, :] * s + self._layer_ids[:, None]
+        rows = (q // f) * b + (ring_index % b)[None, :]
+        return (q % f) * self.capacity_slots + location.slot_table()[rows]
 
     # -- the rings ------------------------------------------------------------------------
     def holds(self, request_id: str) -> bool:
@@ -186,54 +226,56 @@ class RingPool:
             loc = self._locations[request_id] = self.policy.location(ring_id(request_id))
         return loc
 
-    def ring_row(self, group: int, ring_index: int) -> int:
-        """The logical row of ``ring_index`` of ``group``."""
-        b, g = self._block, self.num_groups
-        return (ring_index // b) * g * b + group * b + ring_index % b
+    def ring_slots(self, request_id: str) -> int:
+        """Ring slots (per sliding layer) ``request_id``'s ring holds now."""
+        return self.ring_slots_for(self._tokens[request_id])
 
-    def group_runs(self, request_id: str) -> tuple[tuple[Run, ...], ...]:
-        """Per group, the ring's arena runs in ring order (ring indices 0..C-1, adjacent
-        slots merged), C = ``ring_slots_for`` the ring's tokens."""
-        c = self.ring_slots_for(self._tokens[request_id])
+    def _checked_location(self, request_id: str) -> tuple[int, KVLocation]:
+        c = self.ring_slots(request_id)
         loc = self.location(request_id)
-        cached = self._runs.get(request_id)
-        if cached is not None and cached[0] == c and cached[1] is loc:
-            return cached[2]
         assert loc.capacity_tokens >= self.rows_for(c), (
             f"{request_id}: a ring of {c} slots needs {self.rows_for(c)} rows, its reservation holds "
             f"{loc.capacity_tokens}")
+        return c, loc
+
+    def runs_of(self, request_id: str, layer: int = 0) -> tuple[Run, ...]:
+        """Sliding layer ``layer``'s runs of the ring in ring order (ring index i = the i-th
+        slot), in flat slots (lane * capacity + arena slot), adjacent ones merged."""
+        c, loc = self._checked_location(request_id)
+        if layer == 0:
+            cached = self._runs.get(request_id)
+            if cached is not None and cached[0] == c and cached[1] is loc:
+                return cached[2]
         offsets = [0]
         for _, n in loc.runs:
             offsets.append(offsets[-1] + n)
-        b = self._block
-        groups: list[tuple[Run, ...]] = []
-        for g in range(self.num_groups):
-            out: list[list[int]] = []
-            for first_index in range(0, c, b):
-                row, left = self.ring_row(g, first_index), min(b, c - first_index)
-                k = bisect.bisect_right(offsets, row) - 1
-                while left > 0:
-                    start, n = loc.runs[k]
-                    at = row - offsets[k]
-                    take = min(left, n - at)
-                    slot = start + at
-                    if out and out[-1][0] + out[-1][1] == slot:
-                        out[-1][1] += take
-                    else:
-                        out.append([slot, take])
-                    row, left, k = row + take, left - take, k + 1
-            groups.append(tuple((s, n) for s, n in out))
-        result = tuple(groups)
-        self._runs[request_id] = (c, loc, result)
+        b, cap = self._block, self.capacity_slots
+        out: list[list[int]] = []
+        for block in range(-(-c // b)):
+            lane, row_block = self.cell(layer, block)
+            row, left = row_block * b, min(b, c - block * b)
+            k = bisect.bisect_right(offsets, row) - 1
+            while left > 0:
+                start, n = loc.runs[k]
+                at = row - offsets[k]
+                take = min(left, n - at)
+                slot = lane * cap + start + at
+                if out and out[-1][0] + out[-1][1] == slot:
+                    out[-1][1] += take
+                else:
+                    out.append([slot, take])
+                row, left, k = row + take, left - take, k + 1
+        result = tuple((s, n) for s, n in out)
+        if layer == 0:
+            self._runs[request_id] = (c, loc, result)
         return result
-
-    def runs_of(self, request_id: str, group: int = 0) -> tuple[Run, ...]:
-        """Group ``group``'s runs of the ring in ring order (ring index i = the i-th slot)."""
-        return self.group_runs(request_id)[group]
 
     def read_runs(self, request_id: str, tokens: int) -> tuple[int, ...]:
         """Lengths of the runs a decode over ``tokens`` reads in one sliding layer: ring
-        indices [0, min(tokens, window)) of group 0 (every group has the same blocks)."""
+        indices [0, min(tokens, window)) of sliding layer 0. Every layer reads one run per
+        block (blocks of a layer are S cells apart) where the policy's granule is a multiple
+        of B (then no block straddles two location runs); only where S = F do a layer's
+        blocks touch, and then alike in every layer."""
         return covering_runs((n for _, n in self.runs_of(request_id, 0)), min(tokens, self.window_tokens))
 
     def plan(self, seqs: Any, request_ids: list[str], device: torch.device | str = "cpu") -> Any:
@@ -242,9 +284,8 @@ class RingPool:
 
         for seq, rid in zip(seqs, request_ids):
             self.note_tokens(rid, seq.num_total_tokens)
-        runs = [self.group_runs(rid) for rid in request_ids]
-        batches = tuple(RingBatch.build(self, seqs, [r[g] for r in runs], device) for g in range(self.num_groups))
-        return RingPlan(batches, self.k, self.v)
+        rings = [self._checked_location(rid) for rid in request_ids]
+        return RingPlan(RingBatch.build(self, seqs, [(loc, c) for c, loc in rings], device), self.k, self.v)
 
     # -- accounting -----------------------------------------------------------------------
     def held_slots(self) -> int:
@@ -268,6 +309,9 @@ class RingPool:
             assert cached is None or cached == fresh, f"{rid}: cached ring location {cached} is stale ({fresh})"
             assert fresh.capacity_tokens >= self.rows_for(t), (
                 f"{rid}: {fresh.capacity_tokens} ring rows hold fewer than the {self.rows_for(t)} of {t} tokens")
+            runs = self._runs.get(rid)
+            assert runs is None or runs[1] is not cached or sum(n for _, n in runs[2]) == runs[0], (
+                f"{rid}: cached runs {runs[2] if runs else None} do not hold its {runs[0] if runs else 0} ring slots")
 
 
 class WindowedPolicy:

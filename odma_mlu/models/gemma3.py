@@ -237,7 +237,8 @@ class Gemma3ForwardModel:
     def new_arena(self, capacity_tokens: int) -> KVArena:
         """An arena for the full-attention layers only."""
         spec = dataclasses.replace(self.spec, num_layers=self.num_full_layers)
-        return KVArena(spec, capacity_tokens, device=self.device, dtype=self.dtype)
+        return KVArena(spec, capacity_tokens, device=self.device, dtype=self.dtype,
+                       flat=self.num_sliding_layers > 0)  # rings reach every lane (kvcache/window.py)
 
     def new_window_pool(self, arena: KVArena, block_tokens: int = RING_BLOCK_TOKENS) -> RingPool:
         """The rings of the sliding layers, laid into ``arena``'s lanes (odma_mlu/kvcache/window.py)."""
