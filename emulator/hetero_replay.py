@@ -31,6 +31,7 @@ from emulator.profile import DeviceProfile
 from emulator.shape_scheduler import ShapeSeq as _Seq, schedule_shape_step
 from odma_mlu.config import BUILTIN_MODEL_SHAPES, CacheConfig, load_model_spec
 from odma_mlu.engine.step_work import StepWork
+from odma_mlu.kvcache.window import RING_BLOCK_TOKENS
 from odma_mlu.models.layer_types import layer_windows
 from odma_mlu.predictor.base import RequestFeatures
 from odma_mlu.predictor.simple import SimplePredictor
@@ -181,13 +182,16 @@ class StalledScheme(RuntimeError):
 
 
 def schemes(shape: HeteroShape, budget: int, profile: DeviceProfile, max_new_tokens: int,
-            trace: list[tuple[int, int]], cache: CacheConfig = CacheConfig()) -> dict[str, Callable[[], HeteroMemory]]:
-    """The schemes compared, by label (``trace``: the replayed one; no scheme sizes by it now)."""
+            trace: list[tuple[int, int]], cache: CacheConfig = CacheConfig(),
+            ring_block_tokens: int = RING_BLOCK_TOKENS) -> dict[str, Callable[[], HeteroMemory]]:
+    """The schemes compared, by label (``trace``: the replayed one; no scheme sizes by it now;
+    ``ring_block_tokens``: B of the engine's ring layout, odma_engine_rings)."""
     run_cost = step_cost(profile, shape)  # ODMA's copy decision: runs and copies of the full layers
     wm = cache.watermark_fraction
     return {
         "odma_rings": lambda: OdmaRings(shape, budget, cache, max_new_tokens, run_cost),
-        "odma_engine_rings": lambda: OdmaEngineRings(shape, budget, cache, max_new_tokens, run_cost),
+        "odma_engine_rings": lambda: OdmaEngineRings(shape, budget, cache, max_new_tokens, run_cost,
+                                                     ring_block_tokens),
         "jenga": lambda: JengaLCM(shape, budget, wm),
         "vllm_hybrid": lambda: VllmHybrid(shape, budget, wm),
         "vllm_uniform": lambda: VllmHybrid(shape, budget, wm, uniform=True),

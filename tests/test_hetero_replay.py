@@ -119,3 +119,19 @@ def test_engine_rings_share_one_arena_with_the_requests(model: str, ring_rows_20
     scheme.release("a", 300)
     assert scheme.policy.inner.num_live() == 0 and scheme.held_bytes() == 0
 
+
+def test_bench_hetero_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_hetero.py"
+    spec = importlib.util.spec_from_file_location("bench_hetero", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit):
+        bench.main(["--ring-block-tokens", "0", "--max-requests", "2"])
+    assert "--ring-block-tokens must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--schemes", "odma_rings,nope", "--max-requests", "2", "--models", "qwen2-7b-swa"])
+    assert "--schemes: unknown nope" in capsys.readouterr().err
