@@ -195,15 +195,18 @@ class _CopyAlways:
 
 
 @pytest.mark.parametrize("family", FAMILIES + UNEVEN)
-def test_rings_moved_by_odma_copies_match_transformers(loaded, family: str) -> None:
+def test_requests_moved_by_odma_copies_match_transformers(loaded, family: str) -> None:
     """ODMA packed tight (holds live + 1, no room between requests) moves a blocked request
-    or ring into one run: the copy takes every lane, so ring entries move with their rows."""
+    into one run: the copy takes every lane of the request's slots, beside ring entries of
+    other requests in the same lanes, which must stay. A ring is never moved (it is read per
+    block, whatever its runs: ``ReserveRequest.read_per_block``)."""
     model, ids, ref = loaded[family]
-    capacity = {"qwen2_sliding": 256, "gemma3": 400, "qwen2_3over2": 300, "gemma3_5over2": 300}[family]  # claims oversubscribe it: room is lent
+    capacity = {"qwen2_sliding": 256, "gemma3": 400, "qwen2_3over2": 300, "gemma3_5over2": 300}[family]
     arena, windowed = _setup(model, "odma", capacity=capacity, block_tokens=2, page_tokens=2, odma_chunk_tokens=1,
                              run_cost=_CopyAlways())
     assert greedy_generate_rings(model, arena, windowed, ids, MAX_NEW, start_steps=[0, 1, 2, 3]) == ref
-    assert windowed.rings.copies > 0, "the test meant ODMA to move a ring"
+    assert windowed.inner.copies > 0, "the test meant ODMA to move a request"
+    assert windowed.rings.copies == 0, "a ring was copied into one run"
 
 
 _FOLDERS: dict[str, Path] = {}

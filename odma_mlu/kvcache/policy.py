@@ -43,6 +43,10 @@ class ReserveRequest:
     prediction: LengthPrediction | None = None
     true_output_tokens: int | None = None
     """Only ``exact`` reads this."""
+    read_per_block: bool = False
+    """Its KV is read in blocks that lie apart whatever its runs are (a sliding-window ring,
+    kvcache/window.py): one run reads no faster than several, so a copy into one run never
+    pays (ODMA)."""
 
     @property
     def max_total_tokens(self) -> int:

@@ -341,14 +341,14 @@ class WindowedPolicy:
         if sized is not None:  # ContiguousPolicy: the run it reserves now is all it gets
             full = max(now, rows(max(req.num_tokens, sized(req))))
             # prompt 0, no prediction, true length = the most: static, exact and S3 all size it at ``full``
-            return ReserveRequest(rid, 0, full, now, None, full)
+            return ReserveRequest(rid, 0, full, now, None, full, read_per_block=True)
         prompt, most = rows(req.prompt_tokens), rows(req.max_total_tokens)
         grow_rows = max(1, most - prompt)
         prediction = None
         if req.prediction is not None:  # the ring's predicted growth: the request's, through rows_for
             prediction = LengthPrediction.from_values(
                 [rows(req.prompt_tokens + req.prediction.at(q)) - prompt for q in QUANTILES], grow_rows, QUANTILES)
-        return ReserveRequest(rid, prompt, grow_rows, now, prediction)
+        return ReserveRequest(rid, prompt, grow_rows, now, prediction, read_per_block=True)
 
     def can_reserve(self, req: ReserveRequest) -> bool:
         return self.inner.can_reserve(req) and self.inner.can_reserve(self._ring_request(req))
