@@ -38,8 +38,10 @@ whole blocks (``S * B / F`` rows a block, rounded up to row-blocks) until the wi
 stays and wraps; a grown ring's cells keep their rows. Where no single hole takes the next
 block (a fragmented ODMA arena), it grows one policy granule at a time, each piece
 wherever a hole is: a block's rows need not be adjacent. Whatever runs the policy gives
-(pages, ODMA runs, ODMA's move into one run, which copies every lane) the mapping goes
-through the location, so ring data stays where the attention reads it.
+(pages, ODMA runs; a policy's move into one run copies every lane) the mapping goes through
+the location, so ring data stays where the attention reads it. A ring is reserved with
+``ReserveRequest.read_per_block``: its blocks are read apart whatever its runs are, so ODMA
+never copies it into one run.
 
 ``RingPool`` is that mapping, not an allocator: it reads the ring request's location from
 the policy, turns ring indices into flat slots of each sliding layer (what ``RingBatch``
