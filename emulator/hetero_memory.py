@@ -126,6 +126,26 @@ def _paged_runs(tokens: int, page: int = PAGE_TOKENS) -> tuple[int, ...]:
     return (page,) * full + ((rest,) if rest else ())
 
 
+def ring_token_runs(slot_runs: tuple[int, ...], slots_per_token: float, tokens: int) -> tuple[int, ...]:
+    """Tokens of each sliding layer in each part of a ring slab (``slot_runs``: the parts'
+    lengths in F-layer slots, ``slots_per_token`` = S / F), apportioned by the parts'
+    cumulative slots so that they add up to ``tokens``; parts holding no whole token drop."""
+    out: list[int] = []
+    cum_slots, cum_tokens = 0, 0
+    for n in slot_runs:
+        cum_slots += n
+        upto = min(tokens, round(cum_slots / slots_per_token))
+        if upto > cum_tokens:
+            out.append(upto - cum_tokens)
+            cum_tokens = upto
+    if cum_tokens < tokens:  # the last part holds the rest (its slots were rounded up for it)
+        if out:
+            out[-1] += tokens - cum_tokens
+        else:
+            out.append(tokens)
+    return tuple(out)
+
+
 # -- ODMA --------------------------------------------------------------------------------
 class OdmaRings(HeteroMemory):
     """Full slabs and rings as two ODMA requests in one arena of F-layer token slots."""
@@ -180,8 +200,11 @@ class OdmaRings(HeteroMemory):
 
     def read_runs(self, rid: str, num_tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         ring = self.policy.read_runs(rid + "#ring", self._ring_slots(num_tokens))
-        # A ring slab of n F-layer slots holds n / ratio tokens of each sliding layer.
-        return self.policy.read_runs(rid, num_tokens), tuple(max(1, round(n / self.ratio)) for n in ring)
+        # A ring slab of n F-layer slots holds n / ratio tokens of each sliding layer: the
+        # parts' token counts are apportioned so that they add up to the min(tokens, W) the
+        # ring holds (rounding each part on its own, 16 slots / 5 -> 3 tokens, read 6% less).
+        return self.policy.read_runs(rid, num_tokens), ring_token_runs(ring, self.ratio,
+                                                                       min(num_tokens, self.shape.window_tokens))
 
     def check_integrity(self) -> None:
         self.policy.check_integrity()

@@ -135,3 +135,28 @@ def test_bench_hetero_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         bench.main(["--schemes", "odma_rings,nope", "--max-requests", "2", "--models", "qwen2-7b-swa"])
     assert "--schemes: unknown nope" in capsys.readouterr().err
+
+
+def test_odma_rings_reads_every_token_its_ring_holds() -> None:
+    """odma_rings prices a ring part of n F-layer slots as n F / S tokens of each sliding
+    layer: the parts add up to min(tokens, W), however finely the slab is cut."""
+    from emulator.hetero_memory import ring_token_runs
+
+    parts = ring_token_runs((16,) * 10 + (5,), 5.0, 33)  # 165 slots for 33 tokens
+    assert parts == (3, 3, 4, 3, 3, 3, 3, 4, 3, 3, 1) and sum(parts) == 33
+    assert sum(ring_token_runs((16,) * 64, 5.0, 200)) == 200  # 1024 slots for 200 tokens: 64 parts of 3.2
+    assert ring_token_runs((1, 1, 1, 2), 2.5, 2) == (1, 1)  # parts without a whole token drop
+    assert ring_token_runs((5,), 2.5, 2) == (2,)
+    shape = load_shape("gemma-3-12b")
+    scheme = schemes(shape, GIB, load_profile("mlu370-x4"), 2048, [(200, 1000)])["odma_rings"]()
+    assert scheme.admit("a", 200, 200, 1000, None)
+    real = scheme.policy.read_runs
+
+    def granules(rid: str, n: int) -> tuple[int, ...]:  # a ring slab cut into 16-slot parts
+        return (16,) * (n // 16) + ((n % 16,) if n % 16 else ()) if rid.endswith("#ring") else real(rid, n)
+
+    scheme.policy.read_runs = granules
+    for tokens in (201, 500, 1100):
+        assert scheme.grow("a", tokens)
+        assert sum(scheme.read_runs("a", tokens)[1]) == min(tokens, shape.window_tokens)
+    scheme.release("a", 1000)
