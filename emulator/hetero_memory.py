@@ -10,15 +10,14 @@ of K+V per token per layer::
                       a request's full KV is ODMA's slab, its ring a second slab of
                       ceil(min(tokens, W) * S / F) slots that grows in place up to W and
                       then wraps (no eviction copy). Sliding reads: one run per ring part.
-    odma_engine_rings the engine's layout (odma_mlu/kvcache/window.py, WindowedPolicy): a
-                      ring pool of its own (S-layer token slots; its share of the budget
-                      from the trace's mean min(tokens, W) against tokens) + ODMA over the
-                      rest for the full layers; a ring starts at the prompt (16-token
-                      granule), grows in place to W, then wraps; blocked growth takes a
-                      second run or preempts (NO_ROOM). Sliding reads: the ring's runs.
-    odma_fixed_rings  the engine's first layout: the same pool with a granule of W, i.e. a
-                      whole W-slot ring per request from admission (share of the budget:
-                      a ring of W against the trace's mean request).
+    odma_engine_rings the engine's layout (odma_mlu/kvcache/window.py, WindowedPolicy):
+                      as odma_rings, one ODMA arena of F-layer slots over the whole budget
+                      and the ring a second ODMA request, but laid out as the engine's
+                      forward reads it: flat lanes, blocks of B = 16 ring slots, block b of
+                      sliding layer j is cell b S + j, F cells to a B-row row-block: a ring
+                      of n blocks holds ceil(n S / F) B rows (rounded up to whole blocks
+                      and row-blocks where odma_rings rounds S / F per slot). Sliding reads:
+                      sliding layer 0's runs of the ring (one per block).
     jenga             Jenga's two-level allocator: large pages of LCM(16 F b, 16 S b) bytes,
                       carved into per-group small pages of 16 tokens; a request's small pages
                       go to a large page it already uses when possible (request-aware); a large
@@ -43,7 +42,7 @@ from odma_mlu.config import CacheConfig, ModelSpec
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.factory import make_policy
 from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
-from odma_mlu.kvcache.window import RingPool, WindowedPolicy
+from odma_mlu.kvcache.window import RING_BLOCK_TOKENS, RingPool, WindowedPolicy
 from odma_mlu.models.layer_kinds import LayerKinds
 from odma_mlu.predictor.base import QUANTILES, LengthPrediction
 
@@ -127,6 +126,26 @@ def _paged_runs(tokens: int, page: int = PAGE_TOKENS) -> tuple[int, ...]:
     return (page,) * full + ((rest,) if rest else ())
 
 
+def ring_token_runs(slot_runs: tuple[int, ...], slots_per_token: float, tokens: int) -> tuple[int, ...]:
+    """Tokens of each sliding layer in each part of a ring slab (``slot_runs``: the parts'
+    lengths in F-layer slots, ``slots_per_token`` = S / F), apportioned by the parts'
+    cumulative slots so that they add up to ``tokens``; parts holding no whole token drop."""
+    out: list[int] = []
+    cum_slots, cum_tokens = 0, 0
+    for n in slot_runs:
+        cum_slots += n
+        upto = min(tokens, round(cum_slots / slots_per_token))
+        if upto > cum_tokens:
+            out.append(upto - cum_tokens)
+            cum_tokens = upto
+    if cum_tokens < tokens:  # the last part holds the rest (its slots were rounded up for it)
+        if out:
+            out[-1] += tokens - cum_tokens
+        else:
+            out.append(tokens)
+    return tuple(out)
+
+
 # -- ODMA --------------------------------------------------------------------------------
 class OdmaRings(HeteroMemory):
     """Full slabs and rings as two ODMA requests in one arena of F-layer token slots."""
@@ -181,33 +200,31 @@ class OdmaRings(HeteroMemory):
 
     def read_runs(self, rid: str, num_tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         ring = self.policy.read_runs(rid + "#ring", self._ring_slots(num_tokens))
-        # A ring slab of n F-layer slots holds n / ratio tokens of each sliding layer.
-        return self.policy.read_runs(rid, num_tokens), tuple(max(1, round(n / self.ratio)) for n in ring)
+        # A ring slab of n F-layer slots holds n / ratio tokens of each sliding layer: the
+        # parts' token counts are apportioned so that they add up to the min(tokens, W) the
+        # ring holds (rounding each part on its own, 16 slots / 5 -> 3 tokens, read 6% less).
+        return self.policy.read_runs(rid, num_tokens), ring_token_runs(ring, self.ratio,
+                                                                       min(num_tokens, self.shape.window_tokens))
 
     def check_integrity(self) -> None:
         self.policy.check_integrity()
 
 
 class OdmaEngineRings(HeteroMemory):
-    """The engine's layout: a ring pool (RingPool, shape only) + ODMA, as WindowedPolicy.
-
-    ``granule_tokens`` None: the engine's growing rings; ``window`` tokens: fixed rings."""
+    """The engine's layout (odma_mlu/kvcache/window.py): one shape-only arena of F-layer
+    slots over the whole budget, ``WindowedPolicy`` over ODMA; each request's ring is ODMA's
+    second request ``<id>#ring`` of ceil(n S / F) * B rows (n = ceil(C / B) blocks of
+    B = min(16, W) ring slots, C = the ring's slots; flat lanes, no group padding)."""
 
     def __init__(self, shape: HeteroShape, budget_bytes: int, cache: CacheConfig, max_new_tokens: int,
-                 cost: CostModel, ring_fraction: float, granule_tokens: int | None = None) -> None:
-        w, b = shape.window_tokens, shape.layer_token_bytes
-        fixed = granule_tokens is not None and granule_tokens >= w
-        super().__init__(shape, budget_bytes, cache.watermark_fraction,
-                         f"odma_{'fixed' if fixed else 'engine'}_rings({ring_fraction:.2f})")
-        slot_bytes = shape.num_sliding * b
-        slots = max(w, int(budget_bytes * ring_fraction) // slot_bytes)
-        self.arena = KVArena(shape.layers_spec(shape.num_full), (budget_bytes - slots * slot_bytes)
-                             // (shape.num_full * b), shape_only=True)
-        self.rings = RingPool(shape.num_sliding, w, 0, shape.spec.num_kv_heads, shape.spec.head_dim,
-                              shape_only=True, capacity_slots=slots, granule_tokens=granule_tokens)
+                 cost: CostModel, block_tokens: int = RING_BLOCK_TOKENS) -> None:
+        super().__init__(shape, budget_bytes, cache.watermark_fraction, "odma_engine_rings")
+        assert shape.num_full > 0, "the engine keeps rings in the full layers' arena"
+        self.slot_bytes = shape.num_full * shape.layer_token_bytes
+        self.arena = KVArena(shape.layers_spec(shape.num_full), budget_bytes // self.slot_bytes, shape_only=True)
+        self.rings = RingPool(self.arena, shape.num_sliding, shape.window_tokens, block_tokens)
         self.policy = WindowedPolicy(make_policy("odma", self.arena, cache, max_new_tokens, run_cost=cost),
                                      self.rings)
-        self.slot_bytes = slot_bytes
 
     def admit(self, rid: str, num_tokens: int, prompt_tokens: int, max_new_tokens: int,
               prediction: LengthPrediction | None) -> bool:
@@ -228,11 +245,10 @@ class OdmaEngineRings(HeteroMemory):
         self.tokens.pop(rid)
 
     def held_bytes(self) -> int:
-        return (self.policy.reserved_tokens() * self.shape.num_full * self.shape.layer_token_bytes
-                + self.rings.stats().held_slots * self.slot_bytes)
+        return self.policy.reserved_tokens() * self.slot_bytes  # requests and rings alike
 
     def read_runs(self, rid: str, num_tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        # As the engine (window_attention.py, step_work._sliding_reads): what the ring holds, as its runs.
+        # As the engine (window_attention.py, step_work._sliding_reads): sliding layer 0's runs of the ring.
         return self.policy.read_runs(rid, num_tokens), self.rings.read_runs(rid, num_tokens)
 
     def check_integrity(self) -> None:

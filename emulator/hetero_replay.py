@@ -1,4 +1,4 @@
-"""Shape-only replay of a model with sliding-window layers under six KV memory schemes.
+"""Shape-only replay of a model with sliding-window layers under five KV memory schemes.
 
 ::
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from emulator.cost_model import CostModel
 from emulator.hetero_memory import HeteroMemory, HeteroShape, OdmaEngineRings, OdmaRings
@@ -32,6 +32,7 @@ from emulator.shape_scheduler import ShapeSeq as _Seq, schedule_shape_step
 from emulator.traces import default_shared_dir
 from odma_mlu.config import BUILTIN_MODEL_SHAPES, CacheConfig, load_model_spec
 from odma_mlu.engine.step_work import StepWork
+from odma_mlu.kvcache.window import RING_BLOCK_TOKENS
 from odma_mlu.models.layer_types import layer_windows
 from odma_mlu.predictor.base import RequestFeatures
 from odma_mlu.predictor.simple import SimplePredictor
@@ -181,42 +182,20 @@ class StalledScheme(RuntimeError):
     full-attention share is smaller than one request): the bench reports it, not a result."""
 
 
-def ring_fraction(shape: HeteroShape, trace: list[tuple[int, int]]) -> float:
-    """The static ring share a careful operator would pick for odma_fixed_rings: the ring's
-    share of a mean request's memory (ring of W against full KV at half its output)."""
-    mean_tokens = sum(p + o / 2 for p, o in trace) / len(trace)
-    ring = shape.num_sliding * shape.window_tokens
-    return ring / (ring + shape.num_full * mean_tokens)
-
-
-def growing_ring_fraction(shape: HeteroShape, trace: list[tuple[int, int]]) -> float:
-    """The ring pool's share for growing rings (odma_engine_rings): a mean request's ring,
-    min(tokens, W) in S layers, against its full KV, tokens in F layers (at half its output)."""
-    tokens = [p + o / 2 for p, o in trace]
-    ring = shape.num_sliding * sum(min(t, shape.window_tokens) for t in tokens)
-    return ring / (ring + shape.num_full * sum(tokens))
-
-
 def schemes(shape: HeteroShape, budget: int, profile: DeviceProfile, max_new_tokens: int,
-            trace: list[tuple[int, int]], engine_ring_shares: Sequence[float] = (),
-            cache: CacheConfig = CacheConfig()) -> dict[str, Callable[[], HeteroMemory]]:
-    """The schemes compared, by label; ``engine_ring_shares`` adds the engine's two-pool
-    layout at those static ring shares (the split sweep)."""
+            trace: list[tuple[int, int]], cache: CacheConfig = CacheConfig(),
+            ring_block_tokens: int = RING_BLOCK_TOKENS) -> dict[str, Callable[[], HeteroMemory]]:
+    """The schemes compared, by label (``trace``: the replayed one; no scheme sizes by it now;
+    ``ring_block_tokens``: B of the engine's ring layout, odma_engine_rings)."""
     run_cost = step_cost(profile, shape)  # ODMA's copy decision: runs and copies of the full layers
     wm = cache.watermark_fraction
-    swept: dict[str, Callable[[], HeteroMemory]] = {
-        f"odma_engine_rings@{f:g}": (lambda f=f: OdmaEngineRings(shape, budget, cache, max_new_tokens, run_cost, f))
-        for f in engine_ring_shares}
     return {
         "odma_rings": lambda: OdmaRings(shape, budget, cache, max_new_tokens, run_cost),
         "odma_engine_rings": lambda: OdmaEngineRings(shape, budget, cache, max_new_tokens, run_cost,
-                                                     growing_ring_fraction(shape, trace)),
-        "odma_fixed_rings": lambda: OdmaEngineRings(shape, budget, cache, max_new_tokens, run_cost,
-                                                    ring_fraction(shape, trace), granule_tokens=shape.window_tokens),
+                                                     ring_block_tokens),
         "jenga": lambda: JengaLCM(shape, budget, wm),
         "vllm_hybrid": lambda: VllmHybrid(shape, budget, wm),
         "vllm_uniform": lambda: VllmHybrid(shape, budget, wm, uniform=True),
-        **swept,
     }
 
 

@@ -75,15 +75,22 @@ def _batch(decode_groups: int, prefills: int, multi_run: bool, cached: int) -> t
 
 def _count(model: Any, seqs: list, arena_tokens: int) -> int:
     """Kernels of one forward of a sliding (rings) or hybrid (state slots) model."""
+    from odma_mlu.kvcache.arena import KVLocation
     from odma_mlu.models.attention import ForwardBatch
-    from odma_mlu.models.window_attention import RingBatch
+    from odma_mlu.models.window_attention import RingBatch, RingPlan
 
     if getattr(model, "is_hybrid", False):
         states = model.new_state_pool(len(seqs) + 1)
         return _count_forward_kernels(model, seqs, arena_tokens, extra=(states, list(range(len(seqs)))))
-    pool = model.new_window_pool(len(seqs) + 1)
-    rings = RingBatch.build(pool, ForwardBatch.build(seqs).seqs, [len(seqs) - i for i in range(len(seqs))])
-    return _count_forward_kernels(model, seqs, arena_tokens, extra=(rings,))
+    window = model.window_tokens
+    pool = model.new_window_pool(model.new_arena(16))
+    rows = pool.rows_for(window)
+    pool = model.new_window_pool(model.new_arena((len(seqs) + 1) * rows))
+    fb_seqs = ForwardBatch.build(seqs).seqs
+    # whole-window rings, not in row order: sequence i's ring is rows [(n - i) * rows, (n - i + 1) * rows)
+    rings = [(KVLocation((((len(seqs) - i) * rows, rows),)), window) for i in range(len(seqs))]
+    batch = RingBatch.build(pool, fb_seqs, rings)
+    return _count_forward_kernels(model, seqs, arena_tokens, extra=(RingPlan(batch, pool.k, pool.v),))
 
 
 CASES = [(1, 0, False, 0), (2, 0, False, 0), (0, 1, False, 0), (0, 2, False, 5), (1, 1, True, 0),

@@ -95,12 +95,68 @@ def test_every_scheme_completes_a_tight_trace(model: str) -> None:
     assert tps["jenga"] >= tps["vllm_uniform"] * 0.99, tps
 
 
-def test_engine_ring_shares_add_the_split_sweep() -> None:
-    shape = load_shape("gemma-3-12b")
+@pytest.mark.parametrize("model, ring_rows_200", [("gemma-3-12b", 5 * 16 * 13), ("qwen2-7b-swa", 33 * 16)])
+def test_engine_rings_share_one_arena_with_the_requests(model: str, ring_rows_200: int) -> None:
+    """odma_engine_rings: one arena of full-layer slots over the whole budget; each request
+    and its ring are two ODMA requests, and the bytes held are the arena's reserved slots.
+    A ring's 13 blocks of 16 are 13 S cells over F lanes: Gemma-3-12B 520 cells = 65
+    row-blocks; qwen2-7b-swa (20 over 8) 260 cells = 33 row-blocks, not 3 groups x 13 = 39."""
+    from odma_mlu.kvcache.window import ring_id
+
+    shape = load_shape(model)
     profile = load_profile("mlu370-x4")
-    trace = [(200, 300)] * 4
-    made = schemes(shape, GIB, profile, 2048, trace, engine_ring_shares=(0.5, 0.8))
-    assert {"odma_engine_rings@0.5", "odma_engine_rings@0.8"} <= set(made)
-    names = {made[label]().name for label in ("odma_engine_rings@0.5", "odma_engine_rings@0.8")}
-    assert names == {"odma_engine_rings(0.50)", "odma_engine_rings(0.80)"}
-    assert "odma_engine_rings@0.5" not in schemes(shape, GIB, profile, 2048, trace)
+    scheme = schemes(shape, GIB, profile, 2048, [(200, 300)])["odma_engine_rings"]()
+    slot_bytes = shape.num_full * shape.layer_token_bytes
+    assert scheme.arena.capacity_tokens == GIB // slot_bytes
+    assert (scheme.rings.num_layers, scheme.rings.num_lanes) == (shape.num_sliding, shape.num_full)
+    assert scheme.admit("a", 200, 200, 300, None)
+    assert scheme.policy.inner.num_live() == 2 and scheme.policy.num_live() == 1
+    ring_rows = scheme.policy.location(ring_id("a")).capacity_tokens
+    assert ring_rows >= scheme.rings.rows_for(200) == ring_rows_200
+    assert scheme.held_bytes() == scheme.policy.reserved_tokens() * slot_bytes
+    assert len(scheme.policy.location(ring_id("a")).runs) == 1
+    assert scheme.read_runs("a", 200)[1] == (16,) * 12 + (8,)  # one run per block: a layer's blocks are S cells apart
+    scheme.release("a", 300)
+    assert scheme.policy.inner.num_live() == 0 and scheme.held_bytes() == 0
+
+
+def test_bench_hetero_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_hetero.py"
+    spec = importlib.util.spec_from_file_location("bench_hetero", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit):
+        bench.main(["--ring-block-tokens", "0", "--max-requests", "2"])
+    assert "--ring-block-tokens must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--schemes", "odma_rings,nope", "--max-requests", "2", "--models", "qwen2-7b-swa"])
+    assert "--schemes: unknown nope" in capsys.readouterr().err
+
+
+def test_odma_rings_reads_every_token_its_ring_holds() -> None:
+    """odma_rings prices a ring part of n F-layer slots as n F / S tokens of each sliding
+    layer: the parts add up to min(tokens, W), however finely the slab is cut."""
+    from emulator.hetero_memory import ring_token_runs
+
+    parts = ring_token_runs((16,) * 10 + (5,), 5.0, 33)  # 165 slots for 33 tokens
+    assert parts == (3, 3, 4, 3, 3, 3, 3, 4, 3, 3, 1) and sum(parts) == 33
+    assert sum(ring_token_runs((16,) * 64, 5.0, 200)) == 200  # 1024 slots for 200 tokens: 64 parts of 3.2
+    assert ring_token_runs((1, 1, 1, 2), 2.5, 2) == (1, 1)  # parts without a whole token drop
+    assert ring_token_runs((5,), 2.5, 2) == (2,)
+    shape = load_shape("gemma-3-12b")
+    scheme = schemes(shape, GIB, load_profile("mlu370-x4"), 2048, [(200, 1000)])["odma_rings"]()
+    assert scheme.admit("a", 200, 200, 1000, None)
+    real = scheme.policy.read_runs
+
+    def granules(rid: str, n: int) -> tuple[int, ...]:  # a ring slab cut into 16-slot parts
+        return (16,) * (n // 16) + ((n % 16,) if n % 16 else ()) if rid.endswith("#ring") else real(rid, n)
+
+    scheme.policy.read_runs = granules
+    for tokens in (201, 500, 1100):
+        assert scheme.grow("a", tokens)
+        assert sum(scheme.read_runs("a", tokens)[1]) == min(tokens, shape.window_tokens)
+    scheme.release("a", 1000)

@@ -293,6 +293,20 @@ def test_odma_copies_into_one_run_only_when_the_cost_model_says_it_pays() -> Non
     p.check_integrity()
 
 
+def test_odma_never_copies_a_request_read_per_block() -> None:
+    """The same blocked growth as above, for a request whose KV is read in blocks apart (a
+    sliding-window ring): one run would read no faster, so it takes a new run, no copy."""
+    p = OdmaPolicy(arena(400, real=True), 64, CFG, granule_tokens=1, run_cost=_Cost())
+    p.reserve(replace(rr("a", 8, 64, prediction=pred(CERTAIN, 64)), read_per_block=True))  # [0, 24)
+    p.reserve(rr("b", 8, 64, prediction=pred(CERTAIN, 64)))  # [24, 48)
+    _fill(p, "a", 9, 24)
+    res = p.ensure_capacity("a", 25)
+    assert res.status == GrowStatus.OK and res.how == "new_run" and res.copied_tokens == 0
+    assert p.location("a").num_runs == 2 and p.location("a").runs[0] == (0, 24)
+    assert p.arena.take_issued_copies() == () and p.copies == 0
+    p.check_integrity()
+
+
 def test_odma_no_room_when_nothing_is_free() -> None:
     p = odma(cap=48, cfg=replace(CFG, safety_fraction=0.0))
     p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64)))  # [0, 24)

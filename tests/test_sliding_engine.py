@@ -1,9 +1,10 @@
 """LLMEngine on sliding-window models: greedy equal to transformers under every KV policy,
-under preemption (arena or ring pool full) and when admission has to wait for ring room.
-Rings start at the prompt (granule 4 here), grow to the 18-token window (shorter than most
-prompts and than the generation) and wrap; they are freed on finish, preemption and abort,
-memory accounting counts held slots and shows the evicted prefix freed, and the step
-description reports each decode's ring read as its held runs."""
+under preemption (the one arena full: a request's or a ring's growth blocked) and when
+admission has to wait for room for a request and its ring. Rings live in the full layers'
+arena as a second request of the policy; they start at the prompt (blocks of 4 here), grow
+to the 18-token window (shorter than most prompts and than the generation) and wrap; they
+are freed on finish, preemption and abort, memory accounting counts their rows as held,
+and the step description reports each decode's ring read as its runs."""
 
 from __future__ import annotations
 
@@ -30,13 +31,17 @@ PROMPTS = [
 ]
 MAX_NEW = 20
 WINDOW = 18
-GRANULE = 4
+BLOCK = 4
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Qwen2 (s, f, s, f), Gemma-3 (5 : 1) and Gemma-3 with 5 sliding over 2 full layers (7
+    layers, every third global: F does not divide S, a layer's blocks lie in both lanes)."""
     return {"qwen2_sliding": make_tiny_qwen2_sliding(tmp_path_factory.mktemp("q2s_e"), window=WINDOW, seed=1),
-            "gemma3": make_tiny_gemma3(tmp_path_factory.mktemp("g3_e"), window=WINDOW, seed=2)}
+            "gemma3": make_tiny_gemma3(tmp_path_factory.mktemp("g3_e"), window=WINDOW, seed=2),
+            "gemma3_5over2": make_tiny_gemma3(tmp_path_factory.mktemp("g3u_e"), window=WINDOW, num_layers=7,
+                                              pattern=3, seed=6)}
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +64,11 @@ def references(folders: dict[str, Path]) -> dict[str, list[list[int]]]:
     return out
 
 
-def _engine(folder: Path, policy: str, capacity: int, window_slots: int | None = None, max_num_seqs: int = 64
-            ) -> LLMEngine:
+def _engine(folder: Path, policy: str, capacity: int, max_num_seqs: int = 64) -> LLMEngine:
     sched = replace(SchedulerConfig(), max_new_tokens=MAX_NEW, max_num_seqs=max_num_seqs)
-    engine = LLMEngine(folder, kv_policy=policy, backend="cpu", kv_capacity_tokens=capacity, scheduler=sched,
-                       window_slots=window_slots)
+    engine = LLMEngine(folder, kv_policy=policy, backend="cpu", kv_capacity_tokens=capacity, scheduler=sched)
     assert engine.windows is not None
-    engine.windows.granule_tokens = GRANULE
+    engine.windows.block_tokens = BLOCK
     return engine
 
 
@@ -82,85 +85,94 @@ def _run(engine: LLMEngine, on_step: Any = None, prompts: list[str] = PROMPTS) -
     assert engine.windows is not None and engine.windows.stats().num_rings == 0, "a ring leaked"
     assert engine.windows.stats().held_slots == 0, "ring slots leaked"
     assert engine.policy.reserved_tokens() == 0 and engine.policy.num_live() == 0, "KV leaked"
+    assert engine.policy.inner.num_live() == 0, "a ring request leaked"
     return [last[i] for i in ids]
 
 
-@pytest.mark.parametrize("family", ["qwen2_sliding", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_sliding", "gemma3", "gemma3_5over2"])
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_greedy_matches_transformers_every_policy(folders, references, family: str, policy: str) -> None:
     assert _run(_engine(folders[family], policy, 2048)) == references[family]
 
 
-@pytest.mark.parametrize("family", ["qwen2_sliding", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_sliding", "gemma3", "gemma3_5over2"])
 @pytest.mark.parametrize("policy", ["static", "odma", "paged"])
 def test_greedy_matches_under_preemption(folders, references, family: str, policy: str) -> None:
     """An arena too small for the batch: requests are preempted (their rings freed) and
     recomputed into fresh rings; tokens do not change."""
-    budget = {"qwen2_sliding": 96, "gemma3": 80}[family]  # 4 windows of rings + a 120-token arena
-    engine = _engine(folders[family], policy, budget, window_slots=4)
-    assert engine.arena.capacity_tokens == 120 and engine.windows.capacity_slots == 4 * WINDOW
+    engine = _engine(folders[family], policy, 80)  # 80 tokens of every layer: 160 / 480 full-layer slots
+    layers = engine.spec.num_layers
+    assert engine.arena.capacity_tokens == 80 * layers // engine.model.num_full_layers
     assert _run(engine) == references[family]
     if policy == "paged":  # static waits (worst case reserved up front); odma may wait on its claims
         assert engine.scheduler.num_preemptions > 0, "the test meant to force preemption"
 
 
-@pytest.mark.parametrize("family", ["qwen2_sliding", "gemma3"])
-@pytest.mark.parametrize("policy", ["odma", "paged"])
-def test_blocked_ring_growth_preempts(folders, references, family: str, policy: str) -> None:
-    """A ring pool of two windows and a large arena: short prompts are admitted with small
-    rings that later cannot all grow (NO_ROOM from the rings): the scheduler preempts and
+@pytest.mark.parametrize("family, policy, budget", [("qwen2_sliding", "paged", 60), ("gemma3", "paged", 40),
+                                                    ("gemma3", "odma", 40)])
+def test_blocked_ring_growth_preempts(folders, references, family: str, policy: str, budget: int) -> None:
+    """Short prompts are admitted with small rings; later a ring cannot grow (NO_ROOM from
+    the ring's second request, after the request itself grew): the scheduler preempts and
     recomputes; tokens do not change."""
-    order = [2, 2, 2, 2, 0]  # one-token prompts: four 4-slot rings fit, four 18-slot ones do not
-    engine = _engine(folders[family], policy, 4096, window_slots=2)
+    order = [2, 2, 2, 2, 0]  # one-token prompts: small rings that all grow to the window
+    engine = _engine(folders[family], policy, budget)
     blocked: list[int] = []
     out = _run(engine, lambda e: blocked.append(e.windows.blocked_grows), [PROMPTS[i] for i in order])
     assert out == [references[family][i] for i in order]
     assert engine.scheduler.num_preemptions > 0 and blocked[-1] > 0, "the rings meant to block growth"
-    assert engine.windows.in_place_grows > 0
+    assert engine.windows.new_runs + engine.windows.in_place_grows > 0
 
 
-@pytest.mark.parametrize("family", ["qwen2_sliding", "gemma3"])
-def test_admission_waits_for_ring_room(folders, references, family: str) -> None:
-    """Two windows of ring slots: the long prompts take a whole window each, so at most two
-    of them run at once."""
+@pytest.mark.parametrize("family, budget", [("qwen2_sliding", 100), ("gemma3", 80)])
+def test_admission_waits_for_ring_room(folders, references, family: str, budget: int) -> None:
+    """The long prompts need a whole window of ring rows each besides their own KV: at most
+    two of them fit the arena at once, so the third waits (no preemption needed)."""
     long_prompts = [1, 3, 4]
-    engine = _engine(folders[family], "odma", 4096, window_slots=2)
+    engine = _engine(folders[family], "odma", budget)
     running: list[int] = []
     out = _run(engine, lambda e: running.append(len(e.scheduler.running)), [PROMPTS[i] for i in long_prompts])
     assert out == [references[family][i] for i in long_prompts]
-    assert max(running) == 2, f"two windows of rings, yet {max(running)} long requests ran at once"
+    assert max(running) == 2, f"room for two requests with rings, yet {max(running)} long requests ran at once"
+    assert engine.scheduler.num_preemptions == 0
 
 
-def test_budget_is_shared_between_groups(folders) -> None:
+def test_budget_is_one_arena_of_every_layer(folders) -> None:
+    """kv_capacity_tokens counts K/V of every layer: the one arena of full-layer slots holds
+    exactly that many bytes (the rings take their rows from it)."""
     engine = _engine(folders["gemma3"], "odma", 1000)
     model, pool = engine.model, engine.windows
-    assert pool is not None
-    full_token_bytes = engine.arena.bytes_per_token
-    assert full_token_bytes * model.num_sliding_layers == pool.bytes_per_token * model.num_full_layers
-    budget = 1000 * (full_token_bytes + pool.bytes_per_token)  # 1000 tokens of K/V over every layer
-    used = engine.arena.capacity_tokens * full_token_bytes + pool.nbytes
-    assert budget - full_token_bytes < used <= budget
-    assert pool.capacity_slots == engine.arena.capacity_tokens == 1000  # as many tokens in each group
+    assert pool is not None and pool.k is engine.arena.k_flat and pool.v is engine.arena.v_flat
+    per_layer_token_bytes = engine.arena.bytes_per_token // model.num_full_layers
+    budget = 1000 * engine.spec.num_layers * per_layer_token_bytes  # 1000 tokens of K/V over every layer
+    assert engine.arena.nbytes == budget and engine.arena.capacity_tokens == 6000
+    assert pool.num_lanes == 1 and pool.num_layers == 5 and pool.bytes_per_slot == engine.arena.bytes_per_token
 
 
 def test_ring_grows_then_wraps_and_frees_the_evicted_prefix(folders) -> None:
-    """A one-token prompt: its ring holds the granule-rounded length, grows in place up to
-    the window and then stays there; tokens that slid out are counted as evicted."""
-    engine = _engine(folders["gemma3"], "paged", 2048, window_slots=4)
+    """A one-token prompt: its ring holds the block-rounded length, grows with the request up
+    to the window and then stays there; tokens that slid out are counted as evicted."""
+    engine = _engine(folders["gemma3"], "paged", 2048)
     pool = engine.windows
     seen: list[Any] = []
     rid = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
         if engine.has_unfinished():
-            seen.append((pool.stats(), engine.scheduler.running[0].kv_tokens, pool.runs_of(rid)))
+            seen.append((pool.stats(), engine.scheduler.running[0].kv_tokens,
+                         [pool.runs_of(rid, j) for j in range(pool.num_layers)],
+                         engine.scheduler.live_kv_tokens()))
     assert len(seen) > WINDOW
-    for stats, tokens, runs in seen:
-        assert stats.num_rings == 1 and stats.held_slots == min(-(-tokens // GRANULE) * GRANULE, WINDOW)
-        assert stats.held_bytes == stats.held_slots * stats.bytes_per_slot and len(runs) == 1
+    page = engine.policy.inner.page_tokens
+    for stats, tokens, runs, live in seen:
+        slots = min(-(-tokens // BLOCK) * BLOCK, WINDOW)
+        rows = 5 * BLOCK * -(-slots // BLOCK)  # five sliding layers' blocks in the one lane
+        assert stats.num_rings == 1 and stats.held_slots == -(-rows // page) * page
+        assert all(sum(n for _, n in r) == slots for r in runs)
+        assert stats.held_bytes == stats.held_slots * stats.bytes_per_slot
         assert stats.live_tokens == min(tokens, WINDOW)
         assert stats.evicted_tokens == max(0, tokens - WINDOW)
-    assert seen[0][0].held_slots < WINDOW == seen[-1][0].held_slots
+        assert live == tokens + rows, "the ring's rows count as live memory"
+    assert seen[0][0].held_slots < seen[-1][0].held_slots == 5 * 20 + 12  # 100 rows in 7 pages of 16
     assert pool.stats().held_slots == 0 and not pool.holds(rid)
 
 
@@ -181,15 +193,21 @@ def test_step_description_reads_the_held_ring(folders) -> None:
 
 
 def test_abort_returns_the_ring(folders) -> None:
-    engine = _engine(folders["qwen2_sliding"], "odma", 2048, window_slots=3)
+    from odma_mlu.kvcache.window import ring_id
+
+    engine = _engine(folders["qwen2_sliding"], "odma", 2048)
     params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in PROMPTS[:3]]
     engine.step()
-    assert engine.windows.stats().num_rings == 3
+    assert engine.windows.stats().num_rings == 3 and engine.policy.inner.num_live() == 6
     held = engine.windows.stats().held_slots
+    ring_rows = engine.policy.location(ring_id(ids[1])).capacity_tokens
+    assert ring_rows >= engine.windows.rows_for(WINDOW) == 20  # the 40-token prompt holds a whole window
+    reserved = engine.policy.reserved_tokens()
     assert engine.abort(ids[1])
     assert engine.windows.stats().num_rings == 2 and not engine.windows.holds(ids[1])
-    assert engine.windows.stats().held_slots == held - WINDOW  # the 40-token prompt held a whole window
+    assert engine.windows.stats().held_slots == held - ring_rows
+    assert engine.policy.inner.num_live() == 4 and engine.policy.reserved_tokens() < reserved - ring_rows
     engine.policy.check_integrity()
     while engine.has_unfinished():
         engine.step()

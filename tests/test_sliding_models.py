@@ -1,7 +1,8 @@
 """Sliding-window models (Qwen2 with mixed layer_types, Gemma-3 text) against transformers.
 
 Windows (8 tokens) are shorter than the prompts and than the generation, so every sliding
-layer wraps its ring many times; full layers use the arena as Qwen2 does.
+layer wraps its ring many times; full layers use the arena as Qwen2 does, and the rings
+live in the same arena, reserved through the policy (kvcache/window.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from odma_mlu.models.loader import load_model
-from tiny_hetero import greedy_generate_rings, make_tiny_gemma3, make_tiny_qwen2_sliding, slab
+from tiny_hetero import greedy_generate_rings, make_tiny_gemma3, make_tiny_qwen2_sliding, windowed_policy
 
 PROMPTS = [
     "hello",
@@ -25,6 +26,10 @@ PROMPTS = [
 MAX_NEW = 24
 WINDOW = 8
 FAMILIES = ["qwen2_sliding", "gemma3"]
+UNEVEN = ["qwen2_3over2", "gemma3_5over2"]
+"""Shapes whose F full layers do not divide the S sliding ones: Qwen2 with 3 sliding over 2
+full layers, Gemma-3 with 5 over 2 (7 layers, every third global): a layer's blocks lie in
+both lanes and rings end in part-used row-blocks."""
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +37,10 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "qwen2_sliding": make_tiny_qwen2_sliding(tmp_path_factory.mktemp("q2s"), window=WINDOW),
         "gemma3": make_tiny_gemma3(tmp_path_factory.mktemp("g3"), window=WINDOW),
+        "qwen2_3over2": make_tiny_qwen2_sliding(tmp_path_factory.mktemp("q2u"), window=WINDOW, seed=4, layer_types=[
+            "sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]),
+        "gemma3_5over2": make_tiny_gemma3(tmp_path_factory.mktemp("g3u"), window=WINDOW, num_layers=7, pattern=3,
+                                          seed=5),
     }
 
 
@@ -66,100 +75,138 @@ def loaded(folders: dict[str, Path]) -> dict[str, tuple[Any, list[list[int]], li
     return out
 
 
-def _setup(model: Any, n: int, capacity: int = 96, gap: int = 5) -> tuple[Any, Any, list[Any], list[int]]:
-    arena = model.new_arena(n * (capacity + gap))
-    pool = model.new_window_pool(n + 2)
-    locations = [slab(i * (capacity + gap), capacity) for i in range(n)]
-    return arena, pool, locations, [n + 1 - i for i in range(n)]  # rings in reverse order: slots are not rows
+def _setup(model: Any, policy: str = "paged", capacity: int = 1024, **kw: Any) -> tuple[Any, Any]:
+    """(arena, WindowedPolicy): requests and their rings in one arena of the full layers,
+    filled with garbage first (ring entries not yet written must be masked, whatever they hold)."""
+    return windowed_policy(model, capacity, policy, max_new_tokens=MAX_NEW, fill=30.0, **kw)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + UNEVEN)
 def test_layer_groups_from_config(loaded, family: str) -> None:
     model = loaded[family][0]
     assert model.window_tokens == WINDOW
     assert model.num_sliding_layers > 0 and model.num_full_layers > 0
     if family == "gemma3":  # 5 local : 1 global
         assert model.layer_windows == (WINDOW,) * 5 + (None,)
+    if family in UNEVEN:
+        assert model.num_sliding_layers % model.num_full_layers != 0
+        assert (model.num_sliding_layers, model.num_full_layers) == {"qwen2_3over2": (3, 2),
+                                                                     "gemma3_5over2": (5, 2)}[family]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_batched_greedy_matches_transformers(loaded, family: str) -> None:
+@pytest.mark.parametrize("family", FAMILIES + UNEVEN)
+@pytest.mark.parametrize("policy", ["paged", "odma", "static"])
+def test_batched_greedy_matches_transformers(loaded, family: str, policy: str) -> None:
     model, ids, ref = loaded[family]
-    arena, pool, locs, rings = _setup(model, len(ids))
-    for t in pool.k + pool.v:  # ring entries not yet written must be masked, whatever they hold
-        t.fill_(30.0)
-    ours = greedy_generate_rings(model, arena, pool, ids, locs, rings, MAX_NEW, start_steps=[0, 3, 0, 7])
+    arena, windowed = _setup(model, policy)
+    ours = greedy_generate_rings(model, arena, windowed, ids, MAX_NEW, start_steps=[0, 3, 0, 7])
     assert ours == ref
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + UNEVEN)
 def test_chunked_prefill_matches_transformers(loaded, family: str) -> None:
     """Chunks of 5 read the cached part of the window back from the ring."""
     model, ids, ref = loaded[family]
-    arena, pool, locs, rings = _setup(model, len(ids))
-    assert greedy_generate_rings(model, arena, pool, ids, locs, rings, MAX_NEW, prefill_chunk_tokens=5) == ref
+    arena, windowed = _setup(model)
+    assert greedy_generate_rings(model, arena, windowed, ids, MAX_NEW, prefill_chunk_tokens=5) == ref
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefill_logits_match_transformers(loaded, folders, family: str) -> None:
+    from odma_mlu.kvcache.policy import ReserveRequest
     from odma_mlu.models.attention import ForwardBatch, SequenceInput
-    from odma_mlu.models.window_attention import RingBatch
 
     model, ids, _ = loaded[family]
     hf = _hf(folders[family])
-    arena, pool, locs, rings = _setup(model, 1)
+    arena, windowed = _setup(model)
     prompt = ids[3]
-    seq = SequenceInput(tuple(prompt), 0, locs[0])
-    ours = model.forward(ForwardBatch.build([seq]), arena, RingBatch.build(pool, [seq], rings[:1]))
+    assert windowed.reserve(ReserveRequest("p", len(prompt), MAX_NEW, len(prompt))) is not None
+    seq = SequenceInput(tuple(prompt), 0, windowed.location("p"))
+    ours = model.forward(ForwardBatch.build([seq]), arena, windowed.rings.plan([seq], ["p"]))
     with torch.no_grad():
         theirs = hf(torch.tensor([prompt])).logits[0, -1].float()
     torch.testing.assert_close(ours[0], theirs, atol=2e-4, rtol=1e-4)
 
 
-def test_ring_holds_only_the_window(loaded) -> None:
-    """A ring never holds more than the window: the prefix that slid out is gone
-    (overwritten in place), and generation is still exact."""
+def test_rings_live_in_the_arena_lanes(loaded) -> None:
+    """Gemma-3 (5 sliding : 1 full): every layer's blocks in the one lane (the flat tensor is
+    that lane); a ring never holds more than the window (the prefix that slid out is overwritten in place), it is a second
+    request of the policy, and generation is still exact."""
     model, ids, ref = loaded["gemma3"]
-    arena = model.new_arena(len(ids) * 101)
-    pool = model.new_window_pool(len(ids), granule_tokens=4)
-    assert all(t.shape[0] == pool.capacity_slots == len(ids) * WINDOW for t in pool.k + pool.v)
-    assert pool.bytes_per_token == model.num_sliding_layers * 2 * model.spec.num_kv_heads * model.spec.head_dim * 4
-    locs = [slab(i * 101, 96) for i in range(len(ids))]
-    assert greedy_generate_rings(model, arena, pool, ids, locs, None, MAX_NEW) == ref
-    assert pool.stats().held_slots == 0
+    arena, windowed = _setup(model, block_tokens=4)
+    pool = windowed.rings
+    assert pool.num_lanes == 1 and pool.num_layers == 5 and pool.k is arena.k_flat and pool.v is arena.v_flat
+    assert arena.k[0].data_ptr() == arena.k_flat.data_ptr() and arena.k[0].shape == arena.k_flat.shape
+    assert pool.rows_for(3) == 5 * 4 and pool.rows_for(100) == pool.rows_for(WINDOW) == 5 * WINDOW
+    held: list[tuple[int, int]] = []
+
+    def record(policy: Any) -> None:
+        stats = policy.rings.stats()
+        held.append((stats.held_slots, policy.reserved_tokens()))
+        assert policy.inner.num_live() == 2 * policy.num_live()
+
+    assert greedy_generate_rings(model, arena, windowed, ids, MAX_NEW, on_step=record) == ref
+    most_rows = len(ids) * -(-5 * WINDOW // 16) * 16  # paged: whole pages
+    assert max(h for h, _ in held) <= most_rows and all(h < r for h, r in held)
+    assert pool.stats().held_slots == 0 and pool.stats().num_rings == 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + UNEVEN)
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_growing_rings_match_transformers(loaded, family: str, chunk: int | None) -> None:
-    """Rings start at the prompt (granule 2), grow in place to the window, then wrap;
-    unwritten slots hold garbage that must stay masked."""
+    """Rings start at the prompt (block 2), grow with the request (in place under ODMA) to
+    the window, then wrap; unwritten slots hold garbage that must stay masked."""
     model, ids, ref = loaded[family]
-    arena, _, locs, _ = _setup(model, len(ids))
-    pool = model.new_window_pool(len(ids) + 2, granule_tokens=2)
-    for t in pool.k + pool.v:
-        t.fill_(30.0)
-    ours = greedy_generate_rings(model, arena, pool, ids, locs, None, MAX_NEW, start_steps=[0, 3, 0, 7],
+    arena, windowed = _setup(model, "odma", block_tokens=2, page_tokens=2, odma_chunk_tokens=1)
+    ours = greedy_generate_rings(model, arena, windowed, ids, MAX_NEW, start_steps=[0, 3, 0, 7],
                                  prefill_chunk_tokens=chunk)
     assert ours == ref
-    assert pool.in_place_grows > 0 and pool.second_runs == 0
+    assert windowed.rings.in_place_grows > 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_rings_of_two_runs_match_transformers(loaded, family: str) -> None:
-    """Rings packed tightly (no room left for growth): a blocked ring continues in a second
-    run and wraps over both."""
+@pytest.mark.parametrize("family", FAMILIES + UNEVEN)
+def test_rings_of_many_runs_match_transformers(loaded, family: str) -> None:
+    """Small pages and interleaved requests: rings span several runs of the arena, not in
+    ring order, and wrap over all of them."""
     model, ids, ref = loaded[family]
-    arena, _, locs, _ = _setup(model, len(ids))
-    pool = model.new_window_pool(len(ids) + 1, granule_tokens=2)
-    for t in pool.k + pool.v:
-        t.fill_(30.0)
-    short = [[5, 9], [7], ids[2], [11, 4, 3]]  # three rings that must grow, one at the window
-    short_ref = _reference_ids(loaded, family, short)
-    assert greedy_generate_rings(model, arena, pool, short, locs, None, MAX_NEW, room_tokens=1) == short_ref
-    assert pool.second_runs >= 2, f"{pool.second_runs} second runs: the test meant to block growth"
-    assert greedy_generate_rings(model, arena, pool, ids, locs, None, MAX_NEW, room_tokens=1,
-                                 start_steps=[0, 1, 2, 3]) == ref
+    arena, windowed = _setup(model, "paged", capacity=512, block_tokens=2, page_tokens=2)
+    most_runs: list[int] = []
+
+    def record(p: Any) -> None:
+        rings = p.rings
+        most_runs.append(max(len(rings.runs_of(rid, j)) for rid in rings.ring_ids() for j in range(rings.num_layers)))
+
+    short = [[5, 9], [7], ids[2], [11, 4, 3]]
+    assert greedy_generate_rings(model, arena, windowed, short, MAX_NEW, on_step=record) == \
+        _reference_ids(loaded, family, short)
+    assert greedy_generate_rings(model, arena, windowed, ids, MAX_NEW, start_steps=[0, 1, 2, 3],
+                                 on_step=record) == ref
+    assert max(most_runs) >= 3, f"rings of at most {max(most_runs)} runs: the test meant to scatter them"
+
+
+class _CopyAlways:
+    """ODMA's RunCost where every extra run costs more than any copy: blocked growth moves."""
+
+    def read_run_s(self, tokens: int) -> float:
+        return 1.0
+
+    def copy_s(self, tokens: int) -> float:
+        return 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES + UNEVEN)
+def test_requests_moved_by_odma_copies_match_transformers(loaded, family: str) -> None:
+    """ODMA packed tight (holds live + 1, no room between requests) moves a blocked request
+    into one run: the copy takes every lane of the request's slots, beside ring entries of
+    other requests in the same lanes, which must stay. A ring is never moved (it is read per
+    block, whatever its runs: ``ReserveRequest.read_per_block``)."""
+    model, ids, ref = loaded[family]
+    capacity = {"qwen2_sliding": 256, "gemma3": 400, "qwen2_3over2": 300, "gemma3_5over2": 300}[family]
+    arena, windowed = _setup(model, "odma", capacity=capacity, block_tokens=2, page_tokens=2, odma_chunk_tokens=1,
+                             run_cost=_CopyAlways())
+    assert greedy_generate_rings(model, arena, windowed, ids, MAX_NEW, start_steps=[0, 1, 2, 3]) == ref
+    assert windowed.inner.copies > 0, "the test meant ODMA to move a request"
+    assert windowed.rings.copies == 0, "a ring was copied into one run"
 
 
 _FOLDERS: dict[str, Path] = {}
@@ -170,14 +217,31 @@ def _reference_ids(loaded, family: str, prompts: list[list[int]]) -> list[list[i
 
 
 def test_gemma3_linear_rope_and_final_softcap(tmp_path: Path) -> None:
-    """Gemma-3 4B/12B/27B scale the global rope linearly; softcapping is a config option."""
+    """Gemma-3 4B/12B/27B scale the global rope linearly; softcapping is a config option.
+    Two full layers of four: two lanes, two sliding layers (one cell of each lane a block)."""
     folder = make_tiny_gemma3(tmp_path / "g3x", window=6, num_layers=4, pattern=2, global_rope_factor=8.0,
                               final_logit_softcapping=5.0, seed=3)
     model, _, tok = load_model(folder, dtype="float32")
     assert model.extras.global_rope_factor == 8.0 and model.extras.final_logit_softcapping == 5.0
     ids = [tok(p)["input_ids"] for p in PROMPTS[1:3]]
-    arena, pool, locs, rings = _setup(model, len(ids))
-    assert greedy_generate_rings(model, arena, pool, ids, locs, rings, 16) == _reference(folder, ids, 16)
+    arena, windowed = _setup(model, "odma")
+    assert windowed.rings.num_lanes == 2 and windowed.rings.num_layers == 2
+    assert greedy_generate_rings(model, arena, windowed, ids, 16) == _reference(folder, ids, 16)
+
+
+def test_sliding_layers_need_full_layers(folders, tmp_path: Path) -> None:
+    """Rings live in the full layers' arena: a model whose every layer slides is refused."""
+    import json
+    import shutil
+
+    from odma_mlu.errors import ConfigError
+
+    folder = Path(shutil.copytree(folders["qwen2_sliding"], tmp_path / "all_sliding"))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["layer_types"] = ["sliding_attention"] * cfg["num_hidden_layers"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="every one of the 4 attention layers slides"):
+        load_model(folder)
 
 
 def test_unsupported_layer_type_is_rejected(folders, tmp_path: Path) -> None:

@@ -1,140 +1,309 @@
-"""The ring pool (odma_mlu/kvcache/window.py) on its own, shape only: rings start at the
-prompt, grow in place to the window and stop; placement leaves room for growth; blocked
-growth takes a second run, then fails; held-slot accounting and integrity under random
-operations; WindowedPolicy turns a blocked ring into NO_ROOM."""
+"""Rings inside the arena (odma_mlu/kvcache/window.py), shape only: the flat-lane layout of
+ring blocks (cells packed over the lanes, no padding where F does not divide S), its mapping
+through any location the policy gives, WindowedPolicy
+reserving / growing / releasing each ring as a second request of the inner policy, sizes
+under the policies that size at admission, blocked rings as NO_ROOM, and integrity under
+random operations."""
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
-import torch
+import pytest
 
-from odma_mlu.kvcache.window import RingPool, WindowedPolicy, split_kv_budget
+from odma_mlu.config import CacheConfig, ModelSpec
+from odma_mlu.errors import ConfigError
+from odma_mlu.kvcache.arena import KVArena, KVLocation
+from odma_mlu.kvcache.factory import POLICY_NAMES, make_policy
+from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
+from odma_mlu.kvcache.window import RingPool, WindowedPolicy, ring_id
+from odma_mlu.predictor.base import LengthPrediction
 
 WINDOW = 32
+SPEC = ModelSpec(name="lanes", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                 intermediate_size=64, vocab_size=100, max_position_embeddings=4096)
+"""An arena of 2 full layers (lanes)."""
 
 
-def _pool(windows: int = 4, granule: int = 8, max_runs: int = 2) -> RingPool:
-    return RingPool(2, WINDOW, windows, 2, 4, shape_only=True, granule_tokens=granule, max_runs=max_runs)
+def _arena(slots: int = 4096) -> KVArena:
+    return KVArena(SPEC, slots, shape_only=True)
 
 
-def test_ring_starts_at_the_prompt_grows_in_place_and_stops_at_the_window() -> None:
-    pool = _pool()
-    assert pool.allocate("a", 5)
-    assert pool.runs_of("a") == ((0, 8),) and pool.stats().held_slots == 8
+def _windowed(policy: str = "paged", slots: int = 4096, sliding: int = 5, block: int = 8, page: int = 4,
+              max_new: int = 64) -> WindowedPolicy:
+    arena = _arena(slots)
+    cache = replace(CacheConfig(), page_size_tokens=page, watermark_fraction=0.0)
+    return WindowedPolicy(make_policy(policy, arena, cache, max_new), RingPool(arena, sliding, WINDOW, block))
+
+
+def _brute_runs(pool: RingPool, loc: KVLocation, layer: int, slots: int) -> tuple[tuple[int, int], ...]:
+    """Sliding layer ``layer``'s runs of ring indices [0, slots), slot by slot, from the
+    definition: block b of layer j is cell q = b S + j, in lane q % F at row-block q // F."""
+    out: list[list[int]] = []
+    b, s, f = pool.block_tokens, pool.num_layers, pool.num_lanes
+    for i in range(slots):
+        q = (i // b) * s + layer
+        flat = (q % f) * pool.capacity_slots + loc.slot_of((q // f) * b + i % b)
+        if out and out[-1][0] + out[-1][1] == flat:
+            out[-1][1] += 1
+        else:
+            out.append([flat, 1])
+    return tuple((a, n) for a, n in out)
+
+
+def _fixed(pool: RingPool, runs: tuple[tuple[int, int], ...]) -> None:
+    """Ring "a" at a location of ``runs``, whatever a policy would give."""
+
+    class Fixed:
+        def location(self, rid: str) -> KVLocation:
+            assert rid == ring_id("a")
+            return KVLocation(runs)
+
+    pool.policy = Fixed()
+    pool.admit("a", 1)
+
+
+def test_layout_of_cells_over_the_lanes() -> None:
+    """window 8, B 2, F 2, S 3 (the module's diagram): cell q = 3 b + j in lane q % 2 at
+    row-block q // 2; whole rings take ceil(n S / F) row-blocks, no padding."""
+    pool = RingPool(_arena(), 3, 8, 2)
+    assert (pool.num_lanes, pool.num_layers, pool.block_tokens) == (2, 3, 2)
+    lanes = [[None] * 6 for _ in range(2)]
+    for j in range(3):
+        for blk in range(4):
+            lane, rb = pool.cell(j, blk)
+            assert lanes[lane][rb] is None, "two blocks in one cell"
+            lanes[lane][rb] = f"L{j}.b{blk}"
+    assert lanes == [["L0.b0", "L2.b0", "L1.b1", "L0.b2", "L2.b2", "L1.b3"],
+                     ["L1.b0", "L0.b1", "L2.b1", "L1.b2", "L0.b3", "L2.b3"]]
+    assert [pool.ring_row(0, i) for i in range(8)] == [0, 1, 2, 3, 6, 7, 8, 9]
+    assert [pool.ring_row(2, i) for i in range(8)] == [2, 3, 4, 5, 8, 9, 10, 11]
+    assert [pool.rows_for(t) for t in (1, 2, 3, 5, 6, 7, 100)] == [4, 4, 6, 10, 10, 12, 12]
+    # 5 sliding over 2 lanes, B 16: 2.5 row-blocks a block, not 3 groups of blocks (G F = 6 lane-layers for 5)
+    five = RingPool(_arena(), 5, WINDOW, 16)
+    assert five.rows_for(1) == 48 and five.rows_for(17) == five.rows_for(99) == 80
+    odd = RingPool(_arena(), 2, 18, 4)  # a window that is no multiple of the block: a partial last block
+    assert odd.ring_slots_for(17) == 18 and odd.rows_for(18) == 4 * 5
+
+
+def test_shapes_must_match_and_full_layers_must_exist() -> None:
+    with pytest.raises(ConfigError, match="cannot share the arena"):
+        RingPool(_arena(), 3, WINDOW, num_kv_heads=4, head_dim=8)
+    with pytest.raises(ConfigError, match="sliding window of 0 tokens"):
+        RingPool(_arena(), 3, 0)
+    with pytest.raises(ConfigError, match="ring block of 0 tokens"):
+        RingPool(_arena(), 3, WINDOW, 0)
+    with pytest.raises(ConfigError, match="every attention layer slides"):
+        RingPool(KVArena(replace(SPEC, num_layers=0), 16, shape_only=True), 3, WINDOW)
+
+
+def test_no_padding_at_scale() -> None:
+    """qwen2-7b-swa's shape, 20 sliding over 8 lanes, a whole 1024 window in blocks of 16:
+    64 blocks x 20 layers = 1280 cells = 160 row-blocks of 8 lanes, every cell used."""
+    lanes8 = KVArena(replace(SPEC, num_layers=8), 1 << 16, shape_only=True)
+    pool = RingPool(lanes8, 20, 1024, 16)
+    assert pool.rows_for(1024) == 160 * 16 == 1024 * 20 // 8
+    used = {pool.cell(j, blk) for j in range(20) for blk in range(64)}
+    assert len(used) == 64 * 20 and used == {(lane, rb) for lane in range(8) for rb in range(160)}
+
+
+def test_docstring_example_under_pages() -> None:
+    """The module docstring's paged example: location runs ((96, 4), (24, 8))."""
+    pool = RingPool(_arena(), 3, 8, 2)
+    _fixed(pool, ((96, 4), (24, 8)))
+    pool.note_tokens("a", 8)
+    c = pool.capacity_slots
+    assert pool.runs_of("a", 0) == ((96, 2), (c + 98, 2), (26, 2), (c + 28, 2))
+    assert pool.read_runs("a", 5) == (2, 2, 1)
+
+
+@pytest.mark.parametrize("sliding", [3, 4, 5])
+@pytest.mark.parametrize("runs", [((0, 200),), ((100, 7), (40, 9), (300, 50), (7, 30), (600, 200)),
+                                  tuple((i * 8, 4) for i in range(60, 0, -1))])
+def test_layer_runs_follow_the_location(sliding: int, runs: tuple[tuple[int, int], ...]) -> None:
+    """Whatever runs the ring's location has, each sliding layer's runs (and the flat slots
+    the forward gathers) are its ring indices' slots by the definition."""
+    import torch
+
+    pool = _windowed(sliding=sliding).rings
+    _fixed(pool, runs)
+    for tokens in (1, 5, 9, 17, 31, 32, 70):
+        pool.note_tokens("a", tokens)
+        c = pool.ring_slots_for(tokens)
+        flat = pool.flat_slots(KVLocation(runs), torch.arange(c)).tolist()
+        seen: set[int] = set()
+        for j in range(sliding):
+            brute = _brute_runs(pool, KVLocation(runs), j, c)
+            assert pool.runs_of("a", j) == brute
+            assert [s + i for s, n in brute for i in range(n)] == flat[j]
+            seen.update(flat[j])
+        assert len(seen) == sliding * c, "two ring entries share a flat slot"
+        assert pool.read_runs("a", tokens) == tuple(
+            n for n in _covering([n for _, n in pool.runs_of("a", 0)], min(tokens, WINDOW)))
+
+
+def _covering(lengths: list[int], tokens: int) -> list[int]:
+    out = []
+    for n in lengths:
+        if tokens <= 0:
+            break
+        out.append(min(n, tokens))
+        tokens -= n
+    return out
+
+
+def test_ring_is_a_second_request_that_grows_to_the_window() -> None:
+    windowed = _windowed("paged")
+    pool, inner = windowed.rings, windowed.inner
+    req = ReserveRequest("a", 5, 100, 5)
+    assert windowed.can_reserve(req) and windowed.reserve(req) is not None
+    assert windowed.num_live() == 1 and inner.num_live() == 2
+    assert windowed.location(ring_id("a")).capacity_tokens == pool.rows_for(5) == 3 * 8
     held = []
     for tokens in range(6, 100):
-        assert pool.ensure("a", tokens)
+        res = windowed.ensure_capacity("a", tokens)
+        assert res.status == GrowStatus.OK
         held.append(pool.stats().held_slots)
-        assert len(pool.runs_of("a")) == 1
-        pool.check_integrity()
-    assert held[:4] == [8, 8, 8, 16] and max(held) == WINDOW == held[-1]
+        windowed.check_integrity()
+    assert held[0] == 24 and held[-1] == pool.rows_for(WINDOW) == 5 * WINDOW // 2 == max(held)  # 4 blocks: 10 row-blocks
     stats = pool.stats()
-    assert stats.live_tokens == WINDOW and stats.evicted_tokens == 99 - WINDOW
-    assert stats.held_bytes == WINDOW * pool.bytes_per_token and pool.in_place_grows == 3
-    assert pool.read_runs("a", 10) == (10,) and pool.read_runs("a", 99) == (WINDOW,)
-    pool.free("a")
-    assert pool.stats().held_slots == 0 and pool.stats().num_rings == 0
-    pool.check_integrity()
+    assert stats.num_rings == 1 and stats.live_tokens == WINDOW and stats.evicted_tokens == 99 - WINDOW
+    assert stats.held_bytes == stats.held_slots * pool.bytes_per_slot
+    assert inner.reserved_tokens() == inner.location("a").capacity_tokens + stats.held_slots
+    assert windowed.live_ring_rows() == pool.rows_for(99)
+    windowed.release("a", 94)
+    assert windowed.num_live() == 0 and inner.num_live() == 0 and inner.reserved_tokens() == 0
+    assert pool.stats().num_rings == 0 and not pool.holds("a")
+    windowed.check_integrity()
 
 
-def test_placement_leaves_room_for_the_left_ring_to_grow() -> None:
-    pool = _pool()
-    assert pool.allocate("a", 3, room_tokens=24)  # 8 slots now, room for 24
-    assert pool.allocate("b", 3, room_tokens=24)
-    (start_b, _), = pool.runs_of("b")
-    assert start_b >= 24, f"b placed at {start_b}, inside a's room"
-    assert pool.ensure("a", 24) and pool.runs_of("a") == ((0, 24),)
-    assert pool.second_runs == 0
+@pytest.mark.parametrize("policy", ["static", "exact", "s3"])
+def test_policies_that_size_at_admission_give_the_ring_its_whole_size(policy: str) -> None:
+    windowed = _windowed(policy, max_new=64)
+    pool, inner = windowed.rings, windowed.inner
+    pred = LengthPrediction.from_values([4, 6, 8, 10, 12], 64)
+    for rid, prompt, true_len in (("short", 3, 5), ("long", 20, 60)):
+        req = ReserveRequest(rid, prompt, 64, prompt, pred, true_len)
+        run = inner.initial_tokens(req)
+        assert windowed.reserve(req) is not None
+        assert windowed.location(ring_id(rid)).capacity_tokens == pool.rows_for(min(run, WINDOW))
+        for tokens in range(prompt + 1, run + 1):  # the ring never needs more than admission gave it
+            res = windowed.ensure_capacity(rid, tokens)
+            assert res.status == GrowStatus.OK and not res.how
+        windowed.check_integrity()
+    windowed.release("short", 5)
+    windowed.release("long", None)
+    assert inner.num_live() == 0 and inner.reserved_tokens() == 0
 
 
-def test_blocked_growth_takes_a_second_run_then_fails() -> None:
-    pool = _pool(windows=2)  # 64 slots
-    assert pool.allocate("a", 3, room_tokens=1) and pool.allocate("b", 3, room_tokens=1)
-    assert pool.runs_of("a") == ((0, 8),) and pool.runs_of("b") == ((8, 8),)  # packed: no room left
-    assert pool.ensure("a", 12)
-    assert len(pool.runs_of("a")) == 2 and pool.second_runs == 1
-    assert pool.read_runs("a", 12) == (8, 4) and pool.read_runs("a", 14) == (8, 6)
-    assert pool.runs_of("a")[1] == (16, 8)
-    assert pool.allocate("c", WINDOW) and pool.runs_of("c") == ((32, WINDOW),)  # at the end: a may grow
-    pool.check_integrity()
-    blocked_before = pool.blocked_grows
-    grew = pool.ensure("b", WINDOW)
-    assert not grew and pool.blocked_grows == blocked_before + 1  # 8 free slots: b needs 24 more
-    assert pool.runs_of("b") == ((8, 8),)  # a failed growth changes nothing
-    pool.check_integrity()
-    pool.free("c")
-    assert pool.ensure("b", WINDOW) and pool.runs_of("b") == ((8, 8), (40, 24))  # past a's room
-    assert pool.ensure("a", WINDOW) and pool.runs_of("a") == ((0, 8), (16, 24))  # a grew in place
-    assert sum(n for _, n in pool.runs_of("a")) == WINDOW == sum(n for _, n in pool.runs_of("b"))
-    pool.check_integrity()
+def test_ring_release_does_not_teach_odma_lengths() -> None:
+    windowed = _windowed("odma")
+    observed: list[int] = []
+    hist = windowed.inner.histogram
+    real = hist.observe
+    hist.observe = lambda n: observed.append(n) or real(n)  # type: ignore[method-assign]
+    assert windowed.reserve(ReserveRequest("a", 5, 64, 5)) is not None
+    windowed.release("a", 17)
+    assert observed == [17]
 
 
-def test_random_operations_keep_the_pool_consistent() -> None:
+def test_blocked_ring_growth_is_no_room_and_release_frees_both() -> None:
+    # 144 slots, pages of 8: each request holds a page, each ring ceil(5 / 2) row-blocks of 8 rows at first
+    windowed = _windowed("paged", slots=144, page=8, block=8)
+    pool = windowed.rings
+    for rid in "abcd":
+        assert windowed.reserve(ReserveRequest(rid, 3, 100, 3)) is not None
+    assert windowed.inner.free_tokens() == 144 - 4 * (8 + 24) == 16
+    assert windowed.reserve(ReserveRequest("e", 3, 100, 3)) is None  # no room for its ring: it waits
+    assert windowed.inner.num_live() == 8 and windowed.inner.free_tokens() == 16, "a failed admission leaves nothing"
+    assert windowed.ensure_capacity("a", 8).status == GrowStatus.OK  # within its page and its ring's first block
+    res = windowed.ensure_capacity("a", 9)  # a second page (8 rows) fits, its ring's second block (2 blocks
+    # = 10 cells = 5 row-blocks: 16 more rows) does not
+    assert res.status == GrowStatus.NO_ROOM and pool.blocked_grows == 1
+    assert res.how == "pages", "the request's runs changed: the scheduler must drop its cached location"
+    windowed.check_integrity()
+    windowed.release("d", None)
+    res = windowed.ensure_capacity("a", 9)
+    assert res.status == GrowStatus.OK and res.how == "pages"
+    assert pool.stats().held_slots == 2 * 24 + 40 and not pool.holds("d") and pool.stats().num_rings == 3
+    windowed.check_integrity()
+
+
+def test_integrity_checks_the_ring_requests() -> None:
+    windowed = _windowed("paged")
+    assert windowed.reserve(ReserveRequest("a", 5, 64, 5)) is not None
+    windowed.check_integrity()
+    windowed.inner.release(ring_id("a"), None)  # a request without its ring
+    with pytest.raises((AssertionError, KeyError)):
+        windowed.check_integrity()
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_random_operations_keep_policy_and_rings_consistent(policy: str) -> None:
     rng = random.Random(3)
-    pool = _pool(windows=6, granule=4)
-    tokens: dict[str, int] = {}
-    for step in range(3000):  # noqa: B007
+    windowed = _windowed(policy, slots=1200, max_new=64)
+    pool = windowed.rings
+    tokens: dict[str, tuple[int, int]] = {}  # rid -> (prompt, tokens)
+    grown = 0
+    for step in range(1500):
         rid = f"r{rng.randrange(20)}"
         if rid not in tokens:
             n = rng.randrange(1, 50)
-            if pool.allocate(rid, n, rng.choice([None, 1, n + rng.randrange(40)])):
-                tokens[rid] = n
+            if windowed.reserve(ReserveRequest(rid, n, 64, n, None, rng.randrange(1, 65))) is not None:
+                tokens[rid] = (n, n)
         elif rng.random() < 0.08:
-            pool.free(rid)
+            windowed.release(rid, rng.choice([None, 7]))
             del tokens[rid]
         else:
-            tokens[rid] += rng.randrange(1, 6)
-            if not pool.ensure(rid, tokens[rid]):
-                pool.free(rid)  # what preemption does
+            prompt, n = tokens[rid]
+            n = min(prompt + 64, n + rng.randrange(1, 6))
+            res = windowed.ensure_capacity(rid, n)
+            if res.status == GrowStatus.OK:
+                tokens[rid] = (prompt, n)
+                grown += 1
+            else:
+                windowed.release(rid, None)  # what preemption does
                 del tokens[rid]
         if step % 13 == 0:
-            pool.check_integrity()
-            stats = pool.stats()
-            assert stats.held_slots == sum(sum(n for _, n in pool.runs_of(r)) for r in tokens)
-            assert stats.live_tokens == sum(min(t, WINDOW) for t in tokens.values())
-            assert all(len(pool.runs_of(r)) <= 2 for r in tokens)
-    assert pool.second_runs > 0 and pool.in_place_grows > 0 and pool.blocked_grows > 0
+            windowed.check_integrity()
+            assert windowed.num_live() == len(tokens) and windowed.inner.num_live() == 2 * len(tokens)
+            # every ring entry of every layer has its own flat slot, inside its ring's rows, and no
+            # ring entry lies on a slot a request's KV (every lane of its slots) or another ring holds
+            cap, taken = pool.capacity_slots, set()
+            for rid in tokens:
+                for s, k in windowed.location(rid).runs:
+                    taken.update(lane * cap + s + i for lane in range(pool.num_lanes) for i in range(k))
+            for rid, (_, n) in tokens.items():
+                c = pool.ring_slots_for(n)
+                rows = {s + i for s, k in windowed.location(ring_id(rid)).runs for i in range(k)}
+                flat = {s + i for j in range(pool.num_layers) for s, k in pool.runs_of(rid, j) for i in range(k)}
+                assert all(sum(k for _, k in pool.runs_of(rid, j)) == c for j in range(pool.num_layers))
+                assert len(flat) == pool.num_layers * c, f"{rid}: two ring entries share a slot"
+                assert {f % cap for f in flat} <= rows, f"{rid}: a ring entry outside its ring's rows"
+                assert not flat & taken, f"{rid}: a ring entry on another request's or ring's slot"
+                taken |= flat
+    assert grown > 0
+    if policy == "odma":  # a fragmented arena: some ring's next block went into several holes
+        assert pool.stepped_grows > 0
+    for rid in list(tokens):
+        windowed.release(rid, None)
+    assert windowed.inner.reserved_tokens() == 0 and windowed.num_live() == 0
 
 
-class _Inner:
-    """A stand-in full-attention policy: always room."""
+def test_flat_arena_lanes_are_views_of_one_tensor() -> None:
+    """KVArena(flat=True): k[layer] is rows [layer * C, (layer + 1) * C) of k_flat, so a ring
+    entry written through the flat tensor is what the full layer's tensor holds there, and
+    copy_run (per lane, as ever) moves ring entries of every lane with their rows."""
+    import torch
 
-    watermark_tokens, capacity_tokens = 0, 1000
-
-    def __init__(self) -> None:
-        self.live: set[str] = set()
-
-    def reserve(self, req):  # noqa: ANN001, ANN201
-        self.live.add(req.request_id)
-        return "loc"
-
-    def ensure_capacity(self, request_id: str, needed_tokens: int):  # noqa: ANN201
-        from odma_mlu.kvcache.policy import GrowResult, GrowStatus
-
-        return GrowResult(GrowStatus.OK)
-
-    def release(self, request_id: str, generated_tokens: int | None) -> None:
-        self.live.discard(request_id)
-
-
-def test_windowed_policy_reports_no_room_when_a_ring_cannot_grow() -> None:
-    from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
-
-    pool = _pool(windows=1, granule=8)  # 32 slots
-    policy = WindowedPolicy(_Inner(), pool)
-    for rid in "abcd":
-        assert policy.reserve(ReserveRequest(rid, 3, 100, 3)) == "loc"
-    assert policy.reserve(ReserveRequest("e", 3, 100, 3)) is None  # no ring room: it waits
-    assert policy.ensure_capacity("a", 9).status == GrowStatus.NO_ROOM
-    policy.release("d", None)
-    assert policy.ensure_capacity("a", 9).status == GrowStatus.OK
-    assert not pool.holds("d") and pool.stats().num_rings == 3
-
-
-def test_split_gives_each_group_as_many_tokens() -> None:
-    split = split_kv_budget(1000 * 6 * 10, 1 * 10, 5 * 10, WINDOW, max_num_seqs=64)
-    assert split.ring_slots == split.arena_tokens == 1000
-    capped = split_kv_budget(1000 * 6 * 10, 10, 50, WINDOW, max_num_seqs=4)
-    assert capped.ring_slots == 4 * WINDOW and capped.arena_tokens == (60000 - 4 * WINDOW * 50) // 10
-    assert torch.tensor(split.ring_bytes) == split.ring_slots * 50
+    arena = KVArena(SPEC, 32, dtype=torch.float32, flat=True)
+    assert arena.k_flat is not None and arena.v_flat is not None
+    assert arena.k_flat.shape == (2 * 32, SPEC.num_kv_heads, SPEC.head_dim)
+    arena.k_flat[32 + 5] = 7.0  # lane 1, slot 5
+    assert float(arena.k[1][5].mean()) == 7.0 and float(arena.k[0][5].abs().sum()) == 0.0
+    arena.v[0][3] = 2.0
+    assert float(arena.v_flat[3].mean()) == 2.0
+    arena.copy_run(3, 20, 4)  # slots 3..6 -> 20..23 in every lane
+    assert float(arena.k_flat[32 + 22].mean()) == 7.0 and float(arena.v_flat[20].mean()) == 2.0
+    assert KVArena(SPEC, 32, dtype=torch.float32).k_flat is None

@@ -101,38 +101,65 @@ def slab(start_slot: int, capacity_tokens: int) -> Any:
     return KVLocation(capacity_tokens, start_slot=start_slot)
 
 
-def greedy_generate_rings(model: Any, arena: Any, pool: Any, prompts: list[list[int]], locations: list[Any],
-                          ring_slots: list[int] | None, max_new_tokens: int, *, start_steps: list[int] | None = None,
-                          prefill_chunk_tokens: int | None = None, room_tokens: int | None = None,
-                          ) -> list[list[int]]:
-    """tests/tiny_model.greedy_generate with a RingBatch for the sliding layers.
+def windowed_policy(model: Any, capacity_slots: int, policy: str = "paged", *, block_tokens: int | None = None,
+                    page_tokens: int = 16, max_new_tokens: int = 64, fill: float | None = None,
+                    odma_chunk_tokens: int = 16, run_cost: Any = None) -> Any:
+    """(arena, WindowedPolicy) for ``model``: an arena of ``capacity_slots`` slots of its full
+    layers, ``policy`` over it (ODMA holding live KV + ``odma_chunk_tokens``), rings of
+    ``block_tokens`` blocks in the same arena. ``fill``:
+    garbage written into every lane first (unwritten ring entries must stay masked).
+    ``run_cost``: ODMA's copy pricing (None: it never copies)."""
+    from dataclasses import replace
 
-    ``ring_slots``: fixed whole-window rings (ring r = slots [r * window, (r + 1) * window));
-    None: growing rings placed by ``pool`` (``room_tokens`` is the growth each placement
-    leaves room for: small values pack rings tightly and force second runs)."""
-    from odma_mlu.models.attention import ForwardBatch
-    from odma_mlu.models.window_attention import RingBatch
+    from odma_mlu.config import CacheConfig
+    from odma_mlu.kvcache.factory import make_policy
+    from odma_mlu.kvcache.window import WindowedPolicy
+
+    arena = model.new_arena(capacity_slots)
+    if fill is not None:
+        for t in arena.k + arena.v:
+            t.fill_(fill)
+    pool = model.new_window_pool(arena) if block_tokens is None else model.new_window_pool(arena, block_tokens)
+    cache = replace(CacheConfig(), page_size_tokens=page_tokens, watermark_fraction=0.0)
+    cache = replace(cache, odma=replace(cache.odma, chunk_tokens=odma_chunk_tokens))
+    return arena, WindowedPolicy(make_policy(policy, arena, cache, max_new_tokens, run_cost=run_cost), pool)
+
+
+def greedy_generate_rings(model: Any, arena: Any, policy: Any, prompts: list[list[int]], max_new_tokens: int, *,
+                          start_steps: list[int] | None = None, prefill_chunk_tokens: int | None = None,
+                          on_step: Any = None) -> list[list[int]]:
+    """tests/tiny_model.greedy_generate through a ``WindowedPolicy`` (``windowed_policy``):
+    each prompt i is request ``s{i}``, reserved when it enters (its ring too), grown before
+    every step (its ring too), released at the end; every step reads the request's location
+    and plans the rings from the policy, as the engine does. ``on_step(policy)`` runs after
+    every step (e.g. to record how many runs the rings have)."""
+    from odma_mlu.kvcache.arena import KVLocation
+    from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
+    from odma_mlu.models.attention import ForwardBatch, SequenceInput
     from tiny_model import greedy_generate
 
     def forward(seqs: list[Any], rows: list[int]) -> Any:
-        if pool is None:
-            rings = None
-        elif ring_slots is not None:
-            rings = RingBatch.build(pool, seqs, [ring_slots[i] for i in rows], model.device)
-        else:
-            for i, seq in zip(rows, seqs):
-                rid = f"s{i}"
-                if not pool.holds(rid):
-                    assert pool.allocate(rid, seq.num_total_tokens, room_tokens), f"no ring for {rid}"
-                assert pool.ensure(rid, seq.num_total_tokens), f"the ring of {rid} cannot grow"
-            rings = pool.plan(seqs, [f"s{i}" for i in rows], model.device)
-            pool.check_integrity()
-        return model.forward(ForwardBatch.build(seqs, device=model.device), arena, rings)
+        placed = []
+        for i, seq in zip(rows, seqs):
+            rid = f"s{i}"
+            if not policy.rings.holds(rid):
+                req = ReserveRequest(rid, len(prompts[i]), max_new_tokens, seq.num_total_tokens)
+                assert policy.reserve(req) is not None, f"no room for {rid}"
+            res = policy.ensure_capacity(rid, seq.num_total_tokens)
+            assert res.status == GrowStatus.OK, f"{rid} cannot grow: {res}"
+            placed.append(SequenceInput(seq.token_ids, seq.num_cached_tokens, policy.location(rid)))
+        plan = policy.rings.plan(placed, [f"s{i}" for i in rows], model.device)
+        policy.check_integrity()
+        logits = model.forward(ForwardBatch.build(placed, device=model.device), arena, plan)
+        if on_step is not None:
+            on_step(policy)
+        return logits
 
-    generated = greedy_generate(model, arena, prompts, locations, max_new_tokens, start_steps=start_steps,
+    dummy = [KVLocation(((0, 1),))] * len(prompts)  # replaced by the policy's location each step
+    generated = greedy_generate(model, arena, prompts, dummy, max_new_tokens, start_steps=start_steps,
                                 prefill_chunk_tokens=prefill_chunk_tokens, forward=forward)
-    if pool is not None and ring_slots is None:
-        for i in range(len(prompts)):
-            pool.free(f"s{i}")
-        pool.check_integrity()
+    for i in range(len(prompts)):
+        policy.release(f"s{i}", max_new_tokens)
+    policy.check_integrity()
+    assert policy.num_live() == 0 and policy.reserved_tokens() == 0, "KV leaked"
     return generated

@@ -3,6 +3,7 @@ rings, Jenga's LCM allocator, vLLM's hybrid manager, vLLM uniform. Prints a tabl
 
     .venv/bin/python tools/bench_hetero.py                          # both shapes, both traces, MLU370-X4
     .venv/bin/python tools/bench_hetero.py --max-requests 300 --models gemma-3-12b
+    .venv/bin/python tools/bench_hetero.py --schemes odma_engine_rings --ring-block-tokens 8
 
 Results and reading: docs/hetero.md.
 """
@@ -22,6 +23,7 @@ from emulator.hetero_replay import (ALPACA, SHAREGPT_DEV, StalledScheme, alpaca_
                                     cache_budget_bytes, format_table, load_shape, replay, schemes, sharegpt_trace,
                                     step_cost)
 from emulator.profile import load_profile  # noqa: E402
+from odma_mlu.kvcache.window import RING_BLOCK_TOKENS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,17 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-gib", type=float, default=None,
                     help="KV budget for every scheme; default: 90%% of device memory minus the weights, "
                          "or 6 GiB where the weights alone exceed that (Gemma-3-12B on a 24 GB card)")
-    ap.add_argument("--engine-ring-shares", default="",
-                    help="also replay the engine's two-pool layout at these ring shares (comma-separated, "
-                         "each in (0, 1)): the static-split sweep of docs/hetero.md")
+    ap.add_argument("--schemes", default="", help="comma-separated scheme labels to replay (default: all)")
+    ap.add_argument("--ring-block-tokens", type=int, default=RING_BLOCK_TOKENS,
+                    help="B, ring slots per block of the engine's ring layout (odma_engine_rings)")
     ap.add_argument("--json", type=Path, default=Path("out/bench_hetero.json"))
     args = ap.parse_args(argv)
-    try:
-        shares = [float(x) for x in args.engine_ring_shares.split(",") if x.strip()]
-    except ValueError:
-        ap.error(f"--engine-ring-shares: comma-separated numbers, got {args.engine_ring_shares!r}")
-    if any(not 0.0 < f < 1.0 for f in shares):
-        ap.error(f"--engine-ring-shares: each share must be in (0, 1), got {args.engine_ring_shares!r}")
+    wanted = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    if args.ring_block_tokens <= 0:
+        ap.error(f"--ring-block-tokens must be >= 1, got {args.ring_block_tokens}")
     profile = load_profile(args.profile)
     traces = {"sharegpt": sharegpt_trace(args.sharegpt, args.max_requests),
               "alpaca": alpaca_trace(args.alpaca, args.max_requests)}
@@ -63,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
                 budget = 6 * 2**30
         cost = step_cost(profile, shape)
         for trace_name, trace in traces.items():
-            for label, make in schemes(shape, budget, profile, args.max_new_tokens, trace, shares).items():
+            compared = schemes(shape, budget, profile, args.max_new_tokens, trace,
+                               ring_block_tokens=args.ring_block_tokens)
+            unknown = sorted(set(wanted) - set(compared))
+            if unknown:
+                ap.error(f"--schemes: unknown {', '.join(unknown)} (known: {', '.join(compared)})")
+            for label, make in compared.items():
+                if wanted and label not in wanted:
+                    continue
                 try:
                     r = replay(trace, make(), cost, trace_name, args.max_new_tokens)
                 except StalledScheme as e:

@@ -39,7 +39,7 @@ from odma_mlu.engine.step_work import StepWork, describe_step
 from odma_mlu.errors import ConfigError, RequestRejected
 from odma_mlu.kvcache.factory import make_policy
 from odma_mlu.kvcache.prefix import PrefixCachingPolicy
-from odma_mlu.kvcache.window import WindowedPolicy, plan_window_group
+from odma_mlu.kvcache.window import WindowedPolicy
 from odma_mlu.models.attention import ForwardBatch, SequenceInput
 from odma_mlu.models.loader import load_model
 from odma_mlu.predictor.base import LengthPredictor, RequestFeatures
@@ -80,12 +80,12 @@ class LLMEngine:
     def __init__(self, model_path: str | Path, *, kv_policy: str = "odma", backend: str | Backend = "auto",
                  dtype: str | None = None, kv_capacity_tokens: int = 4096, predictor: LengthPredictor | None = None,
                  cache: CacheConfig = CacheConfig(), scheduler: SchedulerConfig = SchedulerConfig(),
-                 profile: str | None = None, seed: int = 0, window_slots: int | None = None,
+                 profile: str | None = None, seed: int = 0,
                  decode_graphs: bool | None = None, request_log: str | Path | None = None) -> None:
-        """``window_slots``: whole windows of ring slots of a model with sliding layers
-        (kvcache/window.py: rings grow from the prompt to the window); None gives the ring
-        pool as many slots as the arena has tokens, from ``kv_capacity_tokens``, which then
-        counts K/V of every layer.
+        """``kv_capacity_tokens``: tokens of K/V over every layer. A model with sliding layers
+        gets one arena of its full layers for that whole budget (``kv_capacity_tokens *
+        num_layers // num_full_layers`` slots); each request's ring lives there too, reserved
+        through the same KV policy (kvcache/window.py).
         ``decode_graphs``: replay decode-only steps from captured device graphs
         (engine/graph_runner.py); None = where the backend has graphs (CUDA, MLU; never CPU),
         True on a backend without graphs runs the same padded static path eagerly.
@@ -96,17 +96,20 @@ class LLMEngine:
         self.model, self.spec, self.tokenizer = load_model(model_path, backend=self.backend, dtype=dtype)
         if kv_capacity_tokens <= 0:
             raise ConfigError(f"kv_capacity_tokens must be positive, got {kv_capacity_tokens}")
-        split = plan_window_group(self.model, kv_capacity_tokens, scheduler.max_num_seqs, window_slots)
-        self.arena = self.model.new_arena(split.arena_tokens if split else kv_capacity_tokens)
+        windowed = getattr(self.model, "window_tokens", None) is not None
+        arena_tokens = kv_capacity_tokens
+        if windowed:  # the whole budget in slots of the full layers (rings take their share as rows)
+            arena_tokens = kv_capacity_tokens * self.spec.num_layers // self.model.num_full_layers
+        self.arena = self.model.new_arena(arena_tokens)
         self.policy = make_policy(kv_policy, self.arena, cache, scheduler.max_new_tokens,
                                   run_cost=self.backend.kv_run_cost())
         if cache.enable_prefix_caching:
-            if split is not None or getattr(self.model, "is_hybrid", False):
+            if windowed or getattr(self.model, "is_hybrid", False):
                 raise ConfigError("enable_prefix_caching: prefix sharing needs a full-attention model; this one has "
                                   "sliding-window or SSM layers (their rings and states are per request)")
             self.policy = PrefixCachingPolicy(self.policy)
-        self.windows = self.model.new_window_pool(0, capacity_slots=split.ring_slots) if split else None
-        if self.windows is not None:  # admission also places a ring, growth grows it, release frees it
+        self.windows = self.model.new_window_pool(self.arena) if windowed else None
+        if self.windows is not None:  # admission also reserves a ring, growth grows it, release frees it
             self.policy = WindowedPolicy(self.policy, self.windows)
         self.states = None
         if getattr(self.model, "is_hybrid", False):  # SSM state slots; capacity moves between pools (AVMP)

@@ -185,9 +185,9 @@ class Scheduler:
                 continue  # no budget left this step: it waits in place, KV kept
             while True:
                 res = self.policy.ensure_capacity(seq.request_id, seq.kv_tokens + n)
+                if res.how:  # the runs changed (even where a second part then failed): refresh the cached location
+                    seq.kv_location = None
                 if res.status == GrowStatus.OK:
-                    if res.how:  # the runs changed: refresh the cached location
-                        seq.kv_location = None
                     if left == 1:
                         decode.append(seq)
                     else:
@@ -304,4 +304,7 @@ class Scheduler:
         return None
 
     def live_kv_tokens(self) -> int:
-        return sum(s.kv_tokens for s in self.running)
+        """KV tokens written by the running requests, plus their rings' rows (sliding-window
+        models keep those in the arena too: kvcache/window.py)."""
+        rings = getattr(self.policy, "live_ring_rows", None)
+        return sum(s.kv_tokens for s in self.running) + (rings() if rings is not None else 0)

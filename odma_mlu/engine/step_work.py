@@ -49,7 +49,7 @@ class StepWork:
     """Each contiguous KV copy issued this step (tokens, in every layer, K and V)."""
     decode_sliding_runs: tuple[tuple[int, ...], ...] = ()
     """Per decoding sequence, the token length of each run its sliding-window layers read (at
-    most the window; the engine reads a request's whole ring as one run). Empty: the cost
+    most the window; one sliding layer's runs of the request's ring in the arena). Empty: the cost
     model reads min(context, window) as one run (models without sliding layers ignore it)."""
     state_copy_bytes: tuple[int, ...] = ()
     """Each contiguous copy of SSM state slots issued this step (bytes; AVMP compaction)."""
@@ -116,9 +116,10 @@ def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
 
 def _sliding_reads(policy: Any, batch: "ScheduledBatch", num_decodes: int) -> list[tuple[int, ...]]:
     """Under a windowed policy (kvcache/window.py) each decode reads the entries its ring
-    holds, ring indices [0, min(context, window)), as the ring's runs (one, or two where its
-    growth was blocked): ``RingPool.read_runs``. Described in ``describe_step``'s order: the
-    recomputes described as decodes (free preemption), then the decodes."""
+    holds, ring indices [0, min(context, window)), as sliding layer 0's runs of the ring in the
+    arena's flat lanes (one run per block in every layer): ``RingPool.read_runs``. Described in
+    ``describe_step``'s order: the recomputes described as decodes (free preemption), then
+    the decodes."""
     rings = getattr(policy, "rings", None)
     if rings is None:
         return []

@@ -11,6 +11,10 @@ Every policy describes a request's KV as an ordered list of runs (``KVLocation``
 run for static/S3/exact, page-sized runs for paged, usually one for ODMA. Either way a
 request's token ``t`` lives at one slot (``KVLocation.slot_of``), the same in every layer.
 Per-layer tensors (not one big tensor) keep each under torch_mlu's 2^31-byte cap per K/V.
+A model with sliding-window layers keeps their rings in these tensors too
+(odma_mlu/kvcache/window.py): its arena is ``flat``, one K and one V tensor over every layer
+(lane-major: ``k_flat[layer * capacity + slot]``) with ``k[layer]`` a contiguous view of it,
+so one gather reaches any layer's slots; everything that uses ``k[layer]`` is unchanged.
 
 ``shape_only=True`` keeps the accounting without tensors (7B-scale replay on a laptop).
 """
@@ -133,20 +137,34 @@ class KVArena:
     """Token-slot KV tensors for every layer, or only their accounting (``shape_only``)."""
 
     def __init__(self, model: ModelSpec, capacity_tokens: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float16, shape_only: bool = False) -> None:
+                 dtype: torch.dtype = torch.float16, shape_only: bool = False, flat: bool = False) -> None:
+        """``flat``: one K and one V tensor of ``num_layers * capacity_tokens`` slots, the
+        per-layer tensors views of it (``k_flat``, ``v_flat``); else one tensor per layer."""
         assert capacity_tokens > 0, "arena capacity must be positive"
         self.model = model
         self.capacity_tokens = int(capacity_tokens)
         self.shape_only = shape_only
+        self.flat = flat
         self.dtype = dtype
         self.device = torch.device(device)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        self.k_flat: torch.Tensor | None = None
+        """[num_layers * capacity_tokens, kv_heads, head_dim], lane-major (``flat`` only)."""
+        self.v_flat: torch.Tensor | None = None
         if not shape_only:
-            shape = (self.capacity_tokens, model.num_kv_heads, model.head_dim)
-            for _ in range(model.num_layers):
-                self.k.append(torch.zeros(shape, dtype=dtype, device=self.device))
-                self.v.append(torch.zeros(shape, dtype=dtype, device=self.device))
+            cap = self.capacity_tokens
+            shape = (cap, model.num_kv_heads, model.head_dim)
+            if flat:
+                whole = (model.num_layers * cap, model.num_kv_heads, model.head_dim)
+                self.k_flat = torch.zeros(whole, dtype=dtype, device=self.device)
+                self.v_flat = torch.zeros(whole, dtype=dtype, device=self.device)
+                self.k = [self.k_flat[i * cap:(i + 1) * cap] for i in range(model.num_layers)]
+                self.v = [self.v_flat[i * cap:(i + 1) * cap] for i in range(model.num_layers)]
+            else:
+                for _ in range(model.num_layers):
+                    self.k.append(torch.zeros(shape, dtype=dtype, device=self.device))
+                    self.v.append(torch.zeros(shape, dtype=dtype, device=self.device))
         self.moved_bytes = 0
         self.issued_copy_tokens: list[int] = []
 

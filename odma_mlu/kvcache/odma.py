@@ -54,10 +54,10 @@ class RunCost(Protocol):
 
 class _Request:
     __slots__ = ("request_id", "runs", "held_units", "prompt_tokens", "max_total_tokens", "claim_tokens",
-                 "claim_units", "first_claim_tokens", "live_tokens", "prefer_safety")
+                 "claim_units", "first_claim_tokens", "live_tokens", "prefer_safety", "read_per_block")
 
     def __init__(self, request_id: str, prompt_tokens: int, max_total_tokens: int, claim_tokens: int,
-                 claim_units: int, live_tokens: int, prefer_safety: bool) -> None:
+                 claim_units: int, live_tokens: int, prefer_safety: bool, read_per_block: bool = False) -> None:
         self.request_id = request_id
         self.runs: list[tuple[ExtentAllocator, Extent]] = []
         self.held_units = 0
@@ -70,11 +70,14 @@ class _Request:
         self.first_claim_tokens = claim_tokens
         self.live_tokens = live_tokens
         self.prefer_safety = prefer_safety
+        self.read_per_block = read_per_block
+        """``ReserveRequest.read_per_block``: never copied into one run."""
 
 
 class OdmaPolicy(KVPolicy):
     name = "odma"
     uses_prediction = True
+    learns_lengths = True
     can_run_out_of_room = True
 
     def __init__(self, arena: KVArena, max_new_tokens: int, config: OdmaConfig = OdmaConfig(),
@@ -214,7 +217,7 @@ class OdmaPolicy(KVPolicy):
         if not pieces:
             return None
         r = _Request(req.request_id, req.prompt_tokens, req.max_total_tokens, claim, self._units(claim),
-                     req.num_tokens, prefer_safety)
+                     req.num_tokens, prefer_safety, req.read_per_block)
         self._reqs[req.request_id] = r
         for region, ext in pieces:
             self._add_run(r, region, ext)
@@ -312,7 +315,7 @@ class OdmaPolicy(KVPolicy):
         """Moving the live KV into one run pays when the extra runs' read time over the
         predicted remaining steps exceeds the copy."""
         cost = self.run_cost
-        if cost is None or live <= 0:
+        if cost is None or live <= 0 or r.read_per_block:
             return False
         # Without the copy the request goes on with its runs plus a new one for the rest
         # of its claim; with it, one run. The claim covers ``target_coverage`` of requests

@@ -43,6 +43,10 @@ class ReserveRequest:
     prediction: LengthPrediction | None = None
     true_output_tokens: int | None = None
     """Only ``exact`` reads this."""
+    read_per_block: bool = False
+    """Its KV is read in blocks that lie apart whatever its runs are (a sliding-window ring,
+    kvcache/window.py): one run reads no faster than several, so a copy into one run never
+    pays (ODMA)."""
 
     @property
     def max_total_tokens(self) -> int:
@@ -87,6 +91,8 @@ class KVPolicy(ABC):
     """Only ``ideal``: a preempted request resumes where it stopped at no cost."""
     stream_reads: bool = False
     """Only ``ideal``: every KV read is priced at the stream (sequential) bandwidth."""
+    learns_lengths: bool = False
+    """Only ``odma``: a finished request's length (``release``) trains its length histogram."""
     can_run_out_of_room: bool = False
     """Requests may need memory after admission that is not reserved for them; these
     policies admit under the common free-memory watermark."""

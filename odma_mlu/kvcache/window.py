@@ -1,52 +1,78 @@
-"""The sliding-window KV group: per request, a ring that starts at the prompt, grows in
-place to the window, then wraps.
+"""The sliding-window KV group: per request, a ring kept *inside the arena* of the
+full-attention layers and reserved through the same KV policy, as a second request.
 
 A sliding-window layer attends to the last ``window_tokens`` positions only (transformers:
 key ``k`` is visible to query ``q`` when ``q - window < k <= q``), so a request never needs
 more than ``window_tokens`` K/V entries per sliding layer. Token ``p`` lives at ring index
-``p % window``; the ring's capacity is always at least ``min(tokens, window)`` and exactly
-``window`` once the request is longer, so that index never moves while the ring grows::
+``p % window``; the ring holds ``C = min(tokens rounded up to the block, window)`` ring
+slots, so that index never moves while the ring grows.
 
-    ring slots of one request, window 8, granule 4:
-      prompt of 3        [0 1 2 .]                          4 slots held
-      grows in place     [0 1 2 3 4 5 . .]                  8 slots (= window)
-      wraps (p = 11)     [8 9 10 11 4 5 6 7]                tokens 0..3 overwritten in place
-    blocked growth: a second run   [0 1 2 3] ... [4 5 . .]  wrap continues over every run
+Layout (flat lanes). The arena of a model with sliding layers is *flat*
+(``KVArena(flat=True)``): one K and one V tensor of ``F * capacity`` slots, lane-major, the
+``F`` full layers' tensors (the *lanes*) contiguous views of it. A ring is cut into blocks
+of ``B = min(16, window)`` ring slots; block ``b`` (ring slots ``[b B, (b + 1) B)``) of
+sliding layer ``j`` (0-based among the ``S`` sliding layers) is *cell* ``q = b S + j``,
+which lies in lane ``q % F`` at row-block ``q // F``, i.e. rows ``[(q // F) B, (q // F) B +
+B)`` of the ring request ``"<id>#ring"`` (whose policy "tokens" are these rows). A ring of
+``n`` blocks needs ``rows_for = ceil(n S / F) * B`` rows: the cells are packed row-block by
+row-block over all lanes, so there is no per-layer-group padding (at most the last
+row-block is partly used, until the ring's next block fills it)::
 
-The pool (``RingPool``) is an ``ExtentAllocator`` over ``capacity_slots`` token slots
-(rows of ``k[layer]`` / ``v[layer]``). A new ring takes ``min(prompt, window)`` rounded up
-to ``granule_tokens`` slots, placed where it can grow: in a hole with ``room`` slots free
-after it (``min(prompt + predicted output, window)``), past the unclaimed room of a growing
-ring on the hole's left. Growth extends the last run in place; when the right neighbour is
-taken it adds a run (placed with room up to the window), else it fails and the policy
-reports NO_ROOM (the scheduler preempts). Where no single hole fits a new ring or its
-growth, it takes pieces of the largest holes; a ring has at most ``max_runs`` runs (64).
-No copies, ever.
+    window 8, B 2, F 2 lanes (full layers), S 3 sliding layers; Lj.b = block b of layer j
+      row-block:         0      1      2      3      4      5        (rows 2 rb, 2 rb + 1)
+      lane 0 (full 0):   L0.b0  L2.b0  L1.b1  L0.b2  L2.b2  L1.b3
+      lane 1 (full 1):   L1.b0  L0.b1  L2.b1  L1.b2  L0.b3  L2.b3
+      cell q = 3 b + j -> lane q % 2, row-block q // 2
+      4 blocks: 12 cells in 6 row-blocks = 12 rows; 3 blocks: 9 cells, 5 row-blocks (10 rows)
+    ring index i of sliding layer j: q = (i // B) S + j, row r = (q // F) B + i % B
+    row r = the r-th slot of the ring request's KVLocation (its runs, read in order)
+    flat slot = (q % F) * capacity + location.slot_of(r)        (what a layer gathers)
 
-Memory accounting counts held slots (``held_bytes``); tokens that slid out of the window
-(``evicted_tokens``) are overwritten in place and counted as freed.
+    the same ring under paged, pages of 4 slots, location runs ((96, 4), (24, 8)):
+      rows 0..3 -> arena slots 96..99, rows 4..11 -> 24..31
+      layer 0's blocks: rows 0-1 lane 0, rows 2-3 lane 1, rows 6-7 lane 0, rows 8-9 lane 1
+      layer 0's runs (flat slots): (96, 2), (C + 98, 2), (26, 2), (C + 28, 2)   C = capacity
 
-``WindowedPolicy`` ties the ring group to the full-attention layers' policy (the arena's):
-admission also places a ring (none fits = wait), ``ensure_capacity`` also grows it, every
-release (finish, preemption, abort) frees it. ``split_kv_budget`` divides one device memory
-budget between the groups.
+A ring grows with its request (``ensure_capacity`` of the ring request to ``rows_for``), in
+whole blocks (``S * B / F`` rows a block, rounded up to row-blocks) until the window, then
+stays and wraps; a grown ring's cells keep their rows. Where no single hole takes the next
+block (a fragmented ODMA arena), it grows one policy granule at a time, each piece
+wherever a hole is: a block's rows need not be adjacent. Whatever runs the policy gives
+(pages, ODMA runs; a policy's move into one run copies every lane) the mapping goes through
+the location, so ring data stays where the attention reads it. A ring is reserved with
+``ReserveRequest.read_per_block``: its blocks are read apart whatever its runs are, so ODMA
+never copies it into one run.
+
+``RingPool`` is that mapping, not an allocator: it reads the ring request's location from
+the policy, turns ring indices into flat slots of each sliding layer (what ``RingBatch``
+gathers and scatters) and runs (what the step description prices), and keeps per-ring token
+counts. ``WindowedPolicy`` reserves, grows and releases the ring with the request through
+the inner (full-attention) policy; memory accounting is the inner policy's: ring rows are
+arena slots held like any other.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import bisect
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from odma_mlu.errors import ConfigError
-from odma_mlu.kvcache.arena import covering_runs
-from odma_mlu.kvcache.extent import Extent, ExtentAllocator
-from odma_mlu.kvcache.policy import GrowResult, GrowStatus
+from odma_mlu.kvcache.arena import KVArena, KVLocation, covering_runs
+from odma_mlu.kvcache.policy import GrowResult, GrowStatus, ReserveRequest
+from odma_mlu.predictor.base import QUANTILES, LengthPrediction
 
-RING_GRANULE_TOKENS = 16
-RING_MAX_RUNS = 64
+RING_BLOCK_TOKENS = 16
+RING_SUFFIX = "#ring"
 Run = tuple[int, int]  # (first slot, length in slots)
+
+
+def ring_id(request_id: str) -> str:
+    """The inner policy's id of ``request_id``'s ring."""
+    return request_id + RING_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -54,11 +80,11 @@ class WindowStats:
     """Accounting of the ring group at one moment."""
 
     window_tokens: int
-    capacity_slots: int
     num_rings: int
     held_slots: int
+    """Arena slots (rows of F lanes) the rings' reservations hold."""
     bytes_per_slot: int
-    """K and V of one token over every sliding layer."""
+    """K and V of one arena slot over every lane (full layer)."""
     held_bytes: int
     """Ring memory of the admitted requests: held_slots x bytes_per_slot."""
     live_tokens: int
@@ -67,357 +93,360 @@ class WindowStats:
     """Tokens that left their request's window: overwritten in place, never read again."""
 
 
-@dataclass
-class _Ring:
-    runs: list[Extent]
-    room_slots: int
-    """The size this ring is expected to reach (placement keeps it free after the last run)."""
-    tokens: int = 0
-    slots: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.slots = sum(e.length for e in self.runs)
-
-
 class RingPool:
-    """Growing rings of at most ``window_tokens`` slots for ``num_layers`` sliding layers.
+    """The rings of ``num_layers`` sliding layers, laid into the flat lanes of ``arena``."""
 
-    ``k[layer]`` / ``v[layer]`` are flat ``[capacity_slots, kv_heads, head_dim]`` tensors, or
-    absent when ``shape_only`` (accounting for the emulator). ``capacity_slots`` defaults to
-    ``num_windows`` whole windows.
-    """
-
-    def __init__(self, num_layers: int, window_tokens: int, num_windows: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
-                 shape_only: bool = False, *, capacity_slots: int | None = None,
-                 granule_tokens: int | None = None, max_runs: int = RING_MAX_RUNS) -> None:
+    def __init__(self, arena: KVArena, num_layers: int, window_tokens: int,
+                 block_tokens: int = RING_BLOCK_TOKENS, *, num_kv_heads: int | None = None,
+                 head_dim: int | None = None) -> None:
+        """``num_kv_heads`` / ``head_dim``: the sliding layers' K/V shape, when known; it must
+        be the full layers' (a ring entry is one arena row)."""
         if window_tokens <= 0:
             raise ConfigError(f"sliding window of {window_tokens} tokens: it must be >= 1 (config.json sliding_window)")
-        capacity = num_windows * window_tokens if capacity_slots is None else capacity_slots
-        if capacity < window_tokens:
-            raise ConfigError(f"a ring pool of {capacity} slots cannot hold one window of {window_tokens} tokens "
-                              "(raise the KV budget or window_slots)")
-        assert num_layers > 0 and max_runs >= 1, "a ring pool without sliding layers or runs"
+        if block_tokens <= 0:
+            raise ConfigError(f"ring block of {block_tokens} tokens: it must be >= 1 (RING_BLOCK_TOKENS)")
+        lanes = arena.model.num_layers
+        if lanes <= 0:
+            raise ConfigError("a model whose every attention layer slides is not supported for now: rings live in "
+                              "the full-attention layers' arena")
+        assert num_layers > 0, "a ring pool without sliding layers"
+        assert arena.shape_only or arena.flat, "rings need a flat arena (KVArena(flat=True)): a layer's blocks lie in every lane"
+        full = (arena.model.num_kv_heads, arena.model.head_dim)
+        sliding = (num_kv_heads if num_kv_heads is not None else full[0], head_dim if head_dim is not None else full[1])
+        if sliding != full:
+            raise ConfigError(f"sliding layers with {sliding[0]} KV heads of {sliding[1]} dims cannot share the arena "
+                              f"of full layers with {full[0]} KV heads of {full[1]}: not supported")
+        self.arena = arena
         self.num_layers = num_layers
+        self.num_lanes = lanes
         self.window_tokens = int(window_tokens)
-        self.capacity_slots = int(capacity)
-        self.max_runs = max_runs
-        self._granule = min(granule_tokens or RING_GRANULE_TOKENS, self.window_tokens)
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.dtype, self.device, self.shape_only = dtype, torch.device(device), shape_only
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        if not shape_only:
-            shape = (self.capacity_slots, num_kv_heads, head_dim)
-            for _ in range(num_layers):
-                self.k.append(torch.zeros(shape, dtype=dtype, device=self.device))
-                self.v.append(torch.zeros(shape, dtype=dtype, device=self.device))
-        self.allocator = ExtentAllocator(self.capacity_slots)
-        self._rings: dict[str, _Ring] = {}
-        self._growing_at: dict[int, str] = {}  # first slot of a ring's last run -> its request
+        self._block = max(1, min(block_tokens, self.window_tokens))
+        self._layer_ids = torch.arange(num_layers, dtype=torch.int64)
+        self.policy: Any = None
+        """The inner policy that holds the ring requests (``WindowedPolicy`` attaches it)."""
+        self._tokens: dict[str, int] = {}
+        self._locations: dict[str, KVLocation] = {}
+        self._runs: dict[str, tuple[int, KVLocation, tuple[Run, ...]]] = {}
+        """Layer 0's runs of each ring, for (ring slots, location): what the step description reads."""
         self.in_place_grows = 0
-        self.second_runs = 0
+        self.new_runs = 0
+        self.copies = 0
         self.blocked_grows = 0
+        self.stepped_grows = 0
+        """Ring growths that took one granule at a time (no single hole held the next block)."""
 
     # -- sizes ----------------------------------------------------------------------------
     @property
-    def granule_tokens(self) -> int:
-        return self._granule
+    def block_tokens(self) -> int:
+        return self._block
 
-    @granule_tokens.setter
-    def granule_tokens(self, tokens: int) -> None:
-        assert not self._rings, "change the ring granule only while the pool is empty"
-        self._granule = max(1, min(tokens, self.window_tokens))
-
-    def ring_slots_for(self, tokens: int) -> int:
-        """Slots a ring needs to hold ``tokens``: min(tokens rounded up to the granule, window)."""
-        g = self._granule
-        return min(-(-max(1, tokens) // g) * g, self.window_tokens)
-
-    # -- allocation -----------------------------------------------------------------------
-    def holds(self, request_id: str) -> bool:
-        return request_id in self._rings
+    @block_tokens.setter
+    def block_tokens(self, tokens: int) -> None:
+        assert not self._tokens, "change the ring block only while no ring is held"
+        if tokens <= 0:
+            raise ConfigError(f"ring block of {tokens} tokens: it must be >= 1 (RING_BLOCK_TOKENS)")
+        self._block = max(1, min(tokens, self.window_tokens))
 
     @property
-    def free_slots(self) -> int:
-        return self.allocator.free_tokens
+    def k(self) -> torch.Tensor:
+        """The arena's flat K tensor (every lane, lane-major)."""
+        assert self.arena.k_flat is not None, "a shape-only arena has no tensors"
+        return self.arena.k_flat
 
-    def _claim_left_of(self, hole_start: int) -> int:
-        """Unclaimed growth of the ring whose last run ends where this hole starts."""
-        left = self.allocator.start_of_used_ending_at(hole_start)
-        rid = None if left is None else self._growing_at.get(left)
-        if rid is None:
-            return 0
-        ring = self._rings[rid]
-        return max(0, ring.room_slots - ring.slots)
+    @property
+    def v(self) -> torch.Tensor:
+        assert self.arena.v_flat is not None, "a shape-only arena has no tensors"
+        return self.arena.v_flat
 
-    def _place(self, slots: int, room_slots: int) -> int | None:
-        """Where a run of ``slots`` should start (None: no hole fits). Preference: a hole
-        with ``room_slots`` free past any neighbour's claim; then one that at least keeps the
-        claim; then any hole, at its end (as far as possible from the grower on its left)."""
-        fallback: int | None = None
-        candidates = self.allocator.holes_at_least(room_slots, 16) + self.allocator.largest_holes(4)
-        for length, start in candidates:
-            claim = self._claim_left_of(start)
-            if length - claim >= room_slots:
-                return start + claim
-        for length, start in self.allocator.holes_at_least(slots, 32):
-            claim = self._claim_left_of(start)
-            if length - claim >= slots:
-                return start + claim
-            if fallback is None:
-                fallback = start + length - slots
-        return fallback
+    @property
+    def capacity_slots(self) -> int:
+        """Slots of one lane (the arena's capacity)."""
+        return self.arena.capacity_tokens
 
-    def _take(self, slots: int, room_slots: int, max_pieces: int) -> list[Extent] | None:
-        """One run placed by ``_place``; when no hole fits, up to ``max_pieces`` runs from the
-        largest holes (a fragmented pool still admits and grows); None if neither fits."""
-        start = self._place(slots, room_slots)
-        if start is not None:
-            got = self.allocator.allocate_at(start, slots)
-            assert got is not None
-            return [got]
-        if not self._fits_in_pieces(slots, max_pieces):
-            return None
-        runs: list[Extent] = []
-        for length, hole in self.allocator.largest_holes(max_pieces):
-            take = min(length, slots - sum(e.length for e in runs))
-            got = self.allocator.allocate_at(hole, take, hole_start=hole)
-            assert got is not None
-            runs.append(got)
-            if sum(e.length for e in runs) == slots:
-                return runs
-        raise AssertionError("the largest holes were counted to fit")
+    @property
+    def bytes_per_slot(self) -> int:
+        return self.arena.bytes_per_token
 
-    def _fits_in_pieces(self, slots: int, max_pieces: int) -> bool:
-        return max_pieces > 0 and sum(n for n, _ in self.allocator.largest_holes(max_pieces)) >= slots
+    def ring_slots_for(self, tokens: int) -> int:
+        """Ring slots (per sliding layer) a ring needs to hold ``tokens``: min(tokens rounded
+        up to the block, window)."""
+        b = self._block
+        return min(-(-max(1, tokens) // b) * b, self.window_tokens)
 
-    def can_allocate(self, tokens: int) -> bool:
-        return self._fits_in_pieces(self.ring_slots_for(tokens), self.max_runs)
+    def rows_for(self, tokens: float) -> int:
+        """Rows (arena slots) of a ring holding ``tokens``: its n = ceil(C / B) blocks of S
+        layers are n S cells, F to a row-block of B rows: ceil(n S / F) * B."""
+        b = self._block
+        blocks = -(-self.ring_slots_for(int(math.ceil(tokens))) // b)
+        return -(-blocks * self.num_layers // self.num_lanes) * b
 
-    def allocate(self, request_id: str, tokens: int, room_tokens: int | None = None) -> bool:
-        """A ring holding ``tokens`` for ``request_id``, placed to grow to ``room_tokens``;
-        False when no hole fits (the caller waits)."""
-        assert request_id not in self._rings, f"request {request_id} already holds a ring"
-        slots = self.ring_slots_for(tokens)
-        room = max(slots, self.ring_slots_for(room_tokens if room_tokens is not None else self.window_tokens))
-        runs = self._take(slots, room, self.max_runs)
-        if runs is None:
-            return False
-        self._rings[request_id] = _Ring(runs, room, tokens)
-        self._growing_at[runs[-1].start] = request_id
-        return True
+    def cell(self, layer: int, block: int) -> tuple[int, int]:
+        """(lane, row-block) of block ``block`` of sliding layer ``layer``."""
+        q = block * self.num_layers + layer
+        return q % self.num_lanes, q // self.num_lanes
 
-    def ensure(self, request_id: str, tokens: int) -> bool:
-        """Room for ``tokens``: grow the last run in place, else add a run; False if neither."""
-        ring = self._rings[request_id]
-        need = self.ring_slots_for(tokens)
-        if need > ring.slots:
-            extra = need - ring.slots
-            ring.room_slots = max(ring.room_slots, need)
-            last = ring.runs[-1]
-            grown = self.allocator.grow_in_place(last, last.length + extra)
-            if grown is not None:
-                ring.runs[-1] = grown
-                self.in_place_grows += 1
-            elif len(ring.runs) < self.max_runs and \
-                    (runs := self._take(extra, self.window_tokens - ring.slots, self.max_runs - len(ring.runs))):
-                ring.room_slots = self.window_tokens  # it outgrew its room: the new run keeps room to the window
-                del self._growing_at[last.start]
-                ring.runs.extend(runs)
-                self._growing_at[runs[-1].start] = request_id
-                self.second_runs += len(runs)
-            else:
-                self.blocked_grows += 1
-                return False
-            ring.slots = need
-        ring.tokens = max(ring.tokens, tokens)
-        return True
+    def ring_row(self, layer: int, ring_index: int) -> int:
+        """The row (of the ring request's location) of ``ring_index`` of sliding layer ``layer``."""
+        b = self._block
+        return self.cell(layer, ring_index // b)[1] * b + ring_index % b
 
-    def free(self, request_id: str) -> None:
-        ring = self._rings.pop(request_id)
-        del self._growing_at[ring.runs[-1].start]
-        for run in ring.runs:
-            self.allocator.free(run)
+    def flat_slots(self, location: KVLocation, ring_index: torch.Tensor) -> torch.Tensor:
+        """int64 [S, n] (CPU): flat slots (lane * capacity + arena slot) of ring indices
+        ``ring_index`` (int64 [n]) in every sliding layer, for a ring at ``location``."""
+        b, s, f = self._block, self.num_layers, self.num_lanes
+        q = (ring_index // b)[None, :] * s + self._layer_ids[:, None]
+        rows = (q // f) * b + (ring_index % b)[None, :]
+        return (q % f) * self.capacity_slots + location.slot_table()[rows]
 
-    def runs_of(self, request_id: str) -> tuple[Run, ...]:
-        """The ring's runs in ring order: ring index i is the i-th slot read one run after another."""
-        return tuple((e.start, e.length) for e in self._rings[request_id].runs)
+    # -- the rings ------------------------------------------------------------------------
+    def holds(self, request_id: str) -> bool:
+        return request_id in self._tokens
+
+    def ring_ids(self) -> list[str]:
+        return list(self._tokens)
+
+    def admit(self, request_id: str, tokens: int) -> None:
+        assert request_id not in self._tokens, f"request {request_id} already holds a ring"
+        self._tokens[request_id] = tokens
+
+    def note_tokens(self, request_id: str, total_tokens: int) -> None:
+        """Record that ``request_id``'s ring is reserved (or written) up to ``total_tokens``."""
+        self._tokens[request_id] = max(self._tokens[request_id], total_tokens)
+
+    def moved(self, request_id: str) -> None:
+        """The ring's location changed: read it again from the policy."""
+        self._locations.pop(request_id, None)
+        self._runs.pop(request_id, None)
+
+    def forget(self, request_id: str) -> None:
+        self._tokens.pop(request_id)
+        self.moved(request_id)
+
+    def location(self, request_id: str) -> KVLocation:
+        loc = self._locations.get(request_id)
+        if loc is None:
+            loc = self._locations[request_id] = self.policy.location(ring_id(request_id))
+        return loc
+
+    def ring_slots(self, request_id: str) -> int:
+        """Ring slots (per sliding layer) ``request_id``'s ring holds now."""
+        return self.ring_slots_for(self._tokens[request_id])
+
+    def _checked_location(self, request_id: str) -> tuple[int, KVLocation]:
+        c = self.ring_slots(request_id)
+        loc = self.location(request_id)
+        assert loc.capacity_tokens >= self.rows_for(c), (
+            f"{request_id}: a ring of {c} slots needs {self.rows_for(c)} rows, its reservation holds "
+            f"{loc.capacity_tokens}")
+        return c, loc
+
+    def runs_of(self, request_id: str, layer: int = 0) -> tuple[Run, ...]:
+        """Sliding layer ``layer``'s runs of the ring in ring order (ring index i = the i-th
+        slot), in flat slots (lane * capacity + arena slot), adjacent ones merged."""
+        c, loc = self._checked_location(request_id)
+        if layer == 0:
+            cached = self._runs.get(request_id)
+            if cached is not None and cached[0] == c and cached[1] is loc:
+                return cached[2]
+        offsets = [0]
+        for _, n in loc.runs:
+            offsets.append(offsets[-1] + n)
+        b, cap = self._block, self.capacity_slots
+        out: list[list[int]] = []
+        for block in range(-(-c // b)):
+            lane, row_block = self.cell(layer, block)
+            row, left = row_block * b, min(b, c - block * b)
+            k = bisect.bisect_right(offsets, row) - 1
+            while left > 0:
+                start, n = loc.runs[k]
+                at = row - offsets[k]
+                take = min(left, n - at)
+                slot = lane * cap + start + at
+                if out and out[-1][0] + out[-1][1] == slot:
+                    out[-1][1] += take
+                else:
+                    out.append([slot, take])
+                row, left, k = row + take, left - take, k + 1
+        result = tuple((s, n) for s, n in out)
+        if layer == 0:
+            self._runs[request_id] = (c, loc, result)
+        return result
 
     def read_runs(self, request_id: str, tokens: int) -> tuple[int, ...]:
-        """Lengths of the runs a decode over ``tokens`` reads: ring indices [0, min(tokens, window))."""
-        return covering_runs((e.length for e in self._rings[request_id].runs), min(tokens, self.window_tokens))
+        """Lengths of the runs a decode over ``tokens`` reads in one sliding layer: ring
+        indices [0, min(tokens, window)) of sliding layer 0. Every layer reads one run per
+        block (blocks of a layer are S cells apart) where the policy's granule is a multiple
+        of B (then no block straddles two location runs); only where S = F do a layer's
+        blocks touch, and then alike in every layer."""
+        return covering_runs((n for _, n in self.runs_of(request_id, 0)), min(tokens, self.window_tokens))
 
     def plan(self, seqs: Any, request_ids: list[str], device: torch.device | str = "cpu") -> Any:
-        """The ``RingBatch`` of one forward step (``seqs``: its SequenceInputs, in order)."""
-        from odma_mlu.models.window_attention import RingBatch  # models import kvcache, not the reverse
+        """The ``RingPlan`` of one forward step (``seqs``: its SequenceInputs, in order)."""
+        from odma_mlu.models.window_attention import RingBatch, RingPlan  # models import kvcache, not the reverse
 
         for seq, rid in zip(seqs, request_ids):
             self.note_tokens(rid, seq.num_total_tokens)
-        return RingBatch.build(self, seqs, [self.runs_of(rid) for rid in request_ids], device)
-
-    def note_tokens(self, request_id: str, total_tokens: int) -> None:
-        """Record that ``request_id`` has written K/V up to ``total_tokens``."""
-        ring = self._rings[request_id]
-        assert ring.slots >= self.ring_slots_for(total_tokens) or ring.slots == self.window_tokens, (
-            f"{request_id}: a ring of {ring.slots} slots cannot hold {total_tokens} tokens")
-        ring.tokens = max(ring.tokens, total_tokens)
+        rings = [self._checked_location(rid) for rid in request_ids]
+        return RingPlan(RingBatch.build(self, seqs, [(loc, c) for c, loc in rings], device), self.k, self.v)
 
     # -- accounting -----------------------------------------------------------------------
-    @property
-    def bytes_per_token(self) -> int:
-        """K and V of one token over the sliding layers."""
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+    def held_slots(self) -> int:
+        return sum(self.location(rid).capacity_tokens for rid in self._tokens)
 
-    @property
-    def nbytes(self) -> int:
-        return self.capacity_slots * self.bytes_per_token
+    def live_rows(self) -> int:
+        """Rows of the rings' written entries: rows_for(min(tokens, window)) per ring."""
+        return sum(self.rows_for(t) for t in self._tokens.values())
 
     def stats(self) -> WindowStats:
         w = self.window_tokens
-        tokens = [r.tokens for r in self._rings.values()]
-        held = self.allocator.used_tokens
-        return WindowStats(w, self.capacity_slots, len(self._rings), held, self.bytes_per_token,
-                           held * self.bytes_per_token, sum(min(t, w) for t in tokens),
-                           sum(max(0, t - w) for t in tokens))
+        tokens = list(self._tokens.values())
+        held = self.held_slots()
+        return WindowStats(w, len(tokens), held, self.bytes_per_slot, held * self.bytes_per_slot,
+                           sum(min(t, w) for t in tokens), sum(max(0, t - w) for t in tokens))
 
     def check_integrity(self) -> None:
-        self.allocator.check_integrity()
-        used = set(self.allocator.used_extents())
-        runs = [e for r in self._rings.values() for e in r.runs]
-        assert len(runs) == len(used) and set(runs) == used, "ring runs and the allocator's extents differ"
-        assert self._growing_at == {r.runs[-1].start: rid for rid, r in self._rings.items()}, "last-run index drifted"
-        w = self.window_tokens
-        for rid, r in self._rings.items():
-            assert 1 <= len(r.runs) <= self.max_runs, f"{rid}: {len(r.runs)} runs"
-            assert r.slots == sum(e.length for e in r.runs) <= w, f"{rid}: {r.slots} slots for a window of {w}"
-            assert r.slots >= min(r.tokens, w), f"{rid}: {r.slots} slots hold fewer than its {r.tokens} tokens"
+        for rid, t in self._tokens.items():
+            fresh = self.policy.location(ring_id(rid))
+            cached = self._locations.get(rid)
+            assert cached is None or cached == fresh, f"{rid}: cached ring location {cached} is stale ({fresh})"
+            assert fresh.capacity_tokens >= self.rows_for(t), (
+                f"{rid}: {fresh.capacity_tokens} ring rows hold fewer than the {self.rows_for(t)} of {t} tokens")
+            runs = self._runs.get(rid)
+            assert runs is None or runs[1] is not cached or sum(n for _, n in runs[2]) == runs[0], (
+                f"{rid}: cached runs {runs[2] if runs else None} do not hold its {runs[0] if runs else 0} ring slots")
 
 
 class WindowedPolicy:
-    """A full-attention KV policy plus the ring group, as one policy for the scheduler.
+    """A full-attention KV policy that also holds each request's ring, as one policy.
 
-    Everything is delegated to ``inner`` except admission (a request also needs a ring:
-    none fits = ``reserve`` returns None and the scheduler waits), growth (the ring grows
-    with the request; blocked = NO_ROOM, the scheduler preempts) and release (the ring is
-    freed on finish, preemption and abort alike). A policy that sizes a request's one run
-    at admission (static, exact, S3) sizes its ring alike, min(that run, window), so the
-    ring never needs more than the policy reserved; the others start it at the prompt.
-    The ring group keeps the inner policy's admission watermark, as a share of its slots.
+    Everything is delegated to ``inner`` except admission (the request, then its ring
+    ``"<id>#ring"``, both through ``inner``: no room for the ring = ``reserve`` returns None
+    and the scheduler waits), growth (the ring grows with the request; blocked = NO_ROOM,
+    the scheduler preempts) and release (the ring is freed on finish, preemption and abort
+    alike). A policy that sizes a request's one run at admission (static, exact, S3) gives
+    the ring its whole size, rows for min(that run, window), up front; the others reserve
+    it at the prompt with the request's prediction turned into rows.
     """
 
     def __init__(self, inner: Any, rings: RingPool) -> None:
         self.inner = inner
         self.rings = rings
-        fraction = inner.watermark_tokens / inner.capacity_tokens if getattr(inner, "capacity_tokens", 0) else 0.0
-        self.ring_watermark_slots = int(fraction * rings.capacity_slots)
+        rings.policy = inner
 
     def __getattr__(self, name: str) -> Any:  # name, layout, capacity_tokens, location, ...
         return getattr(self.inner, name)
 
-    def _ring_tokens(self, req: Any) -> tuple[int, int]:
-        """(tokens the ring holds at admission, tokens it is placed to grow to)."""
+    def _ring_request(self, req: ReserveRequest) -> ReserveRequest:
+        rows = self.rings.rows_for
+        rid, now = ring_id(req.request_id), rows(req.num_tokens)
         sized = getattr(self.inner, "initial_tokens", None)
         if sized is not None:  # ContiguousPolicy: the run it reserves now is all it gets
-            n = max(req.num_tokens, sized(req))
-            return n, n
-        grow_to = req.max_total_tokens
-        if req.prediction is not None:
-            grow_to = min(grow_to, req.prompt_tokens + int(req.prediction.at(0.9)))
-        return req.num_tokens, max(req.num_tokens, grow_to)
+            full = max(now, rows(max(req.num_tokens, sized(req))))
+            # prompt 0, no prediction, true length = the most: static, exact and S3 all size it at ``full``
+            return ReserveRequest(rid, 0, full, now, None, full, read_per_block=True)
+        prompt, most = rows(req.prompt_tokens), rows(req.max_total_tokens)
+        grow_rows = max(1, most - prompt)
+        prediction = None
+        if req.prediction is not None:  # the ring's predicted growth: the request's, through rows_for
+            prediction = LengthPrediction.from_values(
+                [rows(req.prompt_tokens + req.prediction.at(q)) - prompt for q in QUANTILES], grow_rows, QUANTILES)
+        return ReserveRequest(rid, prompt, grow_rows, now, prediction, read_per_block=True)
 
-    def _ring_fits(self, tokens: int) -> bool:
-        slots = self.rings.ring_slots_for(tokens)
-        return self.rings.can_allocate(tokens) and self.rings.free_slots - slots >= self.ring_watermark_slots
+    def can_reserve(self, req: ReserveRequest) -> bool:
+        return self.inner.can_reserve(req) and self.inner.can_reserve(self._ring_request(req))
 
-    def can_reserve(self, req: Any) -> bool:
-        return self._ring_fits(self._ring_tokens(req)[0]) and self.inner.can_reserve(req)
-
-    def reserve(self, req: Any) -> Any:
-        now, room = self._ring_tokens(req)
-        if not self._ring_fits(now):
-            return None
+    def reserve(self, req: ReserveRequest) -> KVLocation | None:
+        ring = self._ring_request(req)  # before the request's reservation (S3 sizes by its state then)
         loc = self.inner.reserve(req)
-        if loc is not None and not self.rings.allocate(req.request_id, now, room):
+        if loc is None:
+            return None
+        if self.inner.reserve(ring) is None:
             self.inner.release(req.request_id, None)
             return None
+        self.rings.admit(req.request_id, req.num_tokens)
         return loc
 
     def ensure_capacity(self, request_id: str, needed_tokens: int) -> GrowResult:
         res = self.inner.ensure_capacity(request_id, needed_tokens)
         if res.status != GrowStatus.OK:
             return res
-        if not self.rings.ensure(request_id, needed_tokens):
-            return GrowResult(GrowStatus.NO_ROOM)
-        return res
+        ring = self._grow_ring(request_id, self.rings.rows_for(needed_tokens))
+        rings = self.rings
+        if ring.status != GrowStatus.OK:
+            rings.blocked_grows += 1
+            if ring.how:
+                rings.moved(request_id)
+            # the request's runs may have changed already: say so, or its cached location goes stale
+            return GrowResult(ring.status, res.copied_tokens, res.how)
+        if ring.how:
+            rings.moved(request_id)
+            rings.in_place_grows += ring.how == "in_place"
+            rings.new_runs += ring.how in ("new_run", "pages")
+            rings.copies += ring.how == "copied"
+        rings.note_tokens(request_id, needed_tokens)
+        return GrowResult(GrowStatus.OK, res.copied_tokens + ring.copied_tokens, res.how or ring.how)
+
+    def _grow_ring(self, request_id: str, rows: int) -> GrowResult:
+        """The ring to ``rows``: at once where the inner policy can (in place, or one new run
+        placed with room); else, under a policy of granules (ODMA), one granule at a time,
+        each going wherever a hole is (a block's rows need not be adjacent: the mapping goes
+        through the location), so a fragmented arena still takes a ring's next block."""
+        rid = ring_id(request_id)
+        res = self.inner.ensure_capacity(rid, rows)
+        unit = int(getattr(self.inner, "unit", 0))
+        if res.status != GrowStatus.NO_ROOM or unit <= 0:
+            return res
+        held = self.inner.location(rid).capacity_tokens
+        self.rings.stepped_grows += 1
+        copied, how = 0, ""
+        while held < rows:
+            step = self.inner.ensure_capacity(rid, min(held + unit, rows))
+            copied, how = copied + step.copied_tokens, how or step.how
+            if step.status != GrowStatus.OK:
+                return GrowResult(step.status, copied, how)
+            held = self.inner.location(rid).capacity_tokens
+        return GrowResult(GrowStatus.OK, copied, how or "new_run")
 
     def release(self, request_id: str, generated_tokens: int | None) -> None:
         self.inner.release(request_id, generated_tokens)
         if self.rings.holds(request_id):
-            self.rings.free(request_id)
+            # A ring's rows are no output length: only a policy that does not learn lengths hears "finished".
+            learns = getattr(self.inner, "learns_lengths", False)
+            self.inner.release(ring_id(request_id), None if learns else generated_tokens)
+            self.rings.forget(request_id)
+
+    def max_request_tokens(self) -> int:
+        """The most tokens one request can hold *with its ring*: the largest n with n and
+        rows_for(n), each rounded up to the inner policy's page (or granule), within the inner
+        policy's largest request (so a request that can never run is rejected, not queued)."""
+        most = self.inner.max_request_tokens()
+        unit = max(1, int(getattr(self.inner, "page_tokens", 0) or getattr(self.inner, "unit", 1)))
+
+        def fits(n: int) -> bool:
+            return -(-n // unit) * unit + -(-self.rings.rows_for(n) // unit) * unit <= most
+
+        lo, hi = 0, most  # fits(lo) (or lo == 0); the answer is in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def num_live(self) -> int:
+        """Requests, not rings."""
+        return len(self.rings.ring_ids())
+
+    def live_ring_rows(self) -> int:
+        return self.rings.live_rows()
 
     def check_integrity(self) -> None:
         self.inner.check_integrity()
         self.rings.check_integrity()
-        assert self.rings.stats().num_rings == self.inner.num_live(), (
-            f"{self.rings.stats().num_rings} rings held by {self.inner.num_live()} live requests")
-
-
-@dataclass(frozen=True)
-class KVGroupSplit:
-    """How one KV memory budget is divided between the two groups."""
-
-    budget_bytes: int
-    arena_tokens: int
-    """Token capacity of the full-attention arena (full layers only)."""
-    ring_slots: int
-    """Token slots of the ring pool (sliding layers only)."""
-    ring_bytes: int
-
-
-def plan_window_group(model: Any, kv_capacity_tokens: int, max_num_seqs: int,
-                      ring_windows: int | None = None) -> KVGroupSplit | None:
-    """The engine's split for a model with sliding layers (None without): the budget is
-    ``kv_capacity_tokens`` tokens of K/V over *all* layers, as for a full-attention model."""
-    if getattr(model, "window_tokens", None) is None:
-        return None
-    spec = model.spec
-    elem = torch.tensor([], dtype=model.dtype).element_size()
-    per_layer_token_bytes = 2 * spec.num_kv_heads * spec.head_dim * elem
-    return split_kv_budget(kv_capacity_tokens * spec.num_layers * per_layer_token_bytes,
-                           model.num_full_layers * per_layer_token_bytes,
-                           model.num_sliding_layers * per_layer_token_bytes, model.window_tokens,
-                           max_num_seqs, ring_windows)
-
-
-def split_kv_budget(budget_bytes: int, full_bytes_per_token: int, ring_bytes_per_slot: int, window_tokens: int,
-                    max_num_seqs: int, ring_windows: int | None = None,
-                    ring_slots_per_arena_token: float = 1.0) -> KVGroupSplit:
-    """Divide ``budget_bytes`` between ring slots and full-attention arena tokens.
-
-    ``ring_windows``: that many whole windows of ring slots, the rest to the arena. None:
-    ``ring_slots_per_arena_token`` ring slots per arena token (1.0: each group holds as many
-    tokens, which a request shorter than the window needs), at most ``max_num_seqs``
-    windows, at least one. A model without full layers (``full_bytes_per_token`` 0) gives
-    the arena one token (policies need a positive capacity) and every byte to rings.
-    """
-    if budget_bytes <= 0:
-        raise ConfigError(f"KV budget of {budget_bytes} bytes: it must be positive (raise kv_capacity_tokens)")
-    if ring_windows is not None:
-        ring_slots = ring_windows * window_tokens
-    elif full_bytes_per_token == 0:
-        ring_slots = budget_bytes // ring_bytes_per_slot
-    else:
-        r = ring_slots_per_arena_token
-        ring_slots = int(budget_bytes * r / (r * ring_bytes_per_slot + full_bytes_per_token))
-    if ring_windows is None:
-        ring_slots = max(window_tokens, min(ring_slots, max_num_seqs * window_tokens))
-    ring_bytes = ring_slots * ring_bytes_per_slot
-    left = budget_bytes - ring_bytes
-    arena_tokens = 1 if full_bytes_per_token == 0 else left // full_bytes_per_token
-    if ring_slots < window_tokens or left < 0 or arena_tokens <= 0:
-        raise ConfigError(f"a KV budget of {budget_bytes} bytes cannot hold {ring_slots} ring slots of "
-                          f"{ring_bytes_per_slot} bytes plus a full-attention arena; raise kv_capacity_tokens "
-                          "or lower window_slots")
-    return KVGroupSplit(budget_bytes, int(arena_tokens), int(ring_slots), ring_bytes)
+        live = self.inner.num_live()
+        rings = self.rings.ring_ids()
+        assert live == 2 * len(rings), f"{len(rings)} rings held by {live} live inner requests (want 2 per ring)"
+        for rid in rings:
+            self.inner.location(rid)  # the request and its ring are both live in the inner policy
+            self.inner.location(ring_id(rid))

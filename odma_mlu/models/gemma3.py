@@ -5,7 +5,7 @@ Per layer, for the T flattened new tokens of a ``ForwardBatch``::
     x -> RMSNorm(1+w) -> q, k, v (one fused matmul) -> RMSNorm(1+w) of q and of k per head
       -> rotary (local theta on sliding layers, global theta, maybe linearly scaled, on full)
       -> attention (scale query_pre_attn_scalar^-0.5): full layers over the arena, sliding
-         layers over their rings -> o_proj -> RMSNorm(1+w) (post-attention) -> + residual
+         layers over their rings (in the arena's tensors) -> o_proj -> RMSNorm(1+w) (post-attention) -> + residual
       -> RMSNorm(1+w) (pre-feedforward) -> GELU-tanh(gate) * up -> down
       -> RMSNorm(1+w) (post-feedforward) -> + residual
 
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from odma_mlu.config import ModelSpec
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVArena
-from odma_mlu.kvcache.window import RingPool
+from odma_mlu.kvcache.window import RING_BLOCK_TOKENS, RingPool
 from odma_mlu.models.attention import ForwardBatch, arena_attention
 from odma_mlu.models.layer_types import FULL, SLIDING
 from odma_mlu.models.qwen2 import RotaryCache, _rotate_half, layer_groups
-from odma_mlu.models.window_attention import RingBatch, ring_attention
+from odma_mlu.models.window_attention import RingPlan, ring_attention
 
 ARCHITECTURE = "Gemma3ForCausalLM"
 MODEL_TYPE = "gemma3_text"
@@ -186,13 +186,13 @@ class Gemma3ForwardModel:
         return (xf * (1.0 + weight.float())).to(x.dtype)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, arena: KVArena, rings: RingBatch | None = None) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, arena: KVArena, rings: RingPlan | None = None) -> torch.Tensor:
         """One step; float32 logits [num_seqs, vocab] of each sequence's last new token."""
         spec = self.spec
         assert not arena.shape_only, "forward needs an arena with tensors (shape_only=False)"
         assert arena.dtype == self.dtype, f"arena dtype {arena.dtype} differs from model dtype {self.dtype}"
         assert arena.model.num_layers == self.num_full_layers, "arena was built for a different model shape"
-        assert rings is not None or not self.num_sliding_layers, "a model with sliding layers needs its RingBatch"
+        assert rings is not None or not self.num_sliding_layers, "a model with sliding layers needs its RingPlan"
         heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_size, kv_size = heads * dim, kv_heads * dim
         num_tokens = batch.num_tokens
@@ -237,11 +237,11 @@ class Gemma3ForwardModel:
     def new_arena(self, capacity_tokens: int) -> KVArena:
         """An arena for the full-attention layers only."""
         spec = dataclasses.replace(self.spec, num_layers=self.num_full_layers)
-        return KVArena(spec, capacity_tokens, device=self.device, dtype=self.dtype)
+        return KVArena(spec, capacity_tokens, device=self.device, dtype=self.dtype,
+                       flat=self.num_sliding_layers > 0)  # rings reach every lane (kvcache/window.py)
 
-    def new_window_pool(self, num_windows: int, capacity_slots: int | None = None,
-                        granule_tokens: int | None = None) -> RingPool:
+    def new_window_pool(self, arena: KVArena, block_tokens: int = RING_BLOCK_TOKENS) -> RingPool:
+        """The rings of the sliding layers, laid into ``arena``'s lanes (odma_mlu/kvcache/window.py)."""
         assert self.window_tokens is not None, "new_window_pool on a model without sliding layers"
-        return RingPool(self.num_sliding_layers, self.window_tokens, num_windows, self.spec.num_kv_heads,
-                        self.spec.head_dim, self.dtype, self.device, capacity_slots=capacity_slots,
-                        granule_tokens=granule_tokens)
+        return RingPool(arena, self.num_sliding_layers, self.window_tokens, block_tokens,
+                        num_kv_heads=self.spec.num_kv_heads, head_dim=self.spec.head_dim)

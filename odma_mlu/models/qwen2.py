@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from odma_mlu.config import ModelSpec
+from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVArena
-from odma_mlu.kvcache.window import RingPool
+from odma_mlu.kvcache.window import RING_BLOCK_TOKENS, RingPool
 from odma_mlu.models.attention import DecodeGroup, ForwardBatch, PrefillPlan, SequenceInput, arena_attention
-from odma_mlu.models.window_attention import RingBatch, ring_attention
+from odma_mlu.models.window_attention import RingPlan, ring_attention
 
 __all__ = ["ForwardBatch", "SequenceInput", "DecodeGroup", "PrefillPlan", "LayerWeights", "Qwen2ForwardModel"]
 
@@ -82,7 +83,8 @@ class Qwen2ForwardModel:
 
     ``layer_windows[i]`` is layer i's sliding window in tokens, None for full attention
     (``layer_types`` in config.json). Full layers keep their KV in the arena (which then has
-    only those layers, in order); sliding layers in a ``RingPool`` (odma_mlu/kvcache/window.py).
+    only those layers, in order); sliding layers keep per-request rings inside the same
+    arena's tensors (``RingPool``, odma_mlu/kvcache/window.py).
     """
 
     def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[LayerWeights], final_norm: torch.Tensor,
@@ -107,14 +109,14 @@ class Qwen2ForwardModel:
         return weight * xf.to(x.dtype)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, arena: KVArena, rings: RingBatch | None = None) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, arena: KVArena, rings: RingPlan | None = None) -> torch.Tensor:
         """Run one step: write every new token's K/V into ``arena`` (sliding layers: into
         ``rings``); return float32 logits [num_seqs, vocab] of each sequence's last new token,
         in ``batch.seqs`` order."""
         spec = self.spec
         assert not arena.shape_only, "forward needs an arena with tensors (shape_only=False)"
         assert arena.dtype == self.dtype, f"arena dtype {arena.dtype} differs from model dtype {self.dtype}"
-        assert rings is not None or not self.num_sliding_layers, "a model with sliding layers needs its RingBatch"
+        assert rings is not None or not self.num_sliding_layers, "a model with sliding layers needs its RingPlan"
         assert arena.model.num_layers == self.num_full_layers and arena.model.num_kv_heads == spec.num_kv_heads \
             and arena.model.head_dim == spec.head_dim, "arena was built for a different model shape"
         heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -155,16 +157,14 @@ class Qwen2ForwardModel:
     def new_arena(self, capacity_tokens: int) -> KVArena:
         """An arena for this model's full-attention layers, on its device and in its dtype."""
         spec = dataclasses.replace(self.spec, num_layers=self.num_full_layers) if self.num_sliding_layers else self.spec
-        return KVArena(spec, capacity_tokens, device=self.device, dtype=self.dtype)
+        return KVArena(spec, capacity_tokens, device=self.device, dtype=self.dtype,
+                       flat=self.num_sliding_layers > 0)  # rings reach every lane (kvcache/window.py)
 
-    def new_window_pool(self, num_windows: int, capacity_slots: int | None = None,
-                        granule_tokens: int | None = None) -> RingPool:
-        """The ring pool of this model's sliding layers: ``num_windows`` windows of slots, or
-        ``capacity_slots`` slots (odma_mlu/kvcache/window.py)."""
+    def new_window_pool(self, arena: KVArena, block_tokens: int = RING_BLOCK_TOKENS) -> RingPool:
+        """The rings of this model's sliding layers, laid into ``arena``'s lanes (odma_mlu/kvcache/window.py)."""
         assert self.window_tokens is not None, "new_window_pool on a model without sliding layers"
-        return RingPool(self.num_sliding_layers, self.window_tokens, num_windows, self.spec.num_kv_heads,
-                        self.spec.head_dim, self.dtype, self.device, capacity_slots=capacity_slots,
-                        granule_tokens=granule_tokens)
+        return RingPool(arena, self.num_sliding_layers, self.window_tokens, block_tokens,
+                        num_kv_heads=self.spec.num_kv_heads, head_dim=self.spec.head_dim)
 
 
 def layer_groups(layer_windows: tuple[int | None, ...]) -> tuple[int | None, list[int], int, int]:
@@ -176,4 +176,7 @@ def layer_groups(layer_windows: tuple[int | None, ...]) -> tuple[int | None, lis
     for w in layer_windows:
         index.append(counts[w is None])
         counts[w is None] += 1
+    if counts[False] and not counts[True]:
+        raise ConfigError(f"every one of the {counts[False]} attention layers slides: not supported for now "
+                          "(sliding layers keep their rings in the full-attention layers' arena)")
     return (windows.pop() if windows else None), index, counts[True], counts[False]

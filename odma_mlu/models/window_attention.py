@@ -1,10 +1,13 @@
 """Attention of sliding-window layers over their rings (odma_mlu/kvcache/window.py).
 
 A ``RingBatch`` is planned once per step from the same ``SequenceInput``s as the
-``ForwardBatch`` (same row order) plus each sequence's ring (its runs of pool slots, in
-ring order); every sliding layer then runs ``ring_attention``. Token ``p`` of a sequence is
-at ring index ``p % window``, i.e. the ``p % window``-th slot of its runs read one after
-another (a ring is one run, or two when its growth was blocked)::
+``ForwardBatch`` (same row order) plus each sequence's ring (the ring request's location and
+its ring slots); it holds, for every sliding layer at once, the flat slots (lane * capacity
++ arena slot) each layer reads and writes: index tensors of shape [S, ...], row ``j`` for
+sliding layer ``j``. A ``RingPlan`` holds the batch and the arena's flat K/V tensors (every
+lane, lane-major). Token ``p`` of a sequence is at ring index ``p % window``; sliding layer
+``j``'s ring index ``i`` is at ``RingPool.flat_slots`` (block ``i // B`` of layer ``j`` is
+cell ``(i // B) S + j``: lane and row-block from it, the row through the location)::
 
     1. prefills (multi-token sequences): queries attend to the cached tokens still in the
        window (read from the ring, in position order) followed by the new K/V (not yet
@@ -23,33 +26,27 @@ odma_mlu/models/attention.py does, so K/V are never repeated.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from odma_mlu.kvcache.window import RingPool, Run
+from odma_mlu.kvcache.arena import KVLocation
+from odma_mlu.kvcache.window import RingPool
 from odma_mlu.models.attention import SequenceInput
 
-RingRuns = tuple[Run, ...]
-RingRef = Union[int, RingRuns]
-"""A ring: its runs, or (legacy, fixed rings) an index r meaning the one run [r * window, (r + 1) * window)."""
+RingRef = tuple[KVLocation, int]
+"""A sequence's ring: the ring request's location and the ring slots it holds (per layer)."""
 
 
-def ring_slots(runs: RingRuns, ring_index: torch.Tensor) -> torch.Tensor:
-    """Pool slots of ``ring_index`` (int64, < the ring's length) in a ring of ``runs``."""
-    if len(runs) == 1:
-        return ring_index + runs[0][0]
-    table = torch.cat([torch.arange(s, s + n, dtype=torch.int64) for s, n in runs])
-    return table[ring_index]
+@dataclass(frozen=True)
+class RingPlan:
+    """One step's rings: the ``RingBatch`` and the flat K/V tensors its slots index."""
 
-
-def _slot_of(runs: RingRuns, ring_index: int) -> int:
-    for start, n in runs:
-        if ring_index < n:
-            return start + ring_index
-        ring_index -= n
-    raise AssertionError(f"ring index past the ring's runs {runs}")
+    batch: "RingBatch"
+    k: torch.Tensor
+    """The arena's flat K tensor [F * capacity, kv_heads, head_dim] (``KVArena.k_flat``)."""
+    v: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -57,26 +54,26 @@ class RingPrefill:
     token_offset: int
     num_new_tokens: int
     cached_index: torch.Tensor | None
-    """int64 [c]: pool slots of the cached tokens still in the window, oldest first."""
+    """int64 [S, c]: per sliding layer, flat slots of the cached tokens still in the window, oldest first."""
     mask: torch.Tensor
     """bool [new, c + new]: the sliding causal mask."""
 
 
 @dataclass(frozen=True)
 class RingBatch:
-    """One step's ring reads and writes, shared by every sliding layer."""
+    """One step's ring reads and writes, for every sliding layer (row ``j`` of each index)."""
 
     pool: RingPool
     write_rows: torch.Tensor
     """int64 [W]: rows (flattened batch) of the new tokens that stay in their ring."""
     write_index: torch.Tensor
-    """int64 [W]: their pool slots."""
+    """int64 [S, W]: their flat slots, per sliding layer."""
     prefills: tuple[RingPrefill, ...]
     decode_rows: torch.Tensor | None
     """int64 [B]: rows of the decoding sequences' new tokens."""
     decode_index: torch.Tensor | None
-    """int64 [B * L]: pool slots each decode reads, L = the batch's longest min(length, window)
-    (entries past a sequence's own length point at slot 0 and are masked)."""
+    """int64 [S, B * L]: flat slots each decode reads, L = the batch's longest min(length,
+    window) (entries past a sequence's own length point at slot 0 and are masked)."""
     decode_mask: torch.Tensor | None
     """bool [B, 1, 1, L]: entry j holds a token of the sequence (j < min(length, window))."""
 
@@ -85,67 +82,51 @@ class RingBatch:
               device: torch.device | str = "cpu") -> "RingBatch":
         assert len(seqs) == len(rings), f"{len(seqs)} sequences but {len(rings)} rings"
         dev = torch.device(device)
-        w = pool.window_tokens
+        w, layers = pool.window_tokens, pool.num_layers
         write_rows: list[torch.Tensor] = []
         write_index: list[torch.Tensor] = []
         prefills: list[RingPrefill] = []
         d_rows: list[int] = []
-        d_runs: list[RingRuns] = []
+        d_reads: list[torch.Tensor] = []
         d_lengths: list[int] = []
-        d_write_slots: list[int] = []
         row = 0
-        for seq, ring in zip(seqs, rings):
-            runs: RingRuns = ((ring * w, w),) if isinstance(ring, int) else ring
+        for seq, (loc, held) in zip(seqs, rings):
             n, first, total = seq.num_new_tokens, seq.num_cached_tokens, seq.num_total_tokens
-            held = sum(length for _, length in runs)
-            assert runs and runs[-1][0] + runs[-1][1] <= pool.capacity_slots, f"ring {runs} outside the pool"
             assert held == w or (held <= w and total <= held), f"a ring of {held} slots cannot hold {total} tokens"
+            assert loc.capacity_tokens >= pool.rows_for(held), f"ring location {loc} holds fewer rows than {held} slots"
             if n == 1:  # its write joins the batch's one tensor of decode writes
-                d_write_slots.append(_slot_of(runs, (total - 1) % w))
+                length = min(total, w)
+                read = pool.flat_slots(loc, torch.arange(length, dtype=torch.int64))  # [S, length]
                 d_rows.append(row)
-                d_runs.append(runs)
-                d_lengths.append(min(total, w))
+                d_reads.append(read)
+                d_lengths.append(length)
+                write_rows.append(torch.tensor([row], dtype=torch.int64))
+                write_index.append(read[:, (total - 1) % w, None])
             else:
                 keep_from = max(first, total - w)  # new tokens that remain in the window after this step
                 write_rows.append(torch.arange(row + keep_from - first, row + n, dtype=torch.int64))
-                write_index.append(ring_slots(runs, torch.arange(keep_from, total, dtype=torch.int64) % w))
+                write_index.append(pool.flat_slots(loc, torch.arange(keep_from, total, dtype=torch.int64) % w))
                 cached_from = max(0, first - w + 1)  # the oldest key the first new query can see
                 key_pos = torch.arange(cached_from, total, dtype=torch.int64)
                 q_pos = torch.arange(first, total, dtype=torch.int64)
                 mask = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] > q_pos[:, None] - w)
                 cached = None
                 if first > cached_from:
-                    cached = ring_slots(runs, torch.arange(cached_from, first, dtype=torch.int64) % w).to(dev)
+                    cached = pool.flat_slots(loc, torch.arange(cached_from, first, dtype=torch.int64) % w).to(dev)
                 prefills.append(RingPrefill(row, n, cached, mask.to(dev)))
             row += n
         decode_rows = decode_index = decode_mask = None
         if d_rows:
-            write_rows.append(torch.tensor(d_rows, dtype=torch.int64))
-            write_index.append(torch.tensor(d_write_slots, dtype=torch.int64))
+            b, longest = len(d_rows), max(d_lengths)
+            index = torch.zeros(layers, b, longest, dtype=torch.int64)
+            for i, read in enumerate(d_reads):
+                index[:, i, :read.shape[1]] = read
+            valid = torch.arange(longest)[None, :] < torch.tensor(d_lengths, dtype=torch.int64)[:, None]
             decode_rows = torch.tensor(d_rows, dtype=torch.int64, device=dev)
-            decode_index, valid = _decode_index(d_runs, d_lengths)
-            decode_index, decode_mask = decode_index.to(dev), valid.view(len(d_rows), 1, 1, -1).to(dev)
-        return cls(pool, torch.cat(write_rows).to(dev), torch.cat(write_index).to(dev), tuple(prefills),
+            decode_index = index.view(layers, b * longest).to(dev)
+            decode_mask = valid.view(b, 1, 1, longest).to(dev)
+        return cls(pool, torch.cat(write_rows).to(dev), torch.cat(write_index, dim=1).to(dev), tuple(prefills),
                    decode_rows, decode_index, decode_mask)
-
-
-def _decode_index(runs: list[RingRuns], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pool slots [B * L], valid [B, L]) of the decodes' ring entries [0, length), with
-    tensor ops over the batch (no per-entry Python): entry j of a ring is in the run whose
-    ring offset is the last one <= j."""
-    b, longest, most_runs = len(runs), max(lengths), max(len(r) for r in runs)
-    starts = torch.zeros(b, most_runs, dtype=torch.int64)
-    offsets = torch.full((b, most_runs), 1 << 40, dtype=torch.int64)  # unused runs: never chosen
-    for i, ring in enumerate(runs):
-        off = 0
-        for k, (start, n) in enumerate(ring):
-            starts[i, k], offsets[i, k] = start, off
-            off += n
-    j = torch.arange(longest, dtype=torch.int64)
-    run_of = (j[None, :, None] >= offsets[:, None, :]).sum(-1) - 1  # [B, L]
-    slots = starts.gather(1, run_of) + j[None, :] - offsets.gather(1, run_of)
-    valid = j[None, :] < torch.tensor(lengths, dtype=torch.int64)[:, None]
-    return torch.where(valid, slots, torch.zeros_like(slots)).reshape(-1), valid
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPrefill, scale: float) -> torch.Tensor:
@@ -160,29 +141,31 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPrefil
     return out.permute(2, 0, 1, 3).reshape(n, heads, dim)
 
 
-def ring_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, rings: RingBatch, ring_layer: int,
+def ring_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan: RingPlan, sliding_layer: int,
                    scale: float, out: torch.Tensor) -> None:
-    """One sliding layer: attention of every new token ([T, H, D] queries, [T, kv, D] new
-    K/V) over its window, written into ``out`` [T, H, D]; the ring is updated in place."""
-    k_ring, v_ring = rings.pool.k[ring_layer], rings.pool.v[ring_layer]
-    for plan in rings.prefills:
-        rows = slice(plan.token_offset, plan.token_offset + plan.num_new_tokens)
+    """Sliding layer ``sliding_layer``: attention of every new token ([T, H, D] queries,
+    [T, kv, D] new K/V) over its window, written into ``out`` [T, H, D]; the ring is updated
+    in place (the layer's flat slots, in whichever lanes its blocks lie)."""
+    rings, k_flat, v_flat = plan.batch, plan.k, plan.v
+    j = sliding_layer
+    for pre in rings.prefills:
+        rows = slice(pre.token_offset, pre.token_offset + pre.num_new_tokens)
         k, v = k_new[rows], v_new[rows]
-        if plan.cached_index is not None:
-            k = torch.cat([k_ring.index_select(0, plan.cached_index), k])
-            v = torch.cat([v_ring.index_select(0, plan.cached_index), v])
-        out[rows] = _prefill(q[rows], k, v, plan, scale)
-    k_ring.index_copy_(0, rings.write_index, k_new.index_select(0, rings.write_rows))
-    v_ring.index_copy_(0, rings.write_index, v_new.index_select(0, rings.write_rows))
+        if pre.cached_index is not None:
+            k = torch.cat([k_flat.index_select(0, pre.cached_index[j]), k])
+            v = torch.cat([v_flat.index_select(0, pre.cached_index[j]), v])
+        out[rows] = _prefill(q[rows], k, v, pre, scale)
+    k_flat.index_copy_(0, rings.write_index[j], k_new.index_select(0, rings.write_rows))
+    v_flat.index_copy_(0, rings.write_index[j], v_new.index_select(0, rings.write_rows))
     if rings.decode_rows is None:
         return
     assert rings.decode_index is not None and rings.decode_mask is not None
     b = int(rings.decode_rows.numel())
     span = rings.decode_mask.shape[-1]
     heads, dim = q.shape[1], q.shape[2]
-    kv_heads = k_ring.shape[1]
-    k = k_ring.index_select(0, rings.decode_index).view(b, span, kv_heads, dim).transpose(1, 2)  # [B, kv, L, D]
-    v = v_ring.index_select(0, rings.decode_index).view(b, span, kv_heads, dim).transpose(1, 2)
+    kv_heads = k_flat.shape[1]
+    k = k_flat.index_select(0, rings.decode_index[j]).view(b, span, kv_heads, dim).transpose(1, 2)  # [B, kv, L, D]
+    v = v_flat.index_select(0, rings.decode_index[j]).view(b, span, kv_heads, dim).transpose(1, 2)
     qg = q.index_select(0, rings.decode_rows).view(b, kv_heads, heads // kv_heads, dim)
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=rings.decode_mask, scale=scale)
     out.index_copy_(0, rings.decode_rows, o.reshape(b, heads, dim))
