@@ -8,9 +8,10 @@ last token) gains one token -> a sequence ends at its trace length ->
 ``scheduler.postprocess``. Nothing here re-implements allocation or scheduling.
 
 A model with sliding-window layers (``layers`` with ``num_sliding``) is replayed in the
-engine's layout (``LLMEngine``): the budget split by ``split_kv_budget`` into an arena for
-the full layers, under the named policy, and a ring pool for the sliding layers, joined by
-``WindowedPolicy``; every step is priced with the layer kinds. There the policies ``jenga``
+engine's layout (``LLMEngine``): the whole budget as an arena of full-layer slots under the
+named policy, each request's ring a second request of that policy laid into the arena's
+lanes (``RingPool``, ``WindowedPolicy``: odma_mlu/kvcache/window.py); every step is priced
+with the layer kinds. There the policies ``jenga``
 and ``vllm_hybrid`` (emulator/hetero_policy.py) run the paged baselines over the same byte
 budget under the same scheduler. Token counts (capacity,
 live, reserved) are then in tokens of *every* layer's K/V, so ``kv_utilization`` is the
@@ -36,7 +37,7 @@ from odma_mlu.engine.step_work import describe_step
 from odma_mlu.errors import ConfigError, RequestRejected
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.factory import make_policy
-from odma_mlu.kvcache.window import RingPool, WindowedPolicy, split_kv_budget
+from odma_mlu.kvcache.window import RingPool, WindowedPolicy
 from odma_mlu.models.layer_kinds import LayerKinds
 from odma_mlu.predictor.base import LengthPredictor, RequestFeatures
 
@@ -120,7 +121,7 @@ class _KVLayout:
     every layer's K/V (a sliding layer holds at most its window of a request's tokens)."""
 
     def __init__(self, policy_name: str, model: ModelSpec, layers: LayerKinds | None, capacity_tokens: int,
-                 cache: CacheConfig, max_new_tokens: int, max_num_seqs: int, drift_detector: object | None,
+                 cache: CacheConfig, max_new_tokens: int, drift_detector: object | None,
                  cost: CostModel) -> None:
         self.layers = layers if layers is not None and layers.num_sliding else None
         self.rings: RingPool | None = None
@@ -142,12 +143,13 @@ class _KVLayout:
                                                capacity_tokens * model.kv_bytes_per_token, cache)
             self.arena = self.policy.arena
             return
-        per_layer = model.kv_bytes_per_token_per_layer
-        split = split_kv_budget(capacity_tokens * model.num_layers * per_layer, kinds.num_full * per_layer,
-                                kinds.num_sliding * per_layer, kinds.window_tokens, max_num_seqs)
-        self.arena = KVArena(replace(model, num_layers=kinds.num_full), split.arena_tokens, shape_only=True)
-        self.rings = RingPool(kinds.num_sliding, kinds.window_tokens, 0, model.num_kv_heads, model.head_dim,
-                              shape_only=True, capacity_slots=split.ring_slots)
+        if kinds.num_full == 0:
+            raise ConfigError(f"{model.name}: every attention layer slides; the engine keeps rings in the full "
+                              "layers' arena and has none to keep them in")
+        # As LLMEngine: the whole budget in slots of the full layers; rings take their share as rows.
+        arena_tokens = capacity_tokens * model.num_layers // kinds.num_full
+        self.arena = KVArena(replace(model, num_layers=kinds.num_full), arena_tokens, shape_only=True)
+        self.rings = RingPool(self.arena, kinds.num_sliding, kinds.window_tokens)
         inner = make_policy(policy_name, self.arena, cache, max_new_tokens, drift_detector, run_cost=cost)
         self.policy = WindowedPolicy(inner, self.rings)
 
@@ -164,8 +166,8 @@ class _KVLayout:
         kinds = self.layers
         if kinds is None or self.rings is None:  # one pool (or a baseline that counts its own)
             return self.policy.reserved_tokens()
-        held = kinds.num_full * self.policy.reserved_tokens() + kinds.num_sliding * self.rings.stats().held_slots
-        return held // kinds.num_layers
+        # Requests' runs and rings' rows alike are arena slots of the F full layers.
+        return kinds.num_full * self.policy.reserved_tokens() // kinds.num_layers
 
 
 def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProfile, *,
@@ -181,8 +183,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
     if rate_scale <= 0:
         raise ConfigError(f"--rate-scale must be positive, got {rate_scale}")
     cost = CostModel(profile, model, layers=layers)
-    kv = _KVLayout(policy_name, model, layers, capacity_tokens, cache, max_new_tokens, scheduler_config.max_num_seqs,
-                   drift_detector, cost)
+    kv = _KVLayout(policy_name, model, layers, capacity_tokens, cache, max_new_tokens, drift_detector, cost)
     arena, policy = kv.arena, kv.policy
     scheduler = Scheduler(policy, scheduler_config, model.max_position_embeddings, predictor)
 

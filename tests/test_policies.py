@@ -307,6 +307,21 @@ def test_odma_never_copies_a_request_read_per_block() -> None:
     p.check_integrity()
 
 
+def test_odma_holds_nothing_ahead_for_a_request_read_per_block() -> None:
+    """Elastic ODMA holds ``chunk_tokens`` past what is live so growth stays in place; a
+    request read per block (a ring) gains nothing from that and holds exactly what it needs."""
+    cfg = replace(CFG, elastic=True, chunk_tokens=16)
+    p = odma(cfg=cfg)
+    p.reserve(rr("req", 8, 64, prediction=pred(CERTAIN, 64)))
+    p.reserve(replace(rr("ring", 8, 64, prediction=pred(CERTAIN, 64)), read_per_block=True))
+    assert p.location("req").capacity_tokens == 8 + 16 and p.location("ring").capacity_tokens == 8
+    for n in range(9, 20):
+        assert p.ensure_capacity("ring", n).status == GrowStatus.OK
+        assert p.location("ring").capacity_tokens == n
+    assert p.ensure_capacity("req", 25).status == GrowStatus.OK and p.location("req").capacity_tokens > 25
+    p.check_integrity()
+
+
 def test_odma_no_room_when_nothing_is_free() -> None:
     p = odma(cap=48, cfg=replace(CFG, safety_fraction=0.0))
     p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64)))  # [0, 24)

@@ -141,7 +141,7 @@ def test_budget_is_one_arena_of_every_layer(folders) -> None:
     exactly that many bytes (the rings take their rows from it)."""
     engine = _engine(folders["gemma3"], "odma", 1000)
     model, pool = engine.model, engine.windows
-    assert pool is not None and pool.k is engine.arena.k_flat and pool.v is engine.arena.v_flat
+    assert pool is not None and pool.k is engine.arena.k_groups and pool.v is engine.arena.v_groups
     per_layer_token_bytes = engine.arena.bytes_per_token // model.num_full_layers
     budget = 1000 * engine.spec.num_layers * per_layer_token_bytes  # 1000 tokens of K/V over every layer
     assert engine.arena.nbytes == budget and engine.arena.capacity_tokens == 6000
@@ -212,3 +212,42 @@ def test_abort_returns_the_ring(folders) -> None:
     while engine.has_unfinished():
         engine.step()
     assert engine.windows.stats().num_rings == 0
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]]]:
+    """Gemma-3 with 4 sliding over 2 full layers (6 layers, every third global): gcd 2, so the
+    flat arena can be two lane groups of 1 full + 2 sliding layers each."""
+    folder = make_tiny_gemma3(tmp_path_factory.mktemp("g3g_e"), window=WINDOW, num_layers=6, pattern=3, seed=7)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    refs = []
+    for p in PROMPTS:
+        ids = tok.encode(p, add_special_tokens=False)
+        with torch.no_grad():
+            gen = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        refs.append(gen[0, len(ids):].tolist())
+    return folder, refs
+
+
+@pytest.mark.parametrize("policy,capacity", [(p, 2048) for p in POLICY_NAMES] + [("odma", 60), ("paged", 80)])
+def test_lane_groups_keep_greedy_exact(grouped, monkeypatch: pytest.MonkeyPatch, policy: str, capacity: int) -> None:
+    """With a tensor cap that one flat tensor would pass, the arena splits into two lane
+    groups (each layer's ring blocks in its group's tensor) and output is unchanged, also
+    when the budget is tight enough to preempt (capacities 60 and 80)."""
+    import odma_mlu.kvcache.window as window
+
+    folder, refs = grouped
+    one_group = _engine(folder, policy, capacity)
+    assert one_group.arena.flat_groups == 1
+    lane_bytes = one_group.arena.k_groups[0].numel() * one_group.arena.k_groups[0].element_size()
+    monkeypatch.setattr(window, "MAX_TENSOR_BYTES", lane_bytes - 1)
+    engine = _engine(folder, policy, capacity)
+    assert engine.arena.flat_groups == 2 and len(engine.arena.k_groups) == 2
+    assert engine.windows is not None and engine.windows.num_groups == 2
+    assert _run(engine) == refs
+    assert (engine.scheduler.num_preemptions > 0) == (capacity < 2048), "tight budgets meant to force preemption"

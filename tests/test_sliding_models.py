@@ -135,8 +135,9 @@ def test_rings_live_in_the_arena_lanes(loaded) -> None:
     model, ids, ref = loaded["gemma3"]
     arena, windowed = _setup(model, block_tokens=4)
     pool = windowed.rings
-    assert pool.num_lanes == 1 and pool.num_layers == 5 and pool.k is arena.k_flat and pool.v is arena.v_flat
-    assert arena.k[0].data_ptr() == arena.k_flat.data_ptr() and arena.k[0].shape == arena.k_flat.shape
+    assert pool.num_lanes == 1 and pool.num_layers == 5 and pool.k is arena.k_groups and pool.v is arena.v_groups
+    assert len(arena.k_groups) == 1
+    assert arena.k[0].data_ptr() == arena.k_groups[0].data_ptr() and arena.k[0].shape == arena.k_groups[0].shape
     assert pool.rows_for(3) == 5 * 4 and pool.rows_for(100) == pool.rows_for(WINDOW) == 5 * WINDOW
     held: list[tuple[int, int]] = []
 

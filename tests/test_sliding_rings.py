@@ -17,7 +17,7 @@ from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVArena, KVLocation
 from odma_mlu.kvcache.factory import POLICY_NAMES, make_policy
 from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
-from odma_mlu.kvcache.window import RingPool, WindowedPolicy, ring_id
+from odma_mlu.kvcache.window import RingPool, WindowedPolicy, flat_groups_for, ring_id
 from odma_mlu.predictor.base import LengthPrediction
 
 WINDOW = 32
@@ -292,18 +292,44 @@ def test_random_operations_keep_policy_and_rings_consistent(policy: str) -> None
 
 
 def test_flat_arena_lanes_are_views_of_one_tensor() -> None:
-    """KVArena(flat=True): k[layer] is rows [layer * C, (layer + 1) * C) of k_flat, so a ring
-    entry written through the flat tensor is what the full layer's tensor holds there, and
-    copy_run (per lane, as ever) moves ring entries of every lane with their rows."""
+    """KVArena(flat_groups=1): k[layer] is rows [layer * C, (layer + 1) * C) of the flat
+    tensor, so a ring entry written through the flat tensor is what the full layer's tensor
+    holds there, and copy_run (per lane, as ever) moves ring entries of every lane with their rows."""
     import torch
 
-    arena = KVArena(SPEC, 32, dtype=torch.float32, flat=True)
-    assert arena.k_flat is not None and arena.v_flat is not None
-    assert arena.k_flat.shape == (2 * 32, SPEC.num_kv_heads, SPEC.head_dim)
-    arena.k_flat[32 + 5] = 7.0  # lane 1, slot 5
+    arena = KVArena(SPEC, 32, dtype=torch.float32, flat_groups=1)
+    (k_flat,), (v_flat,) = arena.k_groups, arena.v_groups
+    assert k_flat.shape == (2 * 32, SPEC.num_kv_heads, SPEC.head_dim)
+    k_flat[32 + 5] = 7.0  # lane 1, slot 5
     assert float(arena.k[1][5].mean()) == 7.0 and float(arena.k[0][5].abs().sum()) == 0.0
     arena.v[0][3] = 2.0
-    assert float(arena.v_flat[3].mean()) == 2.0
+    assert float(v_flat[3].mean()) == 2.0
     arena.copy_run(3, 20, 4)  # slots 3..6 -> 20..23 in every lane
-    assert float(arena.k_flat[32 + 22].mean()) == 7.0 and float(arena.v_flat[20].mean()) == 2.0
-    assert KVArena(SPEC, 32, dtype=torch.float32).k_flat is None
+    assert float(k_flat[32 + 22].mean()) == 7.0 and float(v_flat[20].mean()) == 2.0
+    assert KVArena(SPEC, 32, dtype=torch.float32).k_groups == ()
+
+
+def test_lane_groups_split_the_flat_tensor() -> None:
+    """Two lane groups: layers 0-1 in one flat tensor, 2-3 in the other, each layer a view."""
+    import torch
+
+    arena = KVArena(replace(SPEC, num_layers=4), 16, dtype=torch.float32, flat_groups=2)
+    assert len(arena.k_groups) == 2 and arena.k_groups[0].shape[0] == 2 * 16
+    arena.k_groups[1][16 + 3] = 5.0  # group 1, its lane 1 = layer 3, slot 3
+    assert float(arena.k[3][3].mean()) == 5.0 and float(arena.k[1][3].abs().sum()) == 0.0
+    with pytest.raises(AssertionError, match="equal flat groups"):
+        KVArena(replace(SPEC, num_layers=3), 16, flat_groups=2)
+
+
+def test_flat_groups_keep_tensors_under_the_cap() -> None:
+    """The fewest groups that divide F and S and keep each tensor within the cap; a one-line
+    error naming kv_capacity_tokens when even the most groups cannot."""
+    assert flat_groups_for(8, 20, 1000, 1024, max_tensor_bytes=8 * 1000 * 1024) == 1
+    assert flat_groups_for(8, 20, 1000, 1024, max_tensor_bytes=8 * 1000 * 1024 - 1) == 2
+    assert flat_groups_for(8, 20, 1000, 1024, max_tensor_bytes=2 * 1000 * 1024) == 4  # gcd(8, 20) = 4
+    with pytest.raises(ConfigError, match=r"kv_capacity_tokens: .* 4 lane groups .* at most 999 slots fit"):
+        flat_groups_for(8, 20, 1000, 1024, max_tensor_bytes=2 * 999 * 1024)
+    # The 7B-shaped qwen2-7b-swa on one MLU370-X4 (8 full + 20 sliding, fp16, 6.3 GiB of KV):
+    # one flat K tensor would be ~3.2 GiB, so two groups.
+    slots = 117971 * 28 // 8
+    assert flat_groups_for(8, 20, slots, 4 * 128 * 2) == 2

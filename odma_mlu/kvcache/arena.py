@@ -12,9 +12,11 @@ run for static/S3/exact, page-sized runs for paged, usually one for ODMA. Either
 request's token ``t`` lives at one slot (``KVLocation.slot_of``), the same in every layer.
 Per-layer tensors (not one big tensor) keep each under torch_mlu's 2^31-byte cap per K/V.
 A model with sliding-window layers keeps their rings in these tensors too
-(odma_mlu/kvcache/window.py): its arena is ``flat``, one K and one V tensor over every layer
-(lane-major: ``k_flat[layer * capacity + slot]``) with ``k[layer]`` a contiguous view of it,
-so one gather reaches any layer's slots; everything that uses ``k[layer]`` is unchanged.
+(odma_mlu/kvcache/window.py): its arena is *flat*, its layers dealt into ``flat_groups``
+equal groups with one K and one V tensor each (lane-major: ``k_groups[g][lane * capacity +
+slot]`` for the group's ``lane``-th layer) and ``k[layer]`` a contiguous view of its group's
+tensor, so one gather reaches any slot of any layer in a group; everything that uses
+``k[layer]`` is unchanged. Several groups keep each tensor under the cap when one would pass it.
 
 ``shape_only=True`` keeps the accounting without tensors (7B-scale replay on a laptop).
 """
@@ -137,36 +139,46 @@ class KVArena:
     """Token-slot KV tensors for every layer, or only their accounting (``shape_only``)."""
 
     def __init__(self, model: ModelSpec, capacity_tokens: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float16, shape_only: bool = False, flat: bool = False) -> None:
-        """``flat``: one K and one V tensor of ``num_layers * capacity_tokens`` slots, the
-        per-layer tensors views of it (``k_flat``, ``v_flat``); else one tensor per layer."""
+                 dtype: torch.dtype = torch.float16, shape_only: bool = False, flat_groups: int = 0) -> None:
+        """``flat_groups``: 0 for one tensor per layer; g >= 1 for g flat K and V tensors
+        (``k_groups``, ``v_groups``) of ``num_layers / g * capacity_tokens`` slots each, the
+        per-layer tensors views of them (layer ``l`` in group ``l // (num_layers / g)``)."""
         assert capacity_tokens > 0, "arena capacity must be positive"
         self.model = model
         self.capacity_tokens = int(capacity_tokens)
         self.shape_only = shape_only
-        self.flat = flat
+        assert flat_groups == 0 or model.num_layers % flat_groups == 0, \
+            f"{model.num_layers} layers do not split into {flat_groups} equal flat groups"
+        self.flat_groups = flat_groups
         self.dtype = dtype
         self.device = torch.device(device)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self.k_flat: torch.Tensor | None = None
-        """[num_layers * capacity_tokens, kv_heads, head_dim], lane-major (``flat`` only)."""
-        self.v_flat: torch.Tensor | None = None
+        self.k_groups: tuple[torch.Tensor, ...] = ()
+        """Flat arenas: per group [layers per group * capacity_tokens, kv_heads, head_dim], lane-major."""
+        self.v_groups: tuple[torch.Tensor, ...] = ()
         if not shape_only:
             cap = self.capacity_tokens
             shape = (cap, model.num_kv_heads, model.head_dim)
-            if flat:
-                whole = (model.num_layers * cap, model.num_kv_heads, model.head_dim)
-                self.k_flat = torch.zeros(whole, dtype=dtype, device=self.device)
-                self.v_flat = torch.zeros(whole, dtype=dtype, device=self.device)
-                self.k = [self.k_flat[i * cap:(i + 1) * cap] for i in range(model.num_layers)]
-                self.v = [self.v_flat[i * cap:(i + 1) * cap] for i in range(model.num_layers)]
+            if flat_groups:
+                lanes = model.num_layers // flat_groups
+                whole = (lanes * cap, model.num_kv_heads, model.head_dim)
+                self.k_groups = tuple(torch.zeros(whole, dtype=dtype, device=self.device) for _ in range(flat_groups))
+                self.v_groups = tuple(torch.zeros(whole, dtype=dtype, device=self.device) for _ in range(flat_groups))
+                self.k = [self.k_groups[i // lanes][(i % lanes) * cap:(i % lanes + 1) * cap]
+                          for i in range(model.num_layers)]
+                self.v = [self.v_groups[i // lanes][(i % lanes) * cap:(i % lanes + 1) * cap]
+                          for i in range(model.num_layers)]
             else:
                 for _ in range(model.num_layers):
                     self.k.append(torch.zeros(shape, dtype=dtype, device=self.device))
                     self.v.append(torch.zeros(shape, dtype=dtype, device=self.device))
         self.moved_bytes = 0
         self.issued_copy_tokens: list[int] = []
+
+    @property
+    def flat(self) -> bool:
+        return self.flat_groups > 0
 
     @property
     def bytes_per_token(self) -> int:

@@ -10,7 +10,8 @@ it almost always keeps one run, without copying to stay contiguous::
              (bucket edges re-learned from completed lengths: OnlineLengthHistogram + DP)
     place  = the smallest hole that holds the left neighbour's remaining room *and* this
              claim; start after the neighbour's room, so both grow in place
-    hold   = live + ``chunk_tokens`` (elastic) or the whole claim (strict, the paper);
+    hold   = live + ``chunk_tokens`` (elastic; live alone for a ring, read per block) or the
+             whole claim (strict, the paper);
              the rest of the claim is room kept for the request while nobody else needs it:
              when no hole fits a claim, the largest hole is used and the room is lent
     grow   = extend the last run in place; if its right side is taken, start a new run
@@ -132,10 +133,16 @@ class OdmaPolicy(KVPolicy):
     def _units(self, tokens: int) -> int:
         return -(-tokens // self.unit)
 
-    def _hold_units(self, num_tokens: int, claim: int) -> int:
+    def _ahead_tokens(self, read_per_block: bool) -> int:
+        """Tokens held past what is live (elastic mode): ``chunk_tokens``, so growth stays in
+        place for a while; none for a request read per block (a ring), whose runs cost
+        nothing, so room held ahead would only be memory nobody uses."""
+        return 0 if read_per_block else self.config.chunk_tokens
+
+    def _hold_units(self, num_tokens: int, claim: int, read_per_block: bool) -> int:
         if not self.config.elastic:
             return self._units(claim)
-        return self._units(min(claim, num_tokens + self.config.chunk_tokens))
+        return self._units(min(claim, num_tokens + self._ahead_tokens(read_per_block)))
 
     def _regions(self, prefer_safety: bool) -> tuple[ExtentAllocator, ...]:
         if self.safety is None:
@@ -199,7 +206,7 @@ class OdmaPolicy(KVPolicy):
 
     def can_reserve(self, req: ReserveRequest) -> bool:
         claim = self.claim_tokens(req)
-        hold = self._hold_units(req.num_tokens, claim)
+        hold = self._hold_units(req.num_tokens, claim, req.read_per_block)
         if not self._may_admit(hold * self.unit, claim):
             return False
         return self.free_tokens() >= hold * self.unit
@@ -207,7 +214,7 @@ class OdmaPolicy(KVPolicy):
     def reserve(self, req: ReserveRequest) -> KVLocation | None:
         assert req.request_id not in self._reqs, f"request {req.request_id} already holds KV"
         claim = self.claim_tokens(req)
-        hold = self._hold_units(req.num_tokens, claim)
+        hold = self._hold_units(req.num_tokens, claim, req.read_per_block)
         if not self._may_admit(hold * self.unit, claim):
             return None
         prefer_safety = self._prefers_safety(req, claim)
@@ -276,7 +283,7 @@ class OdmaPolicy(KVPolicy):
                 self.mark_overflow(request_id)
             self._raise_claim(r, needed_tokens)
         target = max(needed_tokens, r.claim_tokens if not self.config.elastic
-                     else min(r.claim_tokens, needed_tokens - 1 + self.config.chunk_tokens))
+                     else min(r.claim_tokens, needed_tokens - 1 + self._ahead_tokens(r.read_per_block)))
         result = self._grow(request_id, r, held, needed_tokens, target)
         if result.status == GrowStatus.OK:
             r.live_tokens = needed_tokens

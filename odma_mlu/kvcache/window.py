@@ -8,8 +8,8 @@ more than ``window_tokens`` K/V entries per sliding layer. Token ``p`` lives at 
 slots, so that index never moves while the ring grows.
 
 Layout (flat lanes). The arena of a model with sliding layers is *flat*
-(``KVArena(flat=True)``): one K and one V tensor of ``F * capacity`` slots, lane-major, the
-``F`` full layers' tensors (the *lanes*) contiguous views of it. A ring is cut into blocks
+(``KVArena(flat_groups=1)``): one K and one V tensor of ``F * capacity`` slots, lane-major,
+the ``F`` full layers' tensors (the *lanes*) contiguous views of it. A ring is cut into blocks
 of ``B = min(16, window)`` ring slots; block ``b`` (ring slots ``[b B, (b + 1) B)``) of
 sliding layer ``j`` (0-based among the ``S`` sliding layers) is *cell* ``q = b S + j``,
 which lies in lane ``q % F`` at row-block ``q // F``, i.e. rows ``[(q // F) B, (q // F) B +
@@ -27,6 +27,15 @@ row-block is partly used, until the ring's next block fills it)::
     ring index i of sliding layer j: q = (i // B) S + j, row r = (q // F) B + i % B
     row r = the r-th slot of the ring request's KVLocation (its runs, read in order)
     flat slot = (q % F) * capacity + location.slot_of(r)        (what a layer gathers)
+
+Lane groups. One flat tensor of ``F * capacity`` slots can pass torch_mlu's 2^31-byte cap on
+one K or V tensor (FACTS.md; a 7B-shaped model with 8 full layers and 6 GiB of KV needs 3
+GiB). Then the layers are dealt into ``g`` groups (``flat_groups_for``: the fewest that keep
+each tensor under the cap, ``g`` dividing both F and S): group ``c`` holds lanes
+``[c F/g, (c + 1) F/g)`` in its own flat tensor and sliding layers ``[c S/g, (c + 1) S/g)``,
+laid out as above with ``S/g`` and ``F/g`` in place of S and F. Cells per row-block and rows
+per ring stay the same (``S/g`` over ``F/g`` is S over F), so groups cost no padding; a
+layer's flat slots index its group's tensor.
 
     the same ring under paged, pages of 4 slots, location runs ((96, 4), (24, 8)):
       rows 0..3 -> arena slots 96..99, rows 4..11 -> 24..31
@@ -66,6 +75,9 @@ from odma_mlu.kvcache.policy import GrowResult, GrowStatus, ReserveRequest
 from odma_mlu.predictor.base import QUANTILES, LengthPrediction
 
 RING_BLOCK_TOKENS = 16
+MAX_TENSOR_BYTES = 2**31
+"""The most bytes one K or V tensor may have (torch_mlu's cap, FACTS.md), on every backend
+alike so the layout does not depend on where it runs."""
 RING_SUFFIX = "#ring"
 Run = tuple[int, int]  # (first slot, length in slots)
 
@@ -93,6 +105,32 @@ class WindowStats:
     """Tokens that left their request's window: overwritten in place, never read again."""
 
 
+def flat_groups_for(num_lanes: int, num_sliding: int, capacity_tokens: int, lane_slot_bytes: int,
+                    max_tensor_bytes: int = MAX_TENSOR_BYTES) -> int:
+    """Lane groups of a flat arena: the fewest ``g`` dividing both ``num_lanes`` (F) and
+    ``num_sliding`` (S) whose tensors of ``F/g * capacity_tokens`` slots of
+    ``lane_slot_bytes`` (K or V of one slot in one layer) stay within ``max_tensor_bytes``."""
+    common = math.gcd(num_lanes, num_sliding)
+    for g in range(1, common + 1):
+        if common % g == 0 and num_lanes // g * capacity_tokens * lane_slot_bytes <= max_tensor_bytes:
+            return g
+    most = max_tensor_bytes // (num_lanes // common * lane_slot_bytes)
+    raise ConfigError(f"kv_capacity_tokens: an arena of {capacity_tokens} slots over {num_lanes} full layers needs K/V "
+                      f"tensors past the {max_tensor_bytes / 2**30:g} GiB cap even in {common} lane groups (the most "
+                      f"that divide {num_lanes} full and {num_sliding} sliding layers); at most {most} slots fit")
+
+
+def arena_flat_groups(model: Any, capacity_tokens: int) -> int:
+    """``KVArena(flat_groups=)`` for a forward model's arena of ``capacity_tokens`` slots: 0
+    (one tensor per layer) without sliding layers, else ``flat_groups_for`` its shapes."""
+    if not getattr(model, "num_sliding_layers", 0):
+        return 0
+    spec = model.spec
+    lane_slot_bytes = spec.num_kv_heads * spec.head_dim * torch.tensor([], dtype=model.dtype).element_size()
+    return flat_groups_for(model.num_full_layers, model.num_sliding_layers, capacity_tokens, lane_slot_bytes,
+                           MAX_TENSOR_BYTES)
+
+
 class RingPool:
     """The rings of ``num_layers`` sliding layers, laid into the flat lanes of ``arena``."""
 
@@ -110,7 +148,10 @@ class RingPool:
             raise ConfigError("a model whose every attention layer slides is not supported for now: rings live in "
                               "the full-attention layers' arena")
         assert num_layers > 0, "a ring pool without sliding layers"
-        assert arena.shape_only or arena.flat, "rings need a flat arena (KVArena(flat=True)): a layer's blocks lie in every lane"
+        assert arena.shape_only or arena.flat, "rings need a flat arena (KVArena(flat_groups=g)): a layer's blocks lie in every lane"
+        groups = max(1, arena.flat_groups)
+        if lanes % groups or num_layers % groups:
+            raise ConfigError(f"{lanes} full and {num_layers} sliding layers do not split into {groups} equal lane groups")
         full = (arena.model.num_kv_heads, arena.model.head_dim)
         sliding = (num_kv_heads if num_kv_heads is not None else full[0], head_dim if head_dim is not None else full[1])
         if sliding != full:
@@ -119,9 +160,11 @@ class RingPool:
         self.arena = arena
         self.num_layers = num_layers
         self.num_lanes = lanes
+        self.num_groups = groups
+        self._group_layers, self._group_lanes = num_layers // groups, lanes // groups
         self.window_tokens = int(window_tokens)
         self._block = max(1, min(block_tokens, self.window_tokens))
-        self._layer_ids = torch.arange(num_layers, dtype=torch.int64)
+        self._layer_in_group = torch.arange(num_layers, dtype=torch.int64) % self._group_layers
         self.policy: Any = None
         """The inner policy that holds the ring requests (``WindowedPolicy`` attaches it)."""
         self._tokens: dict[str, int] = {}
@@ -148,15 +191,19 @@ class RingPool:
         self._block = max(1, min(tokens, self.window_tokens))
 
     @property
-    def k(self) -> torch.Tensor:
-        """The arena's flat K tensor (every lane, lane-major)."""
-        assert self.arena.k_flat is not None, "a shape-only arena has no tensors"
-        return self.arena.k_flat
+    def k(self) -> tuple[torch.Tensor, ...]:
+        """The arena's flat K tensors, one per lane group (lane-major)."""
+        assert self.arena.k_groups, "a shape-only arena has no tensors"
+        return self.arena.k_groups
 
     @property
-    def v(self) -> torch.Tensor:
-        assert self.arena.v_flat is not None, "a shape-only arena has no tensors"
-        return self.arena.v_flat
+    def v(self) -> tuple[torch.Tensor, ...]:
+        assert self.arena.v_groups, "a shape-only arena has no tensors"
+        return self.arena.v_groups
+
+    def group_of(self, layer: int) -> int:
+        """The lane group (flat tensor) sliding layer ``layer``'s blocks lie in."""
+        return layer // self._group_layers
 
     @property
     def capacity_slots(self) -> int:
@@ -181,9 +228,12 @@ class RingPool:
         return -(-blocks * self.num_layers // self.num_lanes) * b
 
     def cell(self, layer: int, block: int) -> tuple[int, int]:
-        """(lane, row-block) of block ``block`` of sliding layer ``layer``."""
-        q = block * self.num_layers + layer
-        return q % self.num_lanes, q // self.num_lanes
+        """(lane, row-block) of block ``block`` of sliding layer ``layer``: the cell
+        ``q = block * S_g + layer % S_g`` of its group's S_g layers over the group's F_g lanes
+        (one group: S and F)."""
+        sg, fg = self._group_layers, self._group_lanes
+        q = block * sg + layer % sg
+        return self.group_of(layer) * fg + q % fg, q // fg
 
     def ring_row(self, layer: int, ring_index: int) -> int:
         """The row (of the ring request's location) of ``ring_index`` of sliding layer ``layer``."""
@@ -191,10 +241,11 @@ class RingPool:
         return self.cell(layer, ring_index // b)[1] * b + ring_index % b
 
     def flat_slots(self, location: KVLocation, ring_index: torch.Tensor) -> torch.Tensor:
-        """int64 [S, n] (CPU): flat slots (lane * capacity + arena slot) of ring indices
-        ``ring_index`` (int64 [n]) in every sliding layer, for a ring at ``location``."""
-        b, s, f = self._block, self.num_layers, self.num_lanes
-        q = (ring_index // b)[None, :] * s + self._layer_ids[:, None]
+        """int64 [S, n] (CPU): flat slots of ring indices ``ring_index`` (int64 [n]) in every
+        sliding layer, for a ring at ``location``: lane (within the layer's group) * capacity
+        + arena slot, an index into the group's flat tensor (``k[group_of(layer)]``)."""
+        b, s, f = self._block, self._group_layers, self._group_lanes
+        q = (ring_index // b)[None, :] * s + self._layer_in_group[:, None]
         rows = (q // f) * b + (ring_index % b)[None, :]
         return (q % f) * self.capacity_slots + location.slot_table()[rows]
 

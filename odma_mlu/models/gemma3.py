@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from odma_mlu.config import ModelSpec
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVArena
-from odma_mlu.kvcache.window import RING_BLOCK_TOKENS, RingPool
+from odma_mlu.kvcache.window import RING_BLOCK_TOKENS, RingPool, arena_flat_groups
 from odma_mlu.models.attention import ForwardBatch, arena_attention
 from odma_mlu.models.layer_types import FULL, SLIDING
 from odma_mlu.models.qwen2 import RotaryCache, _rotate_half, layer_groups
@@ -238,7 +238,7 @@ class Gemma3ForwardModel:
         """An arena for the full-attention layers only."""
         spec = dataclasses.replace(self.spec, num_layers=self.num_full_layers)
         return KVArena(spec, capacity_tokens, device=self.device, dtype=self.dtype,
-                       flat=self.num_sliding_layers > 0)  # rings reach every lane (kvcache/window.py)
+                       flat_groups=arena_flat_groups(self, capacity_tokens))
 
     def new_window_pool(self, arena: KVArena, block_tokens: int = RING_BLOCK_TOKENS) -> RingPool:
         """The rings of the sliding layers, laid into ``arena``'s lanes (odma_mlu/kvcache/window.py)."""

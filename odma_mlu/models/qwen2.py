@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from odma_mlu.config import ModelSpec
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVArena
-from odma_mlu.kvcache.window import RING_BLOCK_TOKENS, RingPool
+from odma_mlu.kvcache.window import RING_BLOCK_TOKENS, RingPool, arena_flat_groups
 from odma_mlu.models.attention import DecodeGroup, ForwardBatch, PrefillPlan, SequenceInput, arena_attention
 from odma_mlu.models.window_attention import RingPlan, ring_attention
 
@@ -158,7 +158,7 @@ class Qwen2ForwardModel:
         """An arena for this model's full-attention layers, on its device and in its dtype."""
         spec = dataclasses.replace(self.spec, num_layers=self.num_full_layers) if self.num_sliding_layers else self.spec
         return KVArena(spec, capacity_tokens, device=self.device, dtype=self.dtype,
-                       flat=self.num_sliding_layers > 0)  # rings reach every lane (kvcache/window.py)
+                       flat_groups=arena_flat_groups(self, capacity_tokens))
 
     def new_window_pool(self, arena: KVArena, block_tokens: int = RING_BLOCK_TOKENS) -> RingPool:
         """The rings of this model's sliding layers, laid into ``arena``'s lanes (odma_mlu/kvcache/window.py)."""

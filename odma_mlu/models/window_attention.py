@@ -2,10 +2,11 @@
 
 A ``RingBatch`` is planned once per step from the same ``SequenceInput``s as the
 ``ForwardBatch`` (same row order) plus each sequence's ring (the ring request's location and
-its ring slots); it holds, for every sliding layer at once, the flat slots (lane * capacity
-+ arena slot) each layer reads and writes: index tensors of shape [S, ...], row ``j`` for
-sliding layer ``j``. A ``RingPlan`` holds the batch and the arena's flat K/V tensors (every
-lane, lane-major). Token ``p`` of a sequence is at ring index ``p % window``; sliding layer
+its ring slots); it holds, for every sliding layer at once, the flat slots (lane within the
+layer's lane group * capacity + arena slot) each layer reads and writes: index tensors of
+shape [S, ...], row ``j`` for sliding layer ``j``. A ``RingPlan`` holds the batch and the
+arena's flat K/V tensors, one per lane group (lane-major); layer ``j`` indexes group
+``RingPool.group_of(j)``'s. Token ``p`` of a sequence is at ring index ``p % window``; sliding layer
 ``j``'s ring index ``i`` is at ``RingPool.flat_slots`` (block ``i // B`` of layer ``j`` is
 cell ``(i // B) S + j``: lane and row-block from it, the row through the location)::
 
@@ -44,9 +45,10 @@ class RingPlan:
     """One step's rings: the ``RingBatch`` and the flat K/V tensors its slots index."""
 
     batch: "RingBatch"
-    k: torch.Tensor
-    """The arena's flat K tensor [F * capacity, kv_heads, head_dim] (``KVArena.k_flat``)."""
-    v: torch.Tensor
+    k: tuple[torch.Tensor, ...]
+    """The arena's flat K tensors, one per lane group [lanes * capacity, kv_heads, head_dim]
+    (``KVArena.k_groups``); sliding layer j's slots index ``k[batch.pool.group_of(j)]``."""
+    v: tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -146,8 +148,9 @@ def ring_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pl
     """Sliding layer ``sliding_layer``: attention of every new token ([T, H, D] queries,
     [T, kv, D] new K/V) over its window, written into ``out`` [T, H, D]; the ring is updated
     in place (the layer's flat slots, in whichever lanes its blocks lie)."""
-    rings, k_flat, v_flat = plan.batch, plan.k, plan.v
-    j = sliding_layer
+    rings, j = plan.batch, sliding_layer
+    group = rings.pool.group_of(j)
+    k_flat, v_flat = plan.k[group], plan.v[group]
     for pre in rings.prefills:
         rows = slice(pre.token_offset, pre.token_offset + pre.num_new_tokens)
         k, v = k_new[rows], v_new[rows]
