@@ -42,7 +42,8 @@ from odma_mlu.config import CacheConfig, ModelSpec
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.factory import make_policy
 from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
-from odma_mlu.kvcache.window import RING_BLOCK_TOKENS, RingPool, WindowedPolicy
+from odma_mlu.kvcache.window import RING_BLOCK_TOKENS, RingPool
+from odma_mlu.kvcache.windowed import WindowedPolicy
 from odma_mlu.models.layer_kinds import LayerKinds
 from odma_mlu.predictor.base import QUANTILES, LengthPrediction
 

@@ -37,7 +37,8 @@ from odma_mlu.engine.step_work import describe_step
 from odma_mlu.errors import ConfigError, RequestRejected
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.factory import make_policy
-from odma_mlu.kvcache.window import RingPool, WindowedPolicy
+from odma_mlu.kvcache.window import RingPool
+from odma_mlu.kvcache.windowed import WindowedPolicy
 from odma_mlu.models.layer_kinds import LayerKinds
 from odma_mlu.predictor.base import LengthPredictor, RequestFeatures
 

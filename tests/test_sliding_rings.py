@@ -17,7 +17,8 @@ from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVArena, KVLocation
 from odma_mlu.kvcache.factory import POLICY_NAMES, make_policy
 from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
-from odma_mlu.kvcache.window import RingPool, WindowedPolicy, flat_groups_for, ring_id
+from odma_mlu.kvcache.window import RingPool, flat_groups_for, ring_id
+from odma_mlu.kvcache.windowed import WindowedPolicy
 from odma_mlu.predictor.base import LengthPrediction
 
 WINDOW = 32

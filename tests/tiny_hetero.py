@@ -113,7 +113,7 @@ def windowed_policy(model: Any, capacity_slots: int, policy: str = "paged", *, b
 
     from odma_mlu.config import CacheConfig
     from odma_mlu.kvcache.factory import make_policy
-    from odma_mlu.kvcache.window import WindowedPolicy
+    from odma_mlu.kvcache.windowed import WindowedPolicy
 
     arena = model.new_arena(capacity_slots)
     if fill is not None:

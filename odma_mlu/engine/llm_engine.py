@@ -39,7 +39,7 @@ from odma_mlu.engine.step_work import StepWork, describe_step
 from odma_mlu.errors import ConfigError, RequestRejected
 from odma_mlu.kvcache.factory import make_policy
 from odma_mlu.kvcache.prefix import PrefixCachingPolicy
-from odma_mlu.kvcache.window import WindowedPolicy
+from odma_mlu.kvcache.windowed import WindowedPolicy
 from odma_mlu.models.attention import ForwardBatch, SequenceInput
 from odma_mlu.models.loader import load_model
 from odma_mlu.predictor.base import LengthPredictor, RequestFeatures
