@@ -307,3 +307,31 @@ def test_all_running_requeued_in_one_step_still_makes_progress() -> None:
     assert p.overflowed_requests == 3
     run_all(s)
     assert all(q.num_generated == 50 for q in qs) and p.reserved_tokens() == 0
+
+
+def test_every_admitted_request_is_predicted_however_many_a_step_admits() -> None:
+    """Predictions are made for the head of the queue in batches of PREDICT_BATCH; a step
+    that admits more than one batch (a burst of short prompts) must predict the next batch
+    before admitting from it, so the policy never sees a request without its prediction."""
+    from odma_mlu.engine.scheduler import PREDICT_BATCH
+    from odma_mlu.predictor.base import RequestFeatures
+    from odma_mlu.predictor.simple import SimplePredictor
+
+    seen: list[bool] = []
+
+    class Recording(PagedPolicy):
+        uses_prediction = True
+
+        def reserve(self, req):  # type: ignore[no-untyped-def]
+            seen.append(req.prediction is not None)
+            return super().reserve(req)
+
+    s = Scheduler(Recording(arena(100_000), page_tokens=16), SchedulerConfig(max_num_batched_tokens=8192),
+                  max_context_tokens=4096, predictor=SimplePredictor())
+    n = 3 * PREDICT_BATCH
+    for i in range(n):
+        q = seq(f"r{i}", 8, 16, 4)
+        q.features = RequestFeatures(8, 16)
+        s.add(q)
+    batch = s.schedule()
+    assert len(batch.prefill) == n and len(seen) == n and all(seen)

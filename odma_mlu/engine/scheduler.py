@@ -31,6 +31,7 @@ again later (in chunks, with chunking on), so output tokens never change.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterable
@@ -209,8 +210,8 @@ class Scheduler:
         # After a preemption memory is tight, except when nothing runs any more (e.g. every
         # S3 request hit its bucket edge in the same step): then admit, or the step is empty.
         if not preempted or not self.running:
-            self._predict_head()
             while self.waiting and len(self.running) < self.config.max_num_seqs and (budget > 0 or not chunked):
+                self._predict_head()  # every admitted request has its prediction, however many a step admits
                 seq = self.waiting[0]
                 # Without chunking one over-budget prompt may join the decodes as the step's
                 # only prefill (a recompute of a long reasoning output exceeds any budget;
@@ -251,7 +252,7 @@ class Scheduler:
         so predictors that learn online use everything finished so far."""
         if self.predictor is None or not self.waiting or self.waiting[0].prediction is not None:
             return
-        todo = [s for s in list(self.waiting)[:PREDICT_BATCH] if s.prediction is None and s.features is not None]
+        todo = [s for s in itertools.islice(self.waiting, PREDICT_BATCH) if s.prediction is None and s.features is not None]
         for s, p in zip(todo, self.predictor.predict_batch([s.features for s in todo])):
             s.prediction = p
 
