@@ -403,3 +403,37 @@ def test_7b_spec_shape_only_arena() -> None:
     assert a.k == [] and a.bytes_per_token == spec.kv_bytes_per_token
     p = StaticPolicy(a)
     assert p.reserve(rr("a", 100, 512)).capacity_tokens == 612
+
+
+class _FlatCopy(_Cost):
+    """Every run read costs 1 s more than its tokens (so one extra run: +1 s a step), and
+    every copy a fixed ``copy`` seconds."""
+
+    def __init__(self, copy: float) -> None:
+        self.copy = copy
+
+    def read_run_s(self, tokens: int) -> float:
+        return 1.0 + tokens * 1e-3
+
+    def copy_s(self, tokens: int) -> float:
+        return self.copy
+
+
+def test_odma_copy_counts_no_more_remaining_steps_than_the_request_has_lived() -> None:
+    """A young request with a large claim: half its remaining claim would make a copy pay,
+    but it has generated only a few tokens, and the copy is priced over that many steps."""
+    cfg = replace(CFG, elastic=True, chunk_tokens=1, safety_fraction=0.0)
+    long_pred = pred([90, 100, 110, 120, 150], 200)  # claim: the whole max_new bucket
+
+    def blocked(copy: float, generated: int) -> str:
+        p = OdmaPolicy(arena(1000), 200, cfg, granule_tokens=1, run_cost=_FlatCopy(copy))
+        p.reserve(rr("a", 8, 200, prediction=long_pred))
+        _fill(p, "a", 9, 8 + generated)
+        end = p.location("a").runs[-1][0] + p.location("a").runs[-1][1]
+        assert p.main.allocate_at(end, 1) is not None  # something takes the slot right after "a"
+        return p.ensure_capacity("a", 9 + generated).how
+
+    # extra read time per step: two runs instead of one, +1 s; half the remaining claim is
+    # ~90 steps, so a copy of 30 s would pay on the claim alone.
+    assert blocked(30.0, generated=10) == "new_run"  # priced over 10 steps: 10 x ~1 s < 30 s
+    assert blocked(30.0, generated=40) == "copied"  # 40 steps: it pays

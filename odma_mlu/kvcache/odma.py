@@ -326,9 +326,13 @@ class OdmaPolicy(KVPolicy):
             return False
         # Without the copy the request goes on with its runs plus a new one for the rest
         # of its claim; with it, one run. The claim covers ``target_coverage`` of requests
-        # like it, so on average about half of the remaining claim is used: that many steps,
-        # each priced at the claim's full length (the largest read the request would make).
-        expected_steps = max(1, (r.claim_tokens - live) // 2)
+        # like it, so on average about half of the remaining claim is used; but the requests
+        # this rule picks are those whose estimate is largest, and for them it ran ~4x what
+        # they had left (qwen2-7b-swa/Alpaca, docs/odma-sensitivity.md). So it is capped by
+        # the request's age, the tokens it has generated: under heavy-tailed lengths a
+        # request is expected to live about as long again as it already has. That many
+        # steps, each priced at the claim's full length (the largest read it would make).
+        expected_steps = max(1, min((r.claim_tokens - live) // 2, live - r.prompt_tokens))
         runs = [e.length * self.unit for _, e in r.runs]
         runs.append(max(1, r.claim_tokens - sum(runs)))
         extra_s = sum(cost.read_run_s(n) for n in runs) - cost.read_run_s(sum(runs))
