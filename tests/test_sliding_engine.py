@@ -44,24 +44,26 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                               pattern=3, seed=6)}
 
 
-@pytest.fixture(scope="module")
-def references(folders: dict[str, Path]) -> dict[str, list[list[int]]]:
+def _hf_greedy(folder: Path) -> list[list[int]]:
+    """transformers' greedy continuation of every prompt, MAX_NEW tokens each (no EOS stop)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = {}
-    for fam, folder in folders.items():
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
-        refs = []
-        for p in PROMPTS:
-            ids = tok.encode(p, add_special_tokens=False)
-            with torch.no_grad():
-                gen = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                  max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)
-            refs.append(gen[0, len(ids):].tolist())
-        out[fam] = refs
-    return out
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    refs = []
+    for p in PROMPTS:
+        ids = tok.encode(p, add_special_tokens=False)
+        with torch.no_grad():
+            gen = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        refs.append(gen[0, len(ids):].tolist())
+    return refs
+
+
+@pytest.fixture(scope="module")
+def references(folders: dict[str, Path]) -> dict[str, list[list[int]]]:
+    return {fam: _hf_greedy(folder) for fam, folder in folders.items()}
 
 
 def _engine(folder: Path, policy: str, capacity: int, max_num_seqs: int = 64) -> LLMEngine:
@@ -219,19 +221,7 @@ def grouped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[i
     """Gemma-3 with 4 sliding over 2 full layers (6 layers, every third global): gcd 2, so the
     flat arena can be two lane groups of 1 full + 2 sliding layers each."""
     folder = make_tiny_gemma3(tmp_path_factory.mktemp("g3g_e"), window=WINDOW, num_layers=6, pattern=3, seed=7)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
-    refs = []
-    for p in PROMPTS:
-        ids = tok.encode(p, add_special_tokens=False)
-        with torch.no_grad():
-            gen = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                              max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
-        refs.append(gen[0, len(ids):].tolist())
-    return folder, refs
+    return folder, _hf_greedy(folder)
 
 
 @pytest.mark.parametrize("policy,capacity", [(p, 2048) for p in POLICY_NAMES] + [("odma", 60), ("paged", 80)])
