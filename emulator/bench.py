@@ -28,7 +28,8 @@ from odma_mlu.predictor.base import LengthPredictor
 TABLE_COLUMNS = (("policy", "{}"), ("completed", "{:>9}"), ("lost", "{:>4}"), ("tps", "{:>8.1f}"),
                  ("rps", "{:>6.2f}"), ("kv_utilization", "{:>14.3f}"), ("reservation_efficiency", "{:>22.3f}"),
                  ("overflow_rate", "{:>13.3f}"), ("preemptions", "{:>11}"), ("runs_per_request", "{:>16.3f}"),
-                 ("copied_kv_fraction", "{:>18.4f}"), ("makespan_s", "{:>10.1f}"))
+                 ("copied_kv_fraction", "{:>18.4f}"), ("max_concurrent", "{:>14}"),
+                 ("held_per_request_mib", "{:>20.1f}"), ("makespan_s", "{:>10.1f}"))
 ONLINE_COLUMNS = (("ttft_p50_s", "{:>10.3f}"), ("ttft_p99_s", "{:>10.3f}"), ("tpot_p50_s", "{:>10.4f}"),
                   ("tpot_p99_s", "{:>10.4f}"))
 
@@ -90,6 +91,7 @@ def format_table(results: Sequence[ReplayResult], online: bool) -> str:
     rows: list[list[str]] = []
     for r in results:
         m = r.metrics()
+        m["held_per_request_mib"] = r.held_per_request_bytes / 2**20
         row = []
         for name, fmt in cols:
             v = m.get(name)

@@ -85,6 +85,10 @@ class ReplayResult:
     """Mean runs per decode read."""
     num_steps: int
     capacity_tokens: int
+    max_concurrent: int = 0
+    """Most requests running in one step."""
+    held_per_request_bytes: float = 0.0
+    """KV memory held (reserved) per running request, mean over steps."""
     ttft_p50_s: float | None = None
     ttft_p99_s: float | None = None
     tpot_p50_s: float | None = None
@@ -213,6 +217,9 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
     kv_read_bytes = 0
     num_reads = 0
     num_read_runs = 0
+    max_running = 0
+    held_per_request_sum = 0.0
+    kv_bytes_per_token = model.kv_bytes_per_token
 
     def admit_arrivals() -> None:
         nonlocal next_arrival, rejected
@@ -237,6 +244,8 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
             # Nothing can run: only possible if a single request exceeds every region.
             raise AssertionError(f"{policy_name}: scheduler made no progress with {len(scheduler.waiting)} waiting")
         work = describe_step(batch, policy)
+        max_running = max(max_running, len(scheduler.running))
+        held_per_request_sum += kv.reserved_tokens() * kv_bytes_per_token / len(scheduler.running)
         step = cost.step_time(work)
         now_s += step.time_s
         steps += 1
@@ -294,7 +303,8 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         overflow_rate=policy.overflowed_requests / max(1, len(done)), preemptions=scheduler.num_preemptions,
         migrated_bytes=arena.moved_bytes, kv_read_bytes=kv_read_bytes,
         runs_per_request=num_read_runs / num_reads if num_reads else 1.0, num_steps=steps,
-        capacity_tokens=capacity_tokens, extents_free_after=policy.reserved_tokens() == 0 and policy.num_live() == 0,
+        capacity_tokens=capacity_tokens, max_concurrent=max_running,
+        held_per_request_bytes=held_per_request_sum / steps if steps else 0.0, extents_free_after=policy.reserved_tokens() == 0 and policy.num_live() == 0,
         bucket_edges_tokens=stats.bucket_edges_tokens,
         timeline_s=tuple(tl_t[i] for i in keep), timeline_live_tokens=tuple(tl_live[i] for i in keep),
         timeline_reserved_tokens=tuple(tl_res[i] for i in keep), **result_kwargs,  # type: ignore[arg-type]

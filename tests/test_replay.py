@@ -77,6 +77,9 @@ def check_result(r: ReplayResult, n: int) -> None:
     assert 0 < r.kv_utilization <= 1 and 0 < r.kv_utilization_all <= 1
     assert 0 < r.reservation_efficiency <= 1
     assert 0 <= r.overflow_rate <= 1
+    assert 1 <= r.max_concurrent <= n
+    # held per running request: a mean over steps of held / running, never past the whole budget
+    assert 0 < r.held_per_request_bytes <= r.capacity_tokens * MODEL.kv_bytes_per_token
 
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)

@@ -52,6 +52,9 @@ def test_windows_change_memory_and_prices() -> None:
     assert windowed.kv_read_bytes / windowed.generated_tokens < 0.7 * all_full.kv_read_bytes / all_full.generated_tokens
     assert windowed.tps > all_full.tps
     assert windowed.preemptions <= all_full.preemptions
+    # sliding layers keep at most the window: less held per request, more requests at once
+    assert windowed.held_per_request_bytes < 0.8 * all_full.held_per_request_bytes
+    assert windowed.max_concurrent > all_full.max_concurrent
 
 
 def test_bench_cli_names_the_layer_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
