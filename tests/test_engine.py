@@ -8,13 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from odma_mlu.config import CacheConfig, OdmaConfig, SchedulerConfig
 from odma_mlu.engine.llm_engine import LLMEngine
 from odma_mlu.engine.sampler import SamplingParams
 from odma_mlu.errors import RequestRejected
 from odma_mlu.predictor.base import LengthPrediction, LengthPredictor, RequestFeatures
+from hf_reference import encode, hf_greedy
 
 PROMPTS = [
     "the cache model serve request",
@@ -41,20 +41,7 @@ class ConstantPredictor(LengthPredictor):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: Path) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
-    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True, dtype=torch.float32)
-    hf.eval()
-    out = []
-    for p in PROMPTS:
-        ids = tok.encode(p, add_special_tokens=False)
-        with torch.no_grad():
-            gen = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                              max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
-        out.append(gen[0, len(ids):].tolist())
-    return out
+    return hf_greedy(tiny_model_dir, encode(tiny_model_dir, PROMPTS), MAX_NEW)
 
 
 def _engine(model_dir: Path, policy: str, capacity: int, predictor: LengthPredictor | None = None,

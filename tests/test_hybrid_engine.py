@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from odma_mlu.config import CacheConfig, SchedulerConfig
 from odma_mlu.engine.llm_engine import LLMEngine
@@ -19,6 +18,7 @@ from odma_mlu.kvcache.factory import POLICY_NAMES, make_policy
 from odma_mlu.kvcache.policy import ReserveRequest
 from odma_mlu.models.loader import load_model
 from odma_mlu.predictor.base import LengthPrediction, LengthPredictor, RequestFeatures
+from hf_reference import hf_greedy
 from tiny_hybrid import make_tiny_bamba
 
 PROMPTS = [
@@ -47,17 +47,7 @@ def bamba_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(bamba_dir: Path) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(bamba_dir, local_files_only=True, dtype=torch.float32).eval()
-    out = []
-    for p in PROMPTS:
-        with torch.no_grad():
-            gen = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)
-        out.append(gen[0, len(p):].tolist())
-    return out
+    return hf_greedy(bamba_dir, PROMPTS, MAX_NEW)
 
 
 def _engine(model_dir: Path, policy: str, capacity: int) -> LLMEngine:
@@ -101,15 +91,8 @@ def test_greedy_matches_under_preemption_and_migration(bamba_dir: Path, referenc
 def test_state_pool_moves_capacity_back_to_kv(bamba_dir: Path, reference: list[list[int]]) -> None:
     """Short requests grow the state pool (KV -> states); a long one then needs that KV
     back: free slots are compacted away and loans repaid (states -> KV); tokens stay equal."""
-    from transformers import AutoModelForCausalLM
-
     long_prompt = list(range(100, 160))
-    hf = AutoModelForCausalLM.from_pretrained(bamba_dir, local_files_only=True, dtype=torch.float32).eval()
-    with torch.no_grad():
-        gen = hf.generate(torch.tensor([long_prompt]), attention_mask=torch.ones(1, 60, dtype=torch.long),
-                          max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
-    want_long = gen[0, 60:].tolist()
+    (want_long,) = hf_greedy(bamba_dir, [long_prompt], MAX_NEW)
     eng = _engine(bamba_dir, "paged", capacity=160)  # two slots' loans (2 x 48) + the long request's 80
     short = SamplingParams(max_new_tokens=2, ignore_eos=True)
     outs = eng.generate(PROMPTS[1:] + [long_prompt], [short] * 4 + [SamplingParams(max_new_tokens=MAX_NEW,

@@ -19,6 +19,7 @@ from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.factory import make_policy
 from odma_mlu.kvcache.policy import ReserveRequest
 from odma_mlu.kvcache.prefix import PrefixCachingPolicy
+from hf_reference import hf_greedy
 from test_engine import ConstantPredictor
 
 POLICIES = ["static", "s3", "odma", "paged", "exact", "ideal"]
@@ -33,18 +34,7 @@ TINY = ModelSpec(name="tiny", hidden_size=32, num_layers=2, num_heads=4, num_kv_
 
 @pytest.fixture(scope="module")
 def hf_reference(tiny_model_dir: Path) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True, dtype=torch.float32)
-    hf.eval()
-    out = []
-    for ids in PROMPTS:
-        with torch.no_grad():
-            gen = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                              max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
-        out.append(gen[0, len(ids):].tolist())
-    return out
+    return hf_greedy(tiny_model_dir, PROMPTS, MAX_NEW)
 
 
 def _engine(model_dir: Path, policy: str, capacity: int, chunked: bool, max_num_seqs: int = 64) -> LLMEngine:

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from odma_mlu.config import SchedulerConfig
 from odma_mlu.engine.llm_engine import LLMEngine
 from odma_mlu.engine.sampler import SamplingParams
 from odma_mlu.kvcache.factory import POLICY_NAMES
+from hf_reference import encode, hf_greedy
 from tiny_hetero import make_tiny_gemma3, make_tiny_qwen2_sliding
 
 PROMPTS = [
@@ -46,19 +46,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _hf_greedy(folder: Path) -> list[list[int]]:
     """transformers' greedy continuation of every prompt, MAX_NEW tokens each (no EOS stop)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
-    refs = []
-    for p in PROMPTS:
-        ids = tok.encode(p, add_special_tokens=False)
-        with torch.no_grad():
-            gen = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                              max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
-        refs.append(gen[0, len(ids):].tolist())
-    return refs
+    return hf_greedy(folder, encode(folder, PROMPTS), MAX_NEW)
 
 
 @pytest.fixture(scope="module")

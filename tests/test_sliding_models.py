@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from odma_mlu.models.loader import load_model
+from hf_reference import hf_greedy, load_hf
 from tiny_hetero import greedy_generate_rings, make_tiny_gemma3, make_tiny_qwen2_sliding, windowed_policy
 
 PROMPTS = [
@@ -44,22 +45,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _hf(folder: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
-
-
 def _reference(folder: Path, prompts: list[list[int]], max_new: int = MAX_NEW) -> list[list[int]]:
-    hf = _hf(folder)
-    out = []
-    for ids in prompts:
-        with torch.no_grad():
-            gen = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                              max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
-        out.append(gen[0, len(ids):].tolist())
-    return out
+    return hf_greedy(folder, prompts, max_new)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +104,7 @@ def test_prefill_logits_match_transformers(loaded, folders, family: str) -> None
     from odma_mlu.models.attention import ForwardBatch, SequenceInput
 
     model, ids, _ = loaded[family]
-    hf = _hf(folders[family])
+    hf = load_hf(folders[family])
     arena, windowed = _setup(model)
     prompt = ids[3]
     assert windowed.reserve(ReserveRequest("p", len(prompt), MAX_NEW, len(prompt))) is not None
