@@ -293,6 +293,30 @@ def test_odma_copies_into_one_run_only_when_the_cost_model_says_it_pays() -> Non
     p.check_integrity()
 
 
+def test_odma_copies_only_into_a_hole_that_holds_the_whole_claim() -> None:
+    """Blocked growth where the copy would pay, but the only hole (45 slots, of which b's
+    room takes 15) cannot hold the raised claim (40) next to that room: the moved run would
+    be lent room and split again, so the request takes a new run instead of a copy. One
+    slot more of arena and the claim fits: then it copies."""
+    cfg = replace(CFG, elastic=True, chunk_tokens=1, safety_fraction=0.0)
+
+    def grow(cap: int) -> tuple[str, tuple[tuple[int, int], ...]]:
+        p = OdmaPolicy(arena(cap, real=True), 64, cfg, granule_tokens=1, run_cost=_Cost())
+        p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64)))  # [0, 9), room to 24
+        p.reserve(rr("b", 8, 64, prediction=pred(CERTAIN, 64)))  # [24, 33), room to 48
+        _fill(p, "a", 9, 24)
+        res = p.ensure_capacity("a", 25)
+        assert res.status == GrowStatus.OK
+        assert (res.copied_tokens > 0) == (p.copies == 1) == (res.how == "copied")
+        p.check_integrity()
+        return res.how, p.location("a").runs
+
+    how, runs = grow(78)
+    assert how == "new_run" and runs[0] == (0, 24)
+    how, runs = grow(88)  # the hole after b's room holds 40
+    assert how == "copied" and runs == ((48, 25),)
+
+
 def test_odma_never_copies_a_request_read_per_block() -> None:
     """The same blocked growth as above, for a request whose KV is read in blocks apart (a
     sliding-window ring): one run would read no faster, so it takes a new run, no copy."""
