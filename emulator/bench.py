@@ -36,7 +36,7 @@ ONLINE_COLUMNS = (("ttft_p50_s", "{:>10.3f}"), ("ttft_p99_s", "{:>10.3f}"), ("tp
 
 def parse_policies(text: str, sliding: bool = False) -> list[str]:
     """``--policies``; ``sliding``: the model has sliding-window layers, so the paged
-    baselines for such models (``jenga``, ``vllm_hybrid``) are accepted too."""
+    baselines for such models (``HETERO_BASELINES``) are accepted too."""
     allowed = POLICY_NAMES + (HETERO_BASELINES if sliding else ())
     names = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in names if p not in allowed]

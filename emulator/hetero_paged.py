@@ -1,9 +1,19 @@
-"""Paged baselines for heterogeneous (full + sliding-window) models, shape only.
+"""Paged baselines for models with full and sliding-window layers, shape only, behind the
+``HeteroMemory`` interface (emulator/hetero_memory.py); ``odma-mlu bench`` runs them as KV
+policies (emulator/hetero_policy.py). ``F`` full layers, ``S`` sliding layers of window
+``W``, ``b`` bytes of K+V per token per layer::
 
-``JengaLCM``: Jenga's two-level allocator (SOSP 2025). ``VllmHybrid``: vLLM's hybrid KV
-manager (one block size, layer groups padded to a common size), and with ``uniform=True``
-vLLM before it (every layer keeps every token). See emulator/hetero_memory.py for the
-comparison and the replay interface.
+    jenga         ``JengaLCM``, Jenga's two-level allocator (SOSP 2025): large pages of
+                  LCM(16 F b, 16 S b) bytes, carved into per-group small pages of 16 tokens;
+                  a request's small pages go to a large page it already uses when possible
+                  (request-aware); a large page returns to the pool when all its small pages
+                  are free; pages that left the window are freed (per-group eviction).
+    vllm_hybrid   ``VllmHybrid``, vLLM's hybrid manager: one block size; layers split into
+                  groups of g = min(F, S) layers (the last group of a type padded to g); every
+                  group takes blocks of 16 tokens x g layers from one pool; sliding groups
+                  free blocks that left the window.
+    vllm_uniform  ``VllmHybrid(uniform=True)``, vLLM before the hybrid manager (Jenga's
+                  baseline): every layer keeps every token in 16-token blocks.
 """
 
 from __future__ import annotations

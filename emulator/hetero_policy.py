@@ -1,8 +1,9 @@
-"""The paged baselines for models with sliding-window layers (Jenga's LCM allocator, vLLM's
-hybrid manager: emulator/hetero_paged.py) as KV policies the engine's ``Scheduler`` drives,
-so ``odma-mlu bench --model gemma-3-12b --policies odma,paged,jenga,vllm_hybrid`` compares
-them with the engine's own layout under one scheduler, one admission rule and the one
-step-cost function::
+"""The paged baselines for models with sliding-window layers (emulator/hetero_paged.py:
+Jenga's LCM allocator, vLLM's hybrid manager, vLLM uniform) as KV policies the engine's
+``Scheduler`` drives, so ``odma-mlu bench --model gemma-3-12b --policies
+odma,paged,jenga,vllm_hybrid,vllm_uniform`` (and tools/bench_hetero.py, over both shapes and
+traces) compares them with the engine's own layout under one scheduler, one admission rule
+and the one step-cost function::
 
     Scheduler.reserve / ensure_capacity / release   ->  HeteroSchemePolicy  ->  scheme.admit / grow / release
     describe_step: read_runs (full layers), rings.read_runs (sliding layers), arena.take_issued_copies
@@ -20,22 +21,18 @@ from odma_mlu.config import CacheConfig
 from odma_mlu.kvcache.arena import KVLocation
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus, PolicyStats, ReserveRequest
 
-HETERO_BASELINES: tuple[str, ...] = ("jenga", "vllm_hybrid")
+HETERO_BASELINES: tuple[str, ...] = ("jenga", "vllm_hybrid", "vllm_uniform")
 """Policy names only models with sliding-window layers accept (``odma-mlu bench --policies``)."""
 
 
-class _SchemeCopies:
-    """What ``describe_step`` drains from a policy's arena: the copies issued (none here:
-    the paged schemes never move KV), and the bytes moved for ``migrated_bytes``."""
+class _NoCopies:
+    """What ``describe_step`` drains from a policy's arena: the copies issued and the bytes
+    moved (``migrated_bytes``); none here, the paged schemes never move KV."""
 
-    def __init__(self, scheme: HeteroMemory) -> None:
-        self.scheme = scheme
-        self.moved_bytes = 0
+    moved_bytes = 0
 
     def take_issued_copies(self) -> tuple[int, ...]:
-        out = tuple(self.scheme.pending_copy_tokens)
-        self.scheme.pending_copy_tokens.clear()
-        return out
+        return ()
 
 
 class _SchemeRings:
@@ -63,7 +60,7 @@ class HeteroSchemePolicy:
         self.name = scheme.name
         self.bytes_per_token = scheme.shape.spec.kv_bytes_per_token
         self.capacity_tokens = scheme.budget_bytes // self.bytes_per_token
-        self.arena = _SchemeCopies(scheme)
+        self.arena = _NoCopies()
         self.rings = _SchemeRings(scheme)
         self.overflowed_requests = 0
 
@@ -97,9 +94,6 @@ class HeteroSchemePolicy:
     def reserved_tokens(self) -> int:
         return self.scheme.held_bytes() // self.bytes_per_token
 
-    def live_tokens(self) -> int:
-        return self.scheme.live_bytes() // self.bytes_per_token
-
     def max_request_tokens(self) -> int:
         """A request that holds every page of the budget in the full layers and its window in
         the sliding ones (a bound: page rounding is the scheme's)."""
@@ -119,9 +113,10 @@ class HeteroSchemePolicy:
 
 def make_hetero_baseline(name: str, shape: HeteroShape, budget_bytes: int,
                          cache: CacheConfig = CacheConfig()) -> HeteroSchemePolicy:
-    """``jenga`` or ``vllm_hybrid`` over ``budget_bytes``, with the common watermark."""
+    """One of ``HETERO_BASELINES`` over ``budget_bytes``, with the common watermark."""
+    wm = cache.watermark_fraction
     if name == "jenga":
-        return HeteroSchemePolicy(JengaLCM(shape, budget_bytes, cache.watermark_fraction))
-    if name == "vllm_hybrid":
-        return HeteroSchemePolicy(VllmHybrid(shape, budget_bytes, cache.watermark_fraction))
+        return HeteroSchemePolicy(JengaLCM(shape, budget_bytes, wm))
+    if name in ("vllm_hybrid", "vllm_uniform"):
+        return HeteroSchemePolicy(VllmHybrid(shape, budget_bytes, wm, uniform=name == "vllm_uniform"))
     raise ValueError(f"unknown baseline {name!r}; choose from {HETERO_BASELINES}")

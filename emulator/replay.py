@@ -11,11 +11,11 @@ A model with sliding-window layers (``layers`` with ``num_sliding``) is replayed
 engine's layout (``LLMEngine``): the whole budget as an arena of full-layer slots under the
 named policy, each request's ring a second request of that policy laid into the arena's
 lanes (``RingPool``, ``WindowedPolicy``: odma_mlu/kvcache/window.py); every step is priced
-with the layer kinds. There the policies ``jenga``
-and ``vllm_hybrid`` (emulator/hetero_policy.py) run the paged baselines over the same byte
-budget under the same scheduler. Token counts (capacity,
-live, reserved) are then in tokens of *every* layer's K/V, so ``kv_utilization`` is the
-share of the byte budget that live K/V fills, as for a full-attention model.
+with the layer kinds. There the policies ``jenga``, ``vllm_hybrid`` and ``vllm_uniform``
+(emulator/hetero_policy.py) run the paged baselines over the same byte budget under the
+same scheduler. Token counts (capacity, live, reserved) are then in tokens of *every*
+layer's K/V, so ``kv_utilization`` is the share of the byte budget that live K/V fills, as
+for a full-attention model.
 """
 
 from __future__ import annotations

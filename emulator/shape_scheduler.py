@@ -1,9 +1,8 @@
-"""The two scheduling loops of the shape-only replays (emulator/hetero_replay.py,
-emulator/hybrid_replay.py), in one place.
+"""The scheduling loop of the shape-only hybrid (SSM + attention) replay, emulator/hybrid_replay.py.
 
-These replays price memory schemes that are not ``KVPolicy`` objects (per-layer-kind pools,
-rings, state pools), so they do not run ``odma_mlu.engine.scheduler.Scheduler``; they run
-its rules on shape-only sequences, here, once:
+That replay prices memory schemes that are not ``KVPolicy`` objects (per-layer-kind pools,
+state pools), so it does not run ``odma_mlu.engine.scheduler.Scheduler``; it runs its
+rules on shape-only sequences, here:
 
     1. running (oldest first): make room for the tokens this step writes; on failure
        preempt the newest running request (recompute), or this one when it is the last

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trace", default=None, help="trace name or path (default: the bundled sample)")
     b.add_argument("--policies", default=None,
                    help="comma-separated subset of " + ",".join(POLICIES) + " (default: all; with a sliding-window "
-                        "model also the baselines jenga,vllm_hybrid)")
+                        "model also the baselines jenga,vllm_hybrid,vllm_uniform)")
     b.add_argument("--kv-gib", type=_float_in(0, 1e6, lo_open=True), default=None, help="KV capacity in GiB (default: from the profile)")
     b.add_argument("--max-requests", type=_int_in(1), default=None)
     b.add_argument("--mode", choices=("offline", "online"), default="offline")

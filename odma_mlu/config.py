@@ -22,7 +22,7 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 BUILTIN_MODEL_SHAPES: dict[str, str] = {
     "deepseek-r1-distill-qwen-7b": "deepseek-r1-distill-qwen-7b.json",
-    "gemma-3-12b": "gemma-3-12b.json",  # 40 sliding (1024) + 8 full layers; emulator/hetero_replay.py
+    "gemma-3-12b": "gemma-3-12b.json",  # 40 sliding (1024) + 8 full layers; tools/bench_hetero.py
     "qwen2-7b-swa": "qwen2-7b-swa.json",  # 20 sliding (1024) + 8 full layers
 }
 DEFAULT_MODEL = "deepseek-r1-distill-qwen-7b"

@@ -1,9 +1,10 @@
-"""KV memory schemes for models with sliding-window layers on an emulated device: ODMA with
-rings, Jenga's LCM allocator, vLLM's hybrid manager, vLLM uniform. Prints a table, writes JSON.
+"""KV policies on models with sliding-window layers: for each shape x trace, ``odma-mlu bench``'s
+replay (emulator/bench.py ``run_bench``: the engine's scheduler, ODMA in the engine's ring
+layout, the paged baselines jenga / vllm_hybrid / vllm_uniform as KV policies). Prints one
+table per pair and writes every row, tagged with model and trace, to one JSON.
 
-    .venv/bin/python tools/bench_hetero.py                          # both shapes, both traces, MLU370-X4
+    .venv/bin/python tools/bench_hetero.py                    # both shapes, both traces, MLU370-X4
     .venv/bin/python tools/bench_hetero.py --max-requests 300 --models gemma-3-12b
-    .venv/bin/python tools/bench_hetero.py --schemes odma_engine_rings --ring-block-tokens 8
 
 Results and reading: docs/hetero.md.
 """
@@ -14,78 +15,115 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from emulator.hetero_replay import (ALPACA, SHAREGPT_DEV, StalledScheme, alpaca_trace,  # noqa: E402
-                                    cache_budget_bytes, format_table, load_shape, replay, schemes, sharegpt_trace,
-                                    step_cost)
-from emulator.profile import load_profile  # noqa: E402
-from odma_mlu.kvcache.window import RING_BLOCK_TOKENS  # noqa: E402
+from emulator.bench import format_table, parse_policies, run_bench  # noqa: E402
+from emulator.profile import DeviceProfile, load_profile  # noqa: E402
+from emulator.replay import kv_capacity_tokens  # noqa: E402
+from emulator.traces import load_trace  # noqa: E402
+from odma_mlu.config import CacheConfig, ModelSpec, load_model_spec  # noqa: E402
+from odma_mlu.errors import ConfigError, OdmaError  # noqa: E402
+from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds  # noqa: E402
+
+NO_ROOM_KV_GIB = 6.0
+"""KV budget where the weights leave none on the profile (Gemma-3-12B on a 24 GB card)."""
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse: "invalid int value: 'x'"
+    return parse
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def kv_gib_for(profile: DeviceProfile, model: ModelSpec, kv_gib: float | None) -> float | None:
+    """``kv_gib``, else None (the profile's capacity, as ``run_bench`` computes it), else
+    ``NO_ROOM_KV_GIB`` where the weights leave no room for KV."""
+    if kv_gib is not None:
+        return kv_gib
+    try:
+        kv_capacity_tokens(profile, model, CacheConfig())
+    except ConfigError:
+        return NO_ROOM_KV_GIB
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--profile", default="mlu370-x4")
+    ap.add_argument("--profile", default="mlu370-x4", help="device profile name or YAML path")
     ap.add_argument("--models", default="gemma-3-12b,qwen2-7b-swa", help="comma-separated shapes with sliding layers")
-    ap.add_argument("--sharegpt", type=Path, default=SHAREGPT_DEV)
-    ap.add_argument("--alpaca", type=Path, default=ALPACA)
-    ap.add_argument("--max-requests", type=int, default=1000)
-    ap.add_argument("--max-new-tokens", type=int, default=2048)
-    ap.add_argument("--kv-gib", type=float, default=None,
-                    help="KV budget for every scheme; default: 90%% of device memory minus the weights, "
-                         "or 6 GiB where the weights alone exceed that (Gemma-3-12B on a 24 GB card)")
-    ap.add_argument("--schemes", default="", help="comma-separated scheme labels to replay (default: all)")
-    ap.add_argument("--ring-block-tokens", type=int, default=RING_BLOCK_TOKENS,
-                    help="B, ring slots per block of the engine's ring layout (odma_engine_rings)")
+    ap.add_argument("--traces", default="sharegpt-dev,alpaca-vicuna", help="comma-separated trace names or paths")
+    ap.add_argument("--policies", default="odma,paged,jenga,vllm_hybrid,vllm_uniform",
+                    help="comma-separated KV policies (odma-mlu bench's, with the sliding-window baselines)")
+    ap.add_argument("--max-requests", type=_positive(int), default=1000, help="first N requests of each trace")
+    ap.add_argument("--max-new-tokens", type=_positive(int), default=2048)
+    ap.add_argument("--kv-gib", type=_positive(float), default=None,
+                    help="KV budget for every policy; default: the profile's capacity minus the weights, "
+                         f"or {NO_ROOM_KV_GIB:g} GiB where the weights leave none (Gemma-3-12B on a 24 GB card)")
     ap.add_argument("--json", type=Path, default=Path("out/bench_hetero.json"))
+    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    wanted = [s.strip() for s in args.schemes.split(",") if s.strip()]
-    if args.ring_block_tokens <= 0:
-        ap.error(f"--ring-block-tokens must be >= 1, got {args.ring_block_tokens}")
-    profile = load_profile(args.profile)
-    traces = {"sharegpt": sharegpt_trace(args.sharegpt, args.max_requests),
-              "alpaca": alpaca_trace(args.alpaca, args.max_requests)}
+
+    # Every flag is checked before the first replay.
+    try:
+        policies = parse_policies(args.policies, sliding=True)
+    except ConfigError as e:
+        ap.error(str(e))
+    try:
+        profile = load_profile(args.profile)
+    except OdmaError as e:
+        ap.error(f"--profile: {e}")
+    models: list[tuple[ModelSpec, LayerKinds]] = []
+    for name in _names(args.models):
+        try:
+            layers = load_layer_kinds(name)
+        except OdmaError as e:
+            ap.error(f"--models: {e}")
+        if layers.ssm is not None:
+            ap.error(f"--models: {name} is a hybrid (SSM) shape; tools/bench_hybrid.py benchmarks it")
+        if layers.num_sliding == 0:
+            ap.error(f"--models: {name} has no sliding-window layers; odma-mlu bench --model {name} covers it")
+        models.append((load_model_spec(name), layers))
+    traces = []
+    for name in _names(args.traces):
+        try:
+            traces.append(load_trace(name, max_requests=args.max_requests, max_new_tokens=args.max_new_tokens))
+        except OdmaError as e:
+            ap.error(f"--traces: {e}")
+    if not models or not traces:
+        ap.error("--models and --traces each need at least one name")
+
     t0 = time.perf_counter()
-    results = []
-    stalled: list[str] = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        shape = load_shape(name)
-        if args.kv_gib is not None:
-            budget = int(args.kv_gib * 2**30)
-        else:
-            try:
-                budget = cache_budget_bytes(profile, shape)
-            except ValueError:
-                budget = 6 * 2**30
-        cost = step_cost(profile, shape)
-        for trace_name, trace in traces.items():
-            compared = schemes(shape, budget, profile, args.max_new_tokens, trace,
-                               ring_block_tokens=args.ring_block_tokens)
-            unknown = sorted(set(wanted) - set(compared))
-            if unknown:
-                ap.error(f"--schemes: unknown {', '.join(unknown)} (known: {', '.join(compared)})")
-            for label, make in compared.items():
-                if wanted and label not in wanted:
-                    continue
-                try:
-                    r = replay(trace, make(), cost, trace_name, args.max_new_tokens)
-                except StalledScheme as e:
-                    stalled.append(f"{name} {trace_name} {label}: {e}")
-                    print(f"  {name} {trace_name} {label}: STALLED ({e})", file=sys.stderr)
-                    continue
-                results.append(r)
-                print(f"  {name} {trace_name} {r.scheme}: {r.tps:.1f} tok/s", file=sys.stderr)
-    print(format_table(results))
-    for line in stalled:
-        print(f"stalled (no result): {line}")
+    rows: list[dict[str, object]] = []
+    lost = False
+    for model, layers in models:
+        kv_gib = kv_gib_for(profile, model, args.kv_gib)
+        for trace in traces:
+            results = run_bench(trace, policies, model, profile, kv_gib=kv_gib, max_new_tokens=args.max_new_tokens,
+                                progress=not args.no_progress, layers=layers)
+            capacity_gib = results[0].capacity_tokens * model.kv_bytes_per_token / 2**30
+            print(f"\n{model.name} | {trace.name}: {len(trace.requests)} requests | {profile.name}, "
+                  f"KV {capacity_gib:.2f} GiB")
+            print(format_table(results, online=False))
+            rows.extend({"model": model.name, "trace": trace.name, **r.metrics()} for r in results)
+            lost = lost or any(r.lost for r in results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"profile": profile.name, "max_new_tokens": args.max_new_tokens,
-                                     "results": [asdict(r) for r in results], "stalled": stalled}, indent=1))
-    print(f"wrote {args.json} ({time.perf_counter() - t0:.1f} s)")
-    return 0
+                                     "results": rows}, indent=1))
+    print(f"\nwrote {args.json} ({time.perf_counter() - t0:.1f} s)")
+    if lost:
+        print("WARNING: requests were lost: this is a bug", file=sys.stderr)
+    return 1 if lost else 0
 
 
 if __name__ == "__main__":
