@@ -4,14 +4,18 @@ schemes (emulator/hybrid_policy.py), each step priced with the hybrid's layer ki
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from emulator.bench import parse_policies
 from emulator.hybrid_policy import HYBRID_BASELINES
-from emulator.hybrid_traces import drifting_trace
+from emulator.hybrid_traces import SHAREGPT_DEV, drifting_trace
 from emulator.profile import load_profile
 from emulator.replay import ReplayResult, kv_capacity_tokens, replay
 from emulator.traces import Trace, TraceRequest
@@ -132,3 +136,42 @@ def test_drifting_trace_carries_history_in_its_second_half() -> None:
     want = reqs[5].prompt_tokens + sum(r.prompt_tokens + r.output_tokens for r in reqs[3:5])
     assert out[5].prompt_tokens == min(200, want) and out[5].output_tokens == reqs[5].output_tokens
     assert max(r.prompt_tokens for r in out) == 200
+
+
+def _bench_hybrid() -> ModuleType:
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_hybrid.py"
+    spec = importlib.util.spec_from_file_location("bench_hybrid", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--policies", "odma,jenga"], "--policies: unknown ['jenga'] (jenga: only for models with sliding-window"),
+    (["--max-requests", "0"], "argument --max-requests: must be > 0, got 0"),
+    (["--models", "qwen2-7b-swa"], "--models: qwen2-7b-swa has no SSM layers"),
+])
+def test_bench_hybrid_rejects_bad_flags(argv: list[str], message: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b.json"
+    with pytest.raises(SystemExit) as exc:
+        _bench_hybrid().main(argv + ["--json", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert ": error: " + message in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not SHAREGPT_DEV.is_file(), reason="needs shared/data/sharegpt")
+def test_bench_hybrid_runs_a_tiny_slice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b.json"
+    rc = _bench_hybrid().main(["--max-requests", "12", "--models", "bamba-9b", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "bamba-9b | sharegpt: 12 requests" in printed and "bamba-9b | drifting: 12 requests" in printed
+    rows = json.loads(out.read_text())["results"]
+    policies = _bench_hybrid().DEFAULT_POLICIES.split(",")
+    assert [(r["trace"], r["policy"]) for r in rows] == [(t, p) for t in ("sharegpt", "drifting") for p in policies]
+    assert all(r["lost"] == 0 and r["completed"] + r["rejected"] == 12 for r in rows)
+    assert len({r["capacity_tokens"] for r in rows}) == 1 and len({r["state_fraction"] for r in rows}) == 1

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -24,10 +25,21 @@ from emulator.hybrid_traces import SHAREGPT_DEV, drifting_trace, sharegpt_trace 
 from emulator.profile import load_profile  # noqa: E402
 from emulator.replay import ReplayResult, kv_capacity_tokens  # noqa: E402
 from odma_mlu.config import CacheConfig, SchedulerConfig  # noqa: E402
+from odma_mlu.errors import ConfigError  # noqa: E402
 from odma_mlu.models.hybrid_spec import BUILTIN_HYBRID_SHAPES  # noqa: E402
 from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds  # noqa: E402
 
 DEFAULT_POLICIES = "padded_unified,static_split_0.5,static_split_tuned,avmp,odma"
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: ``kind(text)``, which must be > 0."""
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
 
 
 def describe_extra(r: ReplayResult) -> str:
@@ -53,17 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="mlu370-x4")
     ap.add_argument("--models", default=",".join(BUILTIN_HYBRID_SHAPES), help="comma-separated hybrid shapes")
     ap.add_argument("--data", type=Path, default=SHAREGPT_DEV, help="ShareGPT pairs JSONL (tokens = chars / 4)")
-    ap.add_argument("--max-requests", type=int, default=1000)
+    ap.add_argument("--max-requests", type=_positive(int), default=1000)
     ap.add_argument("--policies", default=DEFAULT_POLICIES)
-    ap.add_argument("--max-new-tokens", type=int, default=None,
+    ap.add_argument("--max-new-tokens", type=_positive(int), default=None,
                     help="the server's generation cap; default: the longest output of the data (none is cut)")
-    ap.add_argument("--cache-gib", type=float, default=None,
+    ap.add_argument("--cache-gib", type=_positive(float), default=None,
                     help="KV + state budget; default: 90%% of device memory minus the weights")
-    ap.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+    ap.add_argument("--max-num-seqs", type=_positive(int), default=SchedulerConfig.max_num_seqs)
     ap.add_argument("--json", type=Path, default=Path("out/bench_hybrid.json"))
     args = ap.parse_args(argv)
     profile = load_profile(args.profile)
-    policies = parse_policies(args.policies, hybrid=True)
+    try:
+        policies = parse_policies(args.policies, hybrid=True)
+    except ConfigError as e:
+        ap.error(str(e))
     sharegpt = sharegpt_trace(args.data, args.max_requests)
     traces = (sharegpt, drifting_trace(sharegpt))
     max_new_tokens = args.max_new_tokens or max(r.output_tokens for r in sharegpt.requests)
