@@ -116,7 +116,7 @@ class ReplayResult:
     timeline_s: tuple[float, ...] = field(default=(), repr=False)
     timeline_live_tokens: tuple[int, ...] = field(default=(), repr=False)
     timeline_reserved_tokens: tuple[int, ...] = field(default=(), repr=False)
-    policy_extra: dict[str, float] = field(default_factory=dict)
+    policy_extra: dict[str, float] = field(default_factory=dict, hash=False)
     """The policy's own counters at the end (``PolicyStats.extra``; AVMP's migrations, say)."""
 
     def metrics(self) -> dict[str, object]:
