@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from emulator.hetero_policy import HETERO_BASELINES
+from emulator.hybrid_policy import HYBRID_BASELINES
 from emulator.profile import DeviceProfile, load_profile
 from emulator.replay import ReplayResult, kv_capacity_tokens, replay
 from emulator.traces import Trace, load_trace
@@ -34,15 +35,17 @@ ONLINE_COLUMNS = (("ttft_p50_s", "{:>10.3f}"), ("ttft_p99_s", "{:>10.3f}"), ("tp
                   ("tpot_p99_s", "{:>10.4f}"))
 
 
-def parse_policies(text: str, sliding: bool = False) -> list[str]:
+def parse_policies(text: str, sliding: bool = False, hybrid: bool = False) -> list[str]:
     """``--policies``; ``sliding``: the model has sliding-window layers, so the paged
-    baselines for such models (``HETERO_BASELINES``) are accepted too."""
-    allowed = POLICY_NAMES + (HETERO_BASELINES if sliding else ())
+    baselines for such models (``HETERO_BASELINES``) are accepted too; ``hybrid``: it has SSM
+    layers, so the hybrid schemes (``HYBRID_BASELINES``) are."""
+    allowed = POLICY_NAMES + (HETERO_BASELINES if sliding else ()) + (HYBRID_BASELINES if hybrid else ())
     names = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in names if p not in allowed]
     if bad or not names:
-        only = [p for p in bad if p in HETERO_BASELINES]
-        why = f" ({', '.join(only)}: only for models with sliding-window layers)" if only else ""
+        why = "".join(f" ({', '.join(only)}: only for {kind})" for only, kind in (
+            ([p for p in bad if p in HETERO_BASELINES], "models with sliding-window layers"),
+            ([p for p in bad if p in HYBRID_BASELINES], "hybrid (SSM) models")) if only)
         raise ConfigError(f"--policies: unknown {bad or text!r}{why}; choose from {','.join(allowed)}")
     return names
 
@@ -59,11 +62,12 @@ def run_bench(trace: Trace, policies: Sequence[str], model: ModelSpec, profile: 
               predictor_name: str | None = None, kv_gib: float | None = None, max_new_tokens: int | None = None,
               mode: str = "offline", rate_scale: float = 1.0, cache: CacheConfig = CacheConfig(),
               scheduler: SchedulerConfig = SchedulerConfig(), progress: bool = True,
-              layers: LayerKinds | None = None) -> list[ReplayResult]:
+              layers: LayerKinds | None = None, state_fraction: float | None = None) -> list[ReplayResult]:
     """Replay ``trace`` under each policy; one fresh predictor per policy (no shared learning).
-    ``layers``: the model's layer kinds (sliding-window layers change the layout and prices)."""
+    ``layers``: the model's layer kinds (sliding-window or SSM layers change the layout and
+    prices); ``state_fraction``: a hybrid's tuned split (None: tuned on ``trace``)."""
     cap_new = max_new_tokens or trace.max_new_tokens or scheduler.max_new_tokens
-    capacity = kv_capacity_tokens(profile, model, cache, kv_gib)
+    capacity = kv_capacity_tokens(profile, model, cache, kv_gib, layers)
     results: list[ReplayResult] = []
     for name in policies:
         predictor = resolve_predictor(predictor_name) if name in ("odma", "s3") else None
@@ -75,7 +79,7 @@ def run_bench(trace: Trace, policies: Sequence[str], model: ModelSpec, profile: 
         t0 = time.perf_counter()
         res = replay(trace, name, model, profile, cache=cache, scheduler_config=scheduler, max_new_tokens=cap_new,
                      capacity_tokens=capacity, predictor=predictor, mode=mode, rate_scale=rate_scale,
-                     progress=bar.update if bar is not None else None, layers=layers)
+                     progress=bar.update if bar is not None else None, layers=layers, state_fraction=state_fraction)
         if bar is not None:
             bar.close()
         if progress:
@@ -149,12 +153,11 @@ def bench_main(ns: argparse.Namespace) -> int:
         slo = (slo_ttft, slo_tpot)
     profile = load_profile(ns.profile)
     layers = load_layer_kinds(ns.model)
-    if layers.ssm is not None:
-        raise ConfigError(f"--model {ns.model}: a hybrid (SSM) shape; its state and KV pools are benchmarked by "
-                          "tools/bench_hybrid.py, not odma-mlu bench")
-    model = load_model_spec(ns.model)
+    hybrid = layers.ssm is not None
+    model = layers.ssm.base if layers.ssm is not None else load_model_spec(ns.model)
     sliding = layers.num_sliding > 0
-    policies = parse_policies(ns.policies or ",".join(POLICY_NAMES + (HETERO_BASELINES if sliding else ())), sliding)
+    baselines = (HETERO_BASELINES if sliding else ()) + (HYBRID_BASELINES if hybrid else ())
+    policies = parse_policies(ns.policies or ",".join(POLICY_NAMES + baselines), sliding, hybrid)
     trace = load_trace(ns.trace, seed=ns.seed, max_requests=ns.max_requests, max_new_tokens=ns.max_new_tokens)
     cache = replace(CacheConfig(), page_size_tokens=ns.page_size)
     sched = SchedulerConfig()
@@ -164,12 +167,17 @@ def bench_main(ns: argparse.Namespace) -> int:
         sched = replace(sched, enable_chunked_prefill=True, max_prefill_chunk_tokens=ns.max_prefill_chunk_tokens)
     if getattr(ns, "max_num_batched_tokens", None):
         sched = replace(sched, max_num_batched_tokens=ns.max_num_batched_tokens)
-    capacity = kv_capacity_tokens(profile, model, cache, ns.kv_gib)
-    kinds = (f"{layers.num_full} full + {layers.num_sliding} sliding-window ({layers.window_tokens}) layers"
-             if layers.num_sliding else f"{model.num_layers} layers")
+    capacity = kv_capacity_tokens(profile, model, cache, ns.kv_gib, layers)
+    if sliding:
+        kinds = f"{layers.num_full} full + {layers.num_sliding} sliding-window ({layers.window_tokens}) layers"
+    elif layers.ssm is not None:
+        kinds = f"{layers.num_full} attention + {layers.num_ssm} SSM layers, states and KV in one budget"
+    else:
+        kinds = f"{model.num_layers} layers"
+    bytes_per_token = layers.ssm.kv_bytes_per_token if layers.ssm is not None else model.kv_bytes_per_token
     print(f"profile {profile.name} | model {model.name} ({model.dtype}, {kinds}) | trace {trace.name}: "
           f"{len(trace.requests)} requests | KV capacity {capacity} tokens "
-          f"({capacity * model.kv_bytes_per_token / 1024**3:.2f} GiB) | mode {ns.mode}")
+          f"({capacity * bytes_per_token / 1024**3:.2f} GiB) | mode {ns.mode}")
     results = run_bench(trace, policies, model, profile, predictor_name=ns.predictor, kv_gib=ns.kv_gib,
                         max_new_tokens=ns.max_new_tokens, mode=ns.mode, rate_scale=ns.rate_scale, cache=cache,
                         scheduler=sched, progress=not ns.no_progress, layers=layers)

@@ -25,7 +25,7 @@ HETERO_BASELINES: tuple[str, ...] = ("jenga", "vllm_hybrid", "vllm_uniform")
 """Policy names only models with sliding-window layers accept (``odma-mlu bench --policies``)."""
 
 
-class _NoCopies:
+class NoCopies:
     """What ``describe_step`` drains from a policy's arena: the copies issued and the bytes
     moved (``migrated_bytes``); none here, the paged schemes never move KV."""
 
@@ -60,7 +60,7 @@ class HeteroSchemePolicy:
         self.name = scheme.name
         self.bytes_per_token = scheme.shape.spec.kv_bytes_per_token
         self.capacity_tokens = scheme.budget_bytes // self.bytes_per_token
-        self.arena = _NoCopies()
+        self.arena = NoCopies()
         self.rings = _SchemeRings(scheme)
         self.overflowed_requests = 0
 

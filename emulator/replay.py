@@ -16,6 +16,14 @@ with the layer kinds. There the policies ``jenga``, ``vllm_hybrid`` and ``vllm_u
 same scheduler. Token counts (capacity, live, reserved) are then in tokens of *every*
 layer's K/V, so ``kv_utilization`` is the share of the byte budget that live K/V fills, as
 for a full-attention model.
+
+A hybrid (SSM + attention) model (``layers.ssm``) is replayed in the engine's layout too:
+the named policy over the attention layers' arena, wrapped in ``AvmpPolicy`` with a state
+pool, and the hybrid schemes ``avmp``, ``static_split_0.5``, ``static_split_tuned`` and
+``padded_unified`` (emulator/hybrid_policy.py) over the same byte budget. Token counts are
+then in tokens of the attention layers' K/V, and a running request's state counts at its
+bytes in live and reserved tokens, so ``kv_utilization`` is the share of the budget that
+live KV and states fill.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import numpy as np
 from emulator.cost_model import CostModel
 from emulator.hetero_memory import HeteroShape
 from emulator.hetero_policy import HETERO_BASELINES, make_hetero_baseline
+from emulator.hybrid_policy import HYBRID_BASELINES, make_hybrid_policy, tuned_state_fraction
 from emulator.profile import DeviceProfile
 from emulator.traces import Trace, TraceRequest
 from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig
@@ -46,21 +55,26 @@ GIB = 1024**3
 
 
 def kv_capacity_tokens(profile: DeviceProfile, model: ModelSpec, cache: CacheConfig,
-                       kv_gib: float | None = None) -> int:
-    """KV tokens that fit: device memory minus the activation reserve minus the weights."""
+                       kv_gib: float | None = None, layers: LayerKinds | None = None) -> int:
+    """KV tokens that fit: device memory minus the activation reserve minus the weights. A
+    hybrid (``layers.ssm``): its own weights, and tokens of its attention layers' K/V (its
+    states take their bytes out of the same budget)."""
+    hybrid = layers.ssm if layers is not None else None
+    weight_bytes = hybrid.weight_bytes if hybrid is not None else model.weight_bytes
+    bytes_per_token = hybrid.kv_bytes_per_token if hybrid is not None else model.kv_bytes_per_token
     if kv_gib is not None:
         if kv_gib <= 0:
             raise ConfigError(f"--kv-gib must be positive, got {kv_gib}")
-        return int(kv_gib * GIB) // model.kv_bytes_per_token
+        return int(kv_gib * GIB) // bytes_per_token
     if cache.kv_capacity_tokens is not None:
         return cache.kv_capacity_tokens
-    usable = profile.capacity_bytes * (1.0 - cache.activation_reserve_fraction) - model.weight_bytes
+    usable = profile.capacity_bytes * (1.0 - cache.activation_reserve_fraction) - weight_bytes
     if usable <= 0:
         raise ConfigError(
-            f"model {model.name} needs {model.weight_bytes / GIB:.1f} GiB of weights but profile {profile.name} has "
+            f"model {model.name} needs {weight_bytes / GIB:.1f} GiB of weights but profile {profile.name} has "
             f"{profile.capacity_bytes / GIB:.1f} GiB ({cache.activation_reserve_fraction:.0%} kept for activations): "
             "no room for KV; use a bigger device or pass --kv-gib")
-    return int(usable) // model.kv_bytes_per_token
+    return int(usable) // bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -102,11 +116,14 @@ class ReplayResult:
     timeline_s: tuple[float, ...] = field(default=(), repr=False)
     timeline_live_tokens: tuple[int, ...] = field(default=(), repr=False)
     timeline_reserved_tokens: tuple[int, ...] = field(default=(), repr=False)
+    policy_extra: dict[str, float] = field(default_factory=dict, hash=False)
+    """The policy's own counters at the end (``PolicyStats.extra``; AVMP's migrations, say)."""
 
     def metrics(self) -> dict[str, object]:
         """The JSON row: every metric of DESIGN.md, no timelines."""
         d = {k: v for k, v in self.__dict__.items() if not k.startswith("timeline_")}
         d["bucket_edges_tokens"] = list(self.bucket_edges_tokens)
+        d["policy_extra"] = dict(self.policy_extra)
         d["copied_kv_fraction"] = self.copied_kv_fraction
         return d
 
@@ -123,21 +140,34 @@ def _features(r: TraceRequest, max_new_tokens: int) -> RequestFeatures:
 
 class _KVLayout:
     """The KV policy as the engine builds it for ``layers``, and what it holds, in tokens of
-    every layer's K/V (a sliding layer holds at most its window of a request's tokens)."""
+    every layer's K/V (a sliding layer holds at most its window of a request's tokens), or
+    for a hybrid in tokens of its attention layers' K/V (a request's state at its bytes)."""
 
     def __init__(self, policy_name: str, model: ModelSpec, layers: LayerKinds | None, capacity_tokens: int,
                  cache: CacheConfig, max_new_tokens: int, drift_detector: object | None,
-                 cost: CostModel) -> None:
+                 cost: CostModel, state_fraction: float | None) -> None:
         self.layers = layers if layers is not None and layers.num_sliding else None
+        self.hybrid = layers.ssm if layers is not None else None
+        self.bytes_per_token = self.hybrid.kv_bytes_per_token if self.hybrid is not None else model.kv_bytes_per_token
         self.rings: RingPool | None = None
         self.arena: Any
+        self.policy: Any
+        if policy_name in HYBRID_BASELINES and self.hybrid is None:
+            raise ConfigError(f"policy {policy_name!r} is a scheme for hybrid (SSM) models; {model.name} has no "
+                              f"SSM layers")
+        if policy_name in HETERO_BASELINES and self.layers is None:
+            raise ConfigError(f"policy {policy_name!r} is a baseline for models with sliding-window layers; "
+                              f"{model.name} has none")
+        if self.hybrid is not None:
+            assert state_fraction is not None, "a hybrid needs the tuned split's state share"
+            self.policy = make_hybrid_policy(policy_name, self.hybrid, capacity_tokens, cache, max_new_tokens,
+                                             state_fraction=state_fraction, drift_detector=drift_detector,
+                                             run_cost=cost)
+            self.arena = self.policy.arena
+            return
         if self.layers is None:
-            if policy_name in HETERO_BASELINES:
-                raise ConfigError(f"policy {policy_name!r} is a baseline for models with sliding-window layers; "
-                                  f"{model.name} has none")
             self.arena = KVArena(model, capacity_tokens, shape_only=True)
-            self.policy: Any = make_policy(policy_name, self.arena, cache, max_new_tokens, drift_detector,
-                                           run_cost=cost)
+            self.policy = make_policy(policy_name, self.arena, cache, max_new_tokens, drift_detector, run_cost=cost)
             return
         kinds = self.layers
         assert kinds.num_layers == model.num_layers and kinds.window_tokens is not None, \
@@ -159,6 +189,9 @@ class _KVLayout:
         self.policy = WindowedPolicy(inner, self.rings)
 
     def live_tokens(self, running: list[Sequence]) -> int:
+        if self.hybrid is not None:  # KV of computed tokens, and one unpadded state per request
+            state_bytes = len(running) * self.hybrid.state_bytes_per_request
+            return sum(s.kv_tokens for s in running) + state_bytes // self.bytes_per_token
         kinds = self.layers
         if kinds is None:
             return sum(s.kv_tokens for s in running)
@@ -168,6 +201,9 @@ class _KVLayout:
         return layer_tokens // kinds.num_layers
 
     def reserved_tokens(self) -> int:
+        states = getattr(self.policy, "states", None)
+        if states is not None:  # AvmpPolicy: requests' KV, and the state slots they hold
+            return self.policy.reserved_tokens() + states.num_live * states.slot_bytes // self.bytes_per_token
         kinds = self.layers
         if kinds is None or self.rings is None:  # one pool (or a baseline that counts its own)
             return self.policy.reserved_tokens()
@@ -180,15 +216,20 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
            max_new_tokens: int, capacity_tokens: int, predictor: LengthPredictor | None = None,
            mode: str = "offline", rate_scale: float = 1.0, timeline_points: int = 400,
            progress: Callable[[int], None] | None = None, drift_detector: object | None = None,
-           layers: LayerKinds | None = None) -> ReplayResult:
+           layers: LayerKinds | None = None, state_fraction: float | None = None) -> ReplayResult:
     """Replay ``trace`` under one KV policy; returns the DESIGN.md metrics. ``layers``: the
-    model's layer kinds (None: every layer full attention)."""
+    model's layer kinds (None: every layer full attention). ``state_fraction``: for a hybrid,
+    the tuned split's state share (``avmp``, ``static_split_tuned``); None: tuned on ``trace``
+    (``tuned_state_fraction``)."""
     if mode not in ("offline", "online"):
         raise ConfigError(f"mode must be offline or online, not {mode!r}")
     if rate_scale <= 0:
         raise ConfigError(f"--rate-scale must be positive, got {rate_scale}")
     cost = CostModel(profile, model, layers=layers)
-    kv = _KVLayout(policy_name, model, layers, capacity_tokens, cache, max_new_tokens, drift_detector, cost)
+    if layers is not None and layers.ssm is not None and state_fraction is None:
+        state_fraction = tuned_state_fraction(layers.ssm, trace)
+    kv = _KVLayout(policy_name, model, layers, capacity_tokens, cache, max_new_tokens, drift_detector, cost,
+                   state_fraction)
     arena, policy = kv.arena, kv.policy
     scheduler = Scheduler(policy, scheduler_config, model.max_position_embeddings, predictor)
 
@@ -219,7 +260,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
     num_read_runs = 0
     max_running = 0
     held_per_request_sum = 0.0
-    kv_bytes_per_token = model.kv_bytes_per_token
+    kv_bytes_per_token = kv.bytes_per_token
 
     def admit_arrivals() -> None:
         nonlocal next_arrival, rejected
@@ -307,5 +348,5 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         held_per_request_bytes=held_per_request_sum / steps if steps else 0.0, extents_free_after=policy.reserved_tokens() == 0 and policy.num_live() == 0,
         bucket_edges_tokens=stats.bucket_edges_tokens,
         timeline_s=tuple(tl_t[i] for i in keep), timeline_live_tokens=tuple(tl_live[i] for i in keep),
-        timeline_reserved_tokens=tuple(tl_res[i] for i in keep), **result_kwargs,  # type: ignore[arg-type]
+        timeline_reserved_tokens=tuple(tl_res[i] for i in keep), policy_extra=dict(stats.extra), **result_kwargs,  # type: ignore[arg-type]
     )

@@ -1,18 +1,22 @@
-"""State pool, the three hybrid memory schemes and the shape-only hybrid replay."""
+"""Shape-only pieces of the hybrid (SSM + attention) benchmark: the state pool, AVMP's
+capacity moves behind a paged KV policy, vLLM's padded unified pool, and state-copy prices."""
 
 from __future__ import annotations
 
 import random
 
-import pytest
 import torch
 
-from emulator.hybrid_pools import DualPools, PaddedUnified, vllm_block_tokens
-from emulator.hybrid_replay import (SHAREGPT_DEV, TraceRequest, drifting_trace, load_pairs, replay, sharegpt_trace,
-                                    step_cost, tuned_state_fraction)
+from emulator.cost_model import CostModel
+from emulator.hybrid_policy import make_hybrid_policy
+from emulator.hybrid_pools import PaddedUnified, vllm_block_tokens
 from emulator.profile import load_profile
+from odma_mlu.config import CacheConfig
+from odma_mlu.engine.step_work import StepWork
+from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
 from odma_mlu.kvcache.state_pool import StatePool
 from odma_mlu.models.hybrid_spec import hybrid_spec_from_config, load_hybrid_spec
+from odma_mlu.models.layer_kinds import LayerKinds
 
 TINY = {"model_type": "bamba", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 448, "attn_layer_indices": [1, 3],
@@ -65,88 +69,69 @@ def test_state_pool_random_ops_keep_integrity() -> None:
         assert pool.num_live == len(live)
 
 
-@pytest.mark.parametrize("migrate", [False, True])
-def test_dual_pools_conserve_the_budget(migrate: bool) -> None:
-    hs = load_hybrid_spec("jamba-1.5-mini")
-    mem = DualPools(hs, 2 * 2**30, 0.3, migrate=migrate)
-    rng = random.Random(1)
-    live: dict[str, int] = {}
-    for n in range(600):
-        if rng.random() < 0.55:
-            t = rng.choice((16, 200, 3000))
-            if mem.admit(f"q{n}", t):
-                live[f"q{n}"] = t
-        elif live:
-            rid = rng.choice(sorted(live))
-            if rng.random() < 0.5:
-                live[rid] += 300
-                if not mem.grow(rid, live[rid]):
-                    mem.release(rid)
-                    del live[rid]
-            else:
-                mem.release(rid)
-                del live[rid]
-        mem.check_integrity()
-        assert mem.held_bytes() >= mem.live_bytes() - 1 or not live
-    assert (mem.counters.migrations > 0) == migrate
+def _req(rid: str, tokens: int, max_new_tokens: int = 16) -> ReserveRequest:
+    return ReserveRequest(rid, tokens, max_new_tokens, tokens)
 
 
 def test_avmp_moves_capacity_only_on_failure() -> None:
     hs = load_hybrid_spec("jamba-1.5-mini")
-    slot = hs.state_bytes_per_request
-    mem = DualPools(hs, 40 * slot, 2 * slot / (40 * slot), migrate=True)  # two state slots to start
-    assert mem.admit("a", 16) and mem.admit("b", 16) and mem.counters.migrations == 0
-    assert mem.admit("c", 16) and mem.counters.migrations == 1  # the state pool was full: KV -> states
-    mem.release("a")
-    mem.release("b")
-    # A long request needs more KV than is free: free state capacity goes back (states -> KV).
-    assert mem.grow("c", int(38.5 * slot) // hs.kv_bytes_per_token) and mem.counters.migrations >= 2
-    mem.check_integrity()
+    capacity_tokens = 40 * hs.state_tokens_equivalent
+    pol = make_hybrid_policy("avmp", hs, capacity_tokens, CacheConfig(), 16, state_fraction=2 / 40)
+    assert pol.states.num_slots == 2  # the tuned split: two state slots to start
+    assert pol.reserve(_req("a", 16)) and pol.reserve(_req("b", 16)) and pol.migrations_to_states == 0
+    assert pol.reserve(_req("c", 16, capacity_tokens)) and pol.migrations_to_states == 1  # the pool was full: KV -> states
+    pol.release("a", None)
+    pol.release("b", None)
+    # c needs more KV than is free: free state capacity goes back (states -> KV), c's state moves down.
+    assert pol.ensure_capacity("c", int(38.5 * hs.state_tokens_equivalent)).status == GrowStatus.OK
+    assert pol.migrations_to_kv == 2 and pol.states.num_slots == 1
+    assert pol.states.moved_bytes == hs.state_bytes_per_request
+    pol.check_integrity()
+    extra = pol.stats().extra
+    assert extra["migrations_to_kv"] == pol.migrations_to_kv and extra["state_slots"] == pol.states.num_slots
+
+
+def test_static_split_keeps_its_pools() -> None:
+    hs = load_hybrid_spec("jamba-1.5-mini")
+    capacity_tokens = 40 * hs.state_tokens_equivalent
+    pol = make_hybrid_policy("static_split_0.5", hs, capacity_tokens, CacheConfig(), 16, state_fraction=0.9)
+    assert pol.states.num_slots == 20  # half the budget, whatever the tuned share
+    for i in range(20):
+        assert pol.reserve(_req(f"r{i}", 16))
+    assert pol.reserve(_req("x", 16)) is None and pol.migrations_to_states == 0  # waits: no slot, no move
+    # A request never gets more than the KV half (less the watermark): it is rejected, not left waiting.
+    assert pol.max_request_tokens() < capacity_tokens // 2
+    pol.check_integrity()
 
 
 def test_padded_pool_pads_kv_to_big_blocks() -> None:
     hs = load_hybrid_spec("bamba-9b")
-    mem = PaddedUnified(hs, 4 * 2**30)
-    assert mem.admit("a", 10)
+    pool = PaddedUnified(hs, 4 * 2**30, 0.0)
+    assert pool.admit("a", 10)
     # 10 tokens hold a whole 1056-token block in each attention layer, and every state a page.
-    assert mem.held_bytes() == (hs.num_attention_layers + hs.num_ssm_layers) * mem.page_bytes
-    assert mem.held_bytes() > mem.live_bytes()
+    assert pool.held_bytes() == (hs.num_attention_layers + hs.num_ssm_layers) * pool.page_bytes
+    assert pool.held_bytes() > 10 * hs.kv_bytes_per_token + hs.state_bytes_per_request
+    assert pool.read_runs(2200) == (1056, 1056, 88)
+
+
+def test_padded_pool_admits_under_the_watermark_and_grows_into_it() -> None:
+    hs = load_hybrid_spec("jamba-1.5-mini")
+    per_request = hs.num_ssm_layers + hs.num_attention_layers  # pages of a one-block request
+    page_bytes = vllm_block_tokens(hs) * hs.base.kv_bytes_per_token_per_layer
+    pool = PaddedUnified(hs, 10 * per_request * page_bytes, 0.1)
+    admitted = sum(pool.admit(f"r{i}", 16) for i in range(10))
+    assert admitted == 9  # the tenth would leave less than 10% of the pages free
+    assert pool.grow("r0", pool.block_tokens + 1)  # growth may use the watermark
+    pool.check_integrity()
 
 
 def test_copies_are_charged() -> None:
-    from odma_mlu.engine.step_work import StepWork
-
-    cost = step_cost(load_profile("mlu370-x4"), load_hybrid_spec("jamba-1.5-mini"))
+    hs = load_hybrid_spec("jamba-1.5-mini")
+    cost = CostModel(load_profile("mlu370-x4"), hs.base, layers=LayerKinds.from_hybrid(hs))
     reads = [(16,) * 6 + (5,), (16,) * 12 + (9,)]
     base = cost.step_time(StepWork.build((), reads))
     with_state = cost.step_time(StepWork.build((), reads, state_copy_bytes=[64 * 2**20]))
     with_kv = cost.step_time(StepWork.build((), reads, [512]))
     assert with_state.copy_bytes == 2 * 64 * 2**20 and with_state.time_s > base.time_s
-    assert with_kv.copy_bytes == 2 * 512 * load_hybrid_spec("jamba-1.5-mini").kv_bytes_per_token
+    assert with_kv.copy_bytes == 2 * 512 * hs.kv_bytes_per_token
     assert with_kv.time_s > base.time_s
-
-
-@pytest.mark.skipif(not SHAREGPT_DEV.is_file(), reason="needs shared/data/sharegpt")
-def test_replay_avmp_beats_static_split_on_drift() -> None:
-    profile = load_profile("mlu370-x4")
-    hs = load_hybrid_spec("jamba-1.5-mini")
-    pairs = load_pairs(max_requests=200)
-    trace = drifting_trace(pairs)
-    frac = tuned_state_fraction(hs, sharegpt_trace(pairs))
-    budget = 2 * 2**30
-    cost = step_cost(profile, hs)
-    avmp = replay(trace, DualPools(hs, budget, frac, migrate=True), cost, "drifting", check_every=50)
-    static = replay(trace, DualPools(hs, budget, frac, migrate=False), cost, "drifting")
-    padded = replay(trace, PaddedUnified(hs, budget), cost, "drifting")
-    for r in (avmp, static, padded):
-        assert r.completed == len(trace) and r.lost == 0
-    assert avmp.tps > static.tps and avmp.capacity_wasted < static.capacity_wasted
-    assert avmp.migrations > 0 and avmp.migrated_bytes > 0
-
-
-def test_replay_counts_requests_that_can_never_fit() -> None:
-    hs = load_hybrid_spec("bamba-9b")
-    cost = step_cost(load_profile("mlu370-x4"), hs)
-    mem = DualPools(hs, 2 * hs.state_bytes_per_request, 0.99, migrate=False)  # KV pool of a few tokens
-    res = replay([TraceRequest(30_000, 4), TraceRequest(1, 2)], mem, cost, "tiny")  # KV pool: ~10K tokens
-    assert res.lost == 1 and res.completed == 1

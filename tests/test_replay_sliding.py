@@ -12,6 +12,7 @@ import pytest
 
 from emulator.bench import parse_policies
 from emulator.hetero_policy import HETERO_BASELINES
+from emulator.hybrid_policy import HYBRID_BASELINES
 from emulator.profile import load_profile
 from emulator.replay import ReplayResult, replay
 from emulator.traces import Trace, TraceRequest, load_trace
@@ -86,11 +87,17 @@ def test_bench_cli_names_the_layer_kinds(tmp_path: Path, capsys: pytest.CaptureF
     assert [r["policy"] for r in doc["results"]] == ["odma", "paged"] and all(r["lost"] == 0 for r in doc["results"])
 
 
-def test_bench_cli_rejects_a_hybrid_shape(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = cli_main(["bench", "--model", "bamba-9b", "--max-requests", "5", "--no-progress"])
-    assert rc != 0
-    err = capsys.readouterr().err
-    assert "bamba-9b" in err and "tools/bench_hybrid.py" in err and "Traceback" not in err
+def test_bench_cli_runs_a_hybrid_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A hybrid (SSM) shape runs in the engine's layout and against the hybrid schemes."""
+    out = tmp_path / "h.json"
+    rc = cli_main(["bench", "--model", "bamba-9b", "--max-requests", "5", "--no-progress", "--json", str(out)])
+    assert rc == 0
+    assert "3 attention + 29 SSM layers" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    names = [r["policy"] for r in doc["results"]]
+    assert names == list(POLICY_NAMES + HYBRID_BASELINES)
+    assert all(r["lost"] == 0 and r["completed"] == 5 for r in doc["results"])
+    assert doc["results"][names.index("odma")]["policy_extra"]["migrations_to_states"] > 0
 
 
 def test_baselines_share_the_budget_and_free_out_of_window_pages() -> None:

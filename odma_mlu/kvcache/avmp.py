@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from odma_mlu.kvcache.policy import GrowResult, GrowStatus, ReserveRequest
+from odma_mlu.kvcache.policy import GrowResult, GrowStatus, PolicyStats, ReserveRequest
 from odma_mlu.kvcache.state_pool import StatePool
 
 LOAN_PREFIX = "__avmp_state_loan_"
@@ -129,6 +129,24 @@ class AvmpPolicy:
     def reserved_tokens(self) -> int:
         """KV tokens held by requests (loans excluded: they back the state pool)."""
         return self.inner.reserved_tokens() - self.loaned_tokens()
+
+    def max_request_tokens(self) -> int:
+        """KV one request can surely be admitted with: the inner policy's, less what backs the
+        state pool for good (every loan without migration; one slot's loan, its own, with it)
+        and the inner policy's admission watermark (a static split's KV part can be smaller
+        than a request that fits the whole arena: it would wait forever)."""
+        backing = self.loaned_tokens() if not self.migrate else self.loan_tokens
+        return max(0, self.inner.max_request_tokens() - backing - getattr(self.inner, "watermark_tokens", 0))
+
+    def stats(self) -> PolicyStats:
+        """The inner policy's, loans not counted as requests; ``extra`` adds the state pool."""
+        base = self.inner.stats()
+        extra = {**base.extra, "state_slots": float(self.states.num_slots), "state_live": float(self.states.num_live),
+                 "migrations_to_states": float(self.migrations_to_states),
+                 "migrations_to_kv": float(self.migrations_to_kv), "state_oom_events": float(self.state_oom_events),
+                 "state_moved_bytes": float(self.states.moved_bytes)}
+        return PolicyStats(**{**base.__dict__, "reserved_tokens": self.reserved_tokens(),
+                              "live_requests": self.num_live(), "extra": extra})
 
     def check_integrity(self) -> None:
         self.inner.check_integrity()

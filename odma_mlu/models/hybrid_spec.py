@@ -146,6 +146,11 @@ class HybridSpec:
                 * self.attention_params_per_layer + b.num_layers * mlp + per_model)
 
     @property
+    def weight_bytes(self) -> int:
+        """Every weight, held on the device (what a cache budget is left after)."""
+        return self.num_params * self.base.dtype_bytes
+
+    @property
     def streamed_weight_bytes(self) -> int:
         """Weights a forward step reads once (all but the embedding table's unread rows)."""
         b = self.base
