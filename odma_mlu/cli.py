@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trace", default=None, help="trace name or path (default: the bundled sample)")
     b.add_argument("--policies", default=None,
                    help="comma-separated subset of " + ",".join(POLICIES) + " (default: all; with a sliding-window "
-                        "model also the baselines jenga,vllm_hybrid,vllm_uniform)")
+                        "model also the baselines jenga,vllm_hybrid,vllm_uniform; with a hybrid SSM model the schemes "
+                        "avmp,static_split_0.5,static_split_tuned,padded_unified)")
     b.add_argument("--kv-gib", type=_float_in(0, 1e6, lo_open=True), default=None, help="KV capacity in GiB (default: from the profile)")
     b.add_argument("--max-requests", type=_int_in(1), default=None)
     b.add_argument("--mode", choices=("offline", "online"), default="offline")
