@@ -147,8 +147,8 @@ class _Acc:
 class CostModel:
     """Step times for one (device profile, model shape, layer kinds): THE step-cost function.
 
-    The replay, the hybrid and hetero replays, the emulated engine and the emulated server
-    all price steps with ``step_time(StepWork)``; nothing else computes a step's time."""
+    The replay (every model family), the emulated engine and the emulated server all price
+    steps with ``step_time(StepWork)``; nothing else computes a step's time."""
 
     def __init__(self, profile: DeviceProfile, model: ModelSpec, dtype: str | None = None,
                  layers: LayerKinds | None = None) -> None:

@@ -11,7 +11,7 @@ layers, whose state is fixed per request::
 
 So a request needs two kinds of memory: KV tokens (attention layers only) and one fixed
 state slot (all SSM layers together). ``HybridSpec`` says how big each is; the model, the
-state pool and the emulator's hybrid replay all read it from here.
+state pool and the emulator's replay all read it from here.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ layer) and ``sliding_window`` into config.json. Older files give the pattern ins
     gemma3_text:  layer i slides unless (i + 1) % sliding_window_pattern == 0  (5 local : 1 global)
 
 ``layer_windows`` turns either form into one entry per layer: the window in tokens, or None
-for full attention. The loader, the models and the emulator's hetero replay all read it.
+for full attention. The loader, the models and the emulator's replay all read it.
 """
 
 from __future__ import annotations
