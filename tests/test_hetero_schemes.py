@@ -4,7 +4,6 @@ Their replays under the engine's scheduler: tests/test_replay_sliding.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -16,6 +15,7 @@ from emulator.hetero_memory import PAGE_TOKENS, HeteroShape, load_shape
 from emulator.hetero_paged import JengaLCM, VllmHybrid, live_pages
 from emulator.traces import NAMED_TRACES, default_shared_dir
 from odma_mlu.config import load_model_spec
+from tool_module import load_tool
 
 GIB = 2**30
 
@@ -90,12 +90,7 @@ def test_vllm_hybrid_pads_the_last_group() -> None:
 
 
 def _bench_hetero() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "tools" / "bench_hetero.py"
-    spec = importlib.util.spec_from_file_location("bench_hetero", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_hetero")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -4,7 +4,6 @@ schemes (emulator/hybrid_policy.py), each step priced with the hybrid's layer ki
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import replace
 from functools import lru_cache
@@ -23,6 +22,7 @@ from odma_mlu.config import CacheConfig, load_model_spec
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.factory import POLICY_NAMES
 from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds
+from tool_module import load_tool
 
 SHAPES = ("jamba-1.5-mini", "bamba-9b")
 PROFILE = load_profile("mlu370-x4")
@@ -139,12 +139,7 @@ def test_drifting_trace_carries_history_in_its_second_half() -> None:
 
 
 def _bench_hybrid() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "tools" / "bench_hybrid.py"
-    spec = importlib.util.spec_from_file_location("bench_hybrid", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_hybrid")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from odma_mlu.kvcache.paged import IdealPolicy
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "ideal_gap.py"
+from tool_module import load_tool
 
 
 def test_ideal_gap_reports_the_recompute_bound(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("ideal_gap", TOOL)
-    assert spec is not None and spec.loader is not None
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("ideal_gap")
     out = tmp_path / "gap.json"
     # A small card, so requests are preempted and the two ideals differ.
     assert tool.main(["--trace", "alpaca-vicuna", "--max-requests", "300", "--max-new-tokens", "512",

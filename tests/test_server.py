@@ -292,11 +292,9 @@ def _free_port() -> int:
 
 
 def test_serve_emulator_config_starts_and_drains_on_sigterm(tmp_path: Path) -> None:
-    import importlib.util
+    from tool_module import load_tool
 
-    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "tools" / "make_tiny_model.py")
-    tool = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(tool)  # type: ignore[union-attr]
+    tool = load_tool("make_tiny_model")
     assert tool.main([str(tmp_path / "out" / "tiny-qwen2")]) == 0
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "ODMA_API_KEY"}
