@@ -8,31 +8,20 @@ and the one step-cost function::
     Scheduler.reserve / ensure_capacity / release   ->  HeteroSchemePolicy  ->  scheme.admit / grow / release
     describe_step: read_runs (full layers), rings.read_runs (sliding layers), arena.take_issued_copies
 
-The schemes are shape-only and keep page counts, not a slot space, so a location lists the
-request's full-layer runs in order from slot 0: lengths, not addresses (the replay reads
-lengths only; nothing runs tensors through these policies).
+The schemes are shape-only (emulator/scheme_policy.py: a location lists the request's
+full-layer runs in order from slot 0, lengths, not addresses).
 """
 
 from __future__ import annotations
 
 from emulator.hetero_memory import HeteroMemory, HeteroShape
 from emulator.hetero_paged import JengaLCM, VllmHybrid
+from emulator.scheme_policy import ShapeSchemePolicy
 from odma_mlu.config import CacheConfig
-from odma_mlu.kvcache.arena import KVLocation
-from odma_mlu.kvcache.policy import GrowResult, GrowStatus, PolicyStats, ReserveRequest
+from odma_mlu.kvcache.policy import ReserveRequest
 
 HETERO_BASELINES: tuple[str, ...] = ("jenga", "vllm_hybrid", "vllm_uniform")
 """Policy names only models with sliding-window layers accept (``odma-mlu bench --policies``)."""
-
-
-class NoCopies:
-    """What ``describe_step`` drains from a policy's arena: the copies issued and the bytes
-    moved (``migrated_bytes``); none here, the paged schemes never move KV."""
-
-    moved_bytes = 0
-
-    def take_issued_copies(self) -> tuple[int, ...]:
-        return ()
 
 
 class _SchemeRings:
@@ -45,54 +34,33 @@ class _SchemeRings:
         return self.scheme.read_runs(request_id, num_tokens)[1]
 
 
-class HeteroSchemePolicy:
-    """A paged scheme for full + sliding layers, behind the KV policy interface. Token counts
+class HeteroSchemePolicy(ShapeSchemePolicy):
+    """A paged scheme for full + sliding layers (emulator/scheme_policy.py). Token counts
     (capacity, reserved) are in tokens of every layer's K/V: the scheme's bytes over the
     model's bytes per token, as the replay counts the engine's layout."""
 
-    uses_prediction = False
-    free_preemption = False
-    stream_reads = False
-    can_run_out_of_room = True
-
     def __init__(self, scheme: HeteroMemory) -> None:
+        super().__init__(scheme.name, scheme.budget_bytes, scheme.shape.spec.kv_bytes_per_token)
         self.scheme = scheme
-        self.name = scheme.name
-        self.bytes_per_token = scheme.shape.spec.kv_bytes_per_token
-        self.capacity_tokens = scheme.budget_bytes // self.bytes_per_token
-        self.arena = NoCopies()
         self.rings = _SchemeRings(scheme)
-        self.overflowed_requests = 0
 
-    def reserve(self, req: ReserveRequest) -> KVLocation | None:
-        assert req.request_id not in self.scheme.tokens, f"request {req.request_id} already holds KV"
-        if not self.scheme.admit(req.request_id, req.num_tokens, req.prompt_tokens, req.max_new_tokens,
-                                 req.prediction):
-            return None
-        return self.location(req.request_id)
+    def held_tokens(self) -> dict[str, int]:
+        return self.scheme.tokens
 
-    def ensure_capacity(self, request_id: str, needed_tokens: int) -> GrowResult:
-        if needed_tokens <= self.scheme.tokens[request_id]:
-            return GrowResult(GrowStatus.OK)
-        if not self.scheme.grow(request_id, needed_tokens):
-            return GrowResult(GrowStatus.NO_ROOM)
-        return GrowResult(GrowStatus.OK, 0, "pages")
+    def _admit(self, req: ReserveRequest) -> bool:
+        return self.scheme.admit(req.request_id, req.num_tokens, req.prompt_tokens, req.max_new_tokens, req.prediction)
+
+    def _grow(self, request_id: str, needed_tokens: int) -> bool:
+        return self.scheme.grow(request_id, needed_tokens)
+
+    def _held_bytes(self) -> int:
+        return self.scheme.held_bytes()
 
     def release(self, request_id: str, generated_tokens: int | None) -> None:
         self.scheme.release(request_id, generated_tokens)
 
-    def location(self, request_id: str) -> KVLocation:
-        runs, start = [], 0
-        for n in self.read_runs(request_id, self.scheme.tokens[request_id]):
-            runs.append((start, n))
-            start += n
-        return KVLocation(tuple(runs))
-
     def read_runs(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
         return self.scheme.read_runs(request_id, num_tokens)[0]
-
-    def reserved_tokens(self) -> int:
-        return self.scheme.held_bytes() // self.bytes_per_token
 
     def max_request_tokens(self) -> int:
         """A request that holds every page of the budget in the full layers and its window in
@@ -101,14 +69,8 @@ class HeteroSchemePolicy:
         window_bytes = shape.num_sliding * shape.window_tokens * shape.layer_token_bytes
         return max(0, (self.scheme.budget_bytes - window_bytes) // (shape.num_full * shape.layer_token_bytes))
 
-    def num_live(self) -> int:
-        return len(self.scheme.tokens)
-
     def check_integrity(self) -> None:
         self.scheme.check_integrity()
-
-    def stats(self) -> PolicyStats:
-        return PolicyStats(self.name, self.capacity_tokens, self.reserved_tokens(), self.num_live(), 0, 0, 0, 0, 0)
 
 
 def make_hetero_baseline(name: str, shape: HeteroShape, budget_bytes: int,

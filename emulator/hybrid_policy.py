@@ -24,16 +24,16 @@ from typing import Any
 
 import torch
 
-from emulator.hetero_policy import NoCopies
 from emulator.hybrid_pools import PaddedUnified
+from emulator.scheme_policy import ShapeSchemePolicy
 from emulator.traces import Trace
 from odma_mlu.config import CacheConfig
 from odma_mlu.errors import ConfigError
-from odma_mlu.kvcache.arena import KVArena, KVLocation
+from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.avmp import AvmpPolicy
 from odma_mlu.kvcache.factory import POLICY_NAMES, make_policy
 from odma_mlu.kvcache.odma import RunCost
-from odma_mlu.kvcache.policy import GrowResult, GrowStatus, PolicyStats, ReserveRequest
+from odma_mlu.kvcache.policy import ReserveRequest
 from odma_mlu.kvcache.state_pool import StatePool
 from odma_mlu.models.hybrid_spec import HybridSpec
 
@@ -51,66 +51,42 @@ def tuned_state_fraction(hybrid: HybridSpec, trace: Trace) -> float:
     return state / (state + mean_tokens * hybrid.kv_bytes_per_token)
 
 
-class PaddedUnifiedPolicy:
-    """``PaddedUnified`` behind the KV policy interface. Token counts are in tokens of the
-    attention layers' K/V: bytes over ``HybridSpec.kv_bytes_per_token``; ``reserved_tokens``
-    counts the padded state pages too (they hold the states). A location lists the request's
-    blocks in order from slot 0: lengths, not addresses (the replay reads lengths only)."""
-
-    uses_prediction = False
-    free_preemption = False
-    stream_reads = False
-    can_run_out_of_room = True
+class PaddedUnifiedPolicy(ShapeSchemePolicy):
+    """``PaddedUnified`` behind the KV policy interface (emulator/scheme_policy.py). Token
+    counts are in tokens of the attention layers' K/V: bytes over
+    ``HybridSpec.kv_bytes_per_token``; ``reserved_tokens`` counts the padded state pages too
+    (they hold the states)."""
 
     def __init__(self, pool: PaddedUnified) -> None:
+        super().__init__(pool.name, pool.budget_bytes, pool.hybrid.kv_bytes_per_token)
         self.pool = pool
-        self.name = pool.name
-        self.bytes_per_token = pool.hybrid.kv_bytes_per_token
-        self.capacity_tokens = pool.budget_bytes // self.bytes_per_token
-        self.arena = NoCopies()
-        self.overflowed_requests = 0
 
-    def reserve(self, req: ReserveRequest) -> KVLocation | None:
-        if not self.pool.admit(req.request_id, req.num_tokens):
-            return None
-        return self.location(req.request_id)
+    def held_tokens(self) -> dict[str, int]:
+        return self.pool.tokens
 
-    def ensure_capacity(self, request_id: str, needed_tokens: int) -> GrowResult:
-        if needed_tokens <= self.pool.tokens[request_id]:
-            return GrowResult(GrowStatus.OK)
-        if not self.pool.grow(request_id, needed_tokens):
-            return GrowResult(GrowStatus.NO_ROOM)
-        return GrowResult(GrowStatus.OK, 0, "pages")
+    def _admit(self, req: ReserveRequest) -> bool:
+        return self.pool.admit(req.request_id, req.num_tokens)
+
+    def _grow(self, request_id: str, needed_tokens: int) -> bool:
+        return self.pool.grow(request_id, needed_tokens)
+
+    def _held_bytes(self) -> int:
+        return self.pool.held_bytes()
 
     def release(self, request_id: str, generated_tokens: int | None) -> None:
         self.pool.release(request_id)
 
-    def location(self, request_id: str) -> KVLocation:
-        runs, start = [], 0
-        for n in self.pool.read_runs(self.pool.tokens[request_id]):
-            runs.append((start, n))
-            start += n
-        return KVLocation(tuple(runs))
-
     def read_runs(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
         return self.pool.read_runs(num_tokens)
-
-    def reserved_tokens(self) -> int:
-        return self.pool.held_bytes() // self.bytes_per_token
 
     def max_request_tokens(self) -> int:
         return self.pool.max_request_tokens()
 
-    def num_live(self) -> int:
-        return len(self.pool.tokens)
-
     def check_integrity(self) -> None:
         self.pool.check_integrity()
 
-    def stats(self) -> PolicyStats:
-        extra = {"block_tokens": float(self.pool.block_tokens), "state_padding_ratio": self.pool.padding_ratio()}
-        return PolicyStats(self.name, self.capacity_tokens, self.reserved_tokens(), self.num_live(), 0, 0, 0, 0, 0,
-                           extra=extra)
+    def stats_extra(self) -> dict[str, float]:
+        return {"block_tokens": float(self.pool.block_tokens), "state_padding_ratio": self.pool.padding_ratio()}
 
 
 def make_hybrid_policy(name: str, hybrid: HybridSpec, capacity_tokens: int, cache: CacheConfig, max_new_tokens: int,
