@@ -13,12 +13,12 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from emulator.hetero_policy import HETERO_BASELINES
 from emulator.hybrid_policy import HYBRID_BASELINES
 from emulator.profile import DeviceProfile, load_profile
-from emulator.replay import ReplayResult, kv_capacity_tokens, replay
+from emulator.replay import ReplayResult, kv_bytes_per_token, kv_capacity_tokens, replay
 from emulator.traces import Trace, load_trace
 from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig, load_model_spec
 from odma_mlu.errors import ConfigError
@@ -33,6 +33,17 @@ TABLE_COLUMNS = (("policy", "{}"), ("completed", "{:>9}"), ("lost", "{:>4}"), ("
                  ("held_per_request_mib", "{:>20.1f}"), ("makespan_s", "{:>10.1f}"))
 ONLINE_COLUMNS = (("ttft_p50_s", "{:>10.3f}"), ("ttft_p99_s", "{:>10.3f}"), ("tpot_p50_s", "{:>10.4f}"),
                   ("tpot_p99_s", "{:>10.4f}"))
+
+
+def positive_arg(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An argparse type for the bench tools: ``kind(text)``, which must be > 0."""
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse: "invalid int value: 'x'"
+    return parse
 
 
 def parse_policies(text: str, sliding: bool = False, hybrid: bool = False) -> list[str]:
@@ -154,7 +165,7 @@ def bench_main(ns: argparse.Namespace) -> int:
     profile = load_profile(ns.profile)
     layers = load_layer_kinds(ns.model)
     hybrid = layers.ssm is not None
-    model = layers.ssm.base if layers.ssm is not None else load_model_spec(ns.model)
+    model = layers.ssm.base if layers.ssm is not None else load_model_spec(ns.model)  # a hybrid's attention shape
     sliding = layers.num_sliding > 0
     baselines = (HETERO_BASELINES if sliding else ()) + (HYBRID_BASELINES if hybrid else ())
     policies = parse_policies(ns.policies or ",".join(POLICY_NAMES + baselines), sliding, hybrid)
@@ -170,11 +181,11 @@ def bench_main(ns: argparse.Namespace) -> int:
     capacity = kv_capacity_tokens(profile, model, cache, ns.kv_gib, layers)
     if sliding:
         kinds = f"{layers.num_full} full + {layers.num_sliding} sliding-window ({layers.window_tokens}) layers"
-    elif layers.ssm is not None:
+    elif hybrid:
         kinds = f"{layers.num_full} attention + {layers.num_ssm} SSM layers, states and KV in one budget"
     else:
         kinds = f"{model.num_layers} layers"
-    bytes_per_token = layers.ssm.kv_bytes_per_token if layers.ssm is not None else model.kv_bytes_per_token
+    bytes_per_token = kv_bytes_per_token(model, layers)
     print(f"profile {profile.name} | model {model.name} ({model.dtype}, {kinds}) | trace {trace.name}: "
           f"{len(trace.requests)} requests | KV capacity {capacity} tokens "
           f"({capacity * bytes_per_token / 1024**3:.2f} GiB) | mode {ns.mode}")

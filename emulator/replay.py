@@ -54,6 +54,13 @@ from odma_mlu.predictor.base import LengthPredictor, RequestFeatures
 GIB = 1024**3
 
 
+def kv_bytes_per_token(model: ModelSpec, layers: LayerKinds | None) -> int:
+    """Bytes of the unit the replay counts capacity in: one token of every layer's K/V, or for
+    a hybrid (``layers.ssm``) of its attention layers' K/V."""
+    hybrid = layers.ssm if layers is not None else None
+    return hybrid.kv_bytes_per_token if hybrid is not None else model.kv_bytes_per_token
+
+
 def kv_capacity_tokens(profile: DeviceProfile, model: ModelSpec, cache: CacheConfig,
                        kv_gib: float | None = None, layers: LayerKinds | None = None) -> int:
     """KV tokens that fit: device memory minus the activation reserve minus the weights. A
@@ -61,7 +68,7 @@ def kv_capacity_tokens(profile: DeviceProfile, model: ModelSpec, cache: CacheCon
     states take their bytes out of the same budget)."""
     hybrid = layers.ssm if layers is not None else None
     weight_bytes = hybrid.weight_bytes if hybrid is not None else model.weight_bytes
-    bytes_per_token = hybrid.kv_bytes_per_token if hybrid is not None else model.kv_bytes_per_token
+    bytes_per_token = kv_bytes_per_token(model, layers)
     if kv_gib is not None:
         if kv_gib <= 0:
             raise ConfigError(f"--kv-gib must be positive, got {kv_gib}")
@@ -148,7 +155,7 @@ class _KVLayout:
                  cost: CostModel, state_fraction: float | None) -> None:
         self.layers = layers if layers is not None and layers.num_sliding else None
         self.hybrid = layers.ssm if layers is not None else None
-        self.bytes_per_token = self.hybrid.kv_bytes_per_token if self.hybrid is not None else model.kv_bytes_per_token
+        self.bytes_per_token = kv_bytes_per_token(model, layers)
         self.rings: RingPool | None = None
         self.arena: Any
         self.policy: Any
@@ -345,7 +352,8 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         migrated_bytes=arena.moved_bytes, kv_read_bytes=kv_read_bytes,
         runs_per_request=num_read_runs / num_reads if num_reads else 1.0, num_steps=steps,
         capacity_tokens=capacity_tokens, max_concurrent=max_running,
-        held_per_request_bytes=held_per_request_sum / steps if steps else 0.0, extents_free_after=policy.reserved_tokens() == 0 and policy.num_live() == 0,
+        held_per_request_bytes=held_per_request_sum / steps if steps else 0.0,
+        extents_free_after=policy.reserved_tokens() == 0 and policy.num_live() == 0,
         bucket_edges_tokens=stats.bucket_edges_tokens,
         timeline_s=tuple(tl_t[i] for i in keep), timeline_live_tokens=tuple(tl_live[i] for i in keep),
         timeline_reserved_tokens=tuple(tl_res[i] for i in keep), policy_extra=dict(stats.extra), **result_kwargs,  # type: ignore[arg-type]

@@ -16,11 +16,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from emulator.bench import format_table, parse_policies, run_bench  # noqa: E402
+from emulator.bench import format_table, parse_policies, positive_arg, run_bench  # noqa: E402
 from emulator.profile import DeviceProfile, load_profile  # noqa: E402
 from emulator.replay import kv_capacity_tokens  # noqa: E402
 from emulator.traces import load_trace  # noqa: E402
@@ -30,16 +29,6 @@ from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds  # noqa: E4
 
 NO_ROOM_KV_GIB = 6.0
 """KV budget where the weights leave none on the profile (Gemma-3-12B on a 24 GB card)."""
-
-
-def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse: "invalid int value: 'x'"
-    return parse
 
 
 def _names(text: str) -> list[str]:
@@ -65,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traces", default="sharegpt-dev,alpaca-vicuna", help="comma-separated trace names or paths")
     ap.add_argument("--policies", default="odma,paged,jenga,vllm_hybrid,vllm_uniform",
                     help="comma-separated KV policies (odma-mlu bench's, with the sliding-window baselines)")
-    ap.add_argument("--max-requests", type=_positive(int), default=1000, help="first N requests of each trace")
-    ap.add_argument("--max-new-tokens", type=_positive(int), default=2048)
-    ap.add_argument("--kv-gib", type=_positive(float), default=None,
+    ap.add_argument("--max-requests", type=positive_arg(int), default=1000, help="first N requests of each trace")
+    ap.add_argument("--max-new-tokens", type=positive_arg(int), default=2048)
+    ap.add_argument("--kv-gib", type=positive_arg(float), default=None,
                     help="KV budget for every policy; default: the profile's capacity minus the weights, "
                          f"or {NO_ROOM_KV_GIB:g} GiB where the weights leave none (Gemma-3-12B on a 24 GB card)")
     ap.add_argument("--json", type=Path, default=Path("out/bench_hetero.json"))

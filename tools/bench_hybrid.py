@@ -15,11 +15,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from emulator.bench import format_table, parse_policies, run_bench  # noqa: E402
+from emulator.bench import format_table, parse_policies, positive_arg, run_bench  # noqa: E402
 from emulator.hybrid_policy import tuned_state_fraction  # noqa: E402
 from emulator.hybrid_traces import SHAREGPT_DEV, drifting_trace, sharegpt_trace  # noqa: E402
 from emulator.profile import load_profile  # noqa: E402
@@ -30,16 +29,6 @@ from odma_mlu.models.hybrid_spec import BUILTIN_HYBRID_SHAPES  # noqa: E402
 from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds  # noqa: E402
 
 DEFAULT_POLICIES = "padded_unified,static_split_0.5,static_split_tuned,avmp,odma"
-
-
-def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
-    """An argparse type: ``kind(text)``, which must be > 0."""
-    def parse(text: str) -> float:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
 
 
 def describe_extra(r: ReplayResult) -> str:
@@ -65,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="mlu370-x4")
     ap.add_argument("--models", default=",".join(BUILTIN_HYBRID_SHAPES), help="comma-separated hybrid shapes")
     ap.add_argument("--data", type=Path, default=SHAREGPT_DEV, help="ShareGPT pairs JSONL (tokens = chars / 4)")
-    ap.add_argument("--max-requests", type=_positive(int), default=1000)
+    ap.add_argument("--max-requests", type=positive_arg(int), default=1000)
     ap.add_argument("--policies", default=DEFAULT_POLICIES)
-    ap.add_argument("--max-new-tokens", type=_positive(int), default=None,
+    ap.add_argument("--max-new-tokens", type=positive_arg(int), default=None,
                     help="the server's generation cap; default: the longest output of the data (none is cut)")
-    ap.add_argument("--cache-gib", type=_positive(float), default=None,
+    ap.add_argument("--cache-gib", type=positive_arg(float), default=None,
                     help="KV + state budget; default: 90%% of device memory minus the weights")
-    ap.add_argument("--max-num-seqs", type=_positive(int), default=SchedulerConfig.max_num_seqs)
+    ap.add_argument("--max-num-seqs", type=positive_arg(int), default=SchedulerConfig.max_num_seqs)
     ap.add_argument("--json", type=Path, default=Path("out/bench_hybrid.json"))
     args = ap.parse_args(argv)
     profile = load_profile(args.profile)
