@@ -9,14 +9,18 @@
 Invariants (``check_integrity``): used and free extents tile [base, base+capacity) exactly,
 never overlap, free extents are coalesced (no two adjacent), and the counters match.
 
-Data structures keep reserve+release O(log n) + one memmove: free extents are indexed by
-start and by end (dicts, for coalescing) and by (length, start) (a sorted list, for best
-fit).
+Data structures keep reserve+release to a few dict operations and small list edits: free
+extents are indexed by start and by end (dicts, for coalescing) and by length (for best
+fit): a dict from each hole length to the ascending starts of the holes of that length,
+and the ascending list of the distinct lengths. The lengths of live holes repeat (granule
+counts): with 10,000 live ODMA requests, 7,357 holes have 86 lengths, so an insert or a
+removal edits a list of ~100 entries instead of one sorted list of every hole (whose
+memmoves cost ~1.7 us per edit at that size).
 """
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left, insort
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -58,9 +62,9 @@ class ExtentAllocator:
         self.capacity_tokens = capacity_tokens
         self._free_len: dict[int, int] = {}  # start -> length
         self._free_by_end: dict[int, int] = {}  # end -> start (coalescing with the left hole)
-        self._free_by_size: list[tuple[int, int]] = []  # (length, start)
+        self._starts_by_len: dict[int, list[int]] = {}  # length -> starts of the holes that long, ascending
+        self._lengths: list[int] = []  # the keys of _starts_by_len, ascending
         self._used: dict[int, int] = {}  # start -> length
-        self._used_by_end: dict[int, int] = {}  # end -> start (left-neighbour lookups)
         self.used_tokens = 0
         if capacity_tokens > 0:
             self._add_free(base, capacity_tokens)
@@ -69,12 +73,22 @@ class ExtentAllocator:
     def _add_free(self, start: int, length: int) -> None:
         self._free_len[start] = length
         self._free_by_end[start + length] = start
-        bisect.insort(self._free_by_size, (length, start))
+        starts = self._starts_by_len.get(length)
+        if starts is None:
+            self._starts_by_len[length] = [start]
+            insort(self._lengths, length)
+        else:
+            insort(starts, start)
 
     def _remove_free(self, start: int) -> int:
         length = self._free_len.pop(start)
         del self._free_by_end[start + length]
-        del self._free_by_size[bisect.bisect_left(self._free_by_size, (length, start))]
+        starts = self._starts_by_len[length]
+        if len(starts) == 1:
+            del self._starts_by_len[length]
+            del self._lengths[bisect_left(self._lengths, length)]
+        else:
+            del starts[bisect_left(starts, start)]
         return length
 
     def _insert_free_coalesced(self, start: int, length: int) -> None:
@@ -101,7 +115,7 @@ class ExtentAllocator:
         return len(self._free_len)
 
     def largest_free(self) -> int:
-        return self._free_by_size[-1][0] if self._free_by_size else 0
+        return self._lengths[-1] if self._lengths else 0
 
     def can_allocate(self, length: int) -> bool:
         return 0 < length <= self.largest_free()
@@ -109,15 +123,15 @@ class ExtentAllocator:
     def allocate(self, length: int) -> Extent | None:
         """Best fit (smallest hole that fits, lowest address on ties); None if no hole fits."""
         assert length > 0, f"allocate needs a positive length, got {length}"
-        i = bisect.bisect_left(self._free_by_size, (length, -1))
-        if i == len(self._free_by_size):
+        i = bisect_left(self._lengths, length)
+        if i == len(self._lengths):
             return None
-        hole_len, hole_start = self._free_by_size[i]
+        hole_len = self._lengths[i]
+        hole_start = self._starts_by_len[hole_len][0]
         self._remove_free(hole_start)
         if hole_len > length:
             self._add_free(hole_start + length, hole_len - length)
         self._used[hole_start] = length
-        self._used_by_end[hole_start + length] = hole_start
         self.used_tokens += length
         return Extent(hole_start, length)
 
@@ -147,28 +161,36 @@ class ExtentAllocator:
         if end < hole_start + hole_len:
             self._add_free(end, hole_start + hole_len - end)
         self._used[start] = length
-        self._used_by_end[end] = start
         self.used_tokens += length
         return Extent(start, length)
 
     def holes_at_least(self, min_length: int, limit: int) -> list[tuple[int, int]]:
         """Up to ``limit`` free holes of at least ``min_length`` tokens as (length, start),
         smallest first (lowest address on ties)."""
-        i = bisect.bisect_left(self._free_by_size, (min_length, -1))
-        return self._free_by_size[i:i + limit]
+        holes: list[tuple[int, int]] = []
+        lengths, by_len = self._lengths, self._starts_by_len
+        for i in range(bisect_left(lengths, min_length), len(lengths)):
+            n = lengths[i]
+            holes += [(n, s) for s in by_len[n][:limit - len(holes)]]
+            if len(holes) >= limit:
+                break
+        return holes
 
     def largest_holes(self, limit: int) -> list[tuple[int, int]]:
-        """Up to ``limit`` of the largest free holes as (length, start), largest first."""
-        return self._free_by_size[:-limit - 1:-1] if limit > 0 else []
-
-    def start_of_used_ending_at(self, slot: int) -> int | None:
-        """First slot of the used extent whose end is ``slot`` (None if none ends there)."""
-        return self._used_by_end.get(slot)
+        """Up to ``limit`` of the largest free holes as (length, start), largest first
+        (highest address on ties)."""
+        holes: list[tuple[int, int]] = []
+        lengths, by_len = self._lengths, self._starts_by_len
+        for i in range(len(lengths) - 1, -1, -1):
+            if len(holes) >= limit:
+                break
+            n = lengths[i]
+            holes += [(n, s) for s in reversed(by_len[n][len(holes) - limit:])]
+        return holes
 
     def free(self, extent: Extent) -> None:
         got = self._used.pop(extent.start, None)
         assert got == extent.length, f"free of {extent} which is not allocated (found length {got})"
-        del self._used_by_end[extent.end]
         self.used_tokens -= extent.length
         self._insert_free_coalesced(extent.start, extent.length)
 
@@ -189,8 +211,6 @@ class ExtentAllocator:
         if nb > extra:
             self._add_free(extent.end + extra, nb - extra)
         self._used[extent.start] = new_length
-        del self._used_by_end[extent.end]
-        self._used_by_end[extent.start + new_length] = extent.start
         self.used_tokens += extra
         return Extent(extent.start, new_length)
 
@@ -200,8 +220,6 @@ class ExtentAllocator:
         if new_length == extent.length:
             return extent
         self._used[extent.start] = new_length
-        del self._used_by_end[extent.end]
-        self._used_by_end[extent.start + new_length] = extent.start
         self.used_tokens -= extent.length - new_length
         self._insert_free_coalesced(extent.start + new_length, extent.length - new_length)
         return Extent(extent.start, new_length)
@@ -227,5 +245,8 @@ class ExtentAllocator:
         assert pos == self.base + self.capacity_tokens, f"extents end at {pos}, not {self.base + self.capacity_tokens}"
         assert self.used_tokens == sum(self._used.values()), "used_tokens counter drifted"
         assert self._free_by_end == {h + n: h for h, n in self._free_len.items()}, "free end index out of sync"
-        assert self._used_by_end == {s + n: s for s, n in self._used.items()}, "end index out of sync"
-        assert self._free_by_size == sorted((n, s) for s, n in self._free_len.items()), "free size index out of sync"
+        by_len: dict[int, list[int]] = {}
+        for h, n in sorted(self._free_len.items()):
+            by_len.setdefault(n, []).append(h)
+        assert self._starts_by_len == by_len, "free length index out of sync"
+        assert self._lengths == sorted(by_len), "distinct length list out of sync"
