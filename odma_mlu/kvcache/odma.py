@@ -31,6 +31,7 @@ spills into the other when its own has no hole, so no capacity is ever idle.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Protocol
 
 from odma_mlu.config import OdmaConfig
@@ -108,16 +109,17 @@ class OdmaPolicy(KVPolicy):
             reoptimize_every=config.reoptimize_every, bin_tokens=config.histogram_bin_tokens)
         self.drift_detector = drift_detector
         self._reqs: dict[str, _Request] = {}
-        self._tails: dict[int, _Request] = {}
-        """End granule of each request's last run -> the request: whose room a hole starts with."""
+        self._tail_rooms: dict[int, int] = {}
+        """End granule of each request's last run -> the granules it still expects to grow into
+        there (``_room``): the room a hole starting at that granule begins with. Kept as ints,
+        not the requests, so a placement's look-ups at its candidate holes touch no request."""
         self._claims_total = 0
 
     # -- sizes -------------------------------------------------------------------------
     def _bucket_tokens(self, generated_tokens: float, req_max_new: int) -> int:
-        for e in self.histogram.boundaries.edges_tokens:
-            if generated_tokens <= e:
-                return min(e, req_max_new)
-        return req_max_new
+        edges = self.histogram.boundaries.edges_tokens  # increasing
+        i = bisect_left(edges, generated_tokens)
+        return min(edges[i], req_max_new) if i < len(edges) else req_max_new
 
     def claim_tokens(self, req: ReserveRequest) -> int:
         """prompt + the bucket of the predicted length at ``target_coverage``."""
@@ -151,12 +153,9 @@ class OdmaPolicy(KVPolicy):
         return (self.safety, self.main) if prefer_safety else (self.main, self.safety)
 
     # -- placement ---------------------------------------------------------------------
-    def _room_before(self, region: ExtentAllocator, slot: int) -> int:
-        """Room the request whose last run ends at ``slot`` still expects to grow into (0 if
-        none does: free, or a run its request no longer grows)."""
-        r = self._tails.get(slot)
-        if r is None or slot == region.base:  # a run ending at a region's base is the other region's
-            return 0
+    @staticmethod
+    def _room(r: _Request) -> int:
+        """Granules ``r`` still expects to grow into past its last run (0 once it holds its claim)."""
         return max(0, r.claim_units - r.held_units)
 
     def _fit(self, region: ExtentAllocator, want: int, hold: int, lend: bool = True) -> tuple[int, int] | None:
@@ -165,10 +164,13 @@ class OdmaPolicy(KVPolicy):
         both. Failing that (the rooms oversubscribe memory), and if ``lend``: among the largest
         holes, the one with the most room to spare, split between the neighbour's room and ours
         in proportion to the two."""
-        rooms: dict[int, int] = {}  # each hole's neighbour room, computed once
+        # The room a hole starts with: that of the request whose last run ends at the hole's
+        # start (none: 0); a run ending at a region's base is the other region's.
+        tail_rooms = self._tail_rooms
+        base = region.base
         floor = max(hold, self.min_run_units)
         for hole_len, hole_start in region.holes_at_least(max(want, floor), PLACEMENT_CANDIDATES):
-            room = rooms[hole_start] = self._room_before(region, hole_start)
+            room = tail_rooms.get(hole_start, 0) if hole_start != base else 0
             if hole_len >= room + want:
                 return hole_start + room, hole_start
         if not lend:
@@ -177,9 +179,7 @@ class OdmaPolicy(KVPolicy):
         for hole_len, hole_start in region.largest_holes(LEND_CANDIDATES):
             if hole_len < floor:
                 break
-            room = rooms.get(hole_start)
-            if room is None:
-                room = self._room_before(region, hole_start)
+            room = tail_rooms.get(hole_start, 0) if hole_start != base else 0
             spare = hole_len - room - want
             if best is None or spare > best[0]:
                 best = (spare, hole_start, room)
@@ -257,10 +257,10 @@ class OdmaPolicy(KVPolicy):
     def _add_run(self, r: _Request, region: ExtentAllocator, ext: Extent) -> None:
         """Append a run: it becomes the request's last run (the one that grows)."""
         if r.runs:
-            del self._tails[r.runs[-1][1].end]
+            del self._tail_rooms[r.runs[-1][1].end]
         r.runs.append((region, ext))
         r.held_units += ext.length
-        self._tails[ext.end] = r
+        self._tail_rooms[ext.end] = self._room(r)
 
     # -- growth ------------------------------------------------------------------------
     def _raise_claim(self, r: _Request, needed_tokens: int) -> None:
@@ -272,6 +272,7 @@ class OdmaPolicy(KVPolicy):
         self._claims_total += new_claim - r.claim_tokens
         r.claim_tokens = new_claim
         r.claim_units = self._units(new_claim)
+        self._tail_rooms[r.runs[-1][1].end] = self._room(r)
 
     def ensure_capacity(self, request_id: str, needed_tokens: int) -> GrowResult:
         r = self._reqs[request_id]
@@ -301,9 +302,9 @@ class OdmaPolicy(KVPolicy):
             grown = region.grow_in_place(last, last.length + size - held)
             if grown is not None:
                 r.runs[-1] = (region, grown)
-                del self._tails[last.end]
-                self._tails[grown.end] = r
                 r.held_units += grown.length - last.length
+                del self._tail_rooms[last.end]
+                self._tail_rooms[grown.end] = self._room(r)
                 self.in_place_grows += 1
                 return GrowResult(GrowStatus.OK, 0, "in_place")
         live = r.live_tokens
@@ -356,7 +357,7 @@ class OdmaPolicy(KVPolicy):
                 pos += n
                 left -= n
             old_region.free(old)
-        del self._tails[r.runs[-1][1].end]
+        del self._tail_rooms[r.runs[-1][1].end]
         r.runs = []
         r.held_units = 0
         self._add_run(r, region, ext)
@@ -376,7 +377,7 @@ class OdmaPolicy(KVPolicy):
         r = self._reqs.pop(request_id)
         for region, ext in r.runs:
             region.free(ext)
-        del self._tails[r.runs[-1][1].end]
+        del self._tail_rooms[r.runs[-1][1].end]
         self._claims_total -= r.claim_tokens
         if generated_tokens is None:
             return
@@ -401,8 +402,8 @@ class OdmaPolicy(KVPolicy):
             self.safety.check_integrity()
         held = sum(r.held_units for r in self._reqs.values()) * self.unit
         assert held == self.reserved_tokens(), f"requests hold {held} tokens, regions say {self.reserved_tokens()}"
-        tails = {r.runs[-1][1].end: rid for rid, r in self._reqs.items()}
-        assert tails == {end: r.request_id for end, r in self._tails.items()}, "tail index out of sync with the runs"
+        tail_rooms = {r.runs[-1][1].end: self._room(r) for r in self._reqs.values()}
+        assert tail_rooms == self._tail_rooms, "tail room index out of sync with the runs and claims"
         for rid, r in self._reqs.items():
             assert r.runs, f"{rid} holds no run"
             assert r.live_tokens <= r.held_units * self.unit, f"{rid}: {r.live_tokens} live tokens held in {r.runs}"
