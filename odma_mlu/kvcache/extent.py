@@ -70,9 +70,10 @@ class ExtentAllocator:
             self._add_free(base, capacity_tokens)
 
     # -- free-index maintenance ---------------------------------------------------------
-    def _add_free(self, start: int, length: int) -> None:
-        self._free_len[start] = length
-        self._free_by_end[start + length] = start
+    # A hole that changes size keeps its entries in the start and end dicts where one end
+    # stays put (overwritten, not removed and added): the dicts are large, and each
+    # operation on them is a likely cache miss.
+    def _index_length(self, start: int, length: int) -> None:
         starts = self._starts_by_len.get(length)
         if starts is None:
             self._starts_by_len[length] = [start]
@@ -80,25 +81,53 @@ class ExtentAllocator:
         else:
             insort(starts, start)
 
-    def _remove_free(self, start: int) -> int:
-        length = self._free_len.pop(start)
-        del self._free_by_end[start + length]
+    def _unindex_length(self, start: int, length: int) -> None:
         starts = self._starts_by_len[length]
         if len(starts) == 1:
             del self._starts_by_len[length]
             del self._lengths[bisect_left(self._lengths, length)]
         else:
             del starts[bisect_left(starts, start)]
-        return length
+
+    def _add_free(self, start: int, length: int) -> None:
+        self._free_len[start] = length
+        self._free_by_end[start + length] = start
+        self._index_length(start, length)
+
+    def _carve(self, hole_start: int, start: int, end: int) -> None:
+        """Take [start, end), which lies inside the hole at ``hole_start``, out of the free index."""
+        free_len, free_by_end = self._free_len, self._free_by_end
+        hole_len = free_len[hole_start]
+        self._unindex_length(hole_start, hole_len)
+        hole_end = hole_start + hole_len
+        if start > hole_start:  # a hole stays on the left: same start
+            free_len[hole_start] = start - hole_start
+            free_by_end[start] = hole_start
+            self._index_length(hole_start, start - hole_start)
+        else:
+            del free_len[hole_start]
+        if end < hole_end:  # a hole stays on the right: same end
+            free_len[end] = hole_end - end
+            free_by_end[hole_end] = end
+            self._index_length(end, hole_end - end)
+        else:
+            del free_by_end[hole_end]
 
     def _insert_free_coalesced(self, start: int, length: int) -> None:
+        """Free [start, start + length), merged with the holes on either side."""
+        free_len, free_by_end = self._free_len, self._free_by_end
         end = start + length
-        if end in self._free_len:  # right neighbour is free
-            length += self._remove_free(end)
-        left = self._free_by_end.get(start)
-        if left is not None:
-            start, length = left, length + self._remove_free(left)
-        self._add_free(start, length)
+        right_len = free_len.pop(end, 0)
+        if right_len:  # its end entry is overwritten below
+            self._unindex_length(end, right_len)
+            end += right_len
+        left = free_by_end.pop(start, None)
+        if left is not None:  # its start entry is overwritten below
+            self._unindex_length(left, start - left)
+            start = left
+        free_len[start] = end - start
+        free_by_end[end] = start
+        self._index_length(start, end - start)
 
     # -- public API -----------------------------------------------------------------------
     @property
@@ -126,11 +155,8 @@ class ExtentAllocator:
         i = bisect_left(self._lengths, length)
         if i == len(self._lengths):
             return None
-        hole_len = self._lengths[i]
-        hole_start = self._starts_by_len[hole_len][0]
-        self._remove_free(hole_start)
-        if hole_len > length:
-            self._add_free(hole_start + length, hole_len - length)
+        hole_start = self._starts_by_len[self._lengths[i]][0]
+        self._carve(hole_start, hole_start, hole_start + length)
         self._used[hole_start] = length
         self.used_tokens += length
         return Extent(hole_start, length)
@@ -154,12 +180,7 @@ class ExtentAllocator:
             return None
         if start + length > hole_start + hole_len:
             return None
-        self._remove_free(hole_start)
-        if start > hole_start:
-            self._add_free(hole_start, start - hole_start)
-        end = start + length
-        if end < hole_start + hole_len:
-            self._add_free(end, hole_start + hole_len - end)
+        self._carve(hole_start, start, start + length)
         self._used[start] = length
         self.used_tokens += length
         return Extent(start, length)
@@ -207,9 +228,7 @@ class ExtentAllocator:
         nb = self._free_len.get(extent.end, 0)
         if nb < extra:
             return None
-        self._remove_free(extent.end)
-        if nb > extra:
-            self._add_free(extent.end + extra, nb - extra)
+        self._carve(extent.end, extent.end, extent.end + extra)
         self._used[extent.start] = new_length
         self.used_tokens += extra
         return Extent(extent.start, new_length)
