@@ -189,24 +189,30 @@ class ExtentAllocator:
         """Up to ``limit`` free holes of at least ``min_length`` tokens as (length, start),
         smallest first (lowest address on ties)."""
         holes: list[tuple[int, int]] = []
-        lengths, by_len = self._lengths, self._starts_by_len
+        if limit <= 0:
+            return holes
+        lengths, starts_by_len = self._lengths, self._starts_by_len
         for i in range(bisect_left(lengths, min_length), len(lengths)):
             n = lengths[i]
-            holes += [(n, s) for s in by_len[n][:limit - len(holes)]]
-            if len(holes) >= limit:
-                break
+            for start in starts_by_len[n]:
+                holes.append((n, start))
+                if len(holes) == limit:
+                    return holes
         return holes
 
     def largest_holes(self, limit: int) -> list[tuple[int, int]]:
         """Up to ``limit`` of the largest free holes as (length, start), largest first
         (highest address on ties)."""
         holes: list[tuple[int, int]] = []
-        lengths, by_len = self._lengths, self._starts_by_len
+        if limit <= 0:
+            return holes
+        lengths, starts_by_len = self._lengths, self._starts_by_len
         for i in range(len(lengths) - 1, -1, -1):
-            if len(holes) >= limit:
-                break
             n = lengths[i]
-            holes += [(n, s) for s in reversed(by_len[n][len(holes) - limit:])]
+            for start in reversed(starts_by_len[n]):
+                holes.append((n, start))
+                if len(holes) == limit:
+                    return holes
         return holes
 
     def free(self, extent: Extent) -> None:

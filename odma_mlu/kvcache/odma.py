@@ -222,18 +222,20 @@ class OdmaPolicy(KVPolicy):
             return None
         prefer_safety = self._prefers_safety(req, claim)
         regions = self._regions(prefer_safety)
-        placed = self._place(regions, self._units(claim), hold)
+        claim_units = self._units(claim)
+        placed = self._place(regions, claim_units, hold)
         pieces = [placed] if placed is not None else self._scatter(regions, self._units(req.num_tokens))
         if not pieces:
             return None
-        r = _Request(req.request_id, req.prompt_tokens, req.max_total_tokens, claim, self._units(claim),
+        r = _Request(req.request_id, req.prompt_tokens, req.max_total_tokens, claim, claim_units,
                      req.num_tokens, prefer_safety, req.read_per_block)
         self._reqs[req.request_id] = r
         for region, ext in pieces:
             self._add_run(r, region, ext)
         self.new_runs += len(pieces) - 1
         self._claims_total += claim
-        return self.location(req.request_id)
+        unit = self.unit
+        return KVLocation(tuple((ext.start * unit, ext.length * unit) for _, ext in pieces))
 
     def _scatter(self, regions: tuple[ExtentAllocator, ...], units: int) -> list[tuple[ExtentAllocator, Extent]]:
         """No hole holds ``units``: take the largest holes until they do (several runs),
@@ -377,7 +379,7 @@ class OdmaPolicy(KVPolicy):
         r = self._reqs.pop(request_id)
         for region, ext in r.runs:
             region.free(ext)
-        del self._tail_rooms[r.runs[-1][1].end]
+        del self._tail_rooms[ext.start + ext.length]  # the last run's end
         self._claims_total -= r.claim_tokens
         if generated_tokens is None:
             return
