@@ -130,8 +130,10 @@ class OdmaPolicy(KVPolicy):
         return max(req.num_tokens, req.prompt_tokens + bucket)
 
     def _prefers_safety(self, req: ReserveRequest, claim: int) -> bool:
-        uncertain = req.prediction is None or req.prediction.ratio > self.config.uncertainty_ratio
-        return uncertain or claim >= self.config.long_request_tokens
+        """Uncertain (no prediction, or a wide one) or long."""
+        prediction = req.prediction
+        return (prediction is None or claim >= self.config.long_request_tokens
+                or prediction.ratio > self.config.uncertainty_ratio)
 
     def _units(self, tokens: int) -> int:
         return -(-tokens // self.unit)
@@ -143,9 +145,8 @@ class OdmaPolicy(KVPolicy):
         return 0 if read_per_block else self.config.chunk_tokens
 
     def _hold_units(self, num_tokens: int, claim: int, read_per_block: bool) -> int:
-        if not self.config.elastic:
-            return self._units(claim)
-        return self._units(min(claim, num_tokens + self._ahead_tokens(read_per_block)))
+        hold_tokens = min(claim, num_tokens + self._ahead_tokens(read_per_block)) if self.config.elastic else claim
+        return -(-hold_tokens // self.unit)
 
     def _regions(self, prefer_safety: bool) -> tuple[ExtentAllocator, ...]:
         if self.safety is None:
@@ -235,6 +236,8 @@ class OdmaPolicy(KVPolicy):
         self.new_runs += len(pieces) - 1
         self._claims_total += claim
         unit = self.unit
+        if placed is not None:  # one run, nearly always
+            return KVLocation(((placed[1].start * unit, placed[1].length * unit),))
         return KVLocation(tuple((ext.start * unit, ext.length * unit) for _, ext in pieces))
 
     def _scatter(self, regions: tuple[ExtentAllocator, ...], units: int) -> list[tuple[ExtentAllocator, Extent]]:
