@@ -226,10 +226,29 @@ class ExtentMachine(RuleBasedStateMachine):
             return
         best = min(fits, key=lambda h: (h[1], h[0]))
         assert e == Extent(best[0], n), f"best fit of {n} in {holes} should be {best}, got {e}"
+        oid = self._new_id()
+        self._paint(e, oid)
+        self.live[oid] = e
+
+    def _new_id(self) -> int:
         oid = (self.next_id - 1) % 255 + 1
         while oid in self.live:
             oid = oid % 255 + 1
         self.next_id += 1
+        return oid
+
+    @rule(data=st.data())
+    def allocate_at(self, data: st.DataObject) -> None:
+        """A run inside a hole, its hole named (as ODMA places): the pieces left on either side stay free."""
+        holes = self._holes()
+        if not holes:
+            return
+        hole_start, hole_len = data.draw(st.sampled_from(holes))
+        offset = data.draw(st.integers(0, hole_len - 1))
+        n = data.draw(st.integers(1, hole_len - offset))
+        e = self.a.allocate_at(hole_start + offset, n, hole_start)
+        assert e == Extent(hole_start + offset, n)
+        oid = self._new_id()
         self._paint(e, oid)
         self.live[oid] = e
 
@@ -283,6 +302,11 @@ class ExtentMachine(RuleBasedStateMachine):
         assert f.num_free_extents == len(holes)
         assert f.largest_free_tokens == max((h[1] for h in holes), default=0)
         assert f.num_used_extents == len(self.live)
+        by_size = sorted((n, s) for s, n in holes)  # the order placement reads holes in
+        for min_length in (1, 5, 20):
+            assert self.a.holes_at_least(min_length, 3) == [h for h in by_size if h[0] >= min_length][:3]
+        assert self.a.largest_holes(3) == by_size[::-1][:3]
+        assert self.a.largest_holes(len(holes)) == by_size[::-1]
 
 
 ExtentMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None,
