@@ -15,7 +15,8 @@ fit): a dict from each hole length to the ascending starts of the holes of that 
 and the ascending list of the distinct lengths. The lengths of live holes repeat (granule
 counts): with 10,000 live ODMA requests, 7,357 holes have 86 lengths, so an insert or a
 removal edits a list of ~100 entries instead of one sorted list of every hole (whose
-memmoves cost ~1.7 us per edit at that size).
+memmoves cost ~1.7 us per edit at that size). Where every hole has its own length (token
+granules, few holes) the distinct lengths are that one list again, no worse.
 """
 
 from __future__ import annotations
