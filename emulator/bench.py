@@ -174,8 +174,8 @@ def bench_main(ns: argparse.Namespace) -> int:
     sched = SchedulerConfig()
     if getattr(ns, "max_num_seqs", None):
         sched = replace(sched, max_num_seqs=ns.max_num_seqs)
-    if getattr(ns, "chunked_prefill", False):
-        sched = replace(sched, enable_chunked_prefill=True, max_prefill_chunk_tokens=ns.max_prefill_chunk_tokens)
+    sched = replace(sched, enable_chunked_prefill=getattr(ns, "chunked_prefill", sched.enable_chunked_prefill),
+                    max_prefill_chunk_tokens=getattr(ns, "max_prefill_chunk_tokens", sched.max_prefill_chunk_tokens))
     if getattr(ns, "max_num_batched_tokens", None):
         sched = replace(sched, max_num_batched_tokens=ns.max_num_batched_tokens)
     capacity = kv_capacity_tokens(profile, model, cache, ns.kv_gib, layers)

@@ -57,6 +57,15 @@ def _out_path(text: str) -> str:
 _SEED = _int_in(0, 2**63 - 1)
 
 
+def add_chunked_prefill_arg(parser: argparse.ArgumentParser) -> None:
+    """``--chunked-prefill`` / ``--no-chunked-prefill``, defaulting to ``SchedulerConfig``'s (on);
+    shared with the benchmark scripts in tools/."""
+    parser.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction,
+                        default=SchedulerConfig.enable_chunked_prefill,
+                        help="one token budget per step for decodes and prefill chunks, as vLLM v1 (default: on; "
+                             "--no-chunked-prefill prefills each prompt whole)")
+
+
 def _bench(ns: argparse.Namespace) -> int:
     from emulator.bench import bench_main
 
@@ -130,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=_SEED, default=0)
     b.add_argument("--max-num-seqs", type=_int_in(1), default=SchedulerConfig.max_num_seqs,
                    help="cap on running sequences")
-    b.add_argument("--chunked-prefill", action="store_true",
-                   help="one token budget per step for decodes and prefill chunks (SchedulerConfig.enable_chunked_prefill)")
+    add_chunked_prefill_arg(b)
     b.add_argument("--max-prefill-chunk-tokens", type=_int_in(1), default=SchedulerConfig.max_prefill_chunk_tokens,
                    help="with --chunked-prefill: prompt tokens one sequence computes per step")
     b.add_argument("--max-num-batched-tokens", type=_int_in(1), default=SchedulerConfig.max_num_batched_tokens,

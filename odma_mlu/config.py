@@ -233,9 +233,11 @@ class SchedulerConfig:
     24 GB card (~118K KV tokens): that is the regime ODMA is about."""
     max_num_batched_tokens: int = 8192
     max_new_tokens: int = 512
-    enable_chunked_prefill: bool = False
-    """One token budget per step for decodes and prefill chunks (vLLM v1): long prompts are
-    computed over several steps next to the running decodes (odma_mlu/engine/scheduler.py)."""
+    enable_chunked_prefill: bool = True
+    """One token budget per step for decodes and prefill chunks (vLLM v1's default): long
+    prompts, and the recompute of a preempted request, are computed over several steps next
+    to the running decodes (odma_mlu/engine/scheduler.py). False: each prompt is prefilled
+    whole in one step (the default before 2026-12-06; docs/results.md has both)."""
     max_prefill_chunk_tokens: int = 512
     """With chunked prefill: the most prompt tokens one sequence computes in a step."""
 

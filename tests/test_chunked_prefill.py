@@ -108,3 +108,14 @@ def test_chunked_engine_and_replay_share_schedule_and_clock(tiny_model_dir: Path
     assert res.completed == len(lengths) and res.lost == 0
     assert res.num_steps == steps and res.preemptions == eng.scheduler.num_preemptions
     assert backend.clock.now_s == pytest.approx(res.makespan_s, rel=1e-12)  # type: ignore[attr-defined]
+
+
+def test_chunked_prefill_is_the_default_and_can_be_turned_off() -> None:
+    """As in vLLM v1, prompts are chunked unless the operator says otherwise: the config
+    default, ``odma-mlu bench`` and the benchmark scripts follow it; ``--no-chunked-prefill``
+    restores whole-prompt prefill (how the figures before 2026-12-06 were measured)."""
+    from odma_mlu.cli import build_parser
+
+    assert SchedulerConfig().enable_chunked_prefill
+    assert build_parser().parse_args(["bench"]).chunked_prefill is True
+    assert build_parser().parse_args(["bench", "--no-chunked-prefill"]).chunked_prefill is False

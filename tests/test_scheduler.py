@@ -102,8 +102,9 @@ def test_max_num_seqs() -> None:
 
 
 def test_max_num_batched_tokens() -> None:
+    """Whole prefill (chunking off): prompts are admitted whole while the budget holds them."""
     p = StaticPolicy(arena(10_000))
-    s = sched(p, max_num_batched_tokens=64)
+    s = sched(p, max_num_batched_tokens=64, enable_chunked_prefill=False)
     for i in range(4):
         s.add(seq(f"r{i}", 30, 10, 5, i))
     batch, _ = step(s)
@@ -115,8 +116,9 @@ def test_max_num_batched_tokens() -> None:
 
 
 def test_an_over_budget_prompt_runs_alone() -> None:
+    """Whole prefill (chunking off): a prompt above the budget runs as the step's only prefill."""
     p = StaticPolicy(arena(10_000))
-    s = sched(p, max_num_batched_tokens=64)
+    s = sched(p, max_num_batched_tokens=64, enable_chunked_prefill=False)
     s.add(seq("big", 100, 10, 2, 0))
     s.add(seq("small", 5, 10, 2, 1))
     batch, _ = step(s)

@@ -20,10 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from emulator.bench import format_table, parse_policies, positive_arg, run_bench  # noqa: E402
+from odma_mlu.cli import add_chunked_prefill_arg  # noqa: E402
 from emulator.profile import DeviceProfile, load_profile  # noqa: E402
 from emulator.replay import kv_capacity_tokens  # noqa: E402
 from emulator.traces import load_trace  # noqa: E402
-from odma_mlu.config import CacheConfig, ModelSpec, load_model_spec  # noqa: E402
+from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig, load_model_spec  # noqa: E402
 from odma_mlu.errors import ConfigError, OdmaError  # noqa: E402
 from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds  # noqa: E402
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"or {NO_ROOM_KV_GIB:g} GiB where the weights leave none (Gemma-3-12B on a 24 GB card)")
     ap.add_argument("--json", type=Path, default=Path("out/bench_hetero.json"))
     ap.add_argument("--no-progress", action="store_true")
+    add_chunked_prefill_arg(ap)
     args = ap.parse_args(argv)
 
     # Every flag is checked before the first replay.
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_gib = kv_gib_for(profile, model, args.kv_gib)
         for trace in traces:
             results = run_bench(trace, policies, model, profile, kv_gib=kv_gib, max_new_tokens=args.max_new_tokens,
+                                scheduler=SchedulerConfig(enable_chunked_prefill=args.chunked_prefill),
                                 progress=not args.no_progress, layers=layers)
             capacity_gib = results[0].capacity_tokens * model.kv_bytes_per_token / 2**30
             print(f"\n{model.name} | {trace.name}: {len(trace.requests)} requests | {profile.name}, "

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from emulator.bench import format_table, parse_policies, positive_arg, run_bench  # noqa: E402
+from odma_mlu.cli import add_chunked_prefill_arg  # noqa: E402
 from emulator.hybrid_policy import tuned_state_fraction  # noqa: E402
 from emulator.hybrid_traces import SHAREGPT_DEV, drifting_trace, sharegpt_trace  # noqa: E402
 from emulator.profile import load_profile  # noqa: E402
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="KV + state budget; default: 90%% of device memory minus the weights")
     ap.add_argument("--max-num-seqs", type=positive_arg(int), default=SchedulerConfig.max_num_seqs)
     ap.add_argument("--json", type=Path, default=Path("out/bench_hybrid.json"))
+    add_chunked_prefill_arg(ap)
     args = ap.parse_args(argv)
     profile = load_profile(args.profile)
     try:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     sharegpt = sharegpt_trace(args.data, args.max_requests)
     traces = (sharegpt, drifting_trace(sharegpt))
     max_new_tokens = args.max_new_tokens or max(r.output_tokens for r in sharegpt.requests)
-    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs)
+    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, enable_chunked_prefill=args.chunked_prefill)
     cache = CacheConfig()
     rows: list[dict[str, object]] = []
     t0 = time.perf_counter()
