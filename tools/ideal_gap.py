@@ -23,7 +23,8 @@ from emulator.bench import resolve_predictor  # noqa: E402
 from emulator.profile import load_profile  # noqa: E402
 from emulator.replay import ReplayResult, kv_capacity_tokens, replay  # noqa: E402
 from emulator.traces import load_trace  # noqa: E402
-from odma_mlu.config import CacheConfig, load_model_spec  # noqa: E402
+from odma_mlu.cli import add_chunked_prefill_arg  # noqa: E402
+from odma_mlu.config import CacheConfig, SchedulerConfig, load_model_spec  # noqa: E402
 from odma_mlu.kvcache.paged import IdealPolicy  # noqa: E402
 
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-capacity-tokens", type=int, default=None,
                     help="KV capacity (default: what the profile's card holds for the 7B shape)")
     ap.add_argument("--json", type=Path, default=None)
+    add_chunked_prefill_arg(ap)
     ns = ap.parse_args(argv)
     model = load_model_spec()
     profile = load_profile(ns.profile)
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(policy: str) -> ReplayResult:
         return replay(trace, policy, model, profile, max_new_tokens=ns.max_new_tokens, capacity_tokens=cap,
+                      scheduler_config=SchedulerConfig(enable_chunked_prefill=ns.chunked_prefill),
                       predictor=resolve_predictor(None))
 
     rows: dict[str, ReplayResult] = {p: run(p) for p in ("odma", "paged", "ideal")}

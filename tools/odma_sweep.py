@@ -21,6 +21,7 @@ from emulator.bench import resolve_predictor
 from emulator.profile import load_profile
 from emulator.replay import kv_capacity_tokens, replay
 from emulator.traces import load_trace
+from odma_mlu.cli import add_chunked_prefill_arg
 from odma_mlu.config import CacheConfig, OdmaConfig, SchedulerConfig, load_model_spec
 
 GRID: dict[str, list[object]] = {
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated fields to sweep")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    add_chunked_prefill_arg(ap)
     ns = ap.parse_args()
     model = load_model_spec()
     profile = load_profile(ns.profile)
@@ -61,7 +63,7 @@ def main() -> None:
     for f in fields:
         for v in GRID[f]:
             cache = replace(CacheConfig(), odma=replace(OdmaConfig(), **{f: v}))
-            r = replay(trace, "odma", model, profile, cache=cache, scheduler_config=SchedulerConfig(),
+            r = replay(trace, "odma", model, profile, cache=cache, scheduler_config=SchedulerConfig(enable_chunked_prefill=ns.chunked_prefill),
                        max_new_tokens=ns.max_new_tokens, capacity_tokens=cap,
                        predictor=resolve_predictor(ns.predictor))
             rows.append({"field": f, "value": v, **r.metrics()})
