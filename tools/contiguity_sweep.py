@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 from emulator.bench import run_bench  # noqa: E402
 from emulator.profile import BandwidthCurve, CurvePoint, DeviceProfile, load_profile  # noqa: E402
 from emulator.traces import load_trace  # noqa: E402
-from odma_mlu.config import DEFAULT_MODEL, CacheConfig, load_model_spec  # noqa: E402
+from odma_mlu.cli import add_chunked_prefill_arg  # noqa: E402
+from odma_mlu.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig, load_model_spec  # noqa: E402
 
 RATIOS = (0.3, 1.0, 0.6, 0.8, 0.93, 0.5, 0.7, 0.4, 0.9)  # run in this order; reported sorted
 POLICIES = ("odma", "paged", "ideal")
@@ -90,7 +91,8 @@ def sweep(args: argparse.Namespace) -> dict:
         rows = []
         for label, r, prof in profiles:
             t0 = time.perf_counter()
-            res = run_bench(trace, POLICIES, model, prof, cache=cache, progress=False)
+            res = run_bench(trace, POLICIES, model, prof, cache=cache, progress=False,
+                            scheduler=SchedulerConfig(enable_chunked_prefill=args.chunked_prefill))
             tps = {x.policy: x.tps for x in res}
             row = {"label": label, "ratio_at_page": r, **{f"{k}_tps": v for k, v in tps.items()},
                    "odma_over_paged": tps["odma"] / tps["paged"], "ideal_over_paged": tps["ideal"] / tps["paged"],
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traces", default="alpaca,servegen", help="comma-separated subset of alpaca,servegen")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="no replay: merge the traces of these sweep JSONs into --json and plot them")
+    add_chunked_prefill_arg(ap)
     args = ap.parse_args(argv)
     if args.merge:
         doc = json.loads(Path(args.merge[0]).read_text())
