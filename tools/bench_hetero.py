@@ -20,10 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from emulator.bench import format_table, parse_policies, positive_arg, run_bench  # noqa: E402
-from odma_mlu.cli import add_chunked_prefill_arg  # noqa: E402
 from emulator.profile import DeviceProfile, load_profile  # noqa: E402
 from emulator.replay import kv_capacity_tokens  # noqa: E402
 from emulator.traces import load_trace  # noqa: E402
+from odma_mlu.cli import add_chunked_prefill_arg  # noqa: E402
 from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig, load_model_spec  # noqa: E402
 from odma_mlu.errors import ConfigError, OdmaError  # noqa: E402
 from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds  # noqa: E402

@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from emulator.bench import format_table, parse_policies, positive_arg, run_bench  # noqa: E402
-from odma_mlu.cli import add_chunked_prefill_arg  # noqa: E402
 from emulator.hybrid_policy import tuned_state_fraction  # noqa: E402
 from emulator.hybrid_traces import SHAREGPT_DEV, drifting_trace, sharegpt_trace  # noqa: E402
 from emulator.profile import load_profile  # noqa: E402
 from emulator.replay import ReplayResult, kv_capacity_tokens  # noqa: E402
+from odma_mlu.cli import add_chunked_prefill_arg  # noqa: E402
 from odma_mlu.config import CacheConfig, SchedulerConfig  # noqa: E402
 from odma_mlu.errors import ConfigError  # noqa: E402
 from odma_mlu.models.hybrid_spec import BUILTIN_HYBRID_SHAPES  # noqa: E402

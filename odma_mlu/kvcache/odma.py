@@ -235,10 +235,9 @@ class OdmaPolicy(KVPolicy):
             self._add_run(r, region, ext)
         self.new_runs += len(pieces) - 1
         self._claims_total += claim
-        unit = self.unit
-        if placed is not None:  # one run, nearly always
-            return KVLocation(((placed[1].start * unit, placed[1].length * unit),))
-        return KVLocation(tuple((ext.start * unit, ext.length * unit) for _, ext in pieces))
+        if placed is not None:  # one run, nearly always: built here, without walking the runs
+            return KVLocation(((placed[1].start * self.unit, placed[1].length * self.unit),))
+        return self.location(req.request_id)
 
     def _scatter(self, regions: tuple[ExtentAllocator, ...], units: int) -> list[tuple[ExtentAllocator, Extent]]:
         """No hole holds ``units``: take the largest holes until they do (several runs),
@@ -382,7 +381,7 @@ class OdmaPolicy(KVPolicy):
         r = self._reqs.pop(request_id)
         for region, ext in r.runs:
             region.free(ext)
-        del self._tail_rooms[ext.start + ext.length]  # the last run's end
+        del self._tail_rooms[r.runs[-1][1].end]
         self._claims_total -= r.claim_tokens
         if generated_tokens is None:
             return
