@@ -20,6 +20,7 @@ from emulator.hybrid_policy import HYBRID_BASELINES
 from emulator.profile import DeviceProfile, load_profile
 from emulator.replay import ReplayResult, kv_bytes_per_token, kv_capacity_tokens, replay
 from emulator.traces import Trace, load_trace
+from odma_mlu.cli import swap_space_bytes
 from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig, load_model_spec
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.factory import POLICY_NAMES
@@ -28,7 +29,8 @@ from odma_mlu.predictor.base import LengthPredictor
 
 TABLE_COLUMNS = (("policy", "{}"), ("completed", "{:>9}"), ("lost", "{:>4}"), ("tps", "{:>8.1f}"),
                  ("rps", "{:>6.2f}"), ("kv_utilization", "{:>14.3f}"), ("reservation_efficiency", "{:>22.3f}"),
-                 ("overflow_rate", "{:>13.3f}"), ("preemptions", "{:>11}"), ("runs_per_request", "{:>16.3f}"),
+                 ("overflow_rate", "{:>13.3f}"), ("preemptions", "{:>11}"), ("num_swaps", "{:>9}"),
+                 ("runs_per_request", "{:>16.3f}"),
                  ("copied_kv_fraction", "{:>18.4f}"), ("max_concurrent", "{:>14}"),
                  ("held_per_request_mib", "{:>20.1f}"), ("makespan_s", "{:>10.1f}"))
 ONLINE_COLUMNS = (("ttft_p50_s", "{:>10.3f}"), ("ttft_p99_s", "{:>10.3f}"), ("tpot_p50_s", "{:>10.4f}"),
@@ -170,7 +172,7 @@ def bench_main(ns: argparse.Namespace) -> int:
     baselines = (HETERO_BASELINES if sliding else ()) + (HYBRID_BASELINES if hybrid else ())
     policies = parse_policies(ns.policies or ",".join(POLICY_NAMES + baselines), sliding, hybrid)
     trace = load_trace(ns.trace, seed=ns.seed, max_requests=ns.max_requests, max_new_tokens=ns.max_new_tokens)
-    cache = replace(CacheConfig(), page_size_tokens=ns.page_size)
+    cache = replace(CacheConfig(), page_size_tokens=ns.page_size, swap_space_bytes=swap_space_bytes(ns))
     sched = SchedulerConfig()
     if getattr(ns, "max_num_seqs", None):
         sched = replace(sched, max_num_seqs=ns.max_num_seqs)

@@ -49,6 +49,10 @@ full attention)::
                      prefill runs the chunked scan (6 t d_inner d_state, + Mamba2's
                      intra-chunk 2 t L heads (d_state + head_dim) FLOPs) and writes the state
     state copies     ``state_copy_bytes``: read + write at stream bandwidth, one launch each
+    host swaps       ``swap_tokens``: a preempted request's KV to host memory or back
+                     (kvcache/arena.py ``swap_out`` / ``swap_in``): over the host link at the
+                     profile's ``host_link`` bandwidth, plus a device-side gather (or scatter)
+                     through a contiguous staging copy (read + write at stream bandwidth)
 
 The kernel counts below are the ops our forwards dispatch (views excluded), per
 architecture and layer kind, counted by tests/test_cost_model.py and
@@ -73,6 +77,7 @@ KERNELS_PER_GATHERED_GROUP_PER_LAYER = 2  # a group not read as a view gathers i
 KERNELS_PER_PREFILL_PER_LAYER = 2  # attention, copy the output rows
 KERNELS_PER_COPY_PER_LAYER = 2  # one contiguous copy of K and one of V
 KERNELS_FIXED = 15  # rotary lookup, embedding, buffers, final norm, LM head, logits cast
+KERNELS_PER_SWAP_PER_LAYER = 4  # K and V: a gather (scatter) and a host copy each
 READ_CACHE_ENTRIES = 1 << 16  # memoized per-sequence reads (CostModel._read)
 
 
@@ -95,6 +100,7 @@ class ForwardKernels:
     ssm_decode: int = 39  # per SSM layer, once when the step decodes: conv step + recurrent step
     copy: int = KERNELS_PER_COPY_PER_LAYER  # per full layer and KV copy
     state_copy: int = 1  # per state copy
+    swap: int = KERNELS_PER_SWAP_PER_LAYER  # per full layer and host swap (+ 1 for its slot index)
 
 
 QWEN2_KERNELS = ForwardKernels()
@@ -123,6 +129,8 @@ class StepCost:
     copy_bytes: int = 0
     state_bytes: int = 0
     """SSM state read + written (decodes) and written (prefills)."""
+    swap_bytes: int = 0
+    """KV moved over the host link (swaps of preempted requests)."""
 
     @property
     def bound(self) -> str:
@@ -185,6 +193,13 @@ class CostModel:
         """K and V of one token over the full-attention layers (what the arena holds)."""
         return self._n_full * self.model.kv_bytes_per_token_per_layer
 
+    def swap_capacity_tokens(self, swap_space_bytes: int) -> int:
+        """KV tokens that ``swap_space_bytes`` of host memory holds; 0 where the profile has
+        no ``host_link`` to price a swap with (every preemption then recomputes)."""
+        if self.profile.host_link_bandwidth_bytes_per_s is None:
+            return 0
+        return swap_space_bytes // self.kv_bytes_per_token
+
     def run_bandwidth(self, run_tokens: int) -> float:
         """Achieved bandwidth reading a run of ``run_tokens`` (K or V of one layer is one
         physical run of ``run_tokens * kv_heads * head_dim * dtype`` bytes)."""
@@ -225,7 +240,8 @@ class CostModel:
         cached = work.prefill_cached_tokens or (0,) * prefills
         full = (k.full_layer + k.decode_group * len(groups) + k.gathered_group * (len(groups) - work.decode_group_views)
                 + k.prefill * prefills + k.copy * len(work.copy_tokens))
-        total = self._n_full * full + k.fixed + k.state_copy * len(work.state_copy_bytes)
+        total = (self._n_full * full + k.fixed + k.state_copy * len(work.state_copy_bytes)
+                 + len(work.swap_tokens) * (self._n_full * k.swap + 1))
         if self._n_sliding:
             sliding = (k.sliding_layer + k.prefill * prefills + k.sliding_cached_prefill * sum(c > 0 for c in cached)
                        + (k.sliding_decode if work.num_decodes else 0))
@@ -306,7 +322,7 @@ class CostModel:
     def step_time(self, work: StepWork) -> StepCost:
         """Cost of one step described by ``work`` (see ``odma_mlu.engine.step_work``)."""
         m, kinds = self.model, self.layers
-        if work.is_empty and not work.copy_tokens and not work.state_copy_bytes:
+        if work.is_empty and not work.copy_tokens and not work.state_copy_bytes and not work.swap_tokens:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0, 0, 0, 0.0)
         num_seqs = len(work.prefill_new_tokens) + work.num_decodes
         new_tokens = sum(work.prefill_new_tokens) + work.num_decodes
@@ -340,13 +356,18 @@ class CostModel:
         # KV copies the policy issued (contiguous, read + write at stream bandwidth), state copies.
         copy_bytes = 2 * sum(work.copy_tokens) * self.kv_bytes_per_token + 2 * sum(work.state_copy_bytes)
         acc.add(1, copy_bytes / self._stream_bw, 0.0, 0.0)
+        swap_bytes = sum(work.swap_tokens) * self.kv_bytes_per_token
+        if swap_bytes:
+            link = self.profile.host_link_bandwidth_bytes_per_s
+            assert link is not None, f"profile {self.profile.name} has no host_link: it cannot price a swap"
+            acc.add(1, swap_bytes / link + 2 * swap_bytes / self._stream_bw, 0.0, 0.0)
 
         overhead_s = self.num_kernels(work) * self._launch
         weights = (kinds.ssm.streamed_weight_bytes if kinds.ssm is not None else m.streamed_weight_bytes)
         return StepCost(
             time_s=acc.time_s + overhead_s, memory_s=acc.memory_s, compute_s=acc.compute_s, overhead_s=overhead_s,
             weight_bytes=weights if num_seqs else 0, kv_read_bytes=kv_read, kv_write_bytes=kv_write,
-            flops=acc.flops, copy_bytes=copy_bytes, state_bytes=state_bytes,
+            flops=acc.flops, copy_bytes=copy_bytes, state_bytes=state_bytes, swap_bytes=swap_bytes,
         )
 
     def _ssm_state(self, acc: _Acc, work: StepWork) -> int:

@@ -14,6 +14,7 @@ server makes::
     compute_flops_per_s: {float16: 96 TFLOPS, float32: 24 TFLOPS}
     launch_overhead: 8 us
     provenance: {kind: derived, sources: [...]}   # or kind: measured, tool, host, date
+    host_link: {bandwidth: 25 GB/s, source: derived, note: "..."}   # OPTIONAL: see below
     matmul_rows:           # OPTIONAL: achieved FLOP/s of [M, K] x [K, N] against M (rows)
       float32:
         - {rows: 1, flops: 12 GFLOPS, source: measured}
@@ -24,6 +25,10 @@ server makes::
 assumes the dense peak at any M. The profiler measures it as models call matmuls
 (``F.linear``, weight ``[out, in]``) with a cache-resident ``K = N`` weight, so it isolates
 compute efficiency; weight streaming is the memory term.
+
+``host_link`` is the device <-> host copy bandwidth (one direction), what swapping a
+preempted request's KV to host memory and back costs. Without it the emulator does not
+swap on that profile (every preemption recomputes).
 
 Curves must have strictly increasing, positive ``chunk_bytes``. Each point says whether it
 was ``measured`` or ``derived`` and, if derived, why (``note``).
@@ -45,7 +50,8 @@ from odma_mlu.errors import ProfileError
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
 TOP_KEYS_REQUIRED = ("name", "memory_type", "capacity_bytes", "peak_bandwidth", "sequential", "gather",
                      "compute_flops_per_s", "launch_overhead", "provenance")
-TOP_KEYS_OPTIONAL = ("schema_version", "description", "notes", "matmul_rows")
+TOP_KEYS_OPTIONAL = ("schema_version", "description", "notes", "matmul_rows", "host_link")
+LINK_KEYS = ("bandwidth", "source", "note")
 ROWS_POINT_KEYS = ("rows", "flops", "source", "note")
 POINT_KEYS = ("chunk_bytes", "bandwidth", "source", "note")
 SOURCES = ("measured", "derived")
@@ -93,6 +99,8 @@ class DeviceProfile:
     source_path: str = ""
     matmul_rows: Mapping[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
     """Optional: per dtype, (rows M, achieved FLOP/s) points, M strictly increasing."""
+    host_link_bandwidth_bytes_per_s: float | None = None
+    """Optional: device <-> host copy bandwidth, one direction (None: not known, no swapping)."""
 
     @property
     def stream_bandwidth_bytes_per_s(self) -> float:
@@ -276,11 +284,30 @@ def parse_profile(data: Any, where: str) -> DeviceProfile:
     if lacking:
         raise ProfileError(f"{where}: provenance of kind {prov['kind']!r} needs {list(need)}; missing {lacking}")
     rows = _matmul_rows(data["matmul_rows"], where, flops) if "matmul_rows" in data else {}
+    link = _host_link(data["host_link"], where) if "host_link" in data else None
     return DeviceProfile(
         name=str(data["name"]), memory_type=str(data["memory_type"]), capacity_bytes=int(capacity),
         peak_bandwidth_bytes_per_s=peak, sequential=seq, gather=gat, compute_flops_per_s=flops,
         launch_overhead_s=overhead, provenance=dict(prov), source_path=where, matmul_rows=rows,
+        host_link_bandwidth_bytes_per_s=link,
     )
+
+
+def _host_link(raw: Any, where: str) -> float:
+    if not isinstance(raw, Mapping) or "bandwidth" not in raw:
+        raise ProfileError(f"{where}: host_link must be a mapping with a bandwidth, e.g. "
+                           "{bandwidth: 25 GB/s, source: derived, note: ...}")
+    unknown = sorted(set(raw) - set(LINK_KEYS))
+    if unknown:
+        raise ProfileError(f"{where}: host_link has unknown key(s) {unknown}; valid keys are {list(LINK_KEYS)}")
+    if raw.get("source") not in SOURCES:
+        raise ProfileError(f"{where}: host_link.source must be one of {list(SOURCES)}, got {raw.get('source')!r}")
+    if raw["source"] == "derived" and not raw.get("note"):
+        raise ProfileError(f"{where}: a derived host_link needs a note saying where its bandwidth comes from")
+    bw = parse_quantity(raw["bandwidth"], "bandwidth", f"{where}: host_link.bandwidth")
+    if bw <= 0:
+        raise ProfileError(f"{where}: host_link.bandwidth must be positive, got {bw:g}")
+    return bw
 
 
 def available_profiles() -> list[str]:

@@ -101,6 +101,10 @@ class ReplayResult:
     preemptions: int
     migrated_bytes: int
     """KV bytes copied (read once and written once each)."""
+    swapped_bytes: int
+    """KV bytes moved over the host link by preemptions that swapped (out and back in)."""
+    num_swaps: int
+    """Preemptions that swapped instead of recomputing."""
     kv_read_bytes: int
     runs_per_request: float
     """Mean runs per decode read."""
@@ -238,7 +242,11 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
     kv = _KVLayout(policy_name, model, layers, capacity_tokens, cache, max_new_tokens, drift_detector, cost,
                    state_fraction)
     arena, policy = kv.arena, kv.policy
-    scheduler = Scheduler(policy, scheduler_config, model.max_position_embeddings, predictor)
+    # As LLMEngine: preempted requests swap to host memory where their whole KV is in the
+    # arena (no rings, no SSM state, no shared prefix pages); the replay only counts the bytes.
+    swappable = kv.layers is None and kv.hybrid is None and not cache.enable_prefix_caching
+    scheduler = Scheduler(policy, scheduler_config, model.max_position_embeddings, predictor,
+                          swap_capacity_tokens=cost.swap_capacity_tokens(cache.swap_space_bytes) if swappable else 0)
 
     # Requests, predictions (made once, before they run: what a server would know).
     requests = list(trace.requests)
@@ -263,6 +271,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
     generated = 0
     steps = 0
     kv_read_bytes = 0
+    swapped_bytes = 0
     num_reads = 0
     num_read_runs = 0
     max_running = 0
@@ -298,6 +307,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         now_s += step.time_s
         steps += 1
         kv_read_bytes += step.kv_read_bytes
+        swapped_bytes += step.swap_bytes
         num_reads += work.num_decodes
         num_read_runs += sum(len(r) for r in work.decode_read_runs)
         finished: list[Sequence] = []
@@ -349,7 +359,8 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         kv_utilization_all=float(np.mean(util_all)),
         reservation_efficiency=live_sum / reserved_sum if reserved_sum else 0.0,
         overflow_rate=policy.overflowed_requests / max(1, len(done)), preemptions=scheduler.num_preemptions,
-        migrated_bytes=arena.moved_bytes, kv_read_bytes=kv_read_bytes,
+        migrated_bytes=arena.moved_bytes, swapped_bytes=swapped_bytes, num_swaps=scheduler.num_swaps,
+        kv_read_bytes=kv_read_bytes,
         runs_per_request=num_read_runs / num_reads if num_reads else 1.0, num_steps=steps,
         capacity_tokens=capacity_tokens, max_concurrent=max_running,
         held_per_request_bytes=held_per_request_sum / steps if steps else 0.0,

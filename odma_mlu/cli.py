@@ -66,6 +66,19 @@ def add_chunked_prefill_arg(parser: argparse.ArgumentParser) -> None:
                              "--no-chunked-prefill prefills each prompt whole)")
 
 
+def add_swap_space_arg(parser: argparse.ArgumentParser) -> None:
+    """``--swap-space-gib``, defaulting to ``CacheConfig.swap_space_bytes`` (4 GiB); shared with
+    the benchmark scripts in tools/."""
+    parser.add_argument("--swap-space-gib", type=_float_in(0.0), default=CacheConfig.swap_space_bytes / 2**30,
+                        help="host memory for the KV of preempted requests, which swap instead of recomputing "
+                             "(default: 4; 0: every preemption recomputes)")
+
+
+def swap_space_bytes(ns: argparse.Namespace) -> int:
+    """The swap space ``add_swap_space_arg`` parsed, in bytes."""
+    return int(ns.swap_space_gib * 2**30)
+
+
 def _bench(ns: argparse.Namespace) -> int:
     from emulator.bench import bench_main
 
@@ -140,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-num-seqs", type=_int_in(1), default=SchedulerConfig.max_num_seqs,
                    help="cap on running sequences")
     add_chunked_prefill_arg(b)
+    add_swap_space_arg(b)
     b.add_argument("--max-prefill-chunk-tokens", type=_int_in(1), default=SchedulerConfig.max_prefill_chunk_tokens,
                    help="with --chunked-prefill: prompt tokens one sequence computes per step")
     b.add_argument("--max-num-batched-tokens", type=_int_in(1), default=SchedulerConfig.max_num_batched_tokens,

@@ -220,6 +220,12 @@ class CacheConfig:
     models only."""
     activation_reserve_fraction: float = 0.10
     """Share of device memory kept for activations and the runtime (90% memory use)."""
+    swap_space_bytes: int = 4 * 1024**3
+    """Host memory that holds the KV of preempted requests until they run again (vLLM's
+    ``swap_space``, 4 GiB by default): a preempted request whose computed KV fits is copied
+    to the host and back instead of being recomputed (odma_mlu/engine/scheduler.py). 0:
+    every preemption recomputes. Models with sliding-window or SSM layers, and prefix
+    caching, always recompute (their rings, states and shared pages are not swapped)."""
     odma: OdmaConfig = field(default_factory=OdmaConfig)
 
 

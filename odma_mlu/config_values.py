@@ -28,6 +28,7 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "page_size_tokens": (1, 65536, False, False),
     "activation_reserve_fraction": (0.0, 1.0, False, True),
     "watermark_fraction": (0.0, 1.0, False, True),
+    "swap_space_bytes": (0, 2**50, False, False),
     "memory_fraction": (0.0, 1.0, True, False),
     "cpu_kv_capacity_tokens": (256, 2**40, False, False),
     "drain_timeout_s": (0.0, 86400.0, False, False),

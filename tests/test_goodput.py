@@ -14,7 +14,8 @@ from odma_mlu.cli import main
 
 _BASE = ReplayResult(policy="p", completed=10, lost=0, rejected=0, makespan_s=1.0, generated_tokens=10, tps=10.0,
                      rps=10.0, kv_utilization=0.5, kv_utilization_all=0.5, reservation_efficiency=1.0,
-                     overflow_rate=0.0, preemptions=0, migrated_bytes=0, kv_read_bytes=0, runs_per_request=1.0,
+                     overflow_rate=0.0, preemptions=0, migrated_bytes=0, swapped_bytes=0, num_swaps=0, kv_read_bytes=0,
+                     runs_per_request=1.0,
                      num_steps=10, capacity_tokens=100)
 
 

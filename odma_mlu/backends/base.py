@@ -131,6 +131,11 @@ class Backend(ABC):
         device has no profile (policies then never copy to merge runs)."""
         return None
 
+    def swap_capacity_tokens(self, swap_space_bytes: int, kv_bytes_per_token: int) -> int:
+        """KV tokens that ``swap_space_bytes`` of host memory holds for preempted requests
+        (0: no swapping), given the arena's ``kv_bytes_per_token``."""
+        return swap_space_bytes // kv_bytes_per_token
+
     def new_graph(self, share_pool_with: "DeviceGraph | None" = None) -> "DeviceGraph | None":
         """A device graph for capturing decode steps, or None where the backend has none
         (CPU, the emulated backend): the engine then runs eagerly. ``share_pool_with``: a

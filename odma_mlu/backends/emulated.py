@@ -109,6 +109,10 @@ class EmulatedBackend(Backend):
         usable = self.profile.capacity_bytes * (1.0 - activation_reserve_fraction) - weight_bytes
         return max(0, int(usable) // (kinds.num_attention * m.kv_bytes_per_token_per_layer))
 
+    def swap_capacity_tokens(self, swap_space_bytes: int, kv_bytes_per_token: int) -> int:
+        """In tokens of the target shape (what the clock prices)."""
+        return self.cost.swap_capacity_tokens(swap_space_bytes)
+
     def synchronize(self) -> None:
         self.host.synchronize()
 

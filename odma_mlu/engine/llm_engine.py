@@ -3,7 +3,9 @@
 ::
 
     add_request -> Scheduler.add (validated before any KV is reserved)
-    step():  batch = scheduler.schedule()          (policy reserves / grows / preempts)
+    step():  batch = scheduler.schedule()          (policy reserves / grows / preempts;
+                                                    a swapped-out request's KV goes to the host)
+             swapped-in KV written back             (before the forward reads it)
              logits = model.forward(batch, arena)   (prefill + decode in one varlen batch)
              tokens = sampler.sample_rows(logits)   (vectorized; per-request generators)
              stop checks -> scheduler.postprocess   (finished requests release their KV)
@@ -37,6 +39,7 @@ from odma_mlu.engine.scheduler import ScheduledBatch, Scheduler
 from odma_mlu.engine.request_log import RequestLog
 from odma_mlu.engine.step_work import StepWork, describe_step
 from odma_mlu.errors import ConfigError, RequestRejected
+from odma_mlu.kvcache.arena import HostKV, KVLocation
 from odma_mlu.kvcache.factory import make_policy
 from odma_mlu.kvcache.prefix import PrefixCachingPolicy
 from odma_mlu.kvcache.windowed import WindowedPolicy
@@ -117,7 +120,14 @@ class LLMEngine:
 
             self.states = self.model.new_state_pool(0)
             self.policy = AvmpPolicy(self.policy, self.states, self.model.hybrid.kv_bytes_per_token)
-        self.scheduler = Scheduler(self.policy, scheduler, self.spec.max_position_embeddings, predictor)
+        # Preempted requests swap their KV to host memory where the whole of it lives in the
+        # arena (no rings, no SSM state, no shared prefix pages); elsewhere they recompute.
+        self._host_kv: dict[str, HostKV] = {}
+        swappable = not windowed and self.states is None and not cache.enable_prefix_caching
+        swap_tokens = (self.backend.swap_capacity_tokens(cache.swap_space_bytes, self.arena.bytes_per_token)
+                       if swappable else 0)
+        self.scheduler = Scheduler(self.policy, scheduler, self.spec.max_position_embeddings, predictor,
+                                   swap_capacity_tokens=swap_tokens, on_swap_out=self._swap_out)
         self.sampler = Sampler(seed)
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()
@@ -186,7 +196,12 @@ class LLMEngine:
         if live is None:
             return False
         self.scheduler.abort(request_id)
+        self._host_kv.pop(request_id, None)
         return True
+
+    def _swap_out(self, seq: Sequence, location: KVLocation) -> None:
+        """The scheduler preempts ``seq`` by swapping: keep its computed KV on the host."""
+        self._host_kv[seq.request_id] = self.arena.swap_out(location, seq.kv_tokens)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
@@ -221,6 +236,8 @@ class LLMEngine:
         graph = self.runner is not None and not batch.prefill and self.runner.fits(inputs)
         fb = None if graph else ForwardBatch.build(inputs, device=self.model.device)
         try:
+            for s in batch.swapped_in:  # their new runs are reserved: write the KV back before it is read
+                self.arena.swap_in(self.scheduler.location(s), self._host_kv.pop(s.request_id))
             if fb is None:
                 assert self.runner is not None
                 logits = self.runner.run(inputs)
@@ -323,6 +340,7 @@ class LLMEngine:
         """End one request with ``finish_reason == "error"``; its KV is freed."""
         live = self._live.pop(request_id, None)
         self.scheduler.abort(request_id)
+        self._host_kv.pop(request_id, None)
         tokens = tuple(live.seq.output_token_ids) if live is not None else ()
         return RequestOutput(request_id, (), tokens, live.text if live is not None else "", True, FINISH_ERROR,
                              None, message)

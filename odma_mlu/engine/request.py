@@ -40,6 +40,9 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_generated: int = 0
     kv_tokens: int = 0
+    swapped_tokens: int = 0
+    """Preempted with its KV copied to host memory: the tokens held there (0: none; a
+    preemption without swap space recomputes)."""
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
     first_token_s: float | None = None

@@ -24,9 +24,21 @@ A prefix-caching policy (odma_mlu/kvcache/prefix.py) may report at admission tha
 first tokens of a prompt are already in KV (``cached_prefix_tokens``): prefill starts there.
 
 Grouping decode sequences into attention calls is not the scheduler's business:
-``odma_mlu.engine.step_work.decode_group_key`` decides it in one place. Preemption is by
-recompute: the KV is dropped and the prompt plus the tokens generated so far are prefilled
-again later (in chunks, with chunking on), so output tokens never change.
+``odma_mlu.engine.step_work.decode_group_key`` decides it in one place.
+
+Preemption swaps where it can and recomputes otherwise, for every policy alike::
+
+    preempt(seq):  computed KV fits the host swap space left?
+        yes -> swap: ``on_swap_out(seq, runs)`` copies it to host memory *before* the policy
+               frees the runs (a later growth in the same ``schedule()`` may write there);
+               re-admission reserves room as usual, the batch lists the sequence in
+               ``swapped_in`` and the engine writes the KV back before the forward; only
+               the newest token is left to compute
+        no  -> recompute: the KV is dropped; prompt + tokens generated so far are
+               prefilled again later (in chunks, with chunking on)
+
+Either way output tokens never change. ``ScheduledBatch.swap_tokens`` lists the tokens each
+swap moved over the host link, so the step-cost function charges them.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from odma_mlu.config import SchedulerConfig
 from odma_mlu.errors import RequestRejected
@@ -55,7 +67,13 @@ class ScheduledBatch:
     prefill_chunk_tokens: tuple[int, ...] = ()
     """New tokens each prefill computes this step (aligned with ``prefill``)."""
     prefill_cached_tokens: tuple[int, ...] = ()
-    """Tokens each prefill already had in KV before this step (prefix hits, earlier chunks)."""
+    """Tokens each prefill already had in KV before this step (prefix hits, earlier chunks,
+    KV swapped back in)."""
+    swapped_in: tuple[Sequence, ...] = ()
+    """Re-admitted sequences whose KV comes back from host memory: the engine writes it to
+    their new runs before the forward (they are among ``prefill``)."""
+    swap_tokens: tuple[int, ...] = ()
+    """KV tokens each swap of this step moved over the host link (swap-outs, then swap-ins)."""
 
     def __post_init__(self) -> None:
         if not self.prefill_chunk_tokens and self.prefill:  # built by hand: whole prefills
@@ -90,7 +108,11 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, policy: KVPolicy, config: SchedulerConfig, max_context_tokens: int | None = None,
-                 predictor: LengthPredictor | None = None) -> None:
+                 predictor: LengthPredictor | None = None, swap_capacity_tokens: int = 0,
+                 on_swap_out: Callable[[Sequence, KVLocation], None] | None = None) -> None:
+        """``swap_capacity_tokens``: KV tokens the host swap space holds (0: recompute only).
+        ``on_swap_out(seq, runs)``: copies the KV of ``seq``'s first ``seq.kv_tokens`` tokens
+        out of ``runs`` to the host (the engine's; the replay only counts)."""
         self.policy = policy
         self.predictor = predictor if policy.uses_prediction else None
         self.config = config
@@ -98,6 +120,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.swap_capacity_tokens = swap_capacity_tokens
+        self.swap_used_tokens = 0
+        self.num_swaps = 0
+        self.swapped_tokens_total = 0
+        """KV tokens moved over the host link, out and in (every swap)."""
+        self.on_swap_out = on_swap_out
         # Submission order breaks ties between equal arrival times (offline replay: all 0), so
         # "oldest" is FCFS order; the request id string ("r10" < "r9") is not an age.
         self._submitted: dict[str, int] = {}
@@ -143,7 +171,15 @@ class Scheduler:
                               seq.prediction, seq.true_output_tokens)
 
     # -- preemption ------------------------------------------------------------------------
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, swaps: list[int]) -> None:
+        n = seq.kv_tokens
+        if 0 < n <= self.swap_capacity_tokens - self.swap_used_tokens:
+            if self.on_swap_out is not None:
+                self.on_swap_out(seq, self.location(seq))  # before the runs are freed
+            seq.swapped_tokens = n
+            self.swap_used_tokens += n
+            self.num_swaps += 1
+            self._note_swap(n, swaps)
         self.policy.release(seq.request_id, None)
         self.running.remove(seq)
         seq.status = SeqStatus.WAITING
@@ -152,6 +188,15 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def _note_swap(self, num_tokens: int, swaps: list[int]) -> None:
+        swaps.append(num_tokens)
+        self.swapped_tokens_total += num_tokens
+
+    def _release_swap(self, seq: Sequence) -> None:
+        """Forget ``seq``'s host copy in the accounting (it came back, or the request ended)."""
+        self.swap_used_tokens -= seq.swapped_tokens
+        seq.swapped_tokens = 0
 
     # -- the two loops ---------------------------------------------------------------------
     def _chunk(self, left_tokens: int, budget_tokens: int) -> int:
@@ -168,6 +213,8 @@ class Scheduler:
         chunked = self.config.enable_chunked_prefill
         budget = self.config.max_num_batched_tokens
         preempted: list[Sequence] = []
+        swapped_in: list[Sequence] = []
+        swaps: list[int] = []
         decode: list[Sequence] = []
         prefill: list[Sequence] = []
         chunks: list[int] = []
@@ -198,11 +245,11 @@ class Scheduler:
                     budget -= n
                     break
                 if res.status == GrowStatus.REQUEUE or not queue:
-                    self._preempt(seq)
+                    self._preempt(seq, swaps)
                     preempted.append(seq)
                     break
                 victim = queue.pop()  # newest not-yet-scheduled request
-                self._preempt(victim)
+                self._preempt(victim, swaps)
                 preempted.append(victim)
         if not chunked:  # the historical rule: decodes take one token each of the budget
             budget = self.config.max_num_batched_tokens - len(decode) - sum(chunks)
@@ -227,7 +274,13 @@ class Scheduler:
                 if seq.first_capacity_tokens is None:
                     seq.first_capacity_tokens = loc.capacity_tokens
                 seq.kv_location = None
-                seq.kv_tokens = self._cached_prefix(seq)
+                if seq.swapped_tokens:  # its KV comes back from the host: only the rest is computed
+                    seq.kv_tokens = seq.swapped_tokens
+                    self._note_swap(seq.swapped_tokens, swaps)
+                    self._release_swap(seq)
+                    swapped_in.append(seq)
+                else:
+                    seq.kv_tokens = self._cached_prefix(seq)
                 seq.status = SeqStatus.RUNNING
                 self.running.append(seq)
                 self._running_dirty = True
@@ -237,7 +290,8 @@ class Scheduler:
                 chunks.append(n)
                 cached.append(seq.kv_tokens)
                 budget -= n
-        return ScheduledBatch(tuple(prefill), tuple(decode), tuple(preempted), tuple(chunks), tuple(cached))
+        return ScheduledBatch(tuple(prefill), tuple(decode), tuple(preempted), tuple(chunks), tuple(cached),
+                              tuple(swapped_in), tuple(swaps))
 
     def _cached_prefix(self, seq: Sequence) -> int:
         """Prompt tokens a prefix-caching policy already holds for ``seq`` (0 without one).
@@ -291,6 +345,7 @@ class Scheduler:
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
                 self._submitted.pop(request_id, None)
+                self._release_swap(seq)
                 seq.status = SeqStatus.FINISHED
                 seq.finish_reason = "abort"
                 return seq

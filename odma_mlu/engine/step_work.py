@@ -55,16 +55,20 @@ class StepWork:
     """Each contiguous copy of SSM state slots issued this step (bytes; AVMP compaction)."""
     stream_reads: bool = False
     """Every KV read at the stream (sequential) bandwidth, whatever its runs: ``ideal``."""
+    swap_tokens: tuple[int, ...] = ()
+    """Each swap of a preempted request's KV to or from host memory (tokens, every layer)."""
 
     @classmethod
     def build(cls, prefill_new_tokens: "Iterable[int]" = (), decode_read_runs: "Iterable[tuple[int, ...]]" = (),
               copy_tokens: "Iterable[int]" = (), prefill_cached_tokens: "Iterable[int] | None" = None, *,
               sliding_read_runs: "Iterable[tuple[int, ...]]" = (),
-              state_copy_bytes: "Iterable[int]" = (), stream_reads: bool = False) -> "StepWork":
+              state_copy_bytes: "Iterable[int]" = (), stream_reads: bool = False,
+              swap_tokens: "Iterable[int]" = ()) -> "StepWork":
         """A step from its prefills (new tokens, and tokens already cached before each:
         chunked prefill, prefix hits), each decode's read runs and its copies; the decode
         groups follow ``decode_group_key`` (the engine's grouping). ``sliding_read_runs``: each
-        decode's sliding-layer runs; ``state_copy_bytes``: the state copies issued."""
+        decode's sliding-layer runs; ``state_copy_bytes``: the state copies issued;
+        ``swap_tokens``: the host swaps."""
         prefill = tuple(prefill_new_tokens)
         cached = (0,) * len(prefill) if prefill_cached_tokens is None else tuple(prefill_cached_tokens)
         assert len(cached) == len(prefill), f"{len(prefill)} prefills but {len(cached)} cached counts"
@@ -77,7 +81,8 @@ class StepWork:
         return cls(prefill_new_tokens=prefill, prefill_cached_tokens=cached, decode_read_runs=reads,
                    decode_group_sizes=sizes, decode_group_views=views, copy_tokens=tuple(copy_tokens),
                    decode_sliding_runs=tuple(tuple(r) for r in sliding_read_runs),
-                   state_copy_bytes=tuple(state_copy_bytes), stream_reads=stream_reads)
+                   state_copy_bytes=tuple(state_copy_bytes), stream_reads=stream_reads,
+                   swap_tokens=tuple(swap_tokens))
 
     @property
     def num_decodes(self) -> int:
@@ -95,7 +100,7 @@ def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
     already in KV before them (earlier chunks, a shared prefix), which its attention reads.
     Under a policy with free preemption (``ideal``), a recompute of a preempted request
     costs nothing beyond the decode step it would have taken: its last chunk is described
-    as a decode over its context, its earlier chunks as nothing."""
+    as a decode over its context, its earlier chunks as nothing, and a swap as nothing."""
     prefill_new: list[int] = []
     prefill_cached: list[int] = []
     reads: list[tuple[int, ...]] = []
@@ -111,7 +116,8 @@ def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
         reads.append(policy.read_runs(s.request_id, s.num_tokens))
     return StepWork.build(prefill_new, reads, policy.arena.take_issued_copies(), prefill_cached,
                           sliding_read_runs=_sliding_reads(policy, batch, len(reads)),
-                          state_copy_bytes=_take_state_copies(policy), stream_reads=policy.stream_reads)
+                          state_copy_bytes=_take_state_copies(policy), stream_reads=policy.stream_reads,
+                          swap_tokens=() if policy.free_preemption else batch.swap_tokens)
 
 
 def _sliding_reads(policy: Any, batch: "ScheduledBatch", num_decodes: int) -> list[tuple[int, ...]]:

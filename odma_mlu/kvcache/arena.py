@@ -135,6 +135,18 @@ class KVLocation:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+@dataclass(frozen=True)
+class HostKV:
+    """A preempted request's KV in host memory: per layer, K and V of its first tokens."""
+
+    k: tuple[torch.Tensor, ...]
+    v: tuple[torch.Tensor, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.k[0].shape[0])
+
+
 class KVArena:
     """Token-slot KV tensors for every layer, or only their accounting (``shape_only``)."""
 
@@ -208,6 +220,23 @@ class KVArena:
         for t in (*self.k, *self.v):
             t[d] = t[s].clone() if overlap else t[s]
         return nbytes
+
+    def swap_out(self, location: KVLocation, num_tokens: int) -> "HostKV":
+        """Copy tokens [0, num_tokens) of ``location`` to host memory, K and V of every layer
+        (per tensor: one gather of its slots, one device-to-host copy)."""
+        assert not self.shape_only and not self.flat, "swap needs per-layer KV tensors"
+        assert 0 < num_tokens <= location.capacity_tokens, f"swap of {num_tokens} tokens"
+        idx = location.slots(0, num_tokens).to(self.device)
+        host = torch.device("cpu")
+        return HostKV(tuple(t.index_select(0, idx).to(host) for t in self.k),
+                      tuple(t.index_select(0, idx).to(host) for t in self.v))
+
+    def swap_in(self, location: KVLocation, kv: "HostKV") -> None:
+        """Write ``kv`` (from ``swap_out``) to tokens [0, kv.num_tokens) of ``location``."""
+        assert not self.shape_only and not self.flat, "swap needs per-layer KV tensors"
+        idx = location.slots(0, kv.num_tokens).to(self.device)
+        for dst, src in zip((*self.k, *self.v), (*kv.k, *kv.v)):
+            dst.index_copy_(0, idx, src.to(self.device))
 
     def take_issued_copies(self) -> tuple[int, ...]:
         """The copies issued since the last call (token counts), and forget them."""

@@ -67,6 +67,9 @@ class EngineSnapshot:
     migrations: int = 0
     migrated_tokens: int = 0
     preemptions: int = 0
+    swapped_preemptions: int = 0
+    swapped_tokens: int = 0
+    swap_used_tokens: int = 0
     bucket_edges_tokens: tuple[int, ...] = ()
     safety_pool_used_tokens: float = 0.0
     safety_pool_tokens: float = 0.0
@@ -340,6 +343,8 @@ class AsyncEngine:
             live_requests=st.live_requests, overflows=st.overflowed_requests,
             migrations=getattr(st, "copies", getattr(st, "migrations", 0)),
             migrated_tokens=getattr(st, "copied_tokens", getattr(st, "migrated_tokens", 0)), preemptions=sched.num_preemptions,
+            swapped_preemptions=sched.num_swaps, swapped_tokens=sched.swapped_tokens_total,
+            swap_used_tokens=sched.swap_used_tokens,
             bucket_edges_tokens=tuple(st.bucket_edges_tokens),
             safety_pool_used_tokens=st.extra.get("safety_pool_used_tokens", 0.0),
             safety_pool_tokens=st.extra.get("safety_pool_tokens", 0.0),

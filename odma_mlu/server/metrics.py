@@ -84,7 +84,13 @@ class _EngineCollector(Collector):
         yield counter("overflows", "Requests that outgrew their first reservation", s.overflows)
         yield counter("migrations", "KV moves into a larger extent or the safety pool", s.migrations)
         yield counter("migrated_tokens", "KV tokens copied by migrations", s.migrated_tokens)
-        yield counter("preemptions", "Requests preempted (KV dropped, recomputed later)", s.preemptions)
+        yield counter("preemptions", "Requests preempted (KV swapped to host memory, or dropped and recomputed)",
+                      s.preemptions)
+        yield counter("swapped_preemptions", "Preemptions that swapped the KV to host memory instead of recomputing",
+                      s.swapped_preemptions)
+        yield counter("swapped_tokens", "KV tokens moved to or from host memory by swapped preemptions",
+                      s.swapped_tokens)
+        yield gauge("swap_used_tokens", "KV tokens of preempted requests held in host memory, now", s.swap_used_tokens)
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s.prefix_cache_query_tokens)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled)",
                       s.prefix_cache_hit_tokens)
