@@ -33,10 +33,10 @@ def reference(tiny_model_dir: Path) -> list[list[int]]:
     return hf_greedy(tiny_model_dir, encode(tiny_model_dir, PROMPTS), MAX_NEW)
 
 
-def _engine(model_dir: Path, policy: str, capacity: int, swap_space_bytes: int) -> LLMEngine:
+def _engine(model_dir: Path, policy: str, capacity: int, swap_space_bytes: int, backend: str = "cpu") -> LLMEngine:
     cache = replace(CacheConfig(), swap_space_bytes=swap_space_bytes)
     sched = replace(SchedulerConfig(), max_new_tokens=MAX_NEW)
-    return LLMEngine(model_dir, kv_policy=policy, backend="cpu", kv_capacity_tokens=capacity,
+    return LLMEngine(model_dir, kv_policy=policy, backend=backend, kv_capacity_tokens=capacity,
                      predictor=ConstantPredictor(2), cache=cache, scheduler=sched)
 
 
@@ -54,6 +54,16 @@ def test_swapped_preemptions_keep_greedy_tokens(tiny_model_dir: Path, reference:
     if policy in ("odma", "paged", "ideal"):
         assert eng.scheduler.num_swaps > 0, "the small arena was meant to force swapped preemptions"
         assert eng.scheduler.swapped_tokens_total > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_swapped_preemptions_on_cuda_keep_tokens(tiny_model_dir: Path) -> None:
+    # Device -> host -> device through real copies (CPU tensors on the host, the arena on the GPU).
+    roomy = _engine(tiny_model_dir, "odma", capacity=2048, swap_space_bytes=0, backend="cuda")
+    tight = _engine(tiny_model_dir, "odma", capacity=96, swap_space_bytes=CacheConfig.swap_space_bytes, backend="cuda")
+    assert _run(tight) == _run(roomy)
+    assert tight.scheduler.num_swaps > 0
 
 
 def test_small_swap_space_mixes_swap_and_recompute(tiny_model_dir: Path, reference: list[list[int]]) -> None:
@@ -125,6 +135,20 @@ def test_without_swap_space_preemption_recomputes() -> None:
         s.add(seq(f"r{i}", 20, 64, 40))
     run_all(s)
     assert s.num_preemptions > 0 and s.num_swaps == 0 and s.swapped_tokens_total == 0
+
+
+def test_a_failed_swap_out_recomputes_instead() -> None:
+    policy = PagedPolicy(KVArena(TINY, 128, dtype=torch.float32, shape_only=True), page_tokens=16, watermark_fraction=0.0)
+
+    def no_host_memory(q: Sequence, loc: KVLocation) -> None:
+        raise MemoryError("host memory exhausted")
+
+    s = Scheduler(policy, SchedulerConfig(max_new_tokens=64), max_context_tokens=4096, swap_capacity_tokens=10_000,
+                  on_swap_out=no_host_memory)
+    for i in range(4):
+        s.add(seq(f"r{i}", 20, 64, 40))
+    assert len(run_all(s)) == 4
+    assert s.num_preemptions > 0 and s.num_swaps == 0 and s.swap_used_tokens == 0
 
 
 def test_swap_is_priced_over_the_host_link() -> None:

@@ -5,7 +5,7 @@
 # 2. emulator fidelity:    odma-mlu validate-emulator on CUDA with that profile (small random Qwen2)
 # 3. 7B-shaped random-weight Qwen2, fp16: decode step at batch 1, 64, 256, engine eager and with
 #    CUDA graphs, next to the roofline (weight + KV bytes / measured bandwidth) and transformers generate
-# 4. the CUDA graph test (tests/test_graph_runner.py -m cuda)
+# 4. the CUDA tests: graph capture, preemption by swap (tests/test_graph_runner.py tests/test_swap.py -m cuda)
 # Results land in OUT_DIR (profile YAML, JSON, logs). Status: written, NOT yet run on a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,6 @@ timeout 600 "$PY" -m odma_mlu.cli validate-emulator --model "$OUT/val_model" --p
 echo "== 3/4 7B-shaped decode step: engine eager / graphs / roofline / transformers" | tee -a "$OUT/log.txt"
 timeout 900 "$PY" tools/gpu_decode_bench.py --backend cuda --profile "$OUT/cuda_profile.yaml" --batches 1,64,256 \
     --context 512 --steps 20 --json "$OUT/decode_7b.json" 2>&1 | tee -a "$OUT/log.txt"
-echo "== 4/4 CUDA graph greedy test" | tee -a "$OUT/log.txt"
-timeout 300 "$PY" -m pytest -q tests/test_graph_runner.py -m cuda 2>&1 | tee -a "$OUT/log.txt" || true
+echo "== 4/4 CUDA graph and swap greedy tests" | tee -a "$OUT/log.txt"
+timeout 300 "$PY" -m pytest -q tests/test_graph_runner.py tests/test_swap.py -m cuda 2>&1 | tee -a "$OUT/log.txt" || true
 echo "results in $OUT"

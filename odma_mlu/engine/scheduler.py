@@ -44,6 +44,7 @@ swap moved over the host link, so the step-cost function charges them.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -56,6 +57,7 @@ from odma_mlu.engine.request import Sequence, SeqStatus
 from odma_mlu.predictor.base import LengthPredictor
 
 PREDICT_BATCH = 64
+log = logging.getLogger("odma_mlu.scheduler")
 
 
 @dataclass(frozen=True)
@@ -173,9 +175,7 @@ class Scheduler:
     # -- preemption ------------------------------------------------------------------------
     def _preempt(self, seq: Sequence, swaps: list[int]) -> None:
         n = seq.kv_tokens
-        if 0 < n <= self.swap_capacity_tokens - self.swap_used_tokens:
-            if self.on_swap_out is not None:
-                self.on_swap_out(seq, self.location(seq))  # before the runs are freed
+        if 0 < n <= self.swap_capacity_tokens - self.swap_used_tokens and self._copy_out(seq):
             seq.swapped_tokens = n
             self.swap_used_tokens += n
             self.num_swaps += 1
@@ -188,6 +188,18 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def _copy_out(self, seq: Sequence) -> bool:
+        """Copy ``seq``'s KV to the host before its runs are freed; a failed copy (host memory
+        exhausted, say) is logged and the preemption recomputes instead."""
+        if self.on_swap_out is None:
+            return True
+        try:
+            self.on_swap_out(seq, self.location(seq))
+        except Exception:  # noqa: BLE001 - recompute is always possible
+            log.warning("swap-out of %s failed; it will be recomputed", seq.request_id, exc_info=True)
+            return False
+        return True
 
     def _note_swap(self, num_tokens: int, swaps: list[int]) -> None:
         swaps.append(num_tokens)
