@@ -17,6 +17,11 @@ the long-stream figure. Bandwidths count bytes READ only (never the small writes
 Why embedding_bag and not ``index_select``: index_select materialises its output, so every
 byte read is also written, and on a CPU the fresh output pages cost more than the reads.
 
+On an accelerator the run also times the host link (``host_link`` in the profile): a
+contiguous copy of ``read_bytes`` device -> host and host -> device with ``.to()``, as the
+engine swaps a preempted request's KV (kvcache/arena.py). On a CPU there is no link (a swap
+is a copy within host memory) and the profile gets none.
+
 The buffer is several times the last-level cache (>= 4x LLC, >= 256 MiB on CPU; >= 1 GiB on
 accelerators) so reads come from memory. Only ``odma_mlu.backends`` touches device APIs:
 this module uses the Backend interface (device, timer, synchronize, mem_get_info).
@@ -80,7 +85,36 @@ class ProfileResult:
     launch_overhead_s: float
     threads: int = 1
     matmul_rows_flops: dict[str, dict[int, float]] = field(default_factory=dict)
+    host_link: "HostLink | None" = None
     date: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+@dataclass(frozen=True)
+class HostLink:
+    """Measured device <-> host copy bandwidth (bytes copied / s), each direction."""
+
+    to_host_bytes_per_s: float
+    to_device_bytes_per_s: float
+    copy_bytes: int
+
+    @property
+    def swap_bytes_per_s(self) -> float:
+        """The one figure a profile keeps: a swap copies out once and back once, so the
+        harmonic mean of the two directions prices the pair exactly."""
+        return 2.0 / (1.0 / self.to_host_bytes_per_s + 1.0 / self.to_device_bytes_per_s)
+
+
+def measure_host_link(backend: Backend, settings: ProfilerSettings) -> HostLink | None:
+    """Time ``.to()`` copies of ``read_bytes`` each way; None on a CPU (no link)."""
+    if backend.device.type == "cpu":
+        return None
+    n = settings.read_bytes
+    on_device = torch.ones(n // ELEM_BYTES, dtype=torch.float32, device=backend.device)
+    on_host = torch.ones(n // ELEM_BYTES, dtype=torch.float32)
+    host = torch.device("cpu")
+    out_s = median_time_s(backend, lambda: on_device.to(host), settings.repeats, settings.warmup)
+    in_s = median_time_s(backend, lambda: on_host.to(backend.device), settings.repeats, settings.warmup)
+    return HostLink(n / out_s, n / in_s, n)
 
 
 def llc_bytes() -> int:
@@ -255,11 +289,12 @@ def run_profile(backend: Backend, quick: bool, progress: bool = True) -> Profile
     flops = measure_flops(backend, settings)
     launch_s = measure_launch_overhead(backend, settings)
     rows = measure_matmul_rows(backend, settings)
+    link = measure_host_link(backend, settings)
     return ProfileResult(backend=backend.name, description=describe_host(backend), settings=settings,
                          llc_bytes=llc_bytes(), capacity_bytes=backend.mem_get_info().total_bytes,
                          stream_bytes_per_s=stream, sequential_bytes_per_s=seq, gather_bytes_per_s=gat,
                          flops_per_s=flops, launch_overhead_s=launch_s,
-                         threads=torch.get_num_threads(), matmul_rows_flops=rows)
+                         threads=torch.get_num_threads(), matmul_rows_flops=rows, host_link=link)
 
 
 def update_matmul_rows_main(argv: list[str] | None = None) -> int:

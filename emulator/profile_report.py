@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from emulator.bandwidth_profiler import ProfileResult, ProfilerSettings
+    from emulator.bandwidth_profiler import HostLink, ProfileResult, ProfilerSettings
 
 from odma_mlu.backends import Backend
 
@@ -50,6 +50,7 @@ def to_profile_dict(r: ProfileResult, name: str) -> dict:
         "compute_flops_per_s": {k: f"{v / 1e9:.2f} GFLOPS" for k, v in r.flops_per_s.items()},
         "launch_overhead": f"{r.launch_overhead_s * 1e6:.3f} us",
         **({"matmul_rows": matmul_rows_dict(r.matmul_rows_flops, r.settings)} if r.matmul_rows_flops else {}),
+        **({"host_link": host_link_dict(r.host_link)} if r.host_link is not None else {}),
         "provenance": {
             "kind": "measured", "tool": TOOL, "host": r.description, "date": r.date,
             "backend": r.backend, "quick": s.quick,
@@ -63,6 +64,14 @@ def to_profile_dict(r: ProfileResult, name: str) -> dict:
             "points": note,
         },
     }
+
+
+def host_link_dict(link: HostLink) -> dict:
+    """The ``host_link`` entry: the swap-pair bandwidth, both directions in the note."""
+    return {"bandwidth": _gbps(link.swap_bytes_per_s), "source": "measured",
+            "note": f"harmonic mean of device->host {_gbps(link.to_host_bytes_per_s)} and host->device "
+                    f"{_gbps(link.to_device_bytes_per_s)}: median .to() copies of {link.copy_bytes // MiB} MiB "
+                    "(pageable host memory, as the engine swaps)"}
 
 
 def matmul_rows_dict(curves: dict[str, dict[int, float]], s: ProfilerSettings) -> dict[str, list[dict]]:
@@ -84,6 +93,9 @@ def format_table(r: ProfileResult) -> str:
     lines.append(f"stream (buffer.sum, {r.settings.buffer_bytes // MiB} MiB): {r.stream_bytes_per_s / 1e9:.2f} GB/s read")
     lines.append("matmul: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in r.flops_per_s.items()))
     lines.append(f"launch overhead: {r.launch_overhead_s * 1e6:.2f} us per tiny op; torch threads: {r.threads}")
+    if r.host_link is not None:
+        lines.append(f"host link: {r.host_link.to_host_bytes_per_s / 1e9:.2f} GB/s to host, "
+                     f"{r.host_link.to_device_bytes_per_s / 1e9:.2f} GB/s to device")
     for dt, pts in r.matmul_rows_flops.items():
         lines.append(f"matmul by rows ({dt}): " + ", ".join(f"M={m} {f / 1e9:.1f}" for m, f in sorted(pts.items()))
                      + " GFLOP/s")

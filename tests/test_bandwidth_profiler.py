@@ -84,6 +84,29 @@ def test_quick_run_writes_valid_profile_and_plot(tmp_path: Path) -> None:
     assert [pt.chunk_bytes for pt in p.sequential.points] == [pt.chunk_bytes for pt in p.gather.points]
     assert "float32" in p.compute_flops_per_s and p.launch_overhead_s > 0
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert p.host_link_bandwidth_bytes_per_s is None  # a CPU has no host link: it never swaps in the emulator
+
+
+def test_measured_host_link_reaches_the_profile() -> None:
+    from dataclasses import replace
+
+    from emulator.profile import parse_profile
+    from emulator.profile_report import to_profile_dict
+    from odma_mlu.backends import get_backend
+
+    backend = get_backend("cpu")
+    settings = bp.choose_settings(backend, quick=True)
+    assert bp.measure_host_link(backend, settings) is None
+    link = bp.HostLink(to_host_bytes_per_s=20e9, to_device_bytes_per_s=30e9, copy_bytes=256 * 2**20)
+    assert link.swap_bytes_per_s == pytest.approx(24e9)  # out once and in once: 2 / (1/20 + 1/30)
+    result = bp.ProfileResult(backend="cuda", description="test", settings=settings, llc_bytes=1, capacity_bytes=2**30,
+                              stream_bytes_per_s=1e11, sequential_bytes_per_s={64: 1e11, 4096: 1e11},
+                              gather_bytes_per_s={64: 5e10, 4096: 9e10},
+                              flops_per_s={"float32": 1e12}, launch_overhead_s=1e-6)
+    data = to_profile_dict(replace(result, host_link=link), "with-link")
+    assert data["host_link"]["source"] == "measured" and "20.000 GB/s" in data["host_link"]["note"]
+    assert parse_profile(data, "x.yaml").host_link_bandwidth_bytes_per_s == pytest.approx(24e9, rel=1e-3)
+    assert "host_link" not in to_profile_dict(result, "no-link")
 
 
 def test_standalone_script_help() -> None:
