@@ -9,7 +9,8 @@ The free pages form a queue in vLLM v1's order (``FreeKVCacheBlockQueue``): a re
 pages from the head; a finished or preempted request's pages go to the tail, last page
 first. Under churn the pages of one request scatter across the arena, as in production.
 Pages are taken one at a time as a request grows; when none is free the scheduler preempts
-(recompute), as vLLM does. Admission keeps the common watermark free.
+(swap to the host where the swap space holds the KV, else recompute: the scheduler's rule
+for every policy). Admission keeps the common watermark free.
 
 ``ideal`` is paging with one-token pages (no fragmentation, no slack), every read priced
 as one sequential run, free preemption (a preempted request resumes where it stopped, as

@@ -120,7 +120,8 @@ class KVPolicy(ABC):
     @abstractmethod
     def release(self, request_id: str, generated_tokens: int | None) -> None:
         """Free a request's KV. ``generated_tokens`` is its final length when it finished,
-        None when it was preempted (its KV is dropped and recomputed later)."""
+        None when it was preempted (its KV is swapped to the host, or dropped and recomputed:
+        either way the runs are free now)."""
 
     @abstractmethod
     def location(self, request_id: str) -> KVLocation: ...
