@@ -266,8 +266,10 @@ def create_app(engine: LLMEngine, settings: ServeSettings, *, model_path: str | 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.engine.start()
-        log.info("serving %s (KV %d tokens, policy %s)", state.model_name, engine.policy.capacity_tokens,
-                 engine.policy.name)
+        swap = engine.scheduler.swap_capacity_tokens
+        log.info("serving %s (KV %d tokens, policy %s, %s)", state.model_name, engine.policy.capacity_tokens,
+                 engine.policy.name, f"preemptions swap to host memory for up to {swap} tokens" if swap
+                 else "preemptions recompute (no swap space)")
         yield
         # uvicorn has stopped accepting connections and waited for in-flight HTTP requests
         # (begin_drain failed any left at the deadline); this is the engine-side safety net.
