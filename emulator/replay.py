@@ -242,11 +242,10 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
     kv = _KVLayout(policy_name, model, layers, capacity_tokens, cache, max_new_tokens, drift_detector, cost,
                    state_fraction)
     arena, policy = kv.arena, kv.policy
-    # As LLMEngine: preempted requests swap to host memory where their whole KV is in the
-    # arena (no rings, no SSM state, no shared prefix pages); the replay only counts the bytes.
-    swappable = kv.layers is None and kv.hybrid is None and not cache.enable_prefix_caching
+    # As LLMEngine: preempted requests swap to host memory where the policy is ``swappable``;
+    # the replay only counts the bytes.
     scheduler = Scheduler(policy, scheduler_config, model.max_position_embeddings, predictor,
-                          swap_capacity_tokens=cost.swap_capacity_tokens(cache.swap_space_bytes) if swappable else 0)
+                          swap_capacity_tokens=cost.swap_capacity_tokens(cache.swap_space_bytes))
 
     # Requests, predictions (made once, before they run: what a server would know).
     requests = list(trace.requests)

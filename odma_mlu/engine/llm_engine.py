@@ -120,14 +120,13 @@ class LLMEngine:
 
             self.states = self.model.new_state_pool(0)
             self.policy = AvmpPolicy(self.policy, self.states, self.model.hybrid.kv_bytes_per_token)
-        # Preempted requests swap their KV to host memory where the whole of it lives in the
-        # arena (no rings, no SSM state, no shared prefix pages); elsewhere they recompute.
+        # Preempted requests swap their KV to host memory where the policy is ``swappable``
+        # (no rings, SSM states or shared prefix pages); elsewhere they recompute.
         self._host_kv: dict[str, HostKV] = {}
-        swappable = not windowed and self.states is None and not cache.enable_prefix_caching
-        swap_tokens = (self.backend.swap_capacity_tokens(cache.swap_space_bytes, self.arena.bytes_per_token)
-                       if swappable else 0)
-        self.scheduler = Scheduler(self.policy, scheduler, self.spec.max_position_embeddings, predictor,
-                                   swap_capacity_tokens=swap_tokens, on_swap_out=self._swap_out)
+        self.scheduler = Scheduler(
+            self.policy, scheduler, self.spec.max_position_embeddings, predictor,
+            swap_capacity_tokens=self.backend.swap_capacity_tokens(cache.swap_space_bytes, self.arena.bytes_per_token),
+            on_swap_out=self._swap_out)
         self.sampler = Sampler(seed)
         self._live: dict[str, _Live] = {}
         self._ids = itertools.count()

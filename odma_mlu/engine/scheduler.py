@@ -112,7 +112,8 @@ class Scheduler:
     def __init__(self, policy: KVPolicy, config: SchedulerConfig, max_context_tokens: int | None = None,
                  predictor: LengthPredictor | None = None, swap_capacity_tokens: int = 0,
                  on_swap_out: Callable[[Sequence, KVLocation], None] | None = None) -> None:
-        """``swap_capacity_tokens``: KV tokens the host swap space holds (0: recompute only).
+        """``swap_capacity_tokens``: KV tokens the host swap space holds (0: recompute only;
+        a policy that is not ``swappable`` always recomputes).
         ``on_swap_out(seq, runs)``: copies the KV of ``seq``'s first ``seq.kv_tokens`` tokens
         out of ``runs`` to the host (the engine's; the replay only counts)."""
         self.policy = policy
@@ -122,7 +123,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.swap_capacity_tokens = swap_capacity_tokens
+        self.swap_capacity_tokens = swap_capacity_tokens if policy.swappable else 0
         self.swap_used_tokens = 0
         self.num_swaps = 0
         self.swapped_tokens_total = 0

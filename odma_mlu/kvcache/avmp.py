@@ -35,6 +35,8 @@ LOAN_PREFIX = "__avmp_state_loan_"
 class AvmpPolicy:
     """``inner`` (a KV policy over the attention layers' arena) plus ``states``."""
 
+    swappable = False  # a request's SSM state is not in its runs: preemption recomputes
+
     def __init__(self, inner: Any, states: StatePool, kv_bytes_per_token: int, *, state_slots: int = 0,
                  migrate: bool = True, chunk_slots: int = 1) -> None:
         if chunk_slots < 1:

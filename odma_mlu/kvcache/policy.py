@@ -91,6 +91,10 @@ class KVPolicy(ABC):
     """Only ``ideal``: a preempted request resumes where it stopped at no cost."""
     stream_reads: bool = False
     """Only ``ideal``: every KV read is priced at the stream (sequential) bandwidth."""
+    swappable: bool = True
+    """A request's whole KV lies in the runs ``location`` gives, so a preemption may swap
+    it to the host and back (engine/scheduler.py). Wrappers that keep more per request
+    (rings, SSM states, shared prefix pages) say False: their preemptions recompute."""
     learns_lengths: bool = False
     """Only ``odma``: a finished request's length (``release``) trains its length histogram."""
     can_run_out_of_room: bool = False

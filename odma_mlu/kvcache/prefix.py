@@ -111,6 +111,8 @@ def _join(a: tuple[Run, ...], b: tuple[Run, ...]) -> tuple[Run, ...]:
 class PrefixCachingPolicy:
     """``inner`` plus shared, reference-counted prefix blocks (see the module docstring)."""
 
+    swappable = False  # shared prefix pages outlive a preempted request: it recomputes
+
     def __init__(self, inner: Any, granule_tokens: int | None = None) -> None:
         self.inner = inner
         self.granule_tokens = int(granule_tokens or getattr(inner, "page_tokens", DEFAULT_GRANULE_TOKENS))

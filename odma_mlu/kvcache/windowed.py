@@ -28,6 +28,8 @@ class WindowedPolicy:
     it at the prompt with the request's prediction turned into rows.
     """
 
+    swappable = False  # a request's ring is not in its runs: preemption recomputes
+
     def __init__(self, inner: Any, rings: RingPool) -> None:
         self.inner = inner
         self.rings = rings
