@@ -193,7 +193,9 @@ class OdmaConfig:
     claim reserved up front. In both modes an overflow starts a new run, never a copy,
     unless the cost model says the copy pays for itself."""
     chunk_tokens: int = 16
-    """Elastic mode: slots taken beyond the live KV at each in-place extension."""
+    """Elastic mode: slots taken beyond the live KV at each extension; the floor of the
+    economic run length a growing request holds where the device's costs are known
+    (docs/odma-design.md)."""
     claim_admission_factor: float = 0.0
     """Admission by predicted claims: admit only while the running requests' claims plus the
     new one stay under this many times the KV capacity (0 disables the rule; the common

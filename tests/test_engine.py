@@ -93,6 +93,9 @@ class _CopyAlwaysPays:
     def copy_s(self, tokens: int) -> float:
         return 0.0
 
+    def decode_fixed_s(self) -> float:
+        return float("inf")  # memory priced out of reach: no room held past chunk_tokens
+
 
 def test_odma_copies_into_one_run_match(tiny_model_dir: Path, reference: list[list[int]]) -> None:
     eng = _engine(tiny_model_dir, "odma", capacity=1024, predictor=ConstantPredictor(1),

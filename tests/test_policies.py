@@ -270,6 +270,9 @@ class _Cost:
     def copy_s(self, tokens: int) -> float:
         return 1e-6 * tokens
 
+    def decode_fixed_s(self) -> float:
+        return float("inf")  # memory priced out of reach: no room held past chunk_tokens
+
 
 def test_odma_copies_into_one_run_only_when_the_cost_model_says_it_pays() -> None:
     p = OdmaPolicy(arena(400, real=True), 64, CFG, granule_tokens=1, run_cost=_Cost())

@@ -25,7 +25,6 @@ histogram is still > 1.3x the optimum 1000 requests after the switch (it needs ~
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import numpy as np
 
@@ -87,8 +86,7 @@ class KSDriftDetector:
             d = ks_statistic(old, lengths[-n:])
             if d > best_d + 1e-12:
                 best_len, best_d = n, d
-        window = histogram._recent.maxlen
-        histogram._recent = deque(lengths[-best_len:].astype(int).tolist(), maxlen=window)
+        histogram.keep_only(lengths[-best_len:].astype(int).tolist())
         self.num_drifts += 1
         self._refilling = best_len < self.recent
         return True

@@ -17,6 +17,7 @@ so each DP layer is one vectorized min over a (candidates x candidates) matrix.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +102,7 @@ class OnlineLengthHistogram:
         self.bin_tokens = bin_tokens
         self.reoptimize_every = reoptimize_every
         self._recent: deque[int] = deque(maxlen=window)
+        self._recent_sum = 0
         self._since_reopt = 0
         self.num_reoptimizations = 0
         self.boundaries = initial or optimize_boundaries(np.empty(0), max_tokens, num_buckets, bin_tokens)
@@ -113,12 +115,27 @@ class OnlineLengthHistogram:
 
     def observe(self, tokens: int) -> bool:
         """Record a completed length; returns True if boundaries were re-optimized."""
-        self._recent.append(int(min(max(tokens, 1), self.max_tokens)))
+        recent = self._recent
+        if len(recent) == recent.maxlen:
+            self._recent_sum -= recent[0]
+        tokens = int(min(max(tokens, 1), self.max_tokens))
+        recent.append(tokens)
+        self._recent_sum += tokens
         self._since_reopt += 1
         if self._since_reopt >= self.reoptimize_every:
             self.reoptimize()
             return True
         return False
+
+    def keep_only(self, lengths: Iterable[int]) -> None:
+        """Replace the window by ``lengths`` (oldest first; drift: the lengths after a change)."""
+        self._recent = deque((int(x) for x in lengths), maxlen=self._recent.maxlen)
+        self._recent_sum = sum(self._recent)
+
+    @property
+    def mean_tokens(self) -> float | None:
+        """Mean of the lengths in the window (None before the first)."""
+        return self._recent_sum / len(self._recent) if self._recent else None
 
     def reoptimize(self) -> BucketBoundaries:
         self.boundaries = optimize_boundaries(self.lengths(), self.max_tokens, self.num_buckets, self.bin_tokens)
