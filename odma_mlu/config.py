@@ -26,6 +26,8 @@ BUILTIN_MODEL_SHAPES: dict[str, str] = {
     "qwen2-7b-swa": "qwen2-7b-swa.json",  # 20 sliding (1024) + 8 full layers
 }
 DEFAULT_MODEL = "deepseek-r1-distill-qwen-7b"
+DEFAULT_PROFILE = "mlu370-x4"
+"""The card the emulated backend emulates when no profile is named."""
 
 
 @dataclass(frozen=True)
@@ -258,7 +260,12 @@ class EngineConfig:
     model: str = DEFAULT_MODEL
     backend: str = "auto"
     dtype: str = "float16"
-    profile: str = "mlu370-x4"
+    profile: str | None = None
+    """A device profile: a name in device_profiles/ or a YAML path. Backend ``emulated``: the
+    card it emulates (None: ``DEFAULT_PROFILE``). A real backend (mlu, cuda, cpu): the card's
+    own profile, which prices ODMA's decisions (how far ahead a growing request holds,
+    whether a copy pays: docs/odma-design.md); None: ODMA holds ``chunk_tokens`` ahead and
+    never copies. Measure it with ``odma-mlu profile-bandwidth``."""
     emulated_target: str | None = None
     """Backend ``emulated`` only: the model shape its clock and KV capacity follow (a built-in
     shape such as ``gemma-3-12b``, or a config.json / model folder); None: the 7B target."""

@@ -5,12 +5,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from odma_mlu.backends.base import Backend, MemoryInfo, Timer
 from odma_mlu.errors import BackendUnavailable, ConfigError
 
+if TYPE_CHECKING:
+    from odma_mlu.config import ModelSpec
+    from odma_mlu.kvcache.odma import RunCost
+    from odma_mlu.models.layer_kinds import LayerKinds
+
 BACKEND_NAMES = ("auto", "mlu", "cuda", "cpu", "emulated")
 
-__all__ = ["Backend", "MemoryInfo", "Timer", "get_backend", "BACKEND_NAMES"]
+__all__ = ["Backend", "MemoryInfo", "Timer", "get_backend", "profile_run_cost", "BACKEND_NAMES"]
 
 
 def _real_backend(name: str) -> Backend:
@@ -63,6 +70,16 @@ def get_backend(name: str = "auto", profile: str | None = None, host: str = "aut
     if host in ("emulated", "mlu"):
         raise ConfigError(f"emulated backend host must be cpu or cuda, not {host!r}")
     return EmulatedBackend(profile, _real_backend(host), target_model=target_model, pace=pace)
+
+
+def profile_run_cost(profile: str, spec: "ModelSpec", layers: "LayerKinds") -> "RunCost":
+    """What ODMA's cost rules need on a real card: the emulator's cost model of ``profile`` (a
+    name in device_profiles/ or a YAML path; ProfileError when it cannot be read) for this
+    model's shape, as the emulated backend prices its own steps."""
+    from emulator.cost_model import CostModel
+    from emulator.profile import load_profile
+
+    return CostModel(load_profile(profile), spec, layers=layers)
 
 
 def backend_unavailable_message(name: str) -> str | None:

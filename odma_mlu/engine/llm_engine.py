@@ -29,7 +29,7 @@ from typing import Callable, Sequence as Seq
 
 import torch
 
-from odma_mlu.backends import Backend, get_backend
+from odma_mlu.backends import Backend, get_backend, profile_run_cost
 from odma_mlu.config import CacheConfig, SchedulerConfig
 from odma_mlu.engine.graph_runner import DecodeGraphRunner
 from odma_mlu.engine.request import Sequence
@@ -44,6 +44,7 @@ from odma_mlu.kvcache.factory import make_policy
 from odma_mlu.kvcache.prefix import PrefixCachingPolicy
 from odma_mlu.kvcache.windowed import WindowedPolicy
 from odma_mlu.models.attention import ForwardBatch, SequenceInput
+from odma_mlu.models.layer_kinds import LayerKinds
 from odma_mlu.models.loader import load_model
 from odma_mlu.predictor.base import LengthPredictor, RequestFeatures
 
@@ -93,7 +94,11 @@ class LLMEngine:
         (engine/graph_runner.py); None = where the backend has graphs (CUDA, MLU; never CPU),
         True on a backend without graphs runs the same padded static path eagerly.
         ``request_log``: append each finished request (prompt, output length) to this JSONL
-        file, the format ``odma-mlu predictor train`` reads (engine/request_log.py)."""
+        file, the format ``odma-mlu predictor train`` reads (engine/request_log.py).
+        ``profile``: a device profile (name or YAML path). With ``backend="emulated"`` the card
+        it emulates; on a real backend the card's own profile, whose costs ODMA's rules use
+        (how far ahead a growing request holds, whether a copy pays); None: those rules are
+        off (ODMA holds ``chunk_tokens`` ahead, never copies)."""
         self.request_log = RequestLog(request_log) if request_log is not None else None
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, profile=profile)
         self.model, self.spec, self.tokenizer = load_model(model_path, backend=self.backend, dtype=dtype)
@@ -104,8 +109,13 @@ class LLMEngine:
         if windowed:  # the whole budget in slots of the full layers (rings take their share as rows)
             arena_tokens = kv_capacity_tokens * self.spec.num_layers // self.model.num_full_layers
         self.arena = self.model.new_arena(arena_tokens)
-        self.policy = make_policy(kv_policy, self.arena, cache, scheduler.max_new_tokens,
-                                  run_cost=self.backend.kv_run_cost())
+        run_cost = self.backend.kv_run_cost()
+        self.priced_by: str | None = None
+        """The profile pricing ODMA's decisions on a real backend (None: emulated, or unpriced)."""
+        if run_cost is None and profile is not None:  # a real card priced by its own profile
+            run_cost = profile_run_cost(profile, self.spec, LayerKinds.of_model(self.model))
+            self.priced_by = profile
+        self.policy = make_policy(kv_policy, self.arena, cache, scheduler.max_new_tokens, run_cost=run_cost)
         if cache.enable_prefix_caching:
             if windowed or getattr(self.model, "is_hybrid", False):
                 raise ConfigError("enable_prefix_caching: prefix sharing needs a full-attention model; this one has "

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 
-from odma_mlu.config import EngineConfig, ServerConfig, from_mapping, load_model_spec, read_yaml_mapping
+from odma_mlu.config import (DEFAULT_PROFILE, EngineConfig, ServerConfig, from_mapping, load_model_spec,
+                             read_yaml_mapping)
 from odma_mlu.errors import ConfigError
 
 log = logging.getLogger("odma_mlu.server")
@@ -163,7 +164,7 @@ def build_engine(settings: ServeSettings) -> Any:
     model_path = resolve_model_path(cfg.model)
     emulated = cfg.backend == "emulated"
     try:
-        backend = get_backend(cfg.backend, profile=cfg.profile if emulated else None, pace=True,
+        backend = get_backend(cfg.backend, profile=(cfg.profile or DEFAULT_PROFILE) if emulated else None, pace=True,
                               target_model=cfg.emulated_target)
     except ConfigError as e:
         if cfg.emulated_target is None or not emulated:
@@ -182,6 +183,15 @@ def build_engine(settings: ServeSettings) -> Any:
             log.warning("the bundled learned predictor could not be read; using the online 'simple' predictor")
             predictor = load_predictor("simple")
     log.info("loading %s on %s (policy %s, KV %d tokens)", model_path, backend.describe(), cfg.cache.policy, capacity)
-    return LLMEngine(model_path, kv_policy=cfg.cache.policy, backend=backend, dtype=dtype,
-                     kv_capacity_tokens=capacity, predictor=predictor, cache=cfg.cache, scheduler=cfg.scheduler,
-                     seed=cfg.seed, request_log=settings.server.request_log)
+    engine = LLMEngine(model_path, kv_policy=cfg.cache.policy, backend=backend, dtype=dtype,
+                       kv_capacity_tokens=capacity, predictor=predictor, cache=cfg.cache, scheduler=cfg.scheduler,
+                       profile=None if emulated else cfg.profile, seed=cfg.seed,
+                       request_log=settings.server.request_log)
+    if cfg.cache.policy == "odma" and not emulated:
+        if engine.priced_by is not None:
+            log.info("odma prices its runs and copies with device profile %s", engine.priced_by)
+        else:
+            log.warning("no device profile for backend %s: odma holds %d tokens ahead of growth and never copies; "
+                        "measure the card with `odma-mlu profile-bandwidth` and set `profile:`", backend.name,
+                        cfg.cache.odma.chunk_tokens)
+    return engine
