@@ -339,3 +339,16 @@ def test_client_disconnect_before_a_plain_response_aborts(srv: ThreadedServer) -
         assert time.monotonic() < deadline, "the abandoned request was not aborted"
         time.sleep(0.05)
     _assert_kv_free(srv)
+
+
+def test_metrics_report_odma_safety_pool_and_hold(srv: ThreadedServer) -> None:
+    """The safety pool's size and the room held ahead of growth come from the policy's stats
+    (a key mismatch once left the safety pool gauges at 0)."""
+    _client(srv).completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_NEW, temperature=0)
+    m = _metrics(srv)
+    policy = srv.app.state.odma.engine.engine.policy
+    assert policy.safety is not None
+    assert m["odma_safety_pool_tokens"] == policy.safety.capacity_tokens * policy.unit > 0
+    # No device profile on this CPU engine: the room held ahead is chunk_tokens.
+    assert m["odma_hold_ahead_tokens"] == policy.config.chunk_tokens
+    _assert_kv_free(srv)

@@ -118,6 +118,8 @@ class OdmaPolicy(KVPolicy):
         there (``_room``): the room a hole starting at that granule begins with. Kept as ints,
         not the requests, so a placement's look-ups at its candidate holes touch no request."""
         self._claims_total = 0
+        self.hold_ahead_tokens = config.chunk_tokens
+        """The room the last growing request held ahead of its live tokens (``_ahead_tokens``)."""
         self._token_price_s = run_cost.decode_fixed_s() / max(1, arena.capacity_tokens) if run_cost else 0.0
         """What a token of KV capacity is worth per step (``_ahead_tokens``): a step's fixed time
         shared by as many requests as the capacity holds."""
@@ -172,7 +174,8 @@ class OdmaPolicy(KVPolicy):
             return base
         unit = self.unit
         split_s = cost.read_run_s(unit) + cost.read_run_s(live_tokens) - cost.read_run_s(live_tokens + unit)
-        return max(base, round(sqrt(max(0.0, split_s) * mean_tokens / self._token_price_s)))
+        self.hold_ahead_tokens = max(base, round(sqrt(max(0.0, split_s) * mean_tokens / self._token_price_s)))
+        return self.hold_ahead_tokens
 
     def _hold_units(self, num_tokens: int, claim: int, read_per_block: bool) -> int:
         hold_tokens = min(claim, num_tokens + self._ahead_tokens(read_per_block)) if self.config.elastic else claim
@@ -449,8 +452,9 @@ class OdmaPolicy(KVPolicy):
     def stats(self) -> PolicyStats:
         base = super().stats()
         safety = self.safety
-        extra = {"safety_used_tokens": float(safety.used_tokens * self.unit if safety else 0),
-                 "safety_tokens": float(safety.capacity_tokens * self.unit if safety else 0),
+        extra = {"safety_pool_used_tokens": float(safety.used_tokens * self.unit if safety else 0),
+                 "safety_pool_tokens": float(safety.capacity_tokens * self.unit if safety else 0),
+                 "hold_ahead_tokens": float(self.hold_ahead_tokens),
                  "reoptimizations": float(self.histogram.num_reoptimizations)}
         return PolicyStats(**{**base.__dict__, "fragmentation": self.main.fragmentation(),
                               "bucket_edges_tokens": self.histogram.boundaries.edges_tokens, "extra": extra})

@@ -73,6 +73,7 @@ class EngineSnapshot:
     bucket_edges_tokens: tuple[int, ...] = ()
     safety_pool_used_tokens: float = 0.0
     safety_pool_tokens: float = 0.0
+    hold_ahead_tokens: float = 0.0
     steps: int = 0
     sum_live_tokens: int = 0
     sum_reserved_tokens: int = 0
@@ -348,6 +349,7 @@ class AsyncEngine:
             bucket_edges_tokens=tuple(st.bucket_edges_tokens),
             safety_pool_used_tokens=st.extra.get("safety_pool_used_tokens", 0.0),
             safety_pool_tokens=st.extra.get("safety_pool_tokens", 0.0),
+            hold_ahead_tokens=st.extra.get("hold_ahead_tokens", 0.0),
             steps=a["steps"], sum_live_tokens=a["sum_live"], sum_reserved_tokens=a["sum_reserved"],
             saturated_steps=a["sat"], sum_util_saturated=a["util_sat"], sum_util_all=a["util_all"],
             generated_tokens=a["generated"], **_prefix_fields(self.engine.policy))

@@ -79,6 +79,8 @@ class _EngineCollector(Collector):
                     s.reservation_efficiency)
         yield gauge("safety_pool_tokens", "ODMA safety pool capacity (tokens)", s.safety_pool_tokens)
         yield gauge("safety_pool_used_tokens", "ODMA safety pool tokens in use", s.safety_pool_used_tokens)
+        yield gauge("hold_ahead_tokens", "ODMA room held ahead of the last growing request (the economic run "
+                    "length where a device profile prices runs)", s.hold_ahead_tokens)
         yield counter("engine_steps", "Engine steps run", s.steps)
         yield counter("generation_tokens", "Tokens generated", s.generated_tokens)
         yield counter("overflows", "Requests that outgrew their first reservation", s.overflows)
