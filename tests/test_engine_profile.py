@@ -29,8 +29,8 @@ def _engine(model_dir: Path, profile: str | None) -> LLMEngine:
 
 
 def test_a_profile_prices_odma_on_a_real_backend_and_tokens_stay(tiny_model_dir: Path) -> None:
-    priced, unpriced = _engine(tiny_model_dir, "mlu370-x4"), _engine(tiny_model_dir, None)
-    assert priced.priced_by == "mlu370-x4" and unpriced.priced_by is None
+    priced, unpriced = _engine(tiny_model_dir, "cpu-host"), _engine(tiny_model_dir, None)
+    assert priced.priced_by == "cpu-host" and unpriced.priced_by is None
     cost = priced.policy.run_cost
     assert cost is not None and unpriced.policy.run_cost is None
     # Priced for the served model's shape (the tiny model's layers), not the 7B target's.
@@ -42,9 +42,11 @@ def test_a_profile_prices_odma_on_a_real_backend_and_tokens_stay(tiny_model_dir:
         eng.policy.check_integrity()
 
 
-def test_an_unknown_profile_is_a_config_error_naming_it(tiny_model_dir: Path) -> None:
+def test_an_unknown_profile_or_another_device_kind_is_a_config_error(tiny_model_dir: Path) -> None:
     with pytest.raises(ConfigError, match="no-such-card"):
         _engine(tiny_model_dir, "no-such-card")
+    with pytest.raises(ConfigError, match="profile = 'mlu370-x4' is for the mlu backend, but the engine runs on the cpu"):
+        _engine(tiny_model_dir, "mlu370-x4")
 
 
 def test_serve_settings_pass_the_profile_to_a_real_backend(tiny_model_dir: Path,
@@ -55,8 +57,8 @@ def test_serve_settings_pass_the_profile_to_a_real_backend(tiny_model_dir: Path,
         return build_engine(ServeSettings(engine=cfg))
 
     with caplog.at_level(logging.INFO, logger="odma_mlu.server"):
-        assert build("mlu370-x4").priced_by == "mlu370-x4"
-        assert "prices its runs and copies with device profile mlu370-x4" in caplog.text
+        assert build("cpu-host").priced_by == "cpu-host"
+        assert "prices its runs and copies with device profile cpu-host" in caplog.text
         caplog.clear()
         assert build(None).priced_by is None
         assert "no device profile for backend cpu" in caplog.text

@@ -113,7 +113,7 @@ class LLMEngine:
         self.priced_by: str | None = None
         """The profile pricing ODMA's decisions on a real backend (None: emulated, or unpriced)."""
         if run_cost is None and profile is not None:  # a real card priced by its own profile
-            run_cost = profile_run_cost(profile, self.spec, LayerKinds.of_model(self.model))
+            run_cost = profile_run_cost(profile, self.spec, LayerKinds.of_model(self.model), self.backend.name)
             self.priced_by = profile
         self.policy = make_policy(kv_policy, self.arena, cache, scheduler.max_new_tokens, run_cost=run_cost)
         if cache.enable_prefix_caching:
