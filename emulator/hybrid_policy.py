@@ -32,7 +32,7 @@ from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.avmp import AvmpPolicy
 from odma_mlu.kvcache.factory import POLICY_NAMES, make_policy
-from odma_mlu.kvcache.odma import RunCost
+from odma_mlu.kvcache.run_pricing import RunCost
 from odma_mlu.kvcache.policy import ReserveRequest
 from odma_mlu.kvcache.state_pool import StatePool
 from odma_mlu.models.hybrid_spec import HybridSpec

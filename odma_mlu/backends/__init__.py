@@ -12,7 +12,7 @@ from odma_mlu.errors import BackendUnavailable, ConfigError
 
 if TYPE_CHECKING:
     from odma_mlu.config import ModelSpec
-    from odma_mlu.kvcache.odma import RunCost
+    from odma_mlu.kvcache.run_pricing import RunCost
     from odma_mlu.models.layer_kinds import LayerKinds
 
 BACKEND_NAMES = ("auto", "mlu", "cuda", "cpu", "emulated")

@@ -15,7 +15,7 @@ import torch
 
 if TYPE_CHECKING:
     from odma_mlu.engine.step_work import StepWork
-    from odma_mlu.kvcache.odma import RunCost
+    from odma_mlu.kvcache.run_pricing import RunCost
 
 
 @dataclass(frozen=True)

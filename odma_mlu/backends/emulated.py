@@ -26,7 +26,7 @@ from odma_mlu.backends.base import Backend, MemoryInfo, Timer
 if TYPE_CHECKING:
     from odma_mlu.config import ModelSpec
     from odma_mlu.engine.step_work import StepWork
-    from odma_mlu.kvcache.odma import RunCost
+    from odma_mlu.kvcache.run_pricing import RunCost
     from odma_mlu.models.layer_kinds import LayerKinds
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from odma_mlu.config import CacheConfig
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVArena
-from odma_mlu.kvcache.odma import RunCost
+from odma_mlu.kvcache.run_pricing import RunCost
 from odma_mlu.kvcache.policy import KVPolicy
 
 POLICY_NAMES = ("static", "s3", "odma", "paged", "exact", "ideal")

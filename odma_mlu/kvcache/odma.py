@@ -12,7 +12,7 @@ it almost always keeps one run, without copying to stay contiguous::
              claim; start after the neighbour's room, so both grow in place
     hold   = live + ``chunk_tokens`` (elastic; live alone for a ring, read per block) or the
              whole claim (strict, the paper); a growing request holds the economic run
-             length instead where the device's costs are known (``_ahead_tokens``);
+             length instead where the device's costs are known (run_pricing.py);
              the rest of the claim is room kept for the request while nobody else needs it:
              when no hole fits a claim, the largest hole is used and the room is lent
     grow   = extend the last run in place; if its right side is taken, start a new run
@@ -33,30 +33,18 @@ spills into the other when its own has no hole, so no capacity is ever idle.
 from __future__ import annotations
 
 from bisect import bisect_left
-from math import sqrt
-from typing import Protocol
 
 from odma_mlu.config import OdmaConfig
 from odma_mlu.kvcache.arena import KVArena, KVLocation, covering_runs
 from odma_mlu.kvcache.extent import Extent, ExtentAllocator
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, PolicyStats, ReserveRequest
+from odma_mlu.kvcache.run_pricing import RunCost, copy_pays, economic_run_tokens
 from odma_mlu.predictor.histogram import OnlineLengthHistogram
 
 PLACEMENT_CANDIDATES = 8
 """Holes (smallest first) examined for one that holds the neighbour's room and the claim."""
 LEND_CANDIDATES = 4
 """Largest holes examined for the one with the most room to spare when none fits."""
-
-
-class RunCost(Protocol):
-    """What a copy decision needs from the device: seconds to read one run of ``tokens``
-    of KV in every layer, and to copy ``tokens`` of KV (read + write, every layer)."""
-
-    def read_run_s(self, tokens: int) -> float: ...
-
-    def copy_s(self, tokens: int) -> float: ...
-
-    def decode_fixed_s(self) -> float: ...
 
 
 class _Request:
@@ -150,21 +138,8 @@ class OdmaPolicy(KVPolicy):
     def _ahead_tokens(self, read_per_block: bool, live_tokens: int | None = None) -> int:
         """Tokens held past what is live (elastic mode); none for a request read per block (a
         ring), whose runs cost nothing, so room held ahead would only be memory nobody uses.
-
-        A new request holds ``chunk_tokens`` ahead. A growing one (``live_tokens`` given)
-        holds the run length that prices best, when the device's costs are known: each time
-        a request's right neighbour blocks it, it starts a run, which costs ``split_s`` on
-        every later read; holding ``h`` tokens ahead costs their memory, priced at what a
-        step's fixed part (weights, launches) is worth per token of KV capacity. Over a
-        life of G tokens that is G / h runs, read G / 2 steps each on average, against h / 2
-        tokens held over G steps; the sum is least at
-
-            h* = sqrt(split_s * G / token_price_s)     (G: the mean completed length)
-
-        the economic order quantity. The derived MLU370-X4 profile (a page reads at 0.93 of
-        a stream) gives h* < 16 for Alpaca and ~30 for ServeGen; at 0.5 of a stream ~30 and
-        ~110, at 0.3 ~45 and ~165.
-        Never less than ``chunk_tokens``."""
+        A new request holds ``chunk_tokens`` ahead; a growing one (``live_tokens`` given) the
+        economic run length where the device's costs are known (run_pricing.py), never less."""
         if read_per_block:
             return 0
         base = self.config.chunk_tokens
@@ -172,9 +147,8 @@ class OdmaPolicy(KVPolicy):
         mean_tokens = self.histogram.mean_tokens
         if live_tokens is None or cost is None or mean_tokens is None or not self._token_price_s:
             return base
-        unit = self.unit
-        split_s = cost.read_run_s(unit) + cost.read_run_s(live_tokens) - cost.read_run_s(live_tokens + unit)
-        self.hold_ahead_tokens = max(base, round(sqrt(max(0.0, split_s) * mean_tokens / self._token_price_s)))
+        self.hold_ahead_tokens = max(base, economic_run_tokens(cost, self.unit, live_tokens, mean_tokens,
+                                                               self._token_price_s))
         return self.hold_ahead_tokens
 
     def _hold_units(self, num_tokens: int, claim: int, read_per_block: bool) -> int:
@@ -363,24 +337,10 @@ class OdmaPolicy(KVPolicy):
         return GrowResult(GrowStatus.NO_ROOM)
 
     def _copy_pays(self, r: _Request, live: int) -> bool:
-        """Moving the live KV into one run pays when the extra runs' read time over the
-        predicted remaining steps exceeds the copy."""
         cost = self.run_cost
         if cost is None or live <= 0 or r.read_per_block:
             return False
-        # Without the copy the request goes on with its runs plus a new one for the rest
-        # of its claim; with it, one run. The claim covers ``target_coverage`` of requests
-        # like it, so on average about half of the remaining claim is used; but the requests
-        # this rule picks are those whose estimate is largest, and for them it ran ~4x what
-        # they had left (qwen2-7b-swa/Alpaca, docs/odma-sensitivity.md). So it is capped by
-        # the request's age, the tokens it has generated: under heavy-tailed lengths a
-        # request is expected to live about as long again as it already has. That many
-        # steps, each priced at the claim's full length (the largest read it would make).
-        expected_steps = max(1, min((r.claim_tokens - live) // 2, live - r.prompt_tokens))
-        runs = [e.length * self.unit for _, e in r.runs]
-        runs.append(max(1, r.claim_tokens - sum(runs)))
-        extra_s = sum(cost.read_run_s(n) for n in runs) - cost.read_run_s(sum(runs))
-        return expected_steps * extra_s > cost.copy_s(live)
+        return copy_pays(cost, [e.length * self.unit for _, e in r.runs], r.claim_tokens, live, r.prompt_tokens)
 
     def _move_into_one_run(self, request_id: str, r: _Request, live: int, region: ExtentAllocator,
                            ext: Extent) -> None:

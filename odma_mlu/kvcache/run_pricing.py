@@ -1,0 +1,66 @@
+"""ODMA's decisions priced by the device: how far ahead a growing request holds room (the
+economic run length) and whether copying a request into one run pays.
+
+Both read a ``RunCost``: the emulator's ``CostModel`` of a device profile (the emulated
+backend's, or on a real card the one its ``profile:`` names, ``backends.profile_run_cost``).
+Without one, ODMA holds ``chunk_tokens`` ahead and never copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import sqrt
+from typing import Protocol
+
+
+class RunCost(Protocol):
+    """What ODMA's pricing needs from the device: seconds to read one run of ``tokens`` of
+    KV in every layer, to copy ``tokens`` of KV (read + write, every layer, with the
+    launches), and a decode step's fixed part (weights, LM head, launches)."""
+
+    def read_run_s(self, tokens: int) -> float: ...
+
+    def copy_s(self, tokens: int) -> float: ...
+
+    def decode_fixed_s(self) -> float: ...
+
+
+def economic_run_tokens(cost: RunCost, unit_tokens: int, live_tokens: int, mean_tokens: float,
+                        token_price_s: float) -> int:
+    """The run length a growing request should hold ahead of its live tokens.
+
+    Each time a request's right neighbour blocks it, it starts a run, which costs
+    ``split_s`` on every later read (a granule read apart rather than as part of the live
+    run). Holding ``h`` tokens ahead costs their memory, priced at ``token_price_s``: a
+    step's fixed time shared by as many requests as the KV capacity holds, per token. Over
+    a life of G tokens that is G / h runs, read G / 2 steps each on average, against h / 2
+    tokens held over G steps; the sum is least at
+
+        h* = sqrt(split_s * G / token_price_s)     (G: the mean completed length)
+
+    the economic order quantity, with runs as orders and held tokens as stock. The derived
+    MLU370-X4 profile (a page reads at 0.93 of a stream) gives h* < 16 for Alpaca and ~30
+    for ServeGen; at 0.5 of a stream ~30 and ~110, at 0.3 ~45 and ~165
+    (docs/odma-design.md, docs/odma-sensitivity.md)."""
+    split_s = cost.read_run_s(unit_tokens) + cost.read_run_s(live_tokens) - cost.read_run_s(live_tokens + unit_tokens)
+    return round(sqrt(max(0.0, split_s) * mean_tokens / token_price_s))
+
+
+def copy_pays(cost: RunCost, run_tokens: Sequence[int], claim_tokens: int, live_tokens: int,
+              prompt_tokens: int) -> bool:
+    """Moving a request's live KV (held in runs of ``run_tokens``) into one run pays when
+    the extra runs' read time over its expected remaining steps exceeds the copy.
+
+    Without the copy the request goes on with its runs plus a new one for the rest of its
+    claim; with it, one run. The claim covers ``target_coverage`` of requests like it, so on
+    average about half of the remaining claim is used; but the requests this rule picks are
+    those whose estimate is largest, and for them it ran ~4x what they had left
+    (qwen2-7b-swa/Alpaca, docs/odma-sensitivity.md). So it is capped by the request's age,
+    the tokens it has generated: under heavy-tailed lengths a request is expected to live
+    about as long again as it already has. That many steps, each priced at the claim's full
+    length (the largest read it would make)."""
+    expected_steps = max(1, min((claim_tokens - live_tokens) // 2, live_tokens - prompt_tokens))
+    runs = list(run_tokens)
+    runs.append(max(1, claim_tokens - sum(runs)))
+    extra_s = sum(cost.read_run_s(n) for n in runs) - cost.read_run_s(sum(runs))
+    return expected_steps * extra_s > cost.copy_s(live_tokens)
