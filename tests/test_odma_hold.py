@@ -12,15 +12,14 @@ import torch
 
 from emulator.cost_model import CostModel
 from emulator.profile import DeviceProfile, load_profile
-from odma_mlu.config import ModelSpec, OdmaConfig, load_model_spec
+from odma_mlu.config import OdmaConfig, load_model_spec
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.odma import OdmaPolicy
 from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
 from odma_mlu.predictor.base import LengthPrediction
 from odma_mlu.predictor.histogram import OnlineLengthHistogram
+from policy_helpers import TINY
 
-TINY = ModelSpec(name="tiny", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                 intermediate_size=64, vocab_size=100, max_position_embeddings=4096, dtype="float32")
 CFG = OdmaConfig(safety_fraction=0.0, chunk_tokens=4)
 
 

@@ -15,7 +15,8 @@ from odma_mlu.engine.scheduler import Scheduler
 from odma_mlu.errors import RequestRejected
 from odma_mlu.kvcache.factory import POLICY_NAMES, make_policy
 from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
-from test_policies import CFG, arena, pred
+from policy_helpers import arena, pred
+from test_odma_policy import CFG
 
 
 # -- randomized: every policy, integrity after every step --------------------------------------
