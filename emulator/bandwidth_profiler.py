@@ -96,6 +96,8 @@ class HostLink:
     to_host_bytes_per_s: float
     to_device_bytes_per_s: float
     copy_bytes: int
+    page_locked: bool = True
+    """Timed against page-locked host memory, as the engine swaps (False: plain memory)."""
 
     @property
     def swap_bytes_per_s(self) -> float:
@@ -105,16 +107,20 @@ class HostLink:
 
 
 def measure_host_link(backend: Backend, settings: ProfilerSettings) -> HostLink | None:
-    """Time ``.to()`` copies of ``read_bytes`` each way; None on a CPU (no link)."""
+    """Time copies of ``read_bytes`` each way between the device and a host buffer; None on a
+    CPU (no link). The host buffer is page-locked where the device allows it, as the
+    engine's swap buffers are (``KVArena.swap_out``), else plain memory."""
     if backend.device.type == "cpu":
         return None
     n = settings.read_bytes
     on_device = torch.ones(n // ELEM_BYTES, dtype=torch.float32, device=backend.device)
-    on_host = torch.ones(n // ELEM_BYTES, dtype=torch.float32)
-    host = torch.device("cpu")
-    out_s = median_time_s(backend, lambda: on_device.to(host), settings.repeats, settings.warmup)
-    in_s = median_time_s(backend, lambda: on_host.to(backend.device), settings.repeats, settings.warmup)
-    return HostLink(n / out_s, n / in_s, n)
+    try:
+        on_host, page_locked = torch.ones(n // ELEM_BYTES, dtype=torch.float32, pin_memory=True), True
+    except RuntimeError:  # no page-locked allocator for this device
+        on_host, page_locked = torch.ones(n // ELEM_BYTES, dtype=torch.float32), False
+    out_s = median_time_s(backend, lambda: on_host.copy_(on_device), settings.repeats, settings.warmup)
+    in_s = median_time_s(backend, lambda: on_device.copy_(on_host), settings.repeats, settings.warmup)
+    return HostLink(n / out_s, n / in_s, n, page_locked)
 
 
 def llc_bytes() -> int:

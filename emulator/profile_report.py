@@ -70,8 +70,9 @@ def host_link_dict(link: HostLink) -> dict:
     """The ``host_link`` entry: the swap-pair bandwidth, both directions in the note."""
     return {"bandwidth": _gbps(link.swap_bytes_per_s), "source": "measured",
             "note": f"harmonic mean of device->host {_gbps(link.to_host_bytes_per_s)} and host->device "
-                    f"{_gbps(link.to_device_bytes_per_s)}: median .to() copies of {link.copy_bytes // MiB} MiB "
-                    "(pageable host memory, as the engine swaps)"}
+                    f"{_gbps(link.to_device_bytes_per_s)}: median copies of {link.copy_bytes // MiB} MiB "
+                    + ("(page-locked host memory, as the engine swaps)" if link.page_locked
+                       else "(plain host memory: the device offered no page-locked allocator)")}
 
 
 def matmul_rows_dict(curves: dict[str, dict[int, float]], s: ProfilerSettings) -> dict[str, list[dict]]:

@@ -107,6 +107,9 @@ def test_measured_host_link_reaches_the_profile() -> None:
     assert data["host_link"]["source"] == "measured" and "20.000 GB/s" in data["host_link"]["note"]
     assert parse_profile(data, "x.yaml").host_link_bandwidth_bytes_per_s == pytest.approx(24e9, rel=1e-3)
     assert "host_link" not in to_profile_dict(result, "no-link")
+    assert "page-locked host memory" in data["host_link"]["note"]
+    plain = to_profile_dict(replace(result, host_link=replace(link, page_locked=False)), "plain")
+    assert "plain host memory" in plain["host_link"]["note"]
 
 
 def test_standalone_script_help() -> None:

@@ -59,11 +59,13 @@ def test_swapped_preemptions_keep_greedy_tokens(tiny_model_dir: Path, reference:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_swapped_preemptions_on_cuda_keep_tokens(tiny_model_dir: Path) -> None:
-    # Device -> host -> device through real copies (CPU tensors on the host, the arena on the GPU).
+    # Device -> host -> device through real copies (page-locked host tensors, asynchronous on
+    # the device's stream; the arena on the GPU).
     roomy = _engine(tiny_model_dir, "odma", capacity=2048, swap_space_bytes=0, backend="cuda")
     tight = _engine(tiny_model_dir, "odma", capacity=96, swap_space_bytes=CacheConfig.swap_space_bytes, backend="cuda")
     assert _run(tight) == _run(roomy)
     assert tight.scheduler.num_swaps > 0
+    assert tight.arena._pinned_host, "the swap fell back to plain host memory on CUDA"
 
 
 def test_small_swap_space_mixes_swap_and_recompute(tiny_model_dir: Path, reference: list[list[int]]) -> None:
@@ -213,6 +215,18 @@ def test_arena_swap_round_trip_over_scattered_runs() -> None:
     arena.swap_in(dst, host)
     got = [t[20:30] for t in (*arena.k, *arena.v)]
     assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_host_copies_fall_back_to_plain_memory_where_none_is_page_locked() -> None:
+    """On an accelerator the swap asks for page-locked host memory; where the build has no
+    page-locked allocator (this CPU-only torch raises, as a device without one would), the
+    copy is a plain one and later swaps stop asking."""
+    arena = KVArena(TINY, 32, dtype=torch.float32)
+    arena._pinned_host = True  # as on an accelerator
+    src = torch.randn(6, TINY.num_kv_heads, TINY.head_dim)
+    out = arena._to_host(src)
+    assert torch.equal(out, src) and out.device.type == "cpu"
+    assert arena._pinned_host is (torch.cuda.is_available() or out.is_pinned())
 
 
 def test_sequence_starts_without_host_copy() -> None:

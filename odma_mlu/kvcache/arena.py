@@ -164,6 +164,8 @@ class KVArena:
         self.flat_groups = flat_groups
         self.dtype = dtype
         self.device = torch.device(device)
+        self._pinned_host = self.device.type != "cpu"
+        """Swap to page-locked host memory (accelerators, until it fails once; ``_to_host``)."""
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.k_groups: tuple[torch.Tensor, ...] = ()
@@ -223,20 +225,37 @@ class KVArena:
 
     def swap_out(self, location: KVLocation, num_tokens: int) -> "HostKV":
         """Copy tokens [0, num_tokens) of ``location`` to host memory, K and V of every layer
-        (per tensor: one gather of its slots, one device-to-host copy)."""
+        (per tensor: one gather of its slots, one device-to-host copy).
+
+        On an accelerator the host copies are page-locked and asynchronous (as vLLM's swap
+        blocks): the link then runs at the DMA rate the profile's ``host_link`` prices, and
+        the copies stay ordered on the device's stream, before any kernel that reuses the
+        freed slots and before the copy back (``swap_in``). Where page-locked memory cannot
+        be had, the copies are plain ones."""
         assert not self.shape_only and not self.flat, "swap needs per-layer KV tensors"
         assert 0 < num_tokens <= location.capacity_tokens, f"swap of {num_tokens} tokens"
         idx = location.slots(0, num_tokens).to(self.device)
-        host = torch.device("cpu")
-        return HostKV(tuple(t.index_select(0, idx).to(host) for t in self.k),
-                      tuple(t.index_select(0, idx).to(host) for t in self.v))
+        if self.device.type == "cpu":  # the slots' copy is the host copy
+            return HostKV(tuple(t.index_select(0, idx) for t in self.k), tuple(t.index_select(0, idx) for t in self.v))
+        return HostKV(tuple(self._to_host(t.index_select(0, idx)) for t in self.k),
+                      tuple(self._to_host(t.index_select(0, idx)) for t in self.v))
+
+    def _to_host(self, src: torch.Tensor) -> torch.Tensor:
+        if self._pinned_host:
+            try:
+                dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            except RuntimeError:  # no page-locked allocator for this device: plain copies
+                self._pinned_host = False
+            else:
+                return dst.copy_(src, non_blocking=True)
+        return src.to("cpu")
 
     def swap_in(self, location: KVLocation, kv: "HostKV") -> None:
         """Write ``kv`` (from ``swap_out``) to tokens [0, kv.num_tokens) of ``location``."""
         assert not self.shape_only and not self.flat, "swap needs per-layer KV tensors"
         idx = location.slots(0, kv.num_tokens).to(self.device)
         for dst, src in zip((*self.k, *self.v), (*kv.k, *kv.v)):
-            dst.index_copy_(0, idx, src.to(self.device))
+            dst.index_copy_(0, idx, src.to(self.device, non_blocking=src.is_pinned()))
 
     def take_issued_copies(self) -> tuple[int, ...]:
         """The copies issued since the last call (token counts), and forget them."""
