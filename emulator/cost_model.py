@@ -186,7 +186,6 @@ class CostModel:
         self._attn_width = q
         self._locality_cache: dict[int, float] = {}
         self._rate_cache: dict[int, float] = {}
-        self._decode_fixed_s: float | None = None
         self._read_cache: dict[tuple[int, ...], tuple[int, float]] = {}
 
     @property
@@ -219,10 +218,8 @@ class CostModel:
 
     def decode_fixed_s(self) -> float:
         """Seconds of a decode step that do not grow with the batch: one sequence reading a
-        one-token context (the weights, the LM head, the launches)."""
-        if self._decode_fixed_s is None:
-            self._decode_fixed_s = self.step_time(StepWork.build(decode_read_runs=((1,),))).time_s
-        return self._decode_fixed_s
+        one-token context (the weights, the LM head, the launches). Read once per policy."""
+        return self.step_time(StepWork.build(decode_read_runs=((1,),))).time_s
 
     def copy_s(self, tokens: int) -> float:
         """Seconds to copy ``tokens`` of KV contiguously in every full-attention layer: read +

@@ -5,19 +5,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from odma_mlu.backends.base import Backend, MemoryInfo, Timer
 from odma_mlu.errors import BackendUnavailable, ConfigError
 
-if TYPE_CHECKING:
-    from odma_mlu.config import ModelSpec
-    from odma_mlu.kvcache.run_pricing import RunCost
-    from odma_mlu.models.layer_kinds import LayerKinds
-
 BACKEND_NAMES = ("auto", "mlu", "cuda", "cpu", "emulated")
 
-__all__ = ["Backend", "MemoryInfo", "Timer", "get_backend", "profile_run_cost", "BACKEND_NAMES"]
+__all__ = ["Backend", "MemoryInfo", "Timer", "get_backend", "BACKEND_NAMES"]
 
 
 def _real_backend(name: str) -> Backend:
@@ -70,24 +63,6 @@ def get_backend(name: str = "auto", profile: str | None = None, host: str = "aut
     if host in ("emulated", "mlu"):
         raise ConfigError(f"emulated backend host must be cpu or cuda, not {host!r}")
     return EmulatedBackend(profile, _real_backend(host), target_model=target_model, pace=pace)
-
-
-def profile_run_cost(profile: str, spec: "ModelSpec", layers: "LayerKinds", backend_name: str) -> "RunCost":
-    """What ODMA's cost rules need on a real card: the emulator's cost model of ``profile`` (a
-    name in device_profiles/ or a YAML path) for this model's shape, as the emulated backend
-    prices its own steps. ConfigError when the profile cannot be read or describes another
-    kind of device than ``backend_name`` (an MLU profile would misprice a GPU's runs)."""
-    from emulator.cost_model import CostModel
-    from emulator.profile import load_profile
-    from emulator.validate import profile_device_kind
-
-    loaded = load_profile(profile)
-    kind = profile_device_kind(loaded)
-    if kind and kind != backend_name:
-        raise ConfigError(f"profile = {profile!r} is for the {kind} backend, but the engine runs on the "
-                          f"{backend_name} backend; name a profile of this device (measure one with "
-                          f"`odma-mlu profile-bandwidth --backend {backend_name}`) or leave `profile` unset")
-    return CostModel(loaded, spec, layers=layers)
 
 
 def backend_unavailable_message(name: str) -> str | None:

@@ -143,3 +143,22 @@ class EmulatedBackend(Backend):
         return (f"emulated {self.profile.name} ({self.target_model.name} shape, {self.target_layers.describe()})"
                 f" on {self.host.describe()}"
                 + (", paced" if self.pace else ""))
+
+
+def profile_run_cost(profile: str, spec: "ModelSpec", layers: "LayerKinds", backend_name: str) -> "RunCost":
+    """What ODMA's cost rules need on a real card: the emulator's cost model of ``profile`` (a
+    name in device_profiles/ or a YAML path) for this model's shape, as the emulated backend
+    prices its own steps. ConfigError when the profile cannot be read or describes another
+    kind of device than ``backend_name`` (an MLU profile would misprice a GPU's runs)."""
+    from emulator.cost_model import CostModel
+    from emulator.profile import load_profile
+    from emulator.validate import profile_device_kind
+    from odma_mlu.errors import ConfigError
+
+    loaded = load_profile(profile)
+    kind = profile_device_kind(loaded)
+    if kind and kind != backend_name:
+        raise ConfigError(f"profile = {profile!r} is for the {kind} backend, but the engine runs on the "
+                          f"{backend_name} backend; name a profile of this device (measure one with "
+                          f"`odma-mlu profile-bandwidth --backend {backend_name}`) or leave `profile` unset")
+    return CostModel(loaded, spec, layers=layers)

@@ -29,7 +29,7 @@ from typing import Callable, Sequence as Seq
 
 import torch
 
-from odma_mlu.backends import Backend, get_backend, profile_run_cost
+from odma_mlu.backends import Backend, get_backend
 from odma_mlu.config import CacheConfig, SchedulerConfig
 from odma_mlu.engine.graph_runner import DecodeGraphRunner
 from odma_mlu.engine.request import Sequence
@@ -113,6 +113,8 @@ class LLMEngine:
         self.priced_by: str | None = None
         """The profile pricing ODMA's decisions on a real backend (None: emulated, or unpriced)."""
         if run_cost is None and profile is not None:  # a real card priced by its own profile
+            from odma_mlu.backends.emulated import profile_run_cost
+
             run_cost = profile_run_cost(profile, self.spec, LayerKinds.of_model(self.model), self.backend.name)
             self.priced_by = profile
         self.policy = make_policy(kv_policy, self.arena, cache, scheduler.max_new_tokens, run_cost=run_cost)

@@ -235,10 +235,9 @@ class KVArena:
         assert not self.shape_only and not self.flat, "swap needs per-layer KV tensors"
         assert 0 < num_tokens <= location.capacity_tokens, f"swap of {num_tokens} tokens"
         idx = location.slots(0, num_tokens).to(self.device)
-        if self.device.type == "cpu":  # the slots' copy is the host copy
-            return HostKV(tuple(t.index_select(0, idx) for t in self.k), tuple(t.index_select(0, idx) for t in self.v))
-        return HostKV(tuple(self._to_host(t.index_select(0, idx)) for t in self.k),
-                      tuple(self._to_host(t.index_select(0, idx)) for t in self.v))
+        to_host = self._to_host if self.device.type != "cpu" else (lambda t: t)  # on a CPU the gather is the copy
+        return HostKV(tuple(to_host(t.index_select(0, idx)) for t in self.k),
+                      tuple(to_host(t.index_select(0, idx)) for t in self.v))
 
     def _to_host(self, src: torch.Tensor) -> torch.Tensor:
         if self._pinned_host:

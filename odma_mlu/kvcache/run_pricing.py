@@ -2,7 +2,7 @@
 economic run length) and whether copying a request into one run pays.
 
 Both read a ``RunCost``: the emulator's ``CostModel`` of a device profile (the emulated
-backend's, or on a real card the one its ``profile:`` names, ``backends.profile_run_cost``).
+backend's, or on a real card the one its ``profile:`` names, ``backends.emulated.profile_run_cost``).
 Without one, ODMA holds ``chunk_tokens`` ahead and never copies.
 """
 
