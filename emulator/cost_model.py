@@ -48,6 +48,10 @@ full attention)::
                      reads and writes each sequence's state once (stream bandwidth); a
                      prefill runs the chunked scan (6 t d_inner d_state, + Mamba2's
                      intra-chunk 2 t L heads (d_state + head_dim) FLOPs) and writes the state
+    KV copies        ``copy_tokens``, run in ``copy_batch_sizes`` batches (KVArena.copy_run):
+                     each copy reads its run and writes one, at the bandwidth of a run of
+                     its length; a batch of one copy is a contiguous copy of K and of V per
+                     layer, a larger one a gather and a scatter of each (+ two index uploads)
     state copies     ``state_copy_bytes``: read + write at stream bandwidth, one launch each
     host swaps       ``swap_tokens``: a preempted request's KV to host memory or back
                      (kvcache/arena.py ``swap_out`` / ``swap_in``): over the host link at the
@@ -76,6 +80,8 @@ KERNELS_PER_DECODE_GROUP_PER_LAYER = 3  # gather q rows, attention, scatter the 
 KERNELS_PER_GATHERED_GROUP_PER_LAYER = 2  # a group not read as a view gathers its K and V
 KERNELS_PER_PREFILL_PER_LAYER = 2  # attention, copy the output rows
 KERNELS_PER_COPY_PER_LAYER = 2  # one contiguous copy of K and one of V
+KERNELS_PER_COPY_BATCH_PER_LAYER = 4  # several copies at once: a gather and a scatter of K and of V
+KERNELS_PER_COPY_BATCH = 2  # ... and the two slot-index uploads of the batch
 KERNELS_FIXED = 15  # rotary lookup, embedding, buffers, final norm, LM head, logits cast
 KERNELS_PER_SWAP_PER_LAYER = 4  # K and V: a gather (scatter) and a host copy each
 READ_CACHE_ENTRIES = 1 << 16  # memoized per-sequence reads (CostModel._read)
@@ -98,7 +104,9 @@ class ForwardKernels:
     ssm_prefill_continued: int = 1  # a later chunk prepends the slot's conv state
     ssm_prefill_short: int = 1  # a fresh prefill shorter than d_conv pads the conv input
     ssm_decode: int = 39  # per SSM layer, once when the step decodes: conv step + recurrent step
-    copy: int = KERNELS_PER_COPY_PER_LAYER  # per full layer and KV copy
+    copy: int = KERNELS_PER_COPY_PER_LAYER  # per full layer and batch of one KV copy
+    copy_batch: int = KERNELS_PER_COPY_BATCH_PER_LAYER  # per full layer and batch of several
+    copy_batch_fixed: int = KERNELS_PER_COPY_BATCH  # per batch of several
     state_copy: int = 1  # per state copy
     swap: int = KERNELS_PER_SWAP_PER_LAYER  # per full layer and host swap (+ 1 for its slot index)
 
@@ -221,13 +229,30 @@ class CostModel:
         one-token context (the weights, the LM head, the launches). Read once per policy."""
         return self.step_time(StepWork.build(decode_read_runs=((1,),))).time_s
 
-    def copy_s(self, tokens: int) -> float:
-        """Seconds to copy ``tokens`` of KV contiguously in every full-attention layer: read +
-        write, and the copy kernels' launches."""
+    def copy_kernels(self, num_copies: int) -> int:
+        """Kernels of one batch of ``num_copies`` KV copies (``KVArena.take_issued_copies``)."""
+        k = self.kernels
+        if num_copies <= 0:
+            return 0
+        if num_copies == 1:
+            return self._n_full * k.copy
+        return self._n_full * k.copy_batch + k.copy_batch_fixed
+
+    def copy_bytes_s(self, tokens: int) -> float:
+        """Seconds of the memory traffic of one copy of ``tokens`` of KV: its run read and its
+        run written, each at the bandwidth of a run of that length."""
         if tokens <= 0:
             return 0.0
-        nbytes = tokens * self.kv_bytes_per_token
-        return 2.0 * nbytes / self._stream_bw + self._n_full * self.kernels.copy * self._launch
+        return 2.0 * tokens * self.kv_bytes_per_token / self.run_bandwidth(tokens)
+
+    def copy_s(self, tokens: int, num_pending: int = 0) -> float:
+        """Seconds one more copy of ``tokens`` of KV adds to a step whose batch already holds
+        ``num_pending`` copies: its bytes, and the launches it adds to the batch (a second
+        copy turns the batch into gathers and scatters; from the third on, none)."""
+        if tokens <= 0:
+            return 0.0
+        launches = self.copy_kernels(num_pending + 1) - self.copy_kernels(num_pending)
+        return self.copy_bytes_s(tokens) + launches * self._launch
 
     def matmul_rate(self, rows: int) -> float:
         """FLOP/s of a matmul with ``rows`` rows on this profile, in this model's dtype."""
@@ -244,8 +269,9 @@ class CostModel:
         prefills = len(work.prefill_new_tokens)
         cached = work.prefill_cached_tokens or (0,) * prefills
         full = (k.full_layer + k.decode_group * len(groups) + k.gathered_group * (len(groups) - work.decode_group_views)
-                + k.prefill * prefills + k.copy * len(work.copy_tokens))
+                + k.prefill * prefills)
         total = (self._n_full * full + k.fixed + k.state_copy * len(work.state_copy_bytes)
+                 + sum(self.copy_kernels(n) for n in work.copy_batch_sizes)
                  + len(work.swap_tokens) * (self._n_full * k.swap + 1))
         if self._n_sliding:
             sliding = (k.sliding_layer + k.prefill * prefills + k.sliding_cached_prefill * sum(c > 0 for c in cached)
@@ -358,9 +384,10 @@ class CostModel:
                 f = 4.0 * self._attn_width * t * (min(c, (kinds.window_tokens or 1) - 1) + t)
                 acc.add(self._n_sliding, 0.0, f / self.matmul_rate(max(1, t)), f)
         state_bytes = self._ssm_state(acc, work)
-        # KV copies the policy issued (contiguous, read + write at stream bandwidth), state copies.
+        # KV copies the policy issued (a run read + a run written each), state copies.
         copy_bytes = 2 * sum(work.copy_tokens) * self.kv_bytes_per_token + 2 * sum(work.state_copy_bytes)
-        acc.add(1, copy_bytes / self._stream_bw, 0.0, 0.0)
+        acc.add(1, sum(self.copy_bytes_s(n) for n in work.copy_tokens)
+                + 2 * sum(work.state_copy_bytes) / self._stream_bw, 0.0, 0.0)
         swap_bytes = sum(work.swap_tokens) * self.kv_bytes_per_token
         if swap_bytes:
             link = self.profile.host_link_bandwidth_bytes_per_s

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from odma_mlu.kvcache.arena import KVLocation
+from odma_mlu.kvcache.arena import IssuedCopies, KVLocation
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus, PolicyStats, ReserveRequest
 
 
@@ -22,8 +22,8 @@ class NoCopies:
 
     moved_bytes = 0
 
-    def take_issued_copies(self) -> tuple[int, ...]:
-        return ()
+    def take_issued_copies(self) -> IssuedCopies:
+        return IssuedCopies()
 
 
 class ShapeSchemePolicy(ABC):
@@ -41,6 +41,10 @@ class ShapeSchemePolicy(ABC):
         self.capacity_tokens = budget_bytes // bytes_per_token
         self.arena = NoCopies()
         self.overflowed_requests = 0
+
+    def take_moved(self) -> tuple[str, ...]:
+        """These schemes never move one request's KV for another's growth."""
+        return ()
 
     @abstractmethod
     def held_tokens(self) -> dict[str, int]:

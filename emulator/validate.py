@@ -200,7 +200,7 @@ def build_cases(model: Any, spec: Any, cost: CostModel, seed: int = 0) -> list[C
                 arena.take_issued_copies()
 
             case.run = run
-            case.predicted_s = batch * cost.copy_s(ctx)
+            case.predicted_s = sum(cost.copy_s(ctx, i) for i in range(batch))  # one batch
             cases.append(case)
             continue
         if ctx + 1 > spec.max_position_embeddings:

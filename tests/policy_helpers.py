@@ -25,3 +25,18 @@ def pred(values: list[float], max_new: int) -> LengthPrediction:
 def rr(rid: str, prompt: int, max_new: int, num_tokens: int | None = None, prediction: LengthPrediction | None = None,
        true: int | None = None) -> ReserveRequest:
     return ReserveRequest(rid, prompt, max_new, prompt if num_tokens is None else num_tokens, prediction, true)
+
+
+class CopiesAlwaysPay:
+    """An ODMA ``RunCost`` where every extra run costs more than any copy: blocked growth
+    copies the request into one run, or moves the blocking run, wherever it may; memory is
+    priced out of reach, so no room is held past ``chunk_tokens``."""
+
+    def read_run_s(self, tokens: int) -> float:
+        return 1.0
+
+    def copy_s(self, tokens: int, num_pending: int = 0) -> float:
+        return 0.0
+
+    def decode_fixed_s(self) -> float:
+        return float("inf")

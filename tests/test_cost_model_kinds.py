@@ -210,8 +210,9 @@ def test_state_copies_are_charged() -> None:
     copied = cm.step_time(StepWork.build((), [(16,) * 8] * 4, state_copy_bytes=[hs.state_bytes_per_request] * 3))
     expected = 2 * 3 * hs.state_bytes_per_request / MLU.stream_bandwidth_bytes_per_s + 3 * MLU.launch_overhead_s
     assert copied.time_s - base.time_s == pytest.approx(expected, rel=1e-9)
-    assert CostModel(MLU, hs.base, layers=LayerKinds.from_hybrid(hs)).copy_s(100) == pytest.approx(
-        2 * 100 * hs.kv_bytes_per_token / MLU.stream_bandwidth_bytes_per_s + 4 * 2 * MLU.launch_overhead_s)
+    hybrid = CostModel(MLU, hs.base, layers=LayerKinds.from_hybrid(hs))  # 4 attention layers: their KV only
+    assert hybrid.copy_s(100) == pytest.approx(
+        2 * 100 * hs.kv_bytes_per_token / hybrid.run_bandwidth(100) + 4 * 2 * MLU.launch_overhead_s)
 
 
 # -- the emulated engine prices a sliding / hybrid model by kind -------------------------------

@@ -15,6 +15,7 @@ from odma_mlu.engine.sampler import SamplingParams
 from odma_mlu.errors import RequestRejected
 from odma_mlu.predictor.base import LengthPrediction, LengthPredictor, RequestFeatures
 from hf_reference import encode, hf_greedy
+from policy_helpers import CopiesAlwaysPay
 
 PROMPTS = [
     "the cache model serve request",
@@ -86,23 +87,23 @@ def test_odma_forced_multi_run_placements_match(tiny_model_dir: Path, reference:
     assert st.new_runs > 0 and eng.arena.moved_bytes == 0
 
 
-class _CopyAlwaysPays:
-    def read_run_s(self, tokens: int) -> float:
-        return 1.0
-
-    def copy_s(self, tokens: int) -> float:
-        return 0.0
-
-    def decode_fixed_s(self) -> float:
-        return float("inf")  # memory priced out of reach: no room held past chunk_tokens
-
-
 def test_odma_copies_into_one_run_match(tiny_model_dir: Path, reference: list[list[int]]) -> None:
     eng = _engine(tiny_model_dir, "odma", capacity=1024, predictor=ConstantPredictor(1),
                   odma=OdmaConfig(safety_fraction=0.0, num_buckets=4, elastic=False))
-    eng.policy.run_cost = _CopyAlwaysPays()  # type: ignore[attr-defined]
+    eng.policy.run_cost = CopiesAlwaysPay()  # type: ignore[attr-defined]
     assert _run(eng) == reference
     assert eng.policy.stats().copies > 0 and eng.arena.moved_bytes > 0
+
+
+def test_odma_moves_blocking_runs_match(tiny_model_dir: Path, reference: list[list[int]]) -> None:
+    # Elastic, one token held ahead, copies free: a blocked request moves its neighbour's run
+    # out of the way (``OdmaPolicy._move_blocker``); the moved request's cached location must
+    # be dropped, or its next tokens would be read and written at its old slots.
+    eng = _engine(tiny_model_dir, "odma", capacity=1024, predictor=ConstantPredictor(1),
+                  odma=OdmaConfig(safety_fraction=0.0, num_buckets=4, chunk_tokens=1))
+    eng.policy.run_cost = CopiesAlwaysPay()  # type: ignore[attr-defined]
+    assert _run(eng) == reference
+    assert eng.policy.moved_runs > 0 and eng.arena.moved_bytes > 0
 
 
 def test_odma_scattered_prefill_and_tiny_granules_match(tiny_model_dir: Path, reference: list[list[int]]) -> None:

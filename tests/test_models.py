@@ -193,6 +193,7 @@ def test_moving_kv_mid_generation_keeps_output(loaded, prompt_ids, hf_greedy):
             old, new = locations[1], KVLocation(((290, 96),))
             n = len(prompt_ids[1]) + (6 - 2) - 1  # cached after its steps 2..5: prompt + 3 decodes
             arena.copy_run(old.start_slot, new.start_slot, n)
+            arena.take_issued_copies()  # the step's copies run (the engine does this before the forward)
             arena.k[0][old.start_slot:old.start_slot + old.capacity_tokens] = float("nan")  # the old slab is dead
             locations[1] = new
 

@@ -32,7 +32,7 @@ class _Priced:
     def read_run_s(self, tokens: int) -> float:
         return 0.0 if tokens <= 0 else self.split_s + tokens * 1e-9
 
-    def copy_s(self, tokens: int) -> float:
+    def copy_s(self, tokens: int, num_pending: int = 0) -> float:
         return float("inf")  # never copy: this file is about holds
 
     def decode_fixed_s(self) -> float:

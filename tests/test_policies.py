@@ -150,19 +150,6 @@ def test_ideal_holds_exactly_live_tokens_reads_one_run_and_preempts_for_free() -
     p.check_integrity()
 
 
-def test_arena_copy_run_overlapping_ranges() -> None:
-    ar = arena(32, real=True)
-    for layer in range(TINY.num_layers):
-        ar.k[layer][:, 0, 0] = torch.arange(32, dtype=torch.float32)
-    ar.copy_run(0, 5, 10)  # forward overlap
-    assert ar.k[0][5:15, 0, 0].tolist() == list(range(10))
-    before = ar.k[1][10:20, 0, 0].clone()
-    ar.copy_run(10, 8, 10)  # backward overlap
-    assert torch.equal(ar.k[1][8:18, 0, 0], before)
-    assert ar.moved_bytes == 20 * ar.bytes_per_token
-    assert ar.take_issued_copies() == (10, 10) and ar.take_issued_copies() == ()
-
-
 def test_kv_location_runs() -> None:
     loc = KVLocation(((100, 4), (40, 3)))
     assert loc.capacity_tokens == 7 and loc.num_runs == 2 and loc.start_slot == 100

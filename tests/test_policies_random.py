@@ -15,26 +15,27 @@ from odma_mlu.engine.scheduler import Scheduler
 from odma_mlu.errors import RequestRejected
 from odma_mlu.kvcache.factory import POLICY_NAMES, make_policy
 from odma_mlu.kvcache.policy import GrowStatus, ReserveRequest
-from policy_helpers import arena, pred
+from policy_helpers import CopiesAlwaysPay, arena, pred
 from test_odma_policy import CFG
 
 
 # -- randomized: every policy, integrity after every step --------------------------------------
-def _make(name: str, cap: int, elastic: bool = False) -> object:
+def _make(name: str, cap: int, elastic: bool = False, priced: bool = False) -> object:
     cache = CacheConfig(page_size_tokens=8, s3_num_buckets=4,
                         odma=replace(CFG, elastic=elastic, chunk_tokens=4), watermark_fraction=0.05)
-    return make_policy(name, arena(cap), cache, 64)
+    return make_policy(name, arena(cap), cache, 64, run_cost=CopiesAlwaysPay() if priced else None)
 
 
 OPS = st.lists(st.tuples(st.sampled_from(["reserve", "step", "step", "step", "finish", "preempt"]),
                          st.integers(0, 10_000), st.integers(0, 10_000)), min_size=1, max_size=80)
 
 
-@pytest.mark.parametrize("name", [*POLICY_NAMES, "odma-elastic"])
+@pytest.mark.parametrize("name", [*POLICY_NAMES, "odma-elastic", "odma-moves"])
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS, cap=st.integers(40, 300))
 def test_random_sequences_keep_integrity(name: str, ops: list[tuple[str, int, int]], cap: int) -> None:
-    policy = _make("odma" if name == "odma-elastic" else name, cap, elastic=name == "odma-elastic")
+    policy = _make("odma" if name.startswith("odma") else name, cap, elastic=name != "odma",
+                   priced=name == "odma-moves")
     live: dict[str, list[int]] = {}  # id -> [prompt, max_new, tokens needed so far, true]
     waiting: dict[str, list[int]] = {}
     n = 0
@@ -78,6 +79,8 @@ def test_random_sequences_keep_integrity(name: str, ops: list[tuple[str, int, in
                 policy.release(rid, None)
                 waiting[rid] = live.pop(rid)
         policy.check_integrity()
+        for rid, (_, _, tokens, _) in live.items():  # a move keeps every other request's tokens held
+            assert policy.location(rid).capacity_tokens >= tokens
         assert policy.num_live() == len(live)
         assert policy.reserved_tokens() <= cap
         if live:

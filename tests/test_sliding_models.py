@@ -15,6 +15,7 @@ import torch
 
 from odma_mlu.models.loader import load_model
 from hf_reference import hf_greedy, load_hf
+from policy_helpers import CopiesAlwaysPay
 from tiny_hetero import greedy_generate_rings, make_tiny_gemma3, make_tiny_qwen2_sliding, windowed_policy
 
 PROMPTS = [
@@ -172,29 +173,17 @@ def test_rings_of_many_runs_match_transformers(loaded, family: str) -> None:
     assert max(most_runs) >= 3, f"rings of at most {max(most_runs)} runs: the test meant to scatter them"
 
 
-class _CopyAlways:
-    """ODMA's RunCost where every extra run costs more than any copy: blocked growth moves."""
-
-    def read_run_s(self, tokens: int) -> float:
-        return 1.0
-
-    def copy_s(self, tokens: int) -> float:
-        return 0.0
-
-    def decode_fixed_s(self) -> float:
-        return float("inf")  # memory priced out of reach: no room held past chunk_tokens
-
-
 @pytest.mark.parametrize("family", FAMILIES + UNEVEN)
 def test_requests_moved_by_odma_copies_match_transformers(loaded, family: str) -> None:
     """ODMA packed tight (holds live + 1, no room between requests) moves a blocked request
     into one run: the copy takes every lane of the request's slots, beside ring entries of
-    other requests in the same lanes, which must stay. A ring is never moved (it is read per
-    block, whatever its runs: ``ReserveRequest.read_per_block``)."""
+    other requests in the same lanes, which must stay. Some growths move a blocking neighbour's
+    run instead (``OdmaPolicy._move_blocker``; qwen2_sliding and gemma3_5over2 here). A ring is
+    never moved (it is read per block, whatever its runs: ``ReserveRequest.read_per_block``)."""
     model, ids, ref = loaded[family]
     capacity = {"qwen2_sliding": 256, "gemma3": 400, "qwen2_3over2": 300, "gemma3_5over2": 300}[family]
     arena, windowed = _setup(model, "odma", capacity=capacity, block_tokens=2, page_tokens=2, odma_chunk_tokens=1,
-                             run_cost=_CopyAlways())
+                             run_cost=CopiesAlwaysPay())
     assert greedy_generate_rings(model, arena, windowed, ids, MAX_NEW, start_steps=[0, 1, 2, 3]) == ref
     assert windowed.inner.copies > 0, "the test meant ODMA to move a request"
     assert windowed.rings.copies == 0, "a ring was copied into one run"

@@ -306,6 +306,7 @@ def test_flat_arena_lanes_are_views_of_one_tensor() -> None:
     arena.v[0][3] = 2.0
     assert float(v_flat[3].mean()) == 2.0
     arena.copy_run(3, 20, 4)  # slots 3..6 -> 20..23 in every lane
+    arena.take_issued_copies()  # run the batch
     assert float(k_flat[32 + 22].mean()) == 7.0 and float(v_flat[20].mean()) == 2.0
     assert KVArena(SPEC, 32, dtype=torch.float32).k_groups == ()
 

@@ -139,7 +139,6 @@ def greedy_generate_rings(model: Any, arena: Any, policy: Any, prompts: list[lis
     from tiny_model import greedy_generate
 
     def forward(seqs: list[Any], rows: list[int]) -> Any:
-        placed = []
         for i, seq in zip(rows, seqs):
             rid = f"s{i}"
             if not policy.rings.holds(rid):
@@ -147,9 +146,12 @@ def greedy_generate_rings(model: Any, arena: Any, policy: Any, prompts: list[lis
                 assert policy.reserve(req) is not None, f"no room for {rid}"
             res = policy.ensure_capacity(rid, seq.num_total_tokens)
             assert res.status == GrowStatus.OK, f"{rid} cannot grow: {res}"
-            placed.append(SequenceInput(seq.token_ids, seq.num_cached_tokens, policy.location(rid)))
+        # Locations only once every request has grown: a growth may move another's run.
+        placed = [SequenceInput(seq.token_ids, seq.num_cached_tokens, policy.location(f"s{i}"))
+                  for i, seq in zip(rows, seqs)]
         plan = policy.rings.plan(placed, [f"s{i}" for i in rows], model.device)
         policy.check_integrity()
+        arena.take_issued_copies()  # the step's KV copies run before its forward, as in the engine
         logits = model.forward(ForwardBatch.build(placed, device=model.device), arena, plan)
         if on_step is not None:
             on_step(policy)

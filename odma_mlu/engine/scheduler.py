@@ -248,6 +248,9 @@ class Scheduler:
                 res = self.policy.ensure_capacity(seq.request_id, seq.kv_tokens + n)
                 if res.how:  # the runs changed (even where a second part then failed): refresh the cached location
                     seq.kv_location = None
+                moved = self.policy.take_moved()
+                if moved:  # ODMA moved another request's run out of this one's way
+                    self._forget_locations(moved)
                 if res.status == GrowStatus.OK:
                     if left == 1:
                         decode.append(seq)
@@ -322,6 +325,12 @@ class Scheduler:
         todo = [s for s in itertools.islice(self.waiting, PREDICT_BATCH) if s.prediction is None and s.features is not None]
         for s, p in zip(todo, self.predictor.predict_batch([s.features for s in todo])):
             s.prediction = p
+
+    def _forget_locations(self, request_ids: tuple[str, ...]) -> None:
+        ids = set(request_ids)
+        for s in self.running:
+            if s.request_id in ids:
+                s.kv_location = None
 
     def location(self, seq: Sequence) -> KVLocation:
         """The sequence's KV runs; cached on the sequence until the policy reports a change

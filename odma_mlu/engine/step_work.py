@@ -18,6 +18,8 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
+from odma_mlu.kvcache.arena import IssuedCopies
+
 if TYPE_CHECKING:
     from odma_mlu.engine.scheduler import ScheduledBatch
     from odma_mlu.kvcache.policy import KVPolicy
@@ -47,6 +49,8 @@ class StepWork:
     """Groups of one sequence whose KV is one run: read as a view, no gather."""
     copy_tokens: tuple[int, ...] = ()
     """Each contiguous KV copy issued this step (tokens, in every layer, K and V)."""
+    copy_batch_sizes: tuple[int, ...] = ()
+    """Copies in each batch the arena ran them in (``KVArena.take_issued_copies``)."""
     decode_sliding_runs: tuple[tuple[int, ...], ...] = ()
     """Per decoding sequence, the token length of each run its sliding-window layers read (at
     most the window; one sliding layer's runs of the request's ring in the arena). Empty: the cost
@@ -60,7 +64,7 @@ class StepWork:
 
     @classmethod
     def build(cls, prefill_new_tokens: "Iterable[int]" = (), decode_read_runs: "Iterable[tuple[int, ...]]" = (),
-              copy_tokens: "Iterable[int]" = (), prefill_cached_tokens: "Iterable[int] | None" = None, *,
+              copies: "IssuedCopies | Iterable[int]" = (), prefill_cached_tokens: "Iterable[int] | None" = None, *,
               sliding_read_runs: "Iterable[tuple[int, ...]]" = (),
               state_copy_bytes: "Iterable[int]" = (), stream_reads: bool = False,
               swap_tokens: "Iterable[int]" = ()) -> "StepWork":
@@ -68,7 +72,13 @@ class StepWork:
         chunked prefill, prefix hits), each decode's read runs and its copies; the decode
         groups follow ``decode_group_key`` (the engine's grouping). ``sliding_read_runs``: each
         decode's sliding-layer runs; ``state_copy_bytes``: the state copies issued;
-        ``swap_tokens``: the host swaps."""
+        ``swap_tokens``: the host swaps. ``copies``: the arena's ``IssuedCopies``, or the tokens
+        of each copy (then one batch)."""
+        if isinstance(copies, IssuedCopies):
+            copy_tokens, batch_sizes = copies.tokens, copies.batch_sizes
+        else:
+            copy_tokens = tuple(copies)
+            batch_sizes = (len(copy_tokens),) if copy_tokens else ()
         prefill = tuple(prefill_new_tokens)
         cached = (0,) * len(prefill) if prefill_cached_tokens is None else tuple(prefill_cached_tokens)
         assert len(cached) == len(prefill), f"{len(prefill)} prefills but {len(cached)} cached counts"
@@ -79,7 +89,8 @@ class StepWork:
         sizes = tuple(len(groups[k]) for k in sorted(groups))
         views = sum(1 for g in groups.values() if len(g) == 1 and len(g[0]) == 1)
         return cls(prefill_new_tokens=prefill, prefill_cached_tokens=cached, decode_read_runs=reads,
-                   decode_group_sizes=sizes, decode_group_views=views, copy_tokens=tuple(copy_tokens),
+                   decode_group_sizes=sizes, decode_group_views=views, copy_tokens=copy_tokens,
+                   copy_batch_sizes=batch_sizes,
                    decode_sliding_runs=tuple(tuple(r) for r in sliding_read_runs),
                    state_copy_bytes=tuple(state_copy_bytes), stream_reads=stream_reads,
                    swap_tokens=tuple(swap_tokens))

@@ -147,6 +147,17 @@ class HostKV:
         return int(self.k[0].shape[0])
 
 
+@dataclass(frozen=True)
+class IssuedCopies:
+    """The KV copies carried out since the last ``KVArena.take_issued_copies``: tokens of each
+    copy (every layer, K and V) and how many copies each batch ran (a batch is one set of
+    kernels per layer: a contiguous copy of K and of V for one copy, else a gather and a
+    scatter of each)."""
+
+    tokens: tuple[int, ...] = ()
+    batch_sizes: tuple[int, ...] = ()
+
+
 class KVArena:
     """Token-slot KV tensors for every layer, or only their accounting (``shape_only``)."""
 
@@ -188,7 +199,12 @@ class KVArena:
                     self.k.append(torch.zeros(shape, dtype=dtype, device=self.device))
                     self.v.append(torch.zeros(shape, dtype=dtype, device=self.device))
         self.moved_bytes = 0
-        self.issued_copy_tokens: list[int] = []
+        self._copied_tokens: list[int] = []
+        """Token counts of the copies carried out or pending since ``take_issued_copies``."""
+        self._batch_sizes: list[int] = []
+        """Copies in each batch carried out since ``take_issued_copies``."""
+        self._pending: list[tuple[int, int, int]] = []
+        """(source slot, target slot, tokens) of the copies of the batch not yet carried out."""
 
     @property
     def flat(self) -> bool:
@@ -205,23 +221,66 @@ class KVArena:
 
     def copy_run(self, src_start: int, dst_start: int, num_tokens: int) -> int:
         """Copy ``num_tokens`` slots of KV from ``src_start`` to ``dst_start`` in every layer
-        (one contiguous copy per layer and K/V, overlapping ranges allowed); returns bytes.
+        (overlapping ranges allowed); returns bytes.
 
-        Every copy is recorded in ``issued_copy_tokens`` so the step-cost function charges
-        its kernels and bytes (``odma_mlu.engine.step_work.describe_step`` drains it)."""
+        The copies a step issues run together, as one batch, when they are taken
+        (``take_issued_copies``: each step before its forward; ``swap_out`` and ``swap_in``
+        before they touch the KV)::
+
+            copy_run(a -> b); copy_run(c -> d) ...      queued: nothing moves yet
+            take_issued_copies()                        one copy: a contiguous copy per K and V
+                                                        tensor; more: per tensor one gather of
+                                                        every source, then one scatter
+
+        All sources are read before any target is written, which equals copying in order
+        unless a copy reads or writes what an earlier one of the batch writes: such a copy
+        first runs the batch before it (a batch of its own, charged as one). Every batch is
+        recorded so the step-cost function charges its kernels and bytes
+        (``odma_mlu.engine.step_work.describe_step`` drains it)."""
         assert num_tokens > 0, f"copy of {num_tokens} tokens"
         assert 0 <= src_start and src_start + num_tokens <= self.capacity_tokens, "copy source outside the arena"
         assert 0 <= dst_start and dst_start + num_tokens <= self.capacity_tokens, "copy target outside the arena"
         nbytes = num_tokens * self.bytes_per_token
         self.moved_bytes += nbytes
-        self.issued_copy_tokens.append(num_tokens)
-        if self.shape_only:
-            return nbytes
-        s, d = slice(src_start, src_start + num_tokens), slice(dst_start, dst_start + num_tokens)
-        overlap = src_start < dst_start + num_tokens and dst_start < src_start + num_tokens
-        for t in (*self.k, *self.v):
-            t[d] = t[s].clone() if overlap else t[s]
+        self._copied_tokens.append(num_tokens)
+        src_end, dst_end = src_start + num_tokens, dst_start + num_tokens
+        if any(d < src_end and src_start < d + n or d < dst_end and dst_start < d + n for _, d, n in self._pending):
+            self._run_batch()
+        self._pending.append((src_start, dst_start, num_tokens))
         return nbytes
+
+    @property
+    def num_pending_copies(self) -> int:
+        """Copies issued and not yet carried out: the batch a new copy would join."""
+        return len(self._pending)
+
+    def _run_batch(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        self._batch_sizes.append(len(batch))
+        if self.shape_only:
+            return
+        if len(batch) == 1:
+            (src, dst, n), = batch
+            s, d = slice(src, src + n), slice(dst, dst + n)
+            overlap = src < dst + n and dst < src + n
+            for t in (*self.k, *self.v):
+                t[d] = t[s].clone() if overlap else t[s]
+            return
+        src_idx = torch.cat([torch.arange(a, a + n) for a, _, n in batch]).to(self.device)
+        dst_idx = torch.cat([torch.arange(b, b + n) for _, b, n in batch]).to(self.device)
+        for t in (*self.k, *self.v):
+            t.index_copy_(0, dst_idx, t.index_select(0, src_idx))
+
+    def take_issued_copies(self) -> "IssuedCopies":
+        """Carry out the pending copies, then report (and forget) every copy issued since the
+        last call."""
+        self._run_batch()
+        out = IssuedCopies(tuple(self._copied_tokens), tuple(self._batch_sizes))
+        self._copied_tokens.clear()
+        self._batch_sizes.clear()
+        return out
 
     def swap_out(self, location: KVLocation, num_tokens: int) -> "HostKV":
         """Copy tokens [0, num_tokens) of ``location`` to host memory, K and V of every layer
@@ -234,6 +293,7 @@ class KVArena:
         be had, the copies are plain ones."""
         assert not self.shape_only and not self.flat, "swap needs per-layer KV tensors"
         assert 0 < num_tokens <= location.capacity_tokens, f"swap of {num_tokens} tokens"
+        self._run_batch()  # a pending copy may have moved these tokens
         idx = location.slots(0, num_tokens).to(self.device)
         to_host = self._to_host if self.device.type != "cpu" else (lambda t: t)  # on a CPU the gather is the copy
         return HostKV(tuple(to_host(t.index_select(0, idx)) for t in self.k),
@@ -252,12 +312,8 @@ class KVArena:
     def swap_in(self, location: KVLocation, kv: "HostKV") -> None:
         """Write ``kv`` (from ``swap_out``) to tokens [0, kv.num_tokens) of ``location``."""
         assert not self.shape_only and not self.flat, "swap needs per-layer KV tensors"
+        self._run_batch()  # a pending copy may read the slots written here
         idx = location.slots(0, kv.num_tokens).to(self.device)
         for dst, src in zip((*self.k, *self.v), (*kv.k, *kv.v)):
             dst.index_copy_(0, idx, src.to(self.device, non_blocking=src.is_pinned()))
 
-    def take_issued_copies(self) -> tuple[int, ...]:
-        """The copies issued since the last call (token counts), and forget them."""
-        out = tuple(self.issued_copy_tokens)
-        self.issued_copy_tokens.clear()
-        return out

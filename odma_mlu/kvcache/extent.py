@@ -222,6 +222,10 @@ class ExtentAllocator:
         self.used_tokens -= extent.length
         self._insert_free_coalesced(extent.start, extent.length)
 
+    def hole_at(self, start: int) -> int:
+        """Length of the free hole that starts at ``start`` (0: none starts there)."""
+        return self._free_len.get(start, 0)
+
     def can_grow_in_place(self, extent: Extent, new_length: int) -> bool:
         extra = new_length - extent.length
         return extra <= 0 or self._free_len.get(extent.end, 0) >= extra

@@ -22,6 +22,9 @@ it almost always keeps one run, without copying to stay contiguous::
              a read and a write of the live KV now; keeping them costs the extra runs'
              read time on every remaining step (``RunCost``, from the device profile);
              and only into a hole with room for the whole claim (a lent run splits again)
+    move   = before either: where the run that blocks the growth is another request's and
+             moving it (whole, into a hole that holds it) costs less than the grower's new
+             run would over its expected remaining steps, move it and grow in place
     admit  = the common watermark (``CacheConfig.watermark_fraction``) and, when
              ``claim_admission_factor`` > 0, the sum of running claims
 
@@ -38,7 +41,7 @@ from odma_mlu.config import OdmaConfig
 from odma_mlu.kvcache.arena import KVArena, KVLocation, covering_runs
 from odma_mlu.kvcache.extent import Extent, ExtentAllocator
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, PolicyStats, ReserveRequest
-from odma_mlu.kvcache.run_pricing import RunCost, copy_pays, economic_run_tokens
+from odma_mlu.kvcache.run_pricing import RunCost, copy_pays, economic_run_tokens, expected_remaining_steps, move_pays
 from odma_mlu.predictor.histogram import OnlineLengthHistogram
 
 PLACEMENT_CANDIDATES = 8
@@ -49,10 +52,11 @@ LEND_CANDIDATES = 4
 
 class _Request:
     __slots__ = ("request_id", "runs", "held_units", "prompt_tokens", "max_total_tokens", "claim_tokens",
-                 "claim_units", "first_claim_tokens", "live_tokens", "prefer_safety", "read_per_block")
+                 "claim_units", "first_claim_tokens", "live_tokens", "prefer_safety", "read_per_block", "pinned")
 
     def __init__(self, request_id: str, prompt_tokens: int, max_total_tokens: int, claim_tokens: int,
-                 claim_units: int, live_tokens: int, prefer_safety: bool, read_per_block: bool = False) -> None:
+                 claim_units: int, live_tokens: int, prefer_safety: bool, read_per_block: bool = False,
+                 pinned: bool = False) -> None:
         self.request_id = request_id
         self.runs: list[tuple[ExtentAllocator, Extent]] = []
         self.held_units = 0
@@ -67,6 +71,8 @@ class _Request:
         self.prefer_safety = prefer_safety
         self.read_per_block = read_per_block
         """``ReserveRequest.read_per_block``: never copied into one run."""
+        self.pinned = pinned or read_per_block
+        """``ReserveRequest.pinned`` (or read per block): its runs never move for another's growth."""
 
 
 class OdmaPolicy(KVPolicy):
@@ -106,6 +112,11 @@ class OdmaPolicy(KVPolicy):
         there (``_room``): the room a hole starting at that granule begins with. Kept as ints,
         not the requests, so a placement's look-ups at its candidate holes touch no request."""
         self._claims_total = 0
+        self._owner_at: dict[int, _Request] = {}
+        """First granule of every run -> its request: who blocks a growing run (``_move_blocker``)."""
+        self._moved: list[str] = []
+        """Requests whose runs ``_move_blocker`` moved since ``take_moved`` was last called."""
+        self.moved_runs = 0
         self.hold_ahead_tokens = config.chunk_tokens
         """The room the last growing request held ahead of its live tokens (``_ahead_tokens``)."""
         self._token_price_s = run_cost.decode_fixed_s() / max(1, arena.capacity_tokens) if run_cost else 0.0
@@ -236,7 +247,7 @@ class OdmaPolicy(KVPolicy):
         if not pieces:
             return None
         r = _Request(req.request_id, req.prompt_tokens, req.max_total_tokens, claim, claim_units,
-                     req.num_tokens, prefer_safety, req.read_per_block)
+                     req.num_tokens, prefer_safety, req.read_per_block, req.pinned)
         self._reqs[req.request_id] = r
         for region, ext in pieces:
             self._add_run(r, region, ext)
@@ -270,6 +281,7 @@ class OdmaPolicy(KVPolicy):
         if r.runs:
             del self._tail_rooms[r.runs[-1][1].end]
         r.runs.append((region, ext))
+        self._owner_at[ext.start] = r
         r.held_units += ext.length
         self._tail_rooms[ext.end] = self._room(r)
 
@@ -309,15 +321,18 @@ class OdmaPolicy(KVPolicy):
         """Sizes in granules from here on."""
         held, needed, target = r.held_units, self._units(needed_tokens), self._units(target_tokens)
         region, last = r.runs[-1]
-        for size in (target, needed):
-            grown = region.grow_in_place(last, last.length + size - held)
-            if grown is not None:
-                r.runs[-1] = (region, grown)
-                r.held_units += grown.length - last.length
-                del self._tail_rooms[last.end]
-                self._tail_rooms[grown.end] = self._room(r)
-                self.in_place_grows += 1
-                return GrowResult(GrowStatus.OK, 0, "in_place")
+        for moved in (False, True):
+            for size in (target, needed):
+                grown = region.grow_in_place(last, last.length + size - held)
+                if grown is not None:
+                    r.runs[-1] = (region, grown)
+                    r.held_units += grown.length - last.length
+                    del self._tail_rooms[last.end]
+                    self._tail_rooms[grown.end] = self._room(r)
+                    self.in_place_grows += 1
+                    return GrowResult(GrowStatus.OK, 0, "in_place")
+            if moved or not self._move_blocker(r, region, last, needed - held):
+                break
         live = r.live_tokens
         if self._copy_pays(r, live):
             # Only into a hole with room for the whole claim: the copy pays by keeping the
@@ -336,11 +351,62 @@ class OdmaPolicy(KVPolicy):
                 return GrowResult(GrowStatus.OK, 0, "new_run")
         return GrowResult(GrowStatus.NO_ROOM)
 
+    def _move_blocker(self, r: _Request, region: ExtentAllocator, last: Extent, need_units: int) -> bool:
+        """Move the run that starts where ``r``'s last run ends, another request's, whole into a
+        hole elsewhere, so ``r`` can grow in place; True if it moved. Only where the move pays
+        (``move_pays``: the blocker's live tokens copied now, against the run ``r`` would start
+        instead, read on its expected remaining steps), the freed room gives ``r`` the granules
+        it needs, and a hole holds the blocker next to its left neighbour's room (not lent: a
+        lent run would block someone again). The blocker keeps its number of runs; its cached
+        location goes stale (``take_moved``)."""
+        cost = self.run_cost
+        y = self._owner_at.get(last.end)
+        if cost is None or y is None or r.read_per_block or y.pinned:
+            return False
+        i = next(k for k, (_, e) in enumerate(y.runs) if e.start == last.end)
+        y_region, blocker = y.runs[i]
+        if y_region is not region or blocker.length + region.hole_at(blocker.end) < need_units:
+            return False
+        unit = self.unit
+        moved_tokens = max(0, min(blocker.length * unit, y.live_tokens - sum(e.length for _, e in y.runs[:i]) * unit))
+        steps = expected_remaining_steps(r.claim_tokens, r.live_tokens, r.prompt_tokens)
+        if not move_pays(cost, unit, r.live_tokens, steps, moved_tokens, self.arena.num_pending_copies):
+            return False
+        for dest_region in self._regions(y.prefer_safety):
+            fit = self._fit(dest_region, blocker.length, blocker.length, lend=False)
+            if fit is not None:
+                break
+        else:
+            return False
+        new = dest_region.allocate_at(fit[0], blocker.length, fit[1])
+        assert new is not None, "a fitted slot range must be free"
+        if moved_tokens:
+            self.arena.copy_run(blocker.start * unit, new.start * unit, moved_tokens)
+            self.copies += 1
+            self.copied_tokens += moved_tokens
+        is_last = i == len(y.runs) - 1
+        if is_last:
+            del self._tail_rooms[blocker.end]
+        region.free(blocker)
+        del self._owner_at[blocker.start]
+        y.runs[i] = (dest_region, new)
+        self._owner_at[new.start] = y
+        if is_last:
+            self._tail_rooms[new.end] = self._room(y)
+        self._moved.append(y.request_id)
+        self.moved_runs += 1
+        return True
+
+    def take_moved(self) -> tuple[str, ...]:
+        moved, self._moved = tuple(self._moved), []
+        return moved
+
     def _copy_pays(self, r: _Request, live: int) -> bool:
         cost = self.run_cost
         if cost is None or live <= 0 or r.read_per_block:
             return False
-        return copy_pays(cost, [e.length * self.unit for _, e in r.runs], r.claim_tokens, live, r.prompt_tokens)
+        return copy_pays(cost, [e.length * self.unit for _, e in r.runs], r.claim_tokens, live, r.prompt_tokens,
+                         self.arena.num_pending_copies)
 
     def _move_into_one_run(self, request_id: str, r: _Request, live: int, region: ExtentAllocator,
                            ext: Extent) -> None:
@@ -354,6 +420,7 @@ class OdmaPolicy(KVPolicy):
                 pos += n
                 left -= n
             old_region.free(old)
+            del self._owner_at[old.start]
         del self._tail_rooms[r.runs[-1][1].end]
         r.runs = []
         r.held_units = 0
@@ -374,6 +441,7 @@ class OdmaPolicy(KVPolicy):
         r = self._reqs.pop(request_id)
         for region, ext in r.runs:
             region.free(ext)
+            del self._owner_at[ext.start]
         del self._tail_rooms[r.runs[-1][1].end]
         self._claims_total -= r.claim_tokens
         if generated_tokens is None:
@@ -401,6 +469,8 @@ class OdmaPolicy(KVPolicy):
         assert held == self.reserved_tokens(), f"requests hold {held} tokens, regions say {self.reserved_tokens()}"
         tail_rooms = {r.runs[-1][1].end: self._room(r) for r in self._reqs.values()}
         assert tail_rooms == self._tail_rooms, "tail room index out of sync with the runs and claims"
+        owners = {e.start: r.request_id for r in self._reqs.values() for _, e in r.runs}
+        assert owners == {g: r.request_id for g, r in self._owner_at.items()}, "run owner index out of sync"
         for rid, r in self._reqs.items():
             assert r.runs, f"{rid} holds no run"
             assert r.live_tokens <= r.held_units * self.unit, f"{rid}: {r.live_tokens} live tokens held in {r.runs}"
@@ -415,6 +485,7 @@ class OdmaPolicy(KVPolicy):
         extra = {"safety_pool_used_tokens": float(safety.used_tokens * self.unit if safety else 0),
                  "safety_pool_tokens": float(safety.capacity_tokens * self.unit if safety else 0),
                  "hold_ahead_tokens": float(self.hold_ahead_tokens),
+                 "moved_runs": float(self.moved_runs),
                  "reoptimizations": float(self.histogram.num_reoptimizations)}
         return PolicyStats(**{**base.__dict__, "fragmentation": self.main.fragmentation(),
                               "bucket_edges_tokens": self.histogram.boundaries.edges_tokens, "extra": extra})

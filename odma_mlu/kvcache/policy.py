@@ -47,6 +47,9 @@ class ReserveRequest:
     """Its KV is read in blocks that lie apart whatever its runs are (a sliding-window ring,
     kvcache/window.py): one run reads no faster than several, so a copy into one run never
     pays (ODMA)."""
+    pinned: bool = False
+    """Its runs never move to make room for another request's growth (ODMA): a shared prefix
+    block, whose runs its sharers keep (kvcache/prefix.py). A ring is pinned too."""
 
     @property
     def max_total_tokens(self) -> int:
@@ -120,6 +123,12 @@ class KVPolicy(ABC):
 
     @abstractmethod
     def ensure_capacity(self, request_id: str, needed_tokens: int) -> GrowResult: ...
+
+    def take_moved(self) -> tuple[str, ...]:
+        """Requests whose runs another request's growth moved since the last call (ODMA moves
+        a blocking run, ``OdmaPolicy._move_blocker``); the scheduler drops their cached
+        locations. Other policies never move a request they were not asked about."""
+        return ()
 
     @abstractmethod
     def release(self, request_id: str, generated_tokens: int | None) -> None:

@@ -205,7 +205,8 @@ class PrefixCachingPolicy:
         assert tokens is not None
         block_id = f"{BLOCK_PREFIX}{next(self._ids)}"
         size = end - start
-        req = ReserveRequest(block_id, size, 1, size, LengthPrediction.from_values([1.0] * 5, 1), 1)
+        req = ReserveRequest(block_id, size, 1, size, LengthPrediction.from_values([1.0] * 5, 1), 1,
+                             pinned=True)  # sharers keep the block's runs: never moved
         loc = self._with_eviction(lambda: self.inner.reserve(req))
         if loc is None:
             return None
