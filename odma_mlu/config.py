@@ -264,8 +264,8 @@ class EngineConfig:
     """A device profile: a name in device_profiles/ or a YAML path. Backend ``emulated``: the
     card it emulates (None: ``DEFAULT_PROFILE``). A real backend (mlu, cuda, cpu): the card's
     own profile, which prices ODMA's decisions (how far ahead a growing request holds,
-    whether a copy pays: docs/odma-design.md); None: ODMA holds ``chunk_tokens`` ahead and
-    never copies. Measure it with ``odma-mlu profile-bandwidth``."""
+    whether a copy or a move pays: docs/odma-design.md); None: ODMA holds ``chunk_tokens``
+    ahead and never copies or moves. Measure it with ``odma-mlu profile-bandwidth``."""
     emulated_target: str | None = None
     """Backend ``emulated`` only: the model shape its clock and KV capacity follow (a built-in
     shape such as ``gemma-3-12b``, or a config.json / model folder); None: the 7B target."""

@@ -97,8 +97,8 @@ class LLMEngine:
         file, the format ``odma-mlu predictor train`` reads (engine/request_log.py).
         ``profile``: a device profile (name or YAML path). With ``backend="emulated"`` the card
         it emulates; on a real backend the card's own profile, whose costs ODMA's rules use
-        (how far ahead a growing request holds, whether a copy pays); None: those rules are
-        off (ODMA holds ``chunk_tokens`` ahead, never copies)."""
+        (how far ahead a growing request holds, whether a copy or a move pays); None: those
+        rules are off (ODMA holds ``chunk_tokens`` ahead, never copies or moves)."""
         self.request_log = RequestLog(request_log) if request_log is not None else None
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, profile=profile)
         self.model, self.spec, self.tokenizer = load_model(model_path, backend=self.backend, dtype=dtype)

@@ -14,7 +14,7 @@ POLICY_NAMES = ("static", "s3", "odma", "paged", "exact", "ideal")
 def make_policy(name: str, arena: KVArena, cache: CacheConfig, max_new_tokens: int,
                 drift_detector: object | None = None, run_cost: RunCost | None = None) -> KVPolicy:
     """``run_cost`` prices runs and copies for ODMA's copy decision (the emulator's cost
-    model); without it ODMA never copies KV."""
+    model); without it ODMA never copies or moves KV."""
     if name == "static":
         from odma_mlu.kvcache.static import StaticPolicy
 

@@ -191,7 +191,7 @@ def build_engine(settings: ServeSettings) -> Any:
         if engine.priced_by is not None:
             log.info("odma prices its runs and copies with device profile %s", engine.priced_by)
         else:
-            log.warning("no device profile for backend %s: odma holds %d tokens ahead of growth and never copies; "
+            log.warning("no device profile for backend %s: odma holds %d tokens ahead of growth and never copies or moves KV; "
                         "measure the card with `odma-mlu profile-bandwidth` and set `profile:`", backend.name,
                         cfg.cache.odma.chunk_tokens)
     return engine
