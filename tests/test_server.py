@@ -342,13 +342,18 @@ def test_client_disconnect_before_a_plain_response_aborts(srv: ThreadedServer) -
 
 
 def test_metrics_report_odma_safety_pool_and_hold(srv: ThreadedServer) -> None:
-    """The safety pool's size and the room held ahead of growth come from the policy's stats
-    (a key mismatch once left the safety pool gauges at 0)."""
+    """The safety pool's size, the room held ahead of growth and the runs moved out of a
+    growing request's way come from the policy's stats (a key mismatch once left the safety
+    pool gauges at 0)."""
     _client(srv).completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_NEW, temperature=0)
     m = _metrics(srv)
     policy = srv.app.state.odma.engine.engine.policy
     assert policy.safety is not None
     assert m["odma_safety_pool_tokens"] == policy.safety.capacity_tokens * policy.unit > 0
-    # No device profile on this CPU engine: the room held ahead is chunk_tokens.
+    # No device profile on this CPU engine: the room held ahead is chunk_tokens, and no run moves.
     assert m["odma_hold_ahead_tokens"] == policy.config.chunk_tokens
+    assert m["odma_moved_runs_total"] == policy.moved_runs == 0
+    policy.moved_runs = 3  # as if three runs had moved: the counter follows the policy's stats
+    _client(srv).completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=2, temperature=0)
+    assert _metrics(srv)["odma_moved_runs_total"] == 3
     _assert_kv_free(srv)

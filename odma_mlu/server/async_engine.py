@@ -74,6 +74,7 @@ class EngineSnapshot:
     safety_pool_used_tokens: float = 0.0
     safety_pool_tokens: float = 0.0
     hold_ahead_tokens: float = 0.0
+    moved_runs: float = 0.0
     steps: int = 0
     sum_live_tokens: int = 0
     sum_reserved_tokens: int = 0
@@ -350,6 +351,7 @@ class AsyncEngine:
             safety_pool_used_tokens=st.extra.get("safety_pool_used_tokens", 0.0),
             safety_pool_tokens=st.extra.get("safety_pool_tokens", 0.0),
             hold_ahead_tokens=st.extra.get("hold_ahead_tokens", 0.0),
+            moved_runs=st.extra.get("moved_runs", 0.0),
             steps=a["steps"], sum_live_tokens=a["sum_live"], sum_reserved_tokens=a["sum_reserved"],
             saturated_steps=a["sat"], sum_util_saturated=a["util_sat"], sum_util_all=a["util_all"],
             generated_tokens=a["generated"], **_prefix_fields(self.engine.policy))

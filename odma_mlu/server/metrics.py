@@ -84,8 +84,11 @@ class _EngineCollector(Collector):
         yield counter("engine_steps", "Engine steps run", s.steps)
         yield counter("generation_tokens", "Tokens generated", s.generated_tokens)
         yield counter("overflows", "Requests that outgrew their first reservation", s.overflows)
-        yield counter("migrations", "KV moves into a larger extent or the safety pool", s.migrations)
+        yield counter("migrations", "KV copies: a request moved into one run, or another's run moved out of "
+                      "its way", s.migrations)
         yield counter("migrated_tokens", "KV tokens copied by migrations", s.migrated_tokens)
+        yield counter("moved_runs", "Runs ODMA moved out of a growing request's way (where the device "
+                      "profile says that pays)", s.moved_runs)
         yield counter("preemptions", "Requests preempted (KV swapped to host memory, or dropped and recomputed)",
                       s.preemptions)
         yield counter("swapped_preemptions", "Preemptions that swapped the KV to host memory instead of recomputing",
