@@ -89,9 +89,11 @@ def test_pinned_runs_and_rings_are_never_moved(b_pinned: bool, a_per_block: bool
 
 def test_move_pays_prices_the_saved_run_against_the_copy() -> None:
     cost = _RunsCost(run=1.0, copy_per_token=0.1)
-    assert move_pays(cost, 1, 100, expected_steps=10, moved_tokens=0)  # nothing live: free
-    assert move_pays(cost, 1, 100, expected_steps=10, moved_tokens=99)  # 10 x 1 s > 9.9 s
-    assert not move_pays(cost, 1, 100, expected_steps=10, moved_tokens=101)
+    # live 100 of which 90 prompt, claim 200: expected steps min(100 // 2, 10) = 10
+    grower = dict(claim_tokens=200, live_tokens=100, prompt_tokens=90)
+    assert move_pays(cost, 1, **grower, moved_tokens=0)  # nothing live: free
+    assert move_pays(cost, 1, **grower, moved_tokens=99)  # 10 x 1 s > 9.9 s
+    assert not move_pays(cost, 1, **grower, moved_tokens=101)
 
 
 def test_the_scheduler_drops_the_moved_requests_cached_location() -> None:

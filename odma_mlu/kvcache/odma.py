@@ -41,7 +41,7 @@ from odma_mlu.config import OdmaConfig
 from odma_mlu.kvcache.arena import KVArena, KVLocation, covering_runs
 from odma_mlu.kvcache.extent import Extent, ExtentAllocator
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, PolicyStats, ReserveRequest
-from odma_mlu.kvcache.run_pricing import RunCost, copy_pays, economic_run_tokens, expected_remaining_steps, move_pays
+from odma_mlu.kvcache.run_pricing import RunCost, copy_pays, economic_run_tokens, move_pays
 from odma_mlu.predictor.histogram import OnlineLengthHistogram
 
 PLACEMENT_CANDIDATES = 8
@@ -325,10 +325,7 @@ class OdmaPolicy(KVPolicy):
             for size in (target, needed):
                 grown = region.grow_in_place(last, last.length + size - held)
                 if grown is not None:
-                    r.runs[-1] = (region, grown)
-                    r.held_units += grown.length - last.length
-                    del self._tail_rooms[last.end]
-                    self._tail_rooms[grown.end] = self._room(r)
+                    self._replace_run(r, len(r.runs) - 1, region, grown)
                     self.in_place_grows += 1
                     return GrowResult(GrowStatus.OK, 0, "in_place")
             if moved or not self._move_blocker(r, region, last, needed - held):
@@ -369,8 +366,8 @@ class OdmaPolicy(KVPolicy):
             return False
         unit = self.unit
         moved_tokens = max(0, min(blocker.length * unit, y.live_tokens - sum(e.length for _, e in y.runs[:i]) * unit))
-        steps = expected_remaining_steps(r.claim_tokens, r.live_tokens, r.prompt_tokens)
-        if not move_pays(cost, unit, r.live_tokens, steps, moved_tokens, self.arena.num_pending_copies):
+        if not move_pays(cost, unit, r.claim_tokens, r.live_tokens, r.prompt_tokens, moved_tokens,
+                         self.arena.num_pending_copies):
             return False
         for dest_region in self._regions(y.prefer_safety):
             fit = self._fit(dest_region, blocker.length, blocker.length, lend=False)
@@ -384,18 +381,24 @@ class OdmaPolicy(KVPolicy):
             self.arena.copy_run(blocker.start * unit, new.start * unit, moved_tokens)
             self.copies += 1
             self.copied_tokens += moved_tokens
-        is_last = i == len(y.runs) - 1
-        if is_last:
-            del self._tail_rooms[blocker.end]
         region.free(blocker)
-        del self._owner_at[blocker.start]
-        y.runs[i] = (dest_region, new)
-        self._owner_at[new.start] = y
-        if is_last:
-            self._tail_rooms[new.end] = self._room(y)
+        self._replace_run(y, i, dest_region, new)
         self._moved.append(y.request_id)
         self.moved_runs += 1
         return True
+
+    def _replace_run(self, r: _Request, i: int, region: ExtentAllocator, ext: Extent) -> None:
+        """``ext`` in place of ``r``'s run ``i`` (grown in place, or moved), with the held
+        counter, the run owner index and, for the last run, the tail room index kept in step."""
+        _, old = r.runs[i]
+        r.runs[i] = (region, ext)
+        r.held_units += ext.length - old.length
+        if ext.start != old.start:
+            del self._owner_at[old.start]
+            self._owner_at[ext.start] = r
+        if i == len(r.runs) - 1:
+            del self._tail_rooms[old.end]
+            self._tail_rooms[ext.end] = self._room(r)
 
     def take_moved(self) -> tuple[str, ...]:
         moved, self._moved = tuple(self._moved), []

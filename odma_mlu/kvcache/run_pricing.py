@@ -87,14 +87,16 @@ def copy_pays(cost: RunCost, run_tokens: Sequence[int], claim_tokens: int, live_
     return expected_steps * extra_s > copy_s
 
 
-def move_pays(cost: RunCost, unit_tokens: int, live_tokens: int, expected_steps: int, moved_tokens: int,
-              num_pending: int = 0) -> bool:
+def move_pays(cost: RunCost, unit_tokens: int, claim_tokens: int, live_tokens: int, prompt_tokens: int,
+              moved_tokens: int, num_pending: int = 0) -> bool:
     """Moving the run that blocks a growing request (another request's, ``moved_tokens`` of
-    it live) pays when the run the grower would start instead costs more over its
-    ``expected_steps`` than copying the blocker: the grower then extends in place, and the
+    it live) pays when the run the grower would start instead costs more over its expected
+    remaining steps (``expected_remaining_steps`` of the grower's claim, live and prompt
+    tokens) than copying the blocker: the grower then extends in place, and the
     blocker keeps its number of runs (it moves whole, into a hole that holds it). A blocker
     with nothing live yet (room held ahead of growth) moves for free. The copy joins the
     step's batch of ``num_pending`` copies."""
     if moved_tokens <= 0:
         return True
+    expected_steps = expected_remaining_steps(claim_tokens, live_tokens, prompt_tokens)
     return expected_steps * split_s(cost, unit_tokens, live_tokens) > cost.copy_s(moved_tokens, num_pending)
