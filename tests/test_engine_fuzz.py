@@ -1,0 +1,163 @@
+"""Randomized engine runs against transformers' greedy output.
+
+Each seed draws a configuration (KV policy, arena size, page size, ODMA's constants, a
+predictor that guesses wrong on purpose, copies forced to pay or priced by a device
+profile, swap space from none to plenty, prefix caching, chunk and step budgets, the CPU
+backend or the emulated one that prices every step) and a
+request stream (arrivals between steps, random ``max_new_tokens``, a few aborts). Every
+request that is not aborted must produce exactly transformers' greedy tokens, and the
+policy must hold nothing once the engine is idle. Every family (Qwen2, sliding-window
+Qwen2, Gemma-3, Bamba): 8 seeds in the default run, 60 more under ``slow``."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from odma_mlu.backends import get_backend
+from odma_mlu.config import CacheConfig, OdmaConfig, SchedulerConfig
+from odma_mlu.engine.llm_engine import LLMEngine
+from odma_mlu.engine.sampler import SamplingParams
+from odma_mlu.errors import RequestRejected
+from odma_mlu.predictor.base import LengthPrediction, LengthPredictor, RequestFeatures
+from hf_reference import hf_greedy, load_hf
+from policy_helpers import CopiesAlwaysPay
+from tiny_hetero import make_tiny_gemma3, make_tiny_qwen2_sliding
+from tiny_hybrid import make_tiny_bamba
+from tiny_model import make_tiny_qwen2
+
+MAX_NEW = 24
+POLICIES = ("odma",) * 5 + ("paged", "ideal", "exact", "s3", "static")
+
+
+class WrongPredictor(LengthPredictor):
+    """Guesses from a fixed menu, far off on purpose (forces overflow, new runs, copies)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def predict(self, request: RequestFeatures) -> LengthPrediction:
+        t = self.rng.choice([1, 2, 5, 12, 40])
+        spread = self.rng.choice([1.0, 1.0, 10.0])
+        return LengthPrediction.from_values([t, t, t, t, t * spread], request.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class Family:
+    make: Callable[[Path], Path]
+    prefix_caching: bool
+    """Whether the family may share prefix blocks (full attention only)."""
+
+
+FAMILIES = {
+    "qwen2": Family(make_tiny_qwen2, True),
+    "qwen2_sliding": Family(make_tiny_qwen2_sliding, False),
+    "gemma3": Family(make_tiny_gemma3, False),
+    "bamba": Family(make_tiny_bamba, False),
+}
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(123)
+    shared = [[rng.randrange(3, 200) for _ in range(n)] for n in (16, 40)]
+    return [(rng.choice(shared) if rng.random() < 0.4 else [])
+            + [rng.randrange(3, 200) for _ in range(rng.choice([1, 3, 9, 17, 33]))] for _ in range(20)]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[list[int]]]]:
+    """Built on first use per family: (model folder, greedy continuations of ``_prompts()``)."""
+    built: dict[str, tuple[Path, list[list[int]]]] = {}
+
+    class Lazy(dict):  # type: ignore[type-arg]
+        def __missing__(self, family: str) -> tuple[Path, list[list[int]]]:
+            folder = FAMILIES[family].make(tmp_path_factory.mktemp(f"fuzz_{family}"))
+            self[family] = (folder, hf_greedy(load_hf(folder), _prompts(), MAX_NEW))
+            return self[family]
+
+    return Lazy(built)
+
+
+def _random_run(folder: Path, reference: list[list[int]], family: Family, seed: int) -> None:
+    rng = random.Random(seed)
+    policy = rng.choice(POLICIES)
+    odma = OdmaConfig(safety_fraction=rng.choice([0.0, 0.1, 0.3]), chunk_tokens=rng.choice([1, 1, 4, 16]),
+                      num_buckets=rng.choice([2, 4, 8]), elastic=rng.random() < 0.85)
+    cache = replace(CacheConfig(), odma=odma, watermark_fraction=rng.choice([0.0, 0.01]),
+                    swap_space_bytes=rng.choice([0, 2000, 10**6, 4 * 1024**3]),
+                    page_size_tokens=rng.choice([16, 16, 4]),
+                    enable_prefix_caching=family.prefix_caching and rng.random() < 0.3)
+    sched = replace(SchedulerConfig(), max_new_tokens=MAX_NEW, max_num_seqs=rng.choice([2, 8, 64]),
+                    enable_chunked_prefill=rng.random() < 0.8, max_prefill_chunk_tokens=rng.choice([4, 16, 512]),
+                    max_num_batched_tokens=rng.choice([64, 128, 8192]))
+    capacity = rng.choice([110, 160, 256, 1024])
+    what = f"seed {seed}: {policy}, capacity {capacity}, {odma}, {cache}, {sched}"
+    # The CPU backend, its ODMA rules priced by the cpu-host profile or off; or the emulated
+    # backend, which also describes and prices every step (its copies, runs and swaps).
+    backend, profile = rng.choice([("cpu", None), ("cpu", "cpu-host"), ("emulated", "mlu370-x4"),
+                                   ("emulated", "h100-sxm")])
+    what += f", {backend} backend, profile {profile}"
+    eng = LLMEngine(folder, kv_policy=policy, kv_capacity_tokens=capacity, predictor=WrongPredictor(rng),
+                    cache=cache, scheduler=sched,
+                    backend=get_backend(backend, profile=profile, host="cpu") if backend == "emulated" else backend,
+                    profile=profile if backend == "cpu" else None)
+    if policy == "odma" and rng.random() < 0.5:
+        inner = eng.policy
+        while hasattr(inner, "inner"):  # under rings, states or prefix sharing
+            inner = inner.inner
+        inner.run_cost = CopiesAlwaysPay()
+    prompts = _prompts()
+    pending = rng.sample(range(len(prompts)), rng.randint(4, len(prompts)))
+    want: dict[str, list[int]] = {}
+    got: dict[str, list[int]] = {}
+    aborted: set[str] = set()
+    steps = 0
+    while pending or eng.has_unfinished():
+        for _ in range(rng.choice([0, 0, 1, 3])):
+            if pending:
+                i = pending.pop()
+                n = rng.randint(1, MAX_NEW)
+                try:
+                    rid = eng.add_request(prompts[i], SamplingParams(max_new_tokens=n, ignore_eos=True))
+                except RequestRejected:  # larger than this arena can ever hold
+                    continue
+                want[rid] = reference[i][:n]
+        if not eng.has_unfinished():
+            continue
+        for out in eng.step():
+            got[out.request_id] = list(out.token_ids)
+        steps += 1
+        if want and rng.random() < 0.02:
+            rid = rng.choice(sorted(want))
+            if eng.abort(rid):
+                aborted.add(rid)
+        if steps % 5 == 0:
+            eng.policy.check_integrity()
+        assert steps < 3000, f"{what}: no progress"
+    eng.policy.check_integrity()
+    if cache.enable_prefix_caching:
+        eng.policy.clear()  # cached prefix blocks outlive their requests by design
+    assert eng.policy.reserved_tokens() == 0 and eng.policy.num_live() == 0, f"{what}: KV held after the run"
+    wrong = [rid for rid in want if rid not in aborted and got.get(rid) != want[rid]]
+    assert not wrong, f"{what}: {wrong} differ from transformers"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("seed", range(8))
+def test_random_runs_match_transformers(references: dict[str, tuple[Path, list[list[int]]]], family: str,
+                                        seed: int) -> None:
+    folder, reference = references[family]
+    _random_run(folder, reference, FAMILIES[family], seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("seed", range(100, 160))
+def test_random_runs_match_transformers_more_seeds(references: dict[str, tuple[Path, list[list[int]]]],
+                                                   family: str, seed: int) -> None:
+    folder, reference = references[family]
+    _random_run(folder, reference, FAMILIES[family], seed)
