@@ -3,7 +3,8 @@
 Each seed draws a configuration (KV policy, arena size, page size, ODMA's constants, a
 predictor that guesses wrong on purpose, copies forced to pay or priced by a device
 profile, swap space from none to plenty, prefix caching, chunk and step budgets, the CPU
-backend or the emulated one that prices every step) and a
+backend or the emulated one that prices every step, decode steps on the padded static path
+that device graphs replay) and a
 request stream (arrivals between steps, random ``max_new_tokens``, a few aborts). Every
 request that is not aborted must produce exactly transformers' greedy tokens, and the
 policy must hold nothing once the engine is idle. Every family (Qwen2, sliding-window
@@ -49,8 +50,8 @@ class WrongPredictor(LengthPredictor):
 @dataclass(frozen=True)
 class Family:
     make: Callable[[Path], Path]
-    prefix_caching: bool
-    """Whether the family may share prefix blocks (full attention only)."""
+    full_attention: bool
+    """Every layer reads the KV arena: prefix blocks may be shared, decode graphs captured."""
 
 
 FAMILIES = {
@@ -90,7 +91,7 @@ def _random_run(folder: Path, reference: list[list[int]], family: Family, seed: 
     cache = replace(CacheConfig(), odma=odma, watermark_fraction=rng.choice([0.0, 0.01]),
                     swap_space_bytes=rng.choice([0, 2000, 10**6, 4 * 1024**3]),
                     page_size_tokens=rng.choice([16, 16, 4]),
-                    enable_prefix_caching=family.prefix_caching and rng.random() < 0.3)
+                    enable_prefix_caching=family.full_attention and rng.random() < 0.3)
     sched = replace(SchedulerConfig(), max_new_tokens=MAX_NEW, max_num_seqs=rng.choice([2, 8, 64]),
                     enable_chunked_prefill=rng.random() < 0.8, max_prefill_chunk_tokens=rng.choice([4, 16, 512]),
                     max_num_batched_tokens=rng.choice([64, 128, 8192]))
@@ -100,11 +101,13 @@ def _random_run(folder: Path, reference: list[list[int]], family: Family, seed: 
     # backend, which also describes and prices every step (its copies, runs and swaps).
     backend, profile = rng.choice([("cpu", None), ("cpu", "cpu-host"), ("emulated", "mlu370-x4"),
                                    ("emulated", "h100-sxm")])
-    what += f", {backend} backend, profile {profile}"
+    # Decode steps as a CUDA or MLU card runs them (graphs over padded static buffers), eagerly.
+    decode_graphs = family.full_attention and rng.random() < 0.3
+    what += f", {backend} backend, profile {profile}, decode graphs {decode_graphs}"
     eng = LLMEngine(folder, kv_policy=policy, kv_capacity_tokens=capacity, predictor=WrongPredictor(rng),
                     cache=cache, scheduler=sched,
                     backend=get_backend(backend, profile=profile, host="cpu") if backend == "emulated" else backend,
-                    profile=profile if backend == "cpu" else None)
+                    profile=profile if backend == "cpu" else None, decode_graphs=decode_graphs)
     if policy == "odma" and rng.random() < 0.5:
         inner = eng.policy
         while hasattr(inner, "inner"):  # under rings, states or prefix sharing
