@@ -5,8 +5,10 @@ predictor that guesses wrong on purpose, copies forced to pay or priced by a dev
 profile, swap space from none to plenty, prefix caching, chunk and step budgets, the CPU
 backend or the emulated one that prices every step, decode steps on the padded static path
 that device graphs replay) and a
-request stream (arrivals between steps, random ``max_new_tokens``, a few aborts). Every
-request that is not aborted must produce exactly transformers' greedy tokens, and the
+request stream (arrivals between steps, random ``max_new_tokens``, a few aborts, some
+requests sampled with a seed). Every request that is not aborted must produce exactly
+transformers' greedy tokens, or for a seeded sample the tokens it draws running alone
+(odma_mlu/engine/sampler.py: the reproducibility contract), and the
 policy must hold nothing once the engine is idle. Every family (Qwen2, sliding-window
 Qwen2, Gemma-3, Bamba): 8 seeds in the default run, 60 more under ``slow``."""
 
@@ -69,21 +71,37 @@ def _prompts() -> list[list[int]]:
             + [rng.randrange(3, 200) for _ in range(rng.choice([1, 3, 9, 17, 33]))] for _ in range(20)]
 
 
+def _sampled(i: int, max_new_tokens: int) -> SamplingParams:
+    """Prompt ``i``'s seeded sampling: its tokens must not depend on what else runs."""
+    return SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, temperature=0.9, top_p=0.95, seed=1000 + i)
+
+
+@dataclass(frozen=True)
+class Reference:
+    folder: Path
+    greedy: list[list[int]]
+    """transformers' greedy continuations of ``_prompts()``."""
+    sampled: list[list[int]]
+    """Each prompt's ``_sampled`` continuation, run alone in a roomy engine."""
+
+
 @pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[list[int]]]]:
-    """Built on first use per family: (model folder, greedy continuations of ``_prompts()``)."""
-    built: dict[str, tuple[Path, list[list[int]]]] = {}
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Reference]:
+    """Built on first use per family."""
 
     class Lazy(dict):  # type: ignore[type-arg]
-        def __missing__(self, family: str) -> tuple[Path, list[list[int]]]:
+        def __missing__(self, family: str) -> Reference:
             folder = FAMILIES[family].make(tmp_path_factory.mktemp(f"fuzz_{family}"))
-            self[family] = (folder, hf_greedy(load_hf(folder), _prompts(), MAX_NEW))
+            alone = LLMEngine(folder, kv_policy="static", backend="cpu", kv_capacity_tokens=4096,
+                              scheduler=replace(SchedulerConfig(), max_new_tokens=MAX_NEW))
+            sampled = [list(alone.generate([p], _sampled(i, MAX_NEW))[0].token_ids) for i, p in enumerate(_prompts())]
+            self[family] = Reference(folder, hf_greedy(load_hf(folder), _prompts(), MAX_NEW), sampled)
             return self[family]
 
-    return Lazy(built)
+    return Lazy()
 
 
-def _random_run(folder: Path, reference: list[list[int]], family: Family, seed: int) -> None:
+def _random_run(ref: Reference, family: Family, seed: int) -> None:
     rng = random.Random(seed)
     policy = rng.choice(POLICIES)
     odma = OdmaConfig(safety_fraction=rng.choice([0.0, 0.1, 0.3]), chunk_tokens=rng.choice([1, 1, 4, 16]),
@@ -104,7 +122,7 @@ def _random_run(folder: Path, reference: list[list[int]], family: Family, seed: 
     # Decode steps as a CUDA or MLU card runs them (graphs over padded static buffers), eagerly.
     decode_graphs = family.full_attention and rng.random() < 0.3
     what += f", {backend} backend, profile {profile}, decode graphs {decode_graphs}"
-    eng = LLMEngine(folder, kv_policy=policy, kv_capacity_tokens=capacity, predictor=WrongPredictor(rng),
+    eng = LLMEngine(ref.folder, kv_policy=policy, kv_capacity_tokens=capacity, predictor=WrongPredictor(rng),
                     cache=cache, scheduler=sched,
                     backend=get_backend(backend, profile=profile, host="cpu") if backend == "emulated" else backend,
                     profile=profile if backend == "cpu" else None, decode_graphs=decode_graphs)
@@ -124,11 +142,13 @@ def _random_run(folder: Path, reference: list[list[int]], family: Family, seed: 
             if pending:
                 i = pending.pop()
                 n = rng.randint(1, MAX_NEW)
+                sample = rng.random() < 0.3
+                params = _sampled(i, n) if sample else SamplingParams(max_new_tokens=n, ignore_eos=True)
                 try:
-                    rid = eng.add_request(prompts[i], SamplingParams(max_new_tokens=n, ignore_eos=True))
+                    rid = eng.add_request(prompts[i], params)
                 except RequestRejected:  # larger than this arena can ever hold
                     continue
-                want[rid] = reference[i][:n]
+                want[rid] = (ref.sampled if sample else ref.greedy)[i][:n]
         if not eng.has_unfinished():
             continue
         for out in eng.step():
@@ -151,16 +171,14 @@ def _random_run(folder: Path, reference: list[list[int]], family: Family, seed: 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("seed", range(8))
-def test_random_runs_match_transformers(references: dict[str, tuple[Path, list[list[int]]]], family: str,
+def test_random_runs_match_transformers(references: dict[str, Reference], family: str,
                                         seed: int) -> None:
-    folder, reference = references[family]
-    _random_run(folder, reference, FAMILIES[family], seed)
+    _random_run(references[family], FAMILIES[family], seed)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("seed", range(100, 160))
-def test_random_runs_match_transformers_more_seeds(references: dict[str, tuple[Path, list[list[int]]]],
+def test_random_runs_match_transformers_more_seeds(references: dict[str, Reference],
                                                    family: str, seed: int) -> None:
-    folder, reference = references[family]
-    _random_run(folder, reference, FAMILIES[family], seed)
+    _random_run(references[family], FAMILIES[family], seed)
