@@ -39,6 +39,8 @@ class HeteroSchemePolicy(ShapeSchemePolicy):
     (capacity, reserved) are in tokens of every layer's K/V: the scheme's bytes over the
     model's bytes per token, as the replay counts the engine's layout."""
 
+    swappable = True  # as the engine's layout: a preemption swaps while the swap space holds it
+
     def __init__(self, scheme: HeteroMemory) -> None:
         super().__init__(scheme.name, scheme.budget_bytes, scheme.shape.spec.kv_bytes_per_token)
         self.scheme = scheme
@@ -61,6 +63,15 @@ class HeteroSchemePolicy(ShapeSchemePolicy):
 
     def read_runs(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
         return self.scheme.read_runs(request_id, num_tokens)[0]
+
+    def swap_slots(self, request_id: str, kv_tokens: int) -> tuple[int, ...]:
+        """What a swap of the request moves, in the engine's units (slots of the full layers,
+        as the step-cost function prices swaps): its tokens in the full layers, and the last
+        min(tokens, window) in the sliding ones, what resuming needs (the engine's layout
+        swaps its ring rows alike)."""
+        shape = self.scheme.shape
+        sliding = min(kv_tokens, shape.window_tokens) * shape.num_sliding
+        return kv_tokens, -(-sliding // shape.num_full)
 
     def max_request_tokens(self) -> int:
         """A request that holds every page of the budget in the full layers and its window in

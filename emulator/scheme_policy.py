@@ -32,7 +32,7 @@ class ShapeSchemePolicy(ABC):
     uses_prediction = False
     free_preemption = False
     stream_reads = False
-    swappable = False  # the baselines' schemes recompute, as the engine does for these models
+    swappable = False  # hybrid schemes recompute, as the engine does for SSM models (hetero ones swap)
     can_run_out_of_room = True
 
     def __init__(self, name: str, budget_bytes: int, bytes_per_token: int) -> None:

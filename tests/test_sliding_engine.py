@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from odma_mlu.config import SchedulerConfig
+from odma_mlu.config import CacheConfig, SchedulerConfig
 from odma_mlu.engine.llm_engine import LLMEngine
 from odma_mlu.engine.sampler import SamplingParams
 from odma_mlu.kvcache.factory import POLICY_NAMES
@@ -54,9 +54,11 @@ def references(folders: dict[str, Path]) -> dict[str, list[list[int]]]:
     return {fam: _hf_greedy(folder) for fam, folder in folders.items()}
 
 
-def _engine(folder: Path, policy: str, capacity: int, max_num_seqs: int = 64) -> LLMEngine:
+def _engine(folder: Path, policy: str, capacity: int, max_num_seqs: int = 64,
+            swap_space_bytes: int = CacheConfig.swap_space_bytes) -> LLMEngine:
     sched = replace(SchedulerConfig(), max_new_tokens=MAX_NEW, max_num_seqs=max_num_seqs)
-    engine = LLMEngine(folder, kv_policy=policy, backend="cpu", kv_capacity_tokens=capacity, scheduler=sched)
+    engine = LLMEngine(folder, kv_policy=policy, backend="cpu", kv_capacity_tokens=capacity, scheduler=sched,
+                       cache=replace(CacheConfig(), swap_space_bytes=swap_space_bytes))
     assert engine.windows is not None
     engine.windows.block_tokens = BLOCK
     return engine
@@ -87,15 +89,22 @@ def test_greedy_matches_transformers_every_policy(folders, references, family: s
 
 @pytest.mark.parametrize("family", ["qwen2_sliding", "gemma3", "gemma3_5over2"])
 @pytest.mark.parametrize("policy", ["static", "odma", "paged"])
-def test_greedy_matches_under_preemption(folders, references, family: str, policy: str) -> None:
+@pytest.mark.parametrize("swap", [False, True])
+def test_greedy_matches_under_preemption(folders, references, family: str, policy: str, swap: bool) -> None:
     """An arena too small for the batch: requests are preempted (their rings freed) and
-    recomputed into fresh rings; tokens do not change."""
-    engine = _engine(folders[family], policy, 80)  # 80 tokens of every layer: 160 / 480 full-layer slots
-    layers = engine.spec.num_layers
+    either recomputed into fresh rings or, with swap space, swapped out with their ring rows
+    and written back into fresh ones (rings longer than the window have wrapped by then);
+    tokens do not change."""
+    engine = _engine(folders[family], policy, 80, swap_space_bytes=CacheConfig.swap_space_bytes if swap else 0)
+    layers = engine.spec.num_layers  # 80 tokens of every layer: 160 / 480 full-layer slots
     assert engine.arena.capacity_tokens == 80 * layers // engine.model.num_full_layers
     assert _run(engine) == references[family]
+    sched = engine.scheduler
     if policy == "paged":  # static waits (worst case reserved up front); odma may wait on its claims
-        assert engine.scheduler.num_preemptions > 0, "the test meant to force preemption"
+        assert sched.num_preemptions > 0, "the test meant to force preemption"
+        assert (sched.num_swaps == sched.num_preemptions) == swap and (sched.num_swaps > 0) == swap
+    if sched.num_swaps:  # each swap out and back moved the request's slots and its ring rows
+        assert sched.swapped_tokens_total > 0 and sched.swap_used_tokens == 0
 
 
 @pytest.mark.parametrize("family, policy, budget", [("qwen2_sliding", "paged", 60), ("gemma3", "paged", 40),

@@ -139,16 +139,21 @@ def test_without_swap_space_preemption_recomputes() -> None:
     assert s.num_preemptions > 0 and s.num_swaps == 0 and s.swapped_tokens_total == 0
 
 
-def test_policies_holding_more_than_their_runs_never_swap() -> None:
+def test_policies_holding_state_or_shared_pages_never_swap() -> None:
     from odma_mlu.kvcache.avmp import AvmpPolicy
     from odma_mlu.kvcache.prefix import PrefixCachingPolicy
     from odma_mlu.kvcache.windowed import WindowedPolicy
     from emulator.scheme_policy import ShapeSchemePolicy
 
+    from emulator.hetero_policy import HeteroSchemePolicy
+
     paged = PagedPolicy(KVArena(TINY, 128, dtype=torch.float32, shape_only=True), page_tokens=16)
     assert Scheduler(paged, SchedulerConfig(), swap_capacity_tokens=100).swap_capacity_tokens == 100
-    for cls in (WindowedPolicy, AvmpPolicy, PrefixCachingPolicy, ShapeSchemePolicy):
+    assert Scheduler(paged, SchedulerConfig(), swap_capacity_tokens=0).swap_capacity_tokens == 0
+    for cls in (AvmpPolicy, PrefixCachingPolicy, ShapeSchemePolicy):  # SSM states, shared pages, hybrid schemes
         assert cls.swappable is False, cls.__name__
+    for cls in (WindowedPolicy, HeteroSchemePolicy):  # a ring's rows swap with the runs
+        assert cls.swappable is True, cls.__name__
 
 
 def test_a_failed_swap_out_recomputes_instead() -> None:

@@ -132,9 +132,9 @@ class LLMEngine:
 
             self.states = self.model.new_state_pool(0)
             self.policy = AvmpPolicy(self.policy, self.states, self.model.hybrid.kv_bytes_per_token)
-        # Preempted requests swap their KV to host memory where the policy is ``swappable``
-        # (no rings, SSM states or shared prefix pages); elsewhere they recompute.
-        self._host_kv: dict[str, HostKV] = {}
+        # Preempted requests swap their KV (and a ring's rows) to host memory where the policy is
+        # ``swappable`` (no SSM states or shared prefix pages); elsewhere they recompute.
+        self._host_kv: dict[str, tuple[HostKV, ...]] = {}
         self.scheduler = Scheduler(
             self.policy, scheduler, self.spec.max_position_embeddings, predictor,
             swap_capacity_tokens=self.backend.swap_capacity_tokens(cache.swap_space_bytes, self.arena.bytes_per_token),
@@ -211,8 +211,17 @@ class LLMEngine:
         return True
 
     def _swap_out(self, seq: Sequence, location: KVLocation) -> None:
-        """The scheduler preempts ``seq`` by swapping: keep its computed KV on the host."""
-        self._host_kv[seq.request_id] = self.arena.swap_out(location, seq.kv_tokens)
+        """The scheduler preempts ``seq`` by swapping: keep its computed KV on the host, with
+        the rows of its ring where the model has sliding layers (``WindowedPolicy.swap_slots``)."""
+        slots = self.policy.swap_slots(seq.request_id, seq.kv_tokens)
+        self._host_kv[seq.request_id] = tuple(self.arena.swap_out(loc, n)
+                                              for loc, n in zip(self._swap_locations(seq, location), slots))
+
+    def _swap_locations(self, seq: Sequence, location: KVLocation) -> tuple[KVLocation, ...]:
+        """Where a swap gathers from or writes back to, in ``swap_slots`` order."""
+        if self.windows is None:
+            return (location,)
+        return location, self.windows.location(seq.request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
@@ -248,7 +257,8 @@ class LLMEngine:
         fb = None if graph else ForwardBatch.build(inputs, device=self.model.device)
         try:
             for s in batch.swapped_in:  # their new runs are reserved: write the KV back before it is read
-                self.arena.swap_in(self.scheduler.location(s), self._host_kv.pop(s.request_id))
+                for loc, kv in zip(self._swap_locations(s, self.scheduler.location(s)), self._host_kv.pop(s.request_id)):
+                    self.arena.swap_in(loc, kv)
             if fb is None:
                 assert self.runner is not None
                 logits = self.runner.run(inputs)

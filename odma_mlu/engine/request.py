@@ -43,6 +43,9 @@ class Sequence:
     swapped_tokens: int = 0
     """Preempted with its KV copied to host memory: the tokens held there (0: none; a
     preemption without swap space recomputes)."""
+    swapped_slots: tuple[int, ...] = ()
+    """The arena slots each swap gather of it moved (``KVPolicy.swap_slots``): its runs, and
+    a ring's rows; what the host link carries and the swap space holds."""
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
     first_token_s: float | None = None

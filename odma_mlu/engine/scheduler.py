@@ -37,8 +37,9 @@ Preemption swaps where it can and recomputes otherwise, for every policy alike::
         no  -> recompute: the KV is dropped; prompt + tokens generated so far are
                prefilled again later (in chunks, with chunking on)
 
-Either way output tokens never change. ``ScheduledBatch.swap_tokens`` lists the tokens each
-swap moved over the host link, so the step-cost function charges them.
+Either way output tokens never change. ``ScheduledBatch.swap_tokens`` lists the arena slots
+each swap gather moved over the host link (a request's runs, and a sliding-window model's
+ring rows: ``KVPolicy.swap_slots``), so the step-cost function charges them.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class ScheduledBatch:
     """Re-admitted sequences whose KV comes back from host memory: the engine writes it to
     their new runs before the forward (they are among ``prefill``)."""
     swap_tokens: tuple[int, ...] = ()
-    """KV tokens each swap of this step moved over the host link (swap-outs, then swap-ins)."""
+    """Arena slots each swap gather of this step moved over the host link (swap-outs, then
+    swap-ins; a sliding-window model's swap is two: its runs and its ring rows)."""
 
     def __post_init__(self) -> None:
         if not self.prefill_chunk_tokens and self.prefill:  # built by hand: whole prefills
@@ -176,11 +178,12 @@ class Scheduler:
     # -- preemption ------------------------------------------------------------------------
     def _preempt(self, seq: Sequence, swaps: list[int]) -> None:
         n = seq.kv_tokens
-        if 0 < n <= self.swap_capacity_tokens - self.swap_used_tokens and self._copy_out(seq):
-            seq.swapped_tokens = n
-            self.swap_used_tokens += n
+        slots = self.policy.swap_slots(seq.request_id, n) if n > 0 and self.swap_capacity_tokens else ()
+        if slots and sum(slots) <= self.swap_capacity_tokens - self.swap_used_tokens and self._copy_out(seq):
+            seq.swapped_tokens, seq.swapped_slots = n, slots
+            self.swap_used_tokens += sum(slots)
             self.num_swaps += 1
-            self._note_swap(n, swaps)
+            self._note_swap(slots, swaps)
         self.policy.release(seq.request_id, None)
         self.running.remove(seq)
         seq.status = SeqStatus.WAITING
@@ -202,14 +205,14 @@ class Scheduler:
             return False
         return True
 
-    def _note_swap(self, num_tokens: int, swaps: list[int]) -> None:
-        swaps.append(num_tokens)
-        self.swapped_tokens_total += num_tokens
+    def _note_swap(self, slots: tuple[int, ...], swaps: list[int]) -> None:
+        swaps.extend(slots)
+        self.swapped_tokens_total += sum(slots)
 
     def _release_swap(self, seq: Sequence) -> None:
         """Forget ``seq``'s host copy in the accounting (it came back, or the request ended)."""
-        self.swap_used_tokens -= seq.swapped_tokens
-        seq.swapped_tokens = 0
+        self.swap_used_tokens -= sum(seq.swapped_slots)
+        seq.swapped_tokens, seq.swapped_slots = 0, ()
 
     # -- the two loops ---------------------------------------------------------------------
     def _chunk(self, left_tokens: int, budget_tokens: int) -> int:
@@ -292,7 +295,7 @@ class Scheduler:
                 seq.kv_location = None
                 if seq.swapped_tokens:  # its KV comes back from the host: only the rest is computed
                     seq.kv_tokens = seq.swapped_tokens
-                    self._note_swap(seq.swapped_tokens, swaps)
+                    self._note_swap(seq.swapped_slots, swaps)
                     self._release_swap(seq)
                     swapped_in.append(seq)
                 else:

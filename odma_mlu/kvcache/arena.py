@@ -284,14 +284,15 @@ class KVArena:
 
     def swap_out(self, location: KVLocation, num_tokens: int) -> "HostKV":
         """Copy tokens [0, num_tokens) of ``location`` to host memory, K and V of every layer
-        (per tensor: one gather of its slots, one device-to-host copy).
+        (per tensor: one gather of its slots, one device-to-host copy; in a flat arena, of
+        every lane through its per-layer view, which is how a ring's rows go too).
 
         On an accelerator the host copies are page-locked and asynchronous (as vLLM's swap
         blocks): the link then runs at the DMA rate the profile's ``host_link`` prices, and
         the copies stay ordered on the device's stream, before any kernel that reuses the
         freed slots and before the copy back (``swap_in``). Where page-locked memory cannot
         be had, the copies are plain ones."""
-        assert not self.shape_only and not self.flat, "swap needs per-layer KV tensors"
+        assert not self.shape_only, "a shape-only arena has no KV to swap"
         assert 0 < num_tokens <= location.capacity_tokens, f"swap of {num_tokens} tokens"
         self._run_batch()  # a pending copy may have moved these tokens
         idx = location.slots(0, num_tokens).to(self.device)
@@ -311,7 +312,7 @@ class KVArena:
 
     def swap_in(self, location: KVLocation, kv: "HostKV") -> None:
         """Write ``kv`` (from ``swap_out``) to tokens [0, kv.num_tokens) of ``location``."""
-        assert not self.shape_only and not self.flat, "swap needs per-layer KV tensors"
+        assert not self.shape_only, "a shape-only arena has no KV to swap"
         self._run_batch()  # a pending copy may read the slots written here
         idx = location.slots(0, kv.num_tokens).to(self.device)
         for dst, src in zip((*self.k, *self.v), (*kv.k, *kv.v)):

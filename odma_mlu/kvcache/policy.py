@@ -95,9 +95,10 @@ class KVPolicy(ABC):
     stream_reads: bool = False
     """Only ``ideal``: every KV read is priced at the stream (sequential) bandwidth."""
     swappable: bool = True
-    """A request's whole KV lies in the runs ``location`` gives, so a preemption may swap
-    it to the host and back (engine/scheduler.py). Wrappers that keep more per request
-    (rings, SSM states, shared prefix pages) say False: their preemptions recompute."""
+    """A preemption may swap the request's KV to the host and back (engine/scheduler.py):
+    its runs, and a sliding-window model's ring with them (``swap_slots``). Wrappers that
+    keep what cannot be swapped (SSM states, shared prefix pages) say False: their
+    preemptions recompute."""
     learns_lengths: bool = False
     """Only ``odma``: a finished request's length (``release``) trains its length histogram."""
     can_run_out_of_room: bool = False
@@ -142,6 +143,11 @@ class KVPolicy(ABC):
     @abstractmethod
     def read_runs(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
         """Lengths of the runs that tokens [0, num_tokens) of the request occupy."""
+
+    def swap_slots(self, request_id: str, kv_tokens: int) -> tuple[int, ...]:
+        """Arena slots a swap of the request's first ``kv_tokens`` moves over the host link,
+        one entry per location it gathers (each a gather per layer): here its runs alone."""
+        return (kv_tokens,)
 
     @abstractmethod
     def reserved_tokens(self) -> int: ...

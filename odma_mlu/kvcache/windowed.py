@@ -28,7 +28,7 @@ class WindowedPolicy:
     it at the prompt with the request's prediction turned into rows.
     """
 
-    swappable = False  # a request's ring is not in its runs: preemption recomputes
+    swappable = True  # a preempted request's runs and its ring rows go to the host (``swap_slots``)
 
     def __init__(self, inner: Any, rings: RingPool) -> None:
         self.inner = inner
@@ -108,6 +108,13 @@ class WindowedPolicy:
                 return GrowResult(step.status, copied, how)
             held = self.inner.location(rid).capacity_tokens
         return GrowResult(GrowStatus.OK, copied, how or "new_run")
+
+    def swap_slots(self, request_id: str, kv_tokens: int) -> tuple[int, ...]:
+        """A swap moves the request's first ``kv_tokens`` slots and the ring rows that hold
+        them (rows for min(kv_tokens, window) in every sliding layer): where a ring index
+        lies among its rows depends on the index alone (``RingPool.ring_row``), so rows
+        written back to the first rows of the ring it gets when re-admitted read the same."""
+        return kv_tokens, self.rings.rows_for(kv_tokens)
 
     def release(self, request_id: str, generated_tokens: int | None) -> None:
         self.inner.release(request_id, generated_tokens)

@@ -93,7 +93,7 @@ class _EngineCollector(Collector):
                       s.preemptions)
         yield counter("swapped_preemptions", "Preemptions that swapped the KV to host memory instead of recomputing",
                       s.swapped_preemptions)
-        yield counter("swapped_tokens", "KV tokens moved to or from host memory by swapped preemptions",
+        yield counter("swapped_tokens", "KV arena slots (tokens, and a ring's rows) moved to or from host memory by swapped preemptions",
                       s.swapped_tokens)
         yield gauge("swap_used_tokens", "KV tokens of preempted requests held in host memory, now", s.swap_used_tokens)
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s.prefix_cache_query_tokens)
