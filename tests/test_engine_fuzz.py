@@ -86,19 +86,20 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Reference]:
-    """Built on first use per family."""
+def references(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Reference]:
+    """A family's ``Reference``, built on first use."""
+    built: dict[str, Reference] = {}
 
-    class Lazy(dict):  # type: ignore[type-arg]
-        def __missing__(self, family: str) -> Reference:
+    def get(family: str) -> Reference:
+        if family not in built:
             folder = FAMILIES[family].make(tmp_path_factory.mktemp(f"fuzz_{family}"))
             alone = LLMEngine(folder, kv_policy="static", backend="cpu", kv_capacity_tokens=4096,
                               scheduler=replace(SchedulerConfig(), max_new_tokens=MAX_NEW))
             sampled = [list(alone.generate([p], _sampled(i, MAX_NEW))[0].token_ids) for i, p in enumerate(_prompts())]
-            self[family] = Reference(folder, hf_greedy(load_hf(folder), _prompts(), MAX_NEW), sampled)
-            return self[family]
+            built[family] = Reference(folder, hf_greedy(load_hf(folder), _prompts(), MAX_NEW), sampled)
+        return built[family]
 
-    return Lazy()
+    return get
 
 
 def _random_run(ref: Reference, family: Family, seed: int) -> None:
@@ -171,14 +172,14 @@ def _random_run(ref: Reference, family: Family, seed: int) -> None:
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("seed", range(8))
-def test_random_runs_match_transformers(references: dict[str, Reference], family: str,
+def test_random_runs_match_transformers(references: Callable[[str], Reference], family: str,
                                         seed: int) -> None:
-    _random_run(references[family], FAMILIES[family], seed)
+    _random_run(references(family), FAMILIES[family], seed)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("seed", range(100, 160))
-def test_random_runs_match_transformers_more_seeds(references: dict[str, Reference],
+def test_random_runs_match_transformers_more_seeds(references: Callable[[str], Reference],
                                                    family: str, seed: int) -> None:
-    _random_run(references[family], FAMILIES[family], seed)
+    _random_run(references(family), FAMILIES[family], seed)

@@ -143,9 +143,8 @@ def test_policies_holding_state_or_shared_pages_never_swap() -> None:
     from odma_mlu.kvcache.avmp import AvmpPolicy
     from odma_mlu.kvcache.prefix import PrefixCachingPolicy
     from odma_mlu.kvcache.windowed import WindowedPolicy
-    from emulator.scheme_policy import ShapeSchemePolicy
-
     from emulator.hetero_policy import HeteroSchemePolicy
+    from emulator.scheme_policy import ShapeSchemePolicy
 
     paged = PagedPolicy(KVArena(TINY, 128, dtype=torch.float32, shape_only=True), page_tokens=16)
     assert Scheduler(paged, SchedulerConfig(), swap_capacity_tokens=100).swap_capacity_tokens == 100

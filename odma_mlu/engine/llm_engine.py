@@ -212,16 +212,11 @@ class LLMEngine:
 
     def _swap_out(self, seq: Sequence, location: KVLocation) -> None:
         """The scheduler preempts ``seq`` by swapping: keep its computed KV on the host, with
-        the rows of its ring where the model has sliding layers (``WindowedPolicy.swap_slots``)."""
-        slots = self.policy.swap_slots(seq.request_id, seq.kv_tokens)
-        self._host_kv[seq.request_id] = tuple(self.arena.swap_out(loc, n)
-                                              for loc, n in zip(self._swap_locations(seq, location), slots))
-
-    def _swap_locations(self, seq: Sequence, location: KVLocation) -> tuple[KVLocation, ...]:
-        """Where a swap gathers from or writes back to, in ``swap_slots`` order."""
-        if self.windows is None:
-            return (location,)
-        return location, self.windows.location(seq.request_id)
+        the rows of its ring where the model has sliding layers. The policy says what goes
+        (``swap_locations``, ``swap_slots``; ``location`` is the first of them)."""
+        rid = seq.request_id
+        self._host_kv[rid] = tuple(self.arena.swap_out(loc, n) for loc, n in
+                                   zip(self.policy.swap_locations(rid), self.policy.swap_slots(rid, seq.kv_tokens)))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
@@ -257,7 +252,7 @@ class LLMEngine:
         fb = None if graph else ForwardBatch.build(inputs, device=self.model.device)
         try:
             for s in batch.swapped_in:  # their new runs are reserved: write the KV back before it is read
-                for loc, kv in zip(self._swap_locations(s, self.scheduler.location(s)), self._host_kv.pop(s.request_id)):
+                for loc, kv in zip(self.policy.swap_locations(s.request_id), self._host_kv.pop(s.request_id)):
                     self.arena.swap_in(loc, kv)
             if fb is None:
                 assert self.runner is not None

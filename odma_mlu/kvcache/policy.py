@@ -146,8 +146,13 @@ class KVPolicy(ABC):
 
     def swap_slots(self, request_id: str, kv_tokens: int) -> tuple[int, ...]:
         """Arena slots a swap of the request's first ``kv_tokens`` moves over the host link,
-        one entry per location it gathers (each a gather per layer): here its runs alone."""
+        one entry per location it gathers (each a gather per layer), in the order of
+        ``swap_locations``: here its runs alone."""
         return (kv_tokens,)
+
+    def swap_locations(self, request_id: str) -> tuple[KVLocation, ...]:
+        """Where a swap gathers from and writes back to, one per ``swap_slots`` entry."""
+        return (self.location(request_id),)
 
     @abstractmethod
     def reserved_tokens(self) -> int: ...

@@ -116,6 +116,9 @@ class WindowedPolicy:
         written back to the first rows of the ring it gets when re-admitted read the same."""
         return kv_tokens, self.rings.rows_for(kv_tokens)
 
+    def swap_locations(self, request_id: str) -> tuple[KVLocation, ...]:
+        return self.inner.location(request_id), self.rings.location(request_id)
+
     def release(self, request_id: str, generated_tokens: int | None) -> None:
         self.inner.release(request_id, generated_tokens)
         if self.rings.holds(request_id):
