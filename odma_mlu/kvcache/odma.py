@@ -40,6 +40,7 @@ from bisect import bisect_left
 from odma_mlu.config import OdmaConfig
 from odma_mlu.kvcache.arena import KVArena, KVLocation, covering_runs
 from odma_mlu.kvcache.extent import Extent, ExtentAllocator
+from odma_mlu.kvcache.odma_runs import OdmaRequest, RunBook
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, PolicyStats, ReserveRequest
 from odma_mlu.kvcache.run_pricing import RunCost, copy_pays, economic_run_tokens, move_pays
 from odma_mlu.predictor.histogram import OnlineLengthHistogram
@@ -48,31 +49,6 @@ PLACEMENT_CANDIDATES = 8
 """Holes (smallest first) examined for one that holds the neighbour's room and the claim."""
 LEND_CANDIDATES = 4
 """Largest holes examined for the one with the most room to spare when none fits."""
-
-
-class _Request:
-    __slots__ = ("request_id", "runs", "held_units", "prompt_tokens", "max_total_tokens", "claim_tokens",
-                 "claim_units", "first_claim_tokens", "live_tokens", "prefer_safety", "read_per_block", "pinned")
-
-    def __init__(self, request_id: str, prompt_tokens: int, max_total_tokens: int, claim_tokens: int,
-                 claim_units: int, live_tokens: int, prefer_safety: bool, read_per_block: bool = False,
-                 pinned: bool = False) -> None:
-        self.request_id = request_id
-        self.runs: list[tuple[ExtentAllocator, Extent]] = []
-        self.held_units = 0
-        """Granules held: the runs' total length (kept as a counter, read on every placement)."""
-        self.prompt_tokens = prompt_tokens
-        self.max_total_tokens = max_total_tokens
-        self.claim_tokens = claim_tokens
-        self.claim_units = claim_units
-        """The claim in granules (read on every placement next to this request)."""
-        self.first_claim_tokens = claim_tokens
-        self.live_tokens = live_tokens
-        self.prefer_safety = prefer_safety
-        self.read_per_block = read_per_block
-        """``ReserveRequest.read_per_block``: never copied into one run."""
-        self.pinned = pinned or read_per_block
-        """``ReserveRequest.pinned`` (or read per block): its runs never move for another's growth."""
 
 
 class OdmaPolicy(KVPolicy):
@@ -106,14 +82,9 @@ class OdmaPolicy(KVPolicy):
             max_tokens=max_new_tokens, num_buckets=config.num_buckets, window=config.histogram_window,
             reoptimize_every=config.reoptimize_every, bin_tokens=config.histogram_bin_tokens)
         self.drift_detector = drift_detector
-        self._reqs: dict[str, _Request] = {}
-        self._tail_rooms: dict[int, int] = {}
-        """End granule of each request's last run -> the granules it still expects to grow into
-        there (``_room``): the room a hole starting at that granule begins with. Kept as ints,
-        not the requests, so a placement's look-ups at its candidate holes touch no request."""
+        self.book = RunBook()
+        """Each request's runs and the indexes kept beside them (odma_runs.py)."""
         self._claims_total = 0
-        self._owner_at: dict[int, _Request] = {}
-        """First granule of every run -> its request: who blocks a growing run (``_move_blocker``)."""
         self._moved: list[str] = []
         """Requests whose runs ``_move_blocker`` moved since ``take_moved`` was last called."""
         self.moved_runs = 0
@@ -172,11 +143,6 @@ class OdmaPolicy(KVPolicy):
         return (self.safety, self.main) if prefer_safety else (self.main, self.safety)
 
     # -- placement ---------------------------------------------------------------------
-    @staticmethod
-    def _room(r: _Request) -> int:
-        """Granules ``r`` still expects to grow into past its last run (0 once it holds its claim)."""
-        return max(0, r.claim_units - r.held_units)
-
     def _fit(self, region: ExtentAllocator, want: int, hold: int, lend: bool = True) -> tuple[int, int] | None:
         """(start, start of its hole) in ``region`` for a run that will want ``want`` tokens and takes
         ``hold`` now: after the left neighbour's room in the smallest hole that has room for
@@ -185,7 +151,7 @@ class OdmaPolicy(KVPolicy):
         in proportion to the two."""
         # The room a hole starts with: that of the request whose last run ends at the hole's
         # start (none: 0); a run ending at a region's base is the other region's.
-        tail_rooms = self._tail_rooms
+        tail_rooms = self.book.tail_rooms
         base = region.base
         floor = max(hold, self.min_run_units)
         for hole_len, hole_start in region.holes_at_least(max(want, floor), PLACEMENT_CANDIDATES):
@@ -234,7 +200,8 @@ class OdmaPolicy(KVPolicy):
         return self.free_tokens() >= hold * self.unit
 
     def reserve(self, req: ReserveRequest) -> KVLocation | None:
-        assert req.request_id not in self._reqs, f"request {req.request_id} already holds KV"
+        book = self.book
+        assert req.request_id not in book.reqs, f"request {req.request_id} already holds KV"
         claim = self.claim_tokens(req)
         hold = self._hold_units(req.num_tokens, claim, req.read_per_block)
         if not self._may_admit(hold * self.unit, claim):
@@ -246,11 +213,11 @@ class OdmaPolicy(KVPolicy):
         pieces = [placed] if placed is not None else self._scatter(regions, self._units(req.num_tokens))
         if not pieces:
             return None
-        r = _Request(req.request_id, req.prompt_tokens, req.max_total_tokens, claim, claim_units,
+        r = OdmaRequest(req.request_id, req.prompt_tokens, req.max_total_tokens, claim, claim_units,
                      req.num_tokens, prefer_safety, req.read_per_block, req.pinned)
-        self._reqs[req.request_id] = r
+        book.reqs[req.request_id] = r
         for region, ext in pieces:
-            self._add_run(r, region, ext)
+            book.add_run(r, region, ext)
         self.new_runs += len(pieces) - 1
         self._claims_total += claim
         if placed is not None:  # one run, nearly always: built here, without walking the runs
@@ -276,29 +243,18 @@ class OdmaPolicy(KVPolicy):
                 break
         return pieces
 
-    def _add_run(self, r: _Request, region: ExtentAllocator, ext: Extent) -> None:
-        """Append a run: it becomes the request's last run (the one that grows)."""
-        if r.runs:
-            del self._tail_rooms[r.runs[-1][1].end]
-        r.runs.append((region, ext))
-        self._owner_at[ext.start] = r
-        r.held_units += ext.length
-        self._tail_rooms[ext.end] = self._room(r)
-
     # -- growth ------------------------------------------------------------------------
-    def _raise_claim(self, r: _Request, needed_tokens: int) -> None:
+    def _raise_claim(self, r: OdmaRequest, needed_tokens: int) -> None:
         """Past the claim: the next bucket, at least ``growth_factor`` x the old claim."""
         req_max_new = r.max_total_tokens - r.prompt_tokens
         bucket = self._bucket_tokens(needed_tokens - r.prompt_tokens, req_max_new)
         floor = min(req_max_new, int((r.claim_tokens - r.prompt_tokens) * self.config.growth_factor))
         new_claim = min(r.max_total_tokens, r.prompt_tokens + max(bucket, floor, needed_tokens - r.prompt_tokens))
         self._claims_total += new_claim - r.claim_tokens
-        r.claim_tokens = new_claim
-        r.claim_units = self._units(new_claim)
-        self._tail_rooms[r.runs[-1][1].end] = self._room(r)
+        self.book.set_claim(r, new_claim, self._units(new_claim))
 
     def ensure_capacity(self, request_id: str, needed_tokens: int) -> GrowResult:
-        r = self._reqs[request_id]
+        r = self.book.reqs[request_id]
         assert needed_tokens <= r.max_total_tokens, \
             f"request {request_id} asks {needed_tokens} KV tokens, above its limit {r.max_total_tokens}"
         held = r.held_units * self.unit
@@ -316,7 +272,7 @@ class OdmaPolicy(KVPolicy):
             r.live_tokens = needed_tokens
         return result
 
-    def _grow(self, request_id: str, r: _Request, held_tokens: int, needed_tokens: int, target_tokens: int
+    def _grow(self, request_id: str, r: OdmaRequest, held_tokens: int, needed_tokens: int, target_tokens: int
               ) -> GrowResult:
         """Sizes in granules from here on."""
         held, needed, target = r.held_units, self._units(needed_tokens), self._units(target_tokens)
@@ -325,7 +281,7 @@ class OdmaPolicy(KVPolicy):
             for size in (target, needed):
                 grown = region.grow_in_place(last, last.length + size - held)
                 if grown is not None:
-                    self._replace_run(r, len(r.runs) - 1, region, grown)
+                    self.book.replace_run(r, len(r.runs) - 1, region, grown)
                     self.in_place_grows += 1
                     return GrowResult(GrowStatus.OK, 0, "in_place")
             if moved or not self._move_blocker(r, region, last, needed - held):
@@ -337,18 +293,20 @@ class OdmaPolicy(KVPolicy):
             # rooms (lent) splits again (measured: one request copied up to 34 times).
             placed = self._place(self._regions(r.prefer_safety), self._units(r.claim_tokens), target, lend=False)
             if placed is not None:
-                self._move_into_one_run(request_id, r, live, *placed)
+                self.book.gather_into(r, live, *placed, self.arena, self.unit)
+                self.copies += 1
+                self.copied_tokens += live
                 return GrowResult(GrowStatus.OK, live, "copied")
         remaining_want = max(target, self._units(r.claim_tokens)) - held
         for hold in (target - held, needed - held):
             placed = self._place(self._regions(r.prefer_safety), remaining_want, hold)
             if placed is not None:
-                self._add_run(r, *placed)
+                self.book.add_run(r, *placed)
                 self.new_runs += 1
                 return GrowResult(GrowStatus.OK, 0, "new_run")
         return GrowResult(GrowStatus.NO_ROOM)
 
-    def _move_blocker(self, r: _Request, region: ExtentAllocator, last: Extent, need_units: int) -> bool:
+    def _move_blocker(self, r: OdmaRequest, region: ExtentAllocator, last: Extent, need_units: int) -> bool:
         """Move the run that starts where ``r``'s last run ends, another request's, whole into a
         hole elsewhere, so ``r`` can grow in place; True if it moved. Only where the move pays
         (``move_pays``: the blocker's live tokens copied now, against the run ``r`` would start
@@ -357,7 +315,7 @@ class OdmaPolicy(KVPolicy):
         lent run would block someone again). The blocker keeps its number of runs; its cached
         location goes stale (``take_moved``)."""
         cost = self.run_cost
-        y = self._owner_at.get(last.end)
+        y = self.book.owner_at.get(last.end)
         if cost is None or y is None or r.read_per_block or y.pinned:
             return False
         i = next(k for k, (_, e) in enumerate(y.runs) if e.start == last.end)
@@ -382,70 +340,36 @@ class OdmaPolicy(KVPolicy):
             self.copies += 1
             self.copied_tokens += moved_tokens
         region.free(blocker)
-        self._replace_run(y, i, dest_region, new)
+        self.book.replace_run(y, i, dest_region, new)
         self._moved.append(y.request_id)
         self.moved_runs += 1
         return True
-
-    def _replace_run(self, r: _Request, i: int, region: ExtentAllocator, ext: Extent) -> None:
-        """``ext`` in place of ``r``'s run ``i`` (grown in place, or moved), with the held
-        counter, the run owner index and, for the last run, the tail room index kept in step."""
-        _, old = r.runs[i]
-        r.runs[i] = (region, ext)
-        r.held_units += ext.length - old.length
-        if ext.start != old.start:
-            del self._owner_at[old.start]
-            self._owner_at[ext.start] = r
-        if i == len(r.runs) - 1:
-            del self._tail_rooms[old.end]
-            self._tail_rooms[ext.end] = self._room(r)
 
     def take_moved(self) -> tuple[str, ...]:
         moved, self._moved = tuple(self._moved), []
         return moved
 
-    def _copy_pays(self, r: _Request, live: int) -> bool:
+    def _copy_pays(self, r: OdmaRequest, live: int) -> bool:
         cost = self.run_cost
         if cost is None or live <= 0 or r.read_per_block:
             return False
         return copy_pays(cost, [e.length * self.unit for _, e in r.runs], r.claim_tokens, live, r.prompt_tokens,
                          self.arena.num_pending_copies)
 
-    def _move_into_one_run(self, request_id: str, r: _Request, live: int, region: ExtentAllocator,
-                           ext: Extent) -> None:
-        unit = self.unit
-        pos = ext.start * unit
-        left = live
-        for old_region, old in r.runs:
-            n = min(old.length * unit, left)
-            if n > 0:
-                self.arena.copy_run(old.start * unit, pos, n)
-                pos += n
-                left -= n
-            old_region.free(old)
-            del self._owner_at[old.start]
-        del self._tail_rooms[r.runs[-1][1].end]
-        r.runs = []
-        r.held_units = 0
-        self._add_run(r, region, ext)
-        self.copies += 1
-        self.copied_tokens += live
-
     # -- reads and release -------------------------------------------------------------
     def location(self, request_id: str) -> KVLocation:
         unit = self.unit
-        return KVLocation(tuple((e.start * unit, e.length * unit) for _, e in self._reqs[request_id].runs))
+        return KVLocation(tuple((e.start * unit, e.length * unit) for _, e in self.book.reqs[request_id].runs))
 
     def read_runs(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
         unit = self.unit
-        return covering_runs((e.length * unit for _, e in self._reqs[request_id].runs), num_tokens)
+        return covering_runs((e.length * unit for _, e in self.book.reqs[request_id].runs), num_tokens)
 
     def release(self, request_id: str, generated_tokens: int | None) -> None:
-        r = self._reqs.pop(request_id)
-        for region, ext in r.runs:
+        book = self.book
+        r = book.reqs.pop(request_id)
+        for region, ext in book.take_runs(r):
             region.free(ext)
-            del self._owner_at[ext.start]
-        del self._tail_rooms[r.runs[-1][1].end]
         self._claims_total -= r.claim_tokens
         if generated_tokens is None:
             return
@@ -459,7 +383,7 @@ class OdmaPolicy(KVPolicy):
         return (self.main.used_tokens + (self.safety.used_tokens if self.safety is not None else 0)) * self.unit
 
     def num_live(self) -> int:
-        return len(self._reqs)
+        return len(self.book.reqs)
 
     def max_request_tokens(self) -> int:
         return (self.capacity_tokens // self.unit) * self.unit
@@ -468,18 +392,13 @@ class OdmaPolicy(KVPolicy):
         self.main.check_integrity()
         if self.safety is not None:
             self.safety.check_integrity()
-        held = sum(r.held_units for r in self._reqs.values()) * self.unit
+        reqs = self.book.reqs
+        held = sum(r.held_units for r in reqs.values()) * self.unit
         assert held == self.reserved_tokens(), f"requests hold {held} tokens, regions say {self.reserved_tokens()}"
-        tail_rooms = {r.runs[-1][1].end: self._room(r) for r in self._reqs.values()}
-        assert tail_rooms == self._tail_rooms, "tail room index out of sync with the runs and claims"
-        owners = {e.start: r.request_id for r in self._reqs.values() for _, e in r.runs}
-        assert owners == {g: r.request_id for g, r in self._owner_at.items()}, "run owner index out of sync"
-        for rid, r in self._reqs.items():
-            assert r.runs, f"{rid} holds no run"
-            assert r.live_tokens <= r.held_units * self.unit, f"{rid}: {r.live_tokens} live tokens held in {r.runs}"
-            assert r.held_units == sum(e.length for _, e in r.runs), f"{rid}: held counter out of sync"
+        self.book.check_integrity(self.unit)
+        for rid, r in reqs.items():
             assert r.claim_units == self._units(r.claim_tokens), f"{rid}: claim in granules out of sync"
-        total = sum(r.claim_tokens for r in self._reqs.values())
+        total = sum(r.claim_tokens for r in reqs.values())
         assert total == self._claims_total, f"claims counter {self._claims_total} != {total}"
 
     def stats(self) -> PolicyStats:
