@@ -153,3 +153,37 @@ class _Fp32Only(Backend):
 def test_check_dtype_lists_supported_dtypes() -> None:
     with pytest.raises(BackendUnavailable, match=r"'fp32only' does not support float16; use one of \['float32'\]"):
         _Fp32Only().check_dtype(torch.float16)
+
+
+def test_event_timer_reads_the_device_events() -> None:
+    """The CUDA and MLU backends time with ``EventTimer`` over their device module's
+    ``Event``; a stand-in module's events give the elapsed time they report."""
+    from odma_mlu.backends.base import EventTimer
+
+    class _Event:
+        clock_ms = 0.0
+
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+            self.at_ms: float | None = None
+            self.synchronized = False
+
+        def record(self) -> None:
+            self.at_ms = _Event.clock_ms
+
+        def synchronize(self) -> None:
+            self.synchronized = True
+
+        def elapsed_time(self, end: "_Event") -> float:
+            assert end.synchronized, "the end event must be waited on before reading the time"
+            assert self.at_ms is not None and end.at_ms is not None
+            return end.at_ms - self.at_ms
+
+    class _Module:
+        Event = _Event
+
+    t = EventTimer(_Module)
+    _Event.clock_ms = 10.0
+    t.start()
+    _Event.clock_ms = 260.0
+    assert t.stop() == pytest.approx(0.25)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from odma_mlu.config import OdmaConfig
@@ -281,3 +282,30 @@ def test_odma_copy_counts_no_more_remaining_steps_than_the_request_has_lived() -
     # ~90 steps, so a copy of 30 s would pay on the claim alone.
     assert blocked(30.0, generated=10) == "new_run"  # priced over 10 steps: 10 x ~1 s < 30 s
     assert blocked(30.0, generated=40) == "copied"  # 40 steps: it pays
+
+
+def test_odma_integrity_check_catches_an_index_out_of_step_with_the_runs() -> None:
+    """The run book's two indexes (odma_runs.py) are rebuilt from the runs and compared:
+    each kind of drift is caught, and the untouched book passes."""
+    def grown() -> OdmaPolicy:
+        p = odma(cfg=replace(CFG, elastic=True, chunk_tokens=4))
+        p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64)))
+        p.reserve(rr("b", 8, 64, prediction=pred(CERTAIN, 64)))
+        _fill(p, "a", 9, 40)
+        p.check_integrity()
+        return p
+
+    p = grown()
+    end = next(iter(p.book.tail_rooms))
+    p.book.tail_rooms[end] += 1
+    with pytest.raises(AssertionError, match="tail room index"):
+        p.check_integrity()
+    p = grown()
+    start = next(iter(p.book.owner_at))
+    p.book.owner_at[start] = p.book.reqs["b" if p.book.owner_at[start].request_id == "a" else "a"]
+    with pytest.raises(AssertionError, match="run owner index"):
+        p.check_integrity()
+    p = grown()
+    p.book.reqs["a"].held_units += 1
+    with pytest.raises(AssertionError, match="hold"):
+        p.check_integrity()

@@ -35,6 +35,23 @@ class Timer(ABC):
         """Return the seconds since ``start()``, after the device has finished the work."""
 
 
+class EventTimer(Timer):
+    """Device events around the work, for a torch device module with CUDA-style ``Event``
+    (``torch.cuda``, ``torch.mlu``): the device's own clock, no host wait in between."""
+
+    def __init__(self, device_module: Any) -> None:
+        self._start = device_module.Event(enable_timing=True)
+        self._end = device_module.Event(enable_timing=True)
+
+    def start(self) -> None:
+        self._start.record()
+
+    def stop(self) -> float:
+        self._end.record()
+        self._end.synchronize()
+        return self._start.elapsed_time(self._end) / 1e3
+
+
 class WallTimer(Timer):
     """Host wall clock around a synchronize: correct for CPU and as a fallback."""
 

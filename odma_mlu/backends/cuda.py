@@ -4,22 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from odma_mlu.backends.base import Backend, DeviceGraph, MemoryInfo, Timer, _TorchGraph
+from odma_mlu.backends.base import Backend, DeviceGraph, EventTimer, MemoryInfo, Timer, _TorchGraph
 from odma_mlu.errors import BackendUnavailable
-
-
-class _CudaEventTimer(Timer):
-    def __init__(self) -> None:
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._end = torch.cuda.Event(enable_timing=True)
-
-    def start(self) -> None:
-        self._start.record()
-
-    def stop(self) -> float:
-        self._end.record()
-        self._end.synchronize()
-        return self._start.elapsed_time(self._end) / 1e3
 
 
 class CudaBackend(Backend):
@@ -54,7 +40,7 @@ class CudaBackend(Backend):
         torch.cuda.synchronize(self._device)
 
     def timer(self) -> Timer:
-        return _CudaEventTimer()
+        return EventTimer(torch.cuda)
 
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()

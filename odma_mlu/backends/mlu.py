@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from odma_mlu.backends.base import Backend, MemoryInfo, Timer
+from odma_mlu.backends.base import Backend, EventTimer, MemoryInfo, Timer
 from odma_mlu.errors import BackendUnavailable
 
 INSTALL_HINT = ("torch_mlu is not installed. It is not on PyPI (the package 'byted-torch-mlu' is an empty "
@@ -33,20 +33,6 @@ def _torch_mlu_module() -> Any:
         raise BackendUnavailable("torch_mlu imported but torch.mlu is missing: the torch and torch_mlu versions "
                                  "do not match; use the pair shipped in one Cambricon container image")
     return mod
-
-
-class _MluEventTimer(Timer):
-    def __init__(self, mlu: Any) -> None:
-        self._start = mlu.Event(enable_timing=True)
-        self._end = mlu.Event(enable_timing=True)
-
-    def start(self) -> None:
-        self._start.record()
-
-    def stop(self) -> float:
-        self._end.record()
-        self._end.synchronize()
-        return self._start.elapsed_time(self._end) / 1e3
 
 
 class MluBackend(Backend):
@@ -89,7 +75,7 @@ class MluBackend(Backend):
         self._mlu.synchronize()
 
     def timer(self) -> Timer:
-        return _MluEventTimer(self._mlu)
+        return EventTimer(self._mlu)
 
     def empty_cache(self) -> None:
         self._mlu.empty_cache()
