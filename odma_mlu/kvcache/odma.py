@@ -27,6 +27,8 @@ it almost always keeps one run, without copying to stay contiguous::
              run would over its expected remaining steps, move it and grow in place
     admit  = the common watermark (``CacheConfig.watermark_fraction``) and, when
              ``claim_admission_factor`` > 0, the sum of running claims
+    scatter= a prompt no hole holds takes the largest holes no shorter than the economic
+             run length (whole granules, rounded down), or waits
 
 Uncertain (q_high / q_mid > ``uncertainty_ratio``) and long (claim >= ``long_request_tokens``)
 requests are placed in the safety region first, short ones in the main region first; each
@@ -125,13 +127,19 @@ class OdmaPolicy(KVPolicy):
         if read_per_block:
             return 0
         base = self.config.chunk_tokens
-        cost = self.run_cost
-        mean_tokens = self.histogram.mean_tokens
-        if live_tokens is None or cost is None or mean_tokens is None or not self._token_price_s:
+        economic = None if live_tokens is None else self._economic_tokens(live_tokens)
+        if economic is None:
             return base
-        self.hold_ahead_tokens = max(base, economic_run_tokens(cost, self.unit, live_tokens, mean_tokens,
-                                                               self._token_price_s))
+        self.hold_ahead_tokens = max(base, economic)
         return self.hold_ahead_tokens
+
+    def _economic_tokens(self, live_tokens: int) -> int | None:
+        """The economic run length of a request with ``live_tokens`` (run_pricing.py); None
+        until the device's costs and a mean completed length are known."""
+        cost, mean_tokens = self.run_cost, self.histogram.mean_tokens
+        if cost is None or mean_tokens is None or not self._token_price_s:
+            return None
+        return economic_run_tokens(cost, self.unit, live_tokens, mean_tokens, self._token_price_s)
 
     def _hold_units(self, num_tokens: int, claim: int, read_per_block: bool) -> int:
         hold_tokens = min(claim, num_tokens + self._ahead_tokens(read_per_block)) if self.config.elastic else claim
@@ -210,7 +218,8 @@ class OdmaPolicy(KVPolicy):
         regions = self._regions(prefer_safety)
         claim_units = self._units(claim)
         placed = self._place(regions, claim_units, hold)
-        pieces = [placed] if placed is not None else self._scatter(regions, self._units(req.num_tokens))
+        pieces = [placed] if placed is not None else self._scatter(regions, self._units(req.num_tokens),
+                                                                   req.read_per_block)
         if not pieces:
             return None
         r = OdmaRequest(req.request_id, req.prompt_tokens, req.max_total_tokens, claim, claim_units,
@@ -224,12 +233,20 @@ class OdmaPolicy(KVPolicy):
             return KVLocation(((placed[1].start * self.unit, placed[1].length * self.unit),))
         return self.location(req.request_id)
 
-    def _scatter(self, regions: tuple[ExtentAllocator, ...], units: int) -> list[tuple[ExtentAllocator, Extent]]:
+    def _scatter(self, regions: tuple[ExtentAllocator, ...], units: int, read_per_block: bool
+                 ) -> list[tuple[ExtentAllocator, Extent]]:
         """No hole holds ``units``: take the largest holes until they do (several runs),
-        rather than wait while the free memory would suffice; [] if it does not."""
-        # Largest holes first, as few runs as possible; all holes of a page or more if need be.
+        rather than wait while the free memory would suffice; [] if they do not. A piece is
+        read on every step of the request's life, so none is shorter than the economic run
+        length, rounded down to whole granules (a shorter hole is worth more as a
+        neighbour's room; docs/odma-sensitivity.md). A ring, read per block, takes any."""
+        least = self.min_run_units
+        economic = None if read_per_block else self._economic_tokens(units * self.unit)
+        if economic is not None:
+            least = max(least, economic // self.unit)
+        # Largest holes first, as few runs as possible; all holes of ``least`` or more if need be.
         holes = sorted(((n, s, region) for region in regions for n, s in region.largest_holes(region.num_free)
-                        if n >= self.min_run_units), key=lambda h: -h[0])
+                        if n >= least), key=lambda h: -h[0])
         if sum(n for n, _, _ in holes) < units:
             return []
         pieces: list[tuple[ExtentAllocator, Extent]] = []
