@@ -223,7 +223,7 @@ class OdmaPolicy(KVPolicy):
         if not pieces:
             return None
         r = OdmaRequest(req.request_id, req.prompt_tokens, req.max_total_tokens, claim, claim_units,
-                     req.num_tokens, prefer_safety, req.read_per_block, req.pinned)
+                        req.num_tokens, prefer_safety, req.read_per_block, req.pinned)
         book.reqs[req.request_id] = r
         for region, ext in pieces:
             book.add_run(r, region, ext)
