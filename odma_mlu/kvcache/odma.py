@@ -352,12 +352,10 @@ class OdmaPolicy(KVPolicy):
             return False
         new = dest_region.allocate_at(fit[0], blocker.length, fit[1])
         assert new is not None, "a fitted slot range must be free"
+        self.book.move_run(y, i, dest_region, new, moved_tokens, self.arena, unit)
         if moved_tokens:
-            self.arena.copy_run(blocker.start * unit, new.start * unit, moved_tokens)
             self.copies += 1
             self.copied_tokens += moved_tokens
-        region.free(blocker)
-        self.book.replace_run(y, i, dest_region, new)
         self._moved.append(y.request_id)
         self.moved_runs += 1
         return True

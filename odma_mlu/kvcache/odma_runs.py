@@ -109,6 +109,16 @@ class RunBook:
             old_region.free(old)
         self.add_run(r, region, ext)
 
+    def move_run(self, r: OdmaRequest, i: int, region: ExtentAllocator, ext: Extent, live_tokens: int,
+                 arena: KVArena, unit_tokens: int) -> None:
+        """Copy the first ``live_tokens`` of ``r``'s run ``i`` to the start of ``ext`` (already
+        allocated, as long as the run), free the old run, and put ``ext`` in its place."""
+        old_region, old = r.runs[i]
+        if live_tokens:
+            arena.copy_run(old.start * unit_tokens, ext.start * unit_tokens, live_tokens)
+        old_region.free(old)
+        self.replace_run(r, i, region, ext)
+
     def check_integrity(self, unit_tokens: int) -> None:
         tail_rooms = {r.runs[-1][1].end: r.room_units for r in self.reqs.values()}
         assert tail_rooms == self.tail_rooms, "tail room index out of sync with the runs and claims"
