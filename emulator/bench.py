@@ -21,7 +21,7 @@ from emulator.profile import DeviceProfile, load_profile
 from emulator.replay import ReplayResult, kv_bytes_per_token, kv_capacity_tokens, replay
 from emulator.traces import Trace, load_trace
 from odma_mlu.cli import swap_space_bytes
-from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig, load_model_spec
+from odma_mlu.config import CacheConfig, EngineConfig, ModelSpec, SchedulerConfig, load_model_spec
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.factory import POLICY_NAMES
 from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds
@@ -153,6 +153,27 @@ def write_plot(results: Sequence[ReplayResult], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def bench_configs(ns: argparse.Namespace) -> tuple[CacheConfig, SchedulerConfig]:
+    """The replay's cache and scheduler configs: ``--config``'s sections (else the defaults),
+    with every cache or scheduler flag that was given on top."""
+    if ns.config:
+        from odma_mlu.server.settings import load_serve_file
+
+        base, _ = load_serve_file(ns.config)
+    else:
+        base = EngineConfig()
+    cache, sched = base.cache, base.scheduler
+    if ns.page_size is not None:
+        cache = replace(cache, page_size_tokens=ns.page_size)
+    if ns.swap_space_gib is not None:
+        cache = replace(cache, swap_space_bytes=swap_space_bytes(ns))
+    flags = {"max_num_seqs": ns.max_num_seqs, "enable_chunked_prefill": ns.chunked_prefill,
+             "max_prefill_chunk_tokens": ns.max_prefill_chunk_tokens,
+             "max_num_batched_tokens": ns.max_num_batched_tokens}
+    sched = replace(sched, **{k: v for k, v in flags.items() if v is not None})
+    return cache, sched
+
+
 def bench_main(ns: argparse.Namespace) -> int:
     if ns.max_requests is not None and ns.max_requests <= 0:
         raise ConfigError(f"--max-requests must be >= 1, got {ns.max_requests}")
@@ -172,14 +193,7 @@ def bench_main(ns: argparse.Namespace) -> int:
     baselines = (HETERO_BASELINES if sliding else ()) + (HYBRID_BASELINES if hybrid else ())
     policies = parse_policies(ns.policies or ",".join(POLICY_NAMES + baselines), sliding, hybrid)
     trace = load_trace(ns.trace, seed=ns.seed, max_requests=ns.max_requests, max_new_tokens=ns.max_new_tokens)
-    cache = replace(CacheConfig(), page_size_tokens=ns.page_size, swap_space_bytes=swap_space_bytes(ns))
-    sched = SchedulerConfig()
-    if getattr(ns, "max_num_seqs", None):
-        sched = replace(sched, max_num_seqs=ns.max_num_seqs)
-    sched = replace(sched, enable_chunked_prefill=getattr(ns, "chunked_prefill", sched.enable_chunked_prefill),
-                    max_prefill_chunk_tokens=getattr(ns, "max_prefill_chunk_tokens", sched.max_prefill_chunk_tokens))
-    if getattr(ns, "max_num_batched_tokens", None):
-        sched = replace(sched, max_num_batched_tokens=ns.max_num_batched_tokens)
+    cache, sched = bench_configs(ns)
     capacity = kv_capacity_tokens(profile, model, cache, ns.kv_gib, layers)
     if sliding:
         kinds = f"{layers.num_full} full + {layers.num_sliding} sliding-window ({layers.window_tokens}) layers"

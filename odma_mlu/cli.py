@@ -57,19 +57,20 @@ def _out_path(text: str) -> str:
 _SEED = _int_in(0, 2**63 - 1)
 
 
-def add_chunked_prefill_arg(parser: argparse.ArgumentParser) -> None:
+def add_chunked_prefill_arg(parser: argparse.ArgumentParser,
+                            default: bool | None = SchedulerConfig.enable_chunked_prefill) -> None:
     """``--chunked-prefill`` / ``--no-chunked-prefill``, defaulting to ``SchedulerConfig``'s (on);
-    shared with the benchmark scripts in tools/."""
-    parser.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction,
-                        default=SchedulerConfig.enable_chunked_prefill,
+    shared with the benchmark scripts in tools/ (``default=None``: not given, a config file decides)."""
+    parser.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=default,
                         help="one token budget per step for decodes and prefill chunks, as vLLM v1 (default: on; "
                              "--no-chunked-prefill prefills each prompt whole)")
 
 
-def add_swap_space_arg(parser: argparse.ArgumentParser) -> None:
+def add_swap_space_arg(parser: argparse.ArgumentParser,
+                       default: float | None = CacheConfig.swap_space_bytes / 2**30) -> None:
     """``--swap-space-gib``, defaulting to ``CacheConfig.swap_space_bytes`` (4 GiB); shared with
-    the benchmark scripts in tools/."""
-    parser.add_argument("--swap-space-gib", type=_float_in(0.0), default=CacheConfig.swap_space_bytes / 2**30,
+    the benchmark scripts in tools/ (``default=None``: not given, a config file decides)."""
+    parser.add_argument("--swap-space-gib", type=_float_in(0.0), default=default,
                         help="host memory for the KV of preempted requests, which swap instead of recomputing "
                              "(default: 4; 0: every preemption recomputes)")
 
@@ -77,6 +78,7 @@ def add_swap_space_arg(parser: argparse.ArgumentParser) -> None:
 def swap_space_bytes(ns: argparse.Namespace) -> int:
     """The swap space ``add_swap_space_arg`` parsed, in bytes."""
     return int(ns.swap_space_gib * 2**30)
+
 
 
 def _bench(ns: argparse.Namespace) -> int:
@@ -150,15 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "it proves calibrated), simple (online only), default (the bundled learned model alone), "
                         "s3, median, or a folder from `predictor train`")
     b.add_argument("--seed", type=_SEED, default=0)
-    b.add_argument("--max-num-seqs", type=_int_in(1), default=SchedulerConfig.max_num_seqs,
-                   help="cap on running sequences")
-    add_chunked_prefill_arg(b)
-    add_swap_space_arg(b)
-    b.add_argument("--max-prefill-chunk-tokens", type=_int_in(1), default=SchedulerConfig.max_prefill_chunk_tokens,
-                   help="with --chunked-prefill: prompt tokens one sequence computes per step")
-    b.add_argument("--max-num-batched-tokens", type=_int_in(1), default=SchedulerConfig.max_num_batched_tokens,
-                   help="tokens per step (decodes + prefill)")
-    b.add_argument("--page-size", type=_int_in(1, 65536), default=CacheConfig.page_size_tokens, help="paged policy page tokens")
+    b.add_argument("--config", default=None, metavar="FILE",
+                   help="an `odma-mlu serve` YAML file: its cache: and scheduler: sections configure the replay "
+                        "(the flags below override them; other sections are not read)")
+    # Cache and scheduler flags default to None: given, they override --config; else the config
+    # file's value, else the config dataclasses' default (shown in each help).
+    b.add_argument("--max-num-seqs", type=_int_in(1), default=None,
+                   help=f"cap on running sequences (default {SchedulerConfig.max_num_seqs})")
+    add_chunked_prefill_arg(b, default=None)
+    add_swap_space_arg(b, default=None)
+    b.add_argument("--max-prefill-chunk-tokens", type=_int_in(1), default=None,
+                   help="with --chunked-prefill: prompt tokens one sequence computes per step "
+                        f"(default {SchedulerConfig.max_prefill_chunk_tokens})")
+    b.add_argument("--max-num-batched-tokens", type=_int_in(1), default=None,
+                   help=f"tokens per step, decodes + prefill (default {SchedulerConfig.max_num_batched_tokens})")
+    b.add_argument("--page-size", type=_int_in(1, 65536), default=None,
+                   help=f"paged policy page tokens (default {CacheConfig.page_size_tokens})")
     b.add_argument("--json", default=None, type=_out_path, metavar="OUT")
     b.add_argument("--plot", default=None, type=_out_path, metavar="OUT.png")
     b.add_argument("--no-progress", action="store_true")

@@ -202,6 +202,13 @@ class OdmaConfig:
     """Admission by predicted claims: admit only while the running requests' claims plus the
     new one stay under this many times the KV capacity (0 disables the rule; the common
     watermark always applies)."""
+    granule_tokens: int | None = None
+    """Tokens per allocation granule, which is also the shortest run ODMA places; None: the
+    page size (``cache.page_size_tokens``). Runs then start on a page boundary, so
+    block-table kernels can read them. A finer granule raises ``kv_utilization`` by holding
+    less past the live tokens, but reads each request as more runs. It suits a card whose
+    attention takes token offsets and whose gather curve is flat at a few tokens
+    (docs/odma-sensitivity.md, "Granules")."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "claim_admission_factor": (0.0, _INF, False, True),
     "kv_capacity_tokens": (256, 2**40, False, False),
     "page_size_tokens": (1, 65536, False, False),
+    "granule_tokens": (1, 65536, False, False),
     "activation_reserve_fraction": (0.0, 1.0, False, True),
     "watermark_fraction": (0.0, 1.0, False, True),
     "swap_space_bytes": (0, 2**50, False, False),

@@ -114,8 +114,12 @@ def test_chunked_prefill_is_the_default_and_can_be_turned_off() -> None:
     """As in vLLM v1, prompts are chunked unless the operator says otherwise: the config
     default, ``odma-mlu bench`` and the benchmark scripts follow it; ``--no-chunked-prefill``
     restores whole-prompt prefill (how the figures before 2026-12-06 were measured)."""
+    from emulator.bench import bench_configs
     from odma_mlu.cli import build_parser
 
     assert SchedulerConfig().enable_chunked_prefill
-    assert build_parser().parse_args(["bench"]).chunked_prefill is True
-    assert build_parser().parse_args(["bench", "--no-chunked-prefill"]).chunked_prefill is False
+    def chunked(*flags: str) -> bool:
+        return bench_configs(build_parser().parse_args(["bench", *flags]))[1].enable_chunked_prefill
+
+    assert chunked() is True
+    assert chunked("--no-chunked-prefill") is False

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
     (OdmaConfig, {"histogram_window": "big"}, r"histogram_window = 'big' \(str\) must be an integer"),
     (OdmaConfig, {"elastic": "yes"}, r"cache.odma.elastic = 'yes' must be true or false"),
     (OdmaConfig, {"uncertainty_ratio": float("nan")}, r"uncertainty_ratio = nan must be a finite number"),
+    (OdmaConfig, {"granule_tokens": 0}, r"cache.odma.granule_tokens = 0 is out of range: allowed \[1, 65536\]"),
     (CacheConfig, {"kv_capacity_tokens": 10}, r"cache.kv_capacity_tokens = 10 is out of range: allowed \[256, "),
     (CacheConfig, {"kv_capacity_tokens": 4096.5}, r"kv_capacity_tokens = 4096.5 \(float\) must be an integer"),
     (CacheConfig, {"page_size_tokens": 0}, r"cache.page_size_tokens = 0 is out of range"),
@@ -99,6 +100,37 @@ def test_cli_values_are_one_line_errors(argv: list[str], message: str, capsys: p
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not Path("/nonexistent-odma-dir").exists()
+
+
+def test_bench_reads_a_serve_file_and_flags_override_it(tmp_path: Path) -> None:
+    from emulator.bench import bench_configs
+    from odma_mlu.cli import build_parser
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("model: some/folder\nbackend: emulated\nserver: {served_model_name: m}\n"
+                   "cache: {page_size_tokens: 8, swap_space_bytes: 0, odma: {granule_tokens: 4, chunk_tokens: 8}}\n"
+                   "scheduler: {max_num_seqs: 64, max_num_batched_tokens: 2048, enable_chunked_prefill: false}\n")
+    cache, sched = bench_configs(build_parser().parse_args(["bench", "--config", str(cfg)]))
+    assert (cache.page_size_tokens, cache.swap_space_bytes) == (8, 0)
+    assert (cache.odma.granule_tokens, cache.odma.chunk_tokens) == (4, 8)
+    assert (sched.max_num_seqs, sched.max_num_batched_tokens, sched.enable_chunked_prefill) == (64, 2048, False)
+    cache, sched = bench_configs(build_parser().parse_args(
+        ["bench", "--config", str(cfg), "--page-size", "16", "--swap-space-gib", "1", "--max-num-seqs", "32",
+         "--chunked-prefill"]))
+    assert (cache.page_size_tokens, cache.swap_space_bytes, cache.odma.granule_tokens) == (16, 2**30, 4)
+    assert (sched.max_num_seqs, sched.max_num_batched_tokens, sched.enable_chunked_prefill) == (32, 2048, True)
+    cache, sched = bench_configs(build_parser().parse_args(["bench"]))
+    assert (cache, sched) == (CacheConfig(), SchedulerConfig())
+
+
+def test_bench_config_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cache: {odma: {granule: 4}}\n")
+    assert cli_main(["bench", "--config", str(bad), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) ['granule']" in err and "granule_tokens" in err and "Traceback" not in err, err
+    assert cli_main(["bench", "--config", str(tmp_path / "none.yaml"), "--no-progress"]) == 2
+    assert "none.yaml does not exist" in capsys.readouterr().err
 
 
 def test_empty_api_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -216,6 +216,17 @@ def test_odma_granules_hold_whole_pages() -> None:
     p.check_integrity()
 
 
+def test_odma_granule_comes_from_the_config_else_the_page_size() -> None:
+    from odma_mlu.config import CacheConfig
+    from odma_mlu.kvcache.factory import make_policy
+
+    cache = CacheConfig(page_size_tokens=16, odma=replace(CFG, elastic=True, chunk_tokens=1, safety_fraction=0.0))
+    for granule, want in ((None, ((0, 32),)), (4, ((0, 24),)), (1, ((0, 21),))):
+        p = make_policy("odma", arena(160), replace(cache, odma=replace(cache.odma, granule_tokens=granule)), 64)
+        assert p.reserve(rr("a", 20, 64, prediction=pred(CERTAIN, 64))).runs == want, granule
+        p.check_integrity()
+
+
 def test_odma_admission_by_the_common_watermark_and_by_claims() -> None:
     p = odma(cap=100, cfg=replace(CFG, safety_fraction=0.0), watermark=0.3)
     assert p.reserve(rr("a", 8, 64, prediction=pred(CERTAIN, 64))) is not None  # 24: 76 free

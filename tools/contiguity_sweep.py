@@ -43,6 +43,7 @@ from emulator.profile import BandwidthCurve, CurvePoint, DeviceProfile, load_pro
 from emulator.traces import load_trace  # noqa: E402
 from odma_mlu.cli import add_chunked_prefill_arg, add_swap_space_arg, swap_space_bytes  # noqa: E402
 from odma_mlu.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig, load_model_spec  # noqa: E402
+from odma_mlu.server.settings import load_serve_file  # noqa: E402
 
 RATIOS = (0.3, 1.0, 0.6, 0.8, 0.93, 0.5, 0.7, 0.4, 0.9)  # run in this order; reported sorted
 POLICIES = ("odma", "paged", "ideal")
@@ -69,7 +70,9 @@ def reshape_profile(base: DeviceProfile, ratio: float, page_bytes: float) -> Dev
 def sweep(args: argparse.Namespace) -> dict:
     base = load_profile(args.profile)
     model = load_model_spec(args.model)
-    cache = replace(CacheConfig(), swap_space_bytes=swap_space_bytes(args))
+    cache = load_serve_file(args.config)[0].cache if args.config else CacheConfig()
+    if args.swap_space_gib is not None:
+        cache = replace(cache, swap_space_bytes=swap_space_bytes(args))
     page_bytes = cache.page_size_tokens * model.kv_bytes_per_token_per_layer // 2  # K of one layer
     traces = []
     if "alpaca" in args.traces:
@@ -155,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traces", default="alpaca,servegen", help="comma-separated subset of alpaca,servegen")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="no replay: merge the traces of these sweep JSONs into --json and plot them")
+    ap.add_argument("--config", default=None, metavar="FILE",
+                    help="an `odma-mlu serve` YAML file whose cache: section every replay uses (ODMA's "
+                         "constants and granule, the page size, swap space); default: CacheConfig's defaults")
     add_chunked_prefill_arg(ap)
-    add_swap_space_arg(ap)
+    add_swap_space_arg(ap, default=None)
     args = ap.parse_args(argv)
     if args.merge:
         doc = json.loads(Path(args.merge[0]).read_text())

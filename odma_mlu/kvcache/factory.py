@@ -42,6 +42,7 @@ def make_policy(name: str, arena: KVArena, cache: CacheConfig, max_new_tokens: i
             from odma_mlu.predictor.drift import KSDriftDetector
 
             drift_detector = KSDriftDetector()
+        granule = cache.odma.granule_tokens or cache.page_size_tokens
         return OdmaPolicy(arena, max_new_tokens, cache.odma, drift_detector, cache.watermark_fraction, run_cost,
-                          granule_tokens=cache.page_size_tokens, min_run_tokens=cache.page_size_tokens)
+                          granule_tokens=granule, min_run_tokens=granule)
     raise ConfigError(f"unknown KV policy {name!r}; choose one of {list(POLICY_NAMES)}")
