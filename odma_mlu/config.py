@@ -235,8 +235,9 @@ class CacheConfig:
     """Host memory that holds the KV of preempted requests until they run again (vLLM's
     ``swap_space``, 4 GiB by default): a preempted request whose computed KV fits is copied
     to the host and back instead of being recomputed (odma_mlu/engine/scheduler.py). 0:
-    every preemption recomputes. Models with sliding-window or SSM layers, and prefix
-    caching, always recompute (their rings, states and shared pages are not swapped)."""
+    every preemption recomputes. Models with SSM layers, and prefix caching, always
+    recompute (their states and shared pages are not swapped); a sliding-window model swaps
+    its ring's rows with its runs."""
     odma: OdmaConfig = field(default_factory=OdmaConfig)
 
 
