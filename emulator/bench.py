@@ -21,7 +21,7 @@ from emulator.profile import DeviceProfile, load_profile
 from emulator.replay import ReplayResult, kv_bytes_per_token, kv_capacity_tokens, replay
 from emulator.traces import Trace, load_trace
 from odma_mlu.cli import swap_space_bytes
-from odma_mlu.config import CacheConfig, EngineConfig, ModelSpec, SchedulerConfig, load_model_spec
+from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig, load_model_spec
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.factory import POLICY_NAMES
 from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds
@@ -156,13 +156,12 @@ def write_plot(results: Sequence[ReplayResult], path: str, title: str) -> None:
 def bench_configs(ns: argparse.Namespace) -> tuple[CacheConfig, SchedulerConfig]:
     """The replay's cache and scheduler configs: ``--config``'s sections (else the defaults),
     with every cache or scheduler flag that was given on top."""
+    cache, sched = CacheConfig(), SchedulerConfig()
     if ns.config:
         from odma_mlu.server.settings import load_serve_file
 
-        base, _ = load_serve_file(ns.config)
-    else:
-        base = EngineConfig()
-    cache, sched = base.cache, base.scheduler
+        engine, _ = load_serve_file(ns.config)
+        cache, sched = engine.cache, engine.scheduler
     if ns.page_size is not None:
         cache = replace(cache, page_size_tokens=ns.page_size)
     if ns.swap_space_gib is not None:

@@ -80,7 +80,6 @@ def swap_space_bytes(ns: argparse.Namespace) -> int:
     return int(ns.swap_space_gib * 2**30)
 
 
-
 def _bench(ns: argparse.Namespace) -> int:
     from emulator.bench import bench_main
 
