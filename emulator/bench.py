@@ -185,6 +185,8 @@ def bench_main(ns: argparse.Namespace) -> int:
             raise ConfigError("goodput needs --mode online with both --slo-ttft-s and --slo-tpot-s")
         slo = (slo_ttft, slo_tpot)
     profile = load_profile(ns.profile)
+    if getattr(ns, "decode_attention", None) is not None:
+        profile = replace(profile, decode_attention=ns.decode_attention)
     layers = load_layer_kinds(ns.model)
     hybrid = layers.ssm is not None
     model = layers.ssm.base if layers.ssm is not None else load_model_spec(ns.model)  # a hybrid's attention shape
@@ -203,7 +205,8 @@ def bench_main(ns: argparse.Namespace) -> int:
     bytes_per_token = kv_bytes_per_token(model, layers)
     print(f"profile {profile.name} | model {model.name} ({model.dtype}, {kinds}) | trace {trace.name}: "
           f"{len(trace.requests)} requests | KV capacity {capacity} tokens "
-          f"({capacity * bytes_per_token / 1024**3:.2f} GiB) | mode {ns.mode}")
+          f"({capacity * bytes_per_token / 1024**3:.2f} GiB) | mode {ns.mode} | decode attention "
+          f"{profile.decode_attention}")
     results = run_bench(trace, policies, model, profile, predictor_name=ns.predictor, kv_gib=ns.kv_gib,
                         max_new_tokens=ns.max_new_tokens, mode=ns.mode, rate_scale=ns.rate_scale, cache=cache,
                         scheduler=sched, progress=not ns.no_progress, layers=layers)
@@ -229,8 +232,9 @@ def bench_main(ns: argparse.Namespace) -> int:
         print(f"note: {max(r.rejected for r in results)} request(s) could never fit and were rejected",
               file=sys.stderr)
     if ns.json:
-        doc = {"profile": profile.name, "model": model.name, "trace": trace.name, "mode": ns.mode,
-               "capacity_tokens": capacity, "results": [r.metrics() for r in results]}
+        doc = {"profile": profile.name, "decode_attention": profile.decode_attention, "model": model.name,
+               "trace": trace.name, "mode": ns.mode, "capacity_tokens": capacity,
+               "results": [r.metrics() for r in results]}
         if goodput is not None:
             doc["rate_scale"] = ns.rate_scale
             for row, g in zip(doc["results"], goodput):

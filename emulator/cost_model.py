@@ -11,7 +11,12 @@ per layer:  4 weight matmuls (qkv, o, gate_up, down): the weight streamed once a
             M = the step's new tokens as rows (``DeviceProfile.matmul_flops``)
             decode attention: each sequence's KV read at the bandwidth its layout achieves
             plus the new tokens' K/V written; 4 x heads x head_dim x context FLOPs at the
-            rate of one row (decode attention kernels walk query rows one by one)
+            rate of one row (decode attention kernels walk query rows one by one).
+            With ``decode_attention: gather`` (the profile's default, what the code
+            issues) each gathered group's slots, padded to its longest member
+            (``StepWork.decode_gathered_tokens``), are also written to a buffer and read
+            back by attention at stream bandwidth, and the padding is scored too;
+            ``in_place`` prices a kernel that reads the runs where they lie
             prefill attention: causal FLOPs at the rate of M = new tokens rows
             every other kernel (norms, rotary, residual adds, K/V scatter, index ops):
             a launch only; their activations are small next to weights and KV
@@ -177,6 +182,7 @@ class CostModel:
         self._stream_bw = profile.stream_bandwidth_bytes_per_s
         self._flops = profile.flops_for(self.dtype)
         self._launch = profile.launch_overhead_s
+        self._gathers = profile.decode_attention == "gather"
         self._half_kv_per_token_layer = model.kv_bytes_per_token_per_layer // 2
         self._n_full, self._n_sliding, self._n_ssm = self.layers.num_full, self.layers.num_sliding, self.layers.num_ssm
         h, d, i = model.hidden_size, model.head_dim, model.intermediate_size
@@ -296,10 +302,12 @@ class CostModel:
         return [(min(sum(r), w),) for r in work.decode_read_runs]
 
     def _attention_reads(self, acc: _Acc, layers: int, reads: Sequence[tuple[int, ...]], written_tokens: int,
-                         stream_reads: bool = False) -> int:
+                         stream_reads: bool = False, gathered_tokens: int = 0, padding_tokens: int = 0) -> int:
         """Decode attention of ``layers`` layers over ``reads`` (each run at the bandwidth of
         its length, or all at the stream bandwidth with ``stream_reads``: ``ideal``) + the
-        new tokens' K/V written; returns the KV bytes read."""
+        new tokens' K/V written; returns the KV bytes read. Where the profile's attention
+        gathers, ``gathered_tokens`` slots (``padding_tokens`` of them past their sequence's
+        length) are written to the gather buffer and read back, and the padding scored."""
         if layers == 0:
             return 0
         per_token_layer = self.model.kv_bytes_per_token_per_layer
@@ -318,7 +326,11 @@ class CostModel:
             read_mem += mem
             ctx_sum += tokens
         kv_read = ctx_sum * per_token_layer
-        f = 4.0 * self._attn_width * ctx_sum
+        scored = ctx_sum
+        if self._gathers and gathered_tokens:
+            read_mem += 2 * gathered_tokens * per_token_layer / self._stream_bw
+            scored += padding_tokens
+        f = 4.0 * self._attn_width * scored
         # Decode attention runs one query row at a time: the CPU flash kernel measured at the
         # 1-row matmul rate (2.6 ms/layer at batch 16 x 1024 context on cpu-host), not the
         # g-row rate; on accelerators this term is small next to the KV read.
@@ -365,15 +377,20 @@ class CostModel:
             self._matmuls(acc, self._n_ssm, self._ssm_matmuls, new_tokens)
             self._matmuls(acc, 1, ((m.hidden_size, m.vocab_size),), num_seqs)
         # Decode attention: each run read at the bandwidth of its length + new K/V written.
-        kv_read = self._attention_reads(acc, self._n_full, work.decode_read_runs, new_tokens, work.stream_reads)
+        kv_read = self._attention_reads(acc, self._n_full, work.decode_read_runs, new_tokens, work.stream_reads,
+                                        work.decode_gathered_tokens, work.decode_padding_tokens)
         per_token_layer = m.kv_bytes_per_token_per_layer
         kv_write = new_tokens * self._n_full * per_token_layer
         cached = work.prefill_cached_tokens or (0,) * len(work.prefill_new_tokens)
         if self._n_sliding:
             w = kinds.window_tokens or 0
             sliding_written = sum(min(t, w) for t in work.prefill_new_tokens) + work.num_decodes
-            kv_read += self._attention_reads(acc, self._n_sliding, self._sliding_runs(work) if work.num_decodes
-                                             else (), sliding_written, work.stream_reads)
+            sliding = self._sliding_runs(work) if work.num_decodes else ()
+            # One gather over every decode, padded to the longest window read (window_attention.py).
+            lengths = [sum(r) for r in sliding]
+            gathered = len(lengths) * max(lengths, default=0)
+            kv_read += self._attention_reads(acc, self._n_sliding, sliding, sliding_written, work.stream_reads,
+                                             gathered, gathered - sum(lengths))
             kv_write += sliding_written * self._n_sliding * per_token_layer
         # Prefill attention, q rows = the chunk's new tokens: causal over cached + new keys in
         # full layers; the sliding mask's every score over the window's cached keys + new.

@@ -15,6 +15,7 @@ server makes::
     launch_overhead: 8 us
     provenance: {kind: derived, sources: [...]}   # or kind: measured, tool, host, date
     host_link: {bandwidth: 25 GB/s, source: derived, note: "..."}   # OPTIONAL: see below
+    decode_attention: gather   # OPTIONAL: gather (default) or in_place, see below
     matmul_rows:           # OPTIONAL: achieved FLOP/s of [M, K] x [K, N] against M (rows)
       float32:
         - {rows: 1, flops: 12 GFLOPS, source: measured}
@@ -29,6 +30,14 @@ compute efficiency; weight streaming is the memory term.
 ``host_link`` is the device <-> host copy bandwidth (one direction), what swapping a
 preempted request's KV to host memory and back costs. Without it the emulator does not
 swap on that profile (every preemption recomputes).
+
+``decode_attention`` says how the decode attention kernel on this device reads KV runs:
+``gather`` (the default, what ``odma_mlu/models/attention.py`` issues on every backend
+today) copies each batched group's slots, padded to its longest member, into a buffer
+that attention then reads, so those bytes are written and read once more; ``in_place``
+prices a kernel that reads every run where it lies (vendor paged attention over block
+tables, or a run-aware kernel). No backend here has such a kernel yet: ``in_place`` is a
+what-if, and figures priced with it say so.
 
 Curves must have strictly increasing, positive ``chunk_bytes``. Each point says whether it
 was ``measured`` or ``derived`` and, if derived, why (``note``).
@@ -50,7 +59,8 @@ from odma_mlu.errors import ProfileError
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
 TOP_KEYS_REQUIRED = ("name", "memory_type", "capacity_bytes", "peak_bandwidth", "sequential", "gather",
                      "compute_flops_per_s", "launch_overhead", "provenance")
-TOP_KEYS_OPTIONAL = ("schema_version", "description", "notes", "matmul_rows", "host_link")
+TOP_KEYS_OPTIONAL = ("schema_version", "description", "notes", "matmul_rows", "host_link", "decode_attention")
+DECODE_ATTENTION = ("gather", "in_place")
 LINK_KEYS = ("bandwidth", "source", "note")
 ROWS_POINT_KEYS = ("rows", "flops", "source", "note")
 POINT_KEYS = ("chunk_bytes", "bandwidth", "source", "note")
@@ -101,11 +111,15 @@ class DeviceProfile:
     """Optional: per dtype, (rows M, achieved FLOP/s) points, M strictly increasing."""
     host_link_bandwidth_bytes_per_s: float | None = None
     """Optional: device <-> host copy bandwidth, one direction (None: not known, no swapping)."""
+    decode_attention: str = "gather"
+    """How decode attention reads KV runs: ``gather`` (what the code issues) or ``in_place``."""
 
     @property
     def stream_bandwidth_bytes_per_s(self) -> float:
-        """Best sustained sequential bandwidth (long streams such as weights)."""
-        return max(p.bandwidth_bytes_per_s for p in self.sequential.points)
+        """Sustained sequential bandwidth of a long stream (weights, a long run): the
+        sequential curve at its longest chunk. Not the curve's maximum: a CPU reads short
+        chunks from cache-friendly kernels faster than its matmuls stream weights from DRAM."""
+        return max(self.sequential.points, key=lambda p: p.chunk_bytes).bandwidth_bytes_per_s
 
     def locality(self, run_bytes: float) -> float:
         """Fraction of sequential bandwidth kept when runs of ``run_bytes`` are scattered.
@@ -285,11 +299,15 @@ def parse_profile(data: Any, where: str) -> DeviceProfile:
         raise ProfileError(f"{where}: provenance of kind {prov['kind']!r} needs {list(need)}; missing {lacking}")
     rows = _matmul_rows(data["matmul_rows"], where, flops) if "matmul_rows" in data else {}
     link = _host_link(data["host_link"], where) if "host_link" in data else None
+    attention = data.get("decode_attention", "gather")
+    if attention not in DECODE_ATTENTION:
+        raise ProfileError(f"{where}: decode_attention = {attention!r} is not allowed; choose one of "
+                           f"{list(DECODE_ATTENTION)}")
     return DeviceProfile(
         name=str(data["name"]), memory_type=str(data["memory_type"]), capacity_bytes=int(capacity),
         peak_bandwidth_bytes_per_s=peak, sequential=seq, gather=gat, compute_flops_per_s=flops,
         launch_overhead_s=overhead, provenance=dict(prov), source_path=where, matmul_rows=rows,
-        host_link_bandwidth_bytes_per_s=link,
+        host_link_bandwidth_bytes_per_s=link, decode_attention=attention,
     )
 
 

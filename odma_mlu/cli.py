@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of " + ",".join(POLICIES) + " (default: all; with a sliding-window "
                         "model also the baselines jenga,vllm_hybrid,vllm_uniform; with a hybrid SSM model the schemes "
                         "avmp,static_split_0.5,static_split_tuned,padded_unified)")
+    b.add_argument("--decode-attention", choices=("gather", "in_place"), default=None,
+                   help="how decode attention reads KV runs (default: the profile's, else gather, what the code "
+                        "issues); in_place prices a kernel that reads runs where they lie, which no backend has yet")
     b.add_argument("--kv-gib", type=_float_in(0, 1e6, lo_open=True), default=None, help="KV capacity in GiB (default: from the profile)")
     b.add_argument("--max-requests", type=_int_in(1), default=None)
     b.add_argument("--mode", choices=("offline", "online"), default="offline")

@@ -273,6 +273,36 @@ def test_a_lone_one_run_read_is_a_view() -> None:
     assert cm.num_kernels(split) - cm.num_kernels(lone) == 2 * MODEL.num_layers
 
 
+def test_gathered_groups_count_their_padded_slots() -> None:
+    # 500 and 260 share a span class (512): one gather of 2 x 500 slots, 240 of them padding;
+    # 700 and 100 are alone in theirs and one run each: views, nothing gathered.
+    work = StepWork.build((), [(500,), (260,), (700,), (100,)])
+    assert (work.decode_group_views, work.decode_gathered_tokens, work.decode_padding_tokens) == (2, 1000, 240)
+    split = StepWork.build((), [(400, 300)])  # alone but two runs: gathered, no padding
+    assert (split.decode_group_views, split.decode_gathered_tokens, split.decode_padding_tokens) == (0, 700, 0)
+
+
+def test_gathers_are_charged_where_the_profile_gathers() -> None:
+    """``decode_attention: gather`` (the default: what models/attention.py issues) writes each
+    gathered slot to a buffer and reads it back, and scores the padding; ``in_place`` does not.
+    A view costs the same either way."""
+    prof = load_profile("mlu370-x4")
+    assert prof.decode_attention == "gather"
+    gather, in_place = CostModel(prof, MODEL), CostModel(dataclasses.replace(prof, decode_attention="in_place"), MODEL)
+    work = StepWork.build((), [(500,), (260,), (700,), (100,)])
+    g, i = gather.step_time(work), in_place.step_time(work)
+    per_layer = MODEL.kv_bytes_per_token_per_layer
+    assert g.memory_s - i.memory_s == pytest.approx(
+        MODEL.num_layers * 2 * 1000 * per_layer / prof.stream_bandwidth_bytes_per_s, rel=1e-9)
+    assert g.flops - i.flops == pytest.approx(MODEL.num_layers * 4.0 * MODEL.num_heads * MODEL.head_dim * 240, rel=1e-9)
+    assert g.kv_read_bytes == i.kv_read_bytes  # the KV read is the same; the buffer is extra traffic
+    for ideal in (False, True):  # ideal runs the same attention code: it gathers too
+        views = StepWork.build((), [(700,), (100,)], stream_reads=ideal)
+        assert gather.step_time(views) == in_place.step_time(views)
+        assert gather.step_time(StepWork.build((), [(500,), (260,)], stream_reads=ideal)).time_s > \
+            in_place.step_time(StepWork.build((), [(500,), (260,)], stream_reads=ideal)).time_s
+
+
 def _count_forward_kernels(model: Any, seqs: list, arena_tokens: int = 4096, extra: tuple = ()) -> int:
     """Non-view aten ops one forward dispatches (what the cost model calls kernels);
     ``extra``: the forward's arguments after the arena (rings, or states and their slots)."""

@@ -164,6 +164,20 @@ def test_sliding_runs_are_priced_by_their_length() -> None:
         cm.step_time(StepWork.build((), [(3000,)] * 2, sliding_read_runs=[(1024,)]))
 
 
+def test_sliding_decodes_gather_padded_to_the_longest_window_read() -> None:
+    """Every decode's ring entries in one gather, padded to the longest (window_attention.py)."""
+    import dataclasses
+
+    work = StepWork.build((), [(3000,), (300,)])  # reads 1024 and 300 of the ring: 2 x 1024 gathered
+    g = CostModel(MLU, SWA, layers=SWA_KINDS).step_time(work)
+    i = CostModel(dataclasses.replace(MLU, decode_attention="in_place"), SWA, layers=SWA_KINDS).step_time(work)
+    b = SWA.kv_bytes_per_token_per_layer
+    assert work.decode_group_views == 2  # no span class shared: views in the full layers, no gather there
+    assert g.memory_s - i.memory_s == pytest.approx(20 * 2 * 2 * 1024 * b / MLU.stream_bandwidth_bytes_per_s,
+                                                    rel=1e-9)
+    assert g.flops - i.flops == pytest.approx(20 * 4.0 * SWA.num_heads * SWA.head_dim * (1024 - 300), rel=1e-9)
+
+
 def test_sliding_prefill_sees_the_window_only() -> None:
     cm = CostModel(MLU, SWA, layers=SWA_KINDS)
     q = SWA.num_heads * SWA.head_dim

@@ -196,6 +196,22 @@ def test_cli_bench_json_default_profile(tmp_path: Path) -> None:
     _check_bench_json(out, POLICY_NAMES, "mlu370-x4")
 
 
+def test_cli_bench_decode_attention_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--decode-attention in_place`` prices the what-if kernel: the same replay, never
+    slower than the gathers the code issues, and the JSON says which was priced."""
+    tps = {}
+    for mode in ("gather", "in_place"):
+        out = tmp_path / f"{mode}.json"
+        assert cli_main(["bench", "--max-requests", "50", "--predictor", "simple", "--json", str(out), "--no-progress",
+                         "--policies", "paged", "--decode-attention", mode]) == 0
+        doc = json.loads(out.read_text())
+        assert doc["decode_attention"] == mode
+        tps[mode] = doc["results"][0]["tps"]
+        assert f"decode attention {mode}" in capsys.readouterr().out
+    assert tps["in_place"] > tps["gather"]
+    assert cli_main(["bench", "--decode-attention", "paged", "--no-progress"]) == 2
+
+
 def test_cli_bench_online_subset(tmp_path: Path, profile_path: Path) -> None:
     out = tmp_path / "online.json"
     rc = cli_main(["bench", "--max-requests", "50", "--predictor", "simple", "--json", str(out), "--no-progress",

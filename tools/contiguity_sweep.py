@@ -69,6 +69,8 @@ def reshape_profile(base: DeviceProfile, ratio: float, page_bytes: float) -> Dev
 
 def sweep(args: argparse.Namespace) -> dict:
     base = load_profile(args.profile)
+    if args.decode_attention is not None:
+        base = replace(base, decode_attention=args.decode_attention)
     model = load_model_spec(args.model)
     cache = load_serve_file(args.config)[0].cache if args.config else CacheConfig()
     if args.swap_space_gib is not None:
@@ -86,7 +88,8 @@ def sweep(args: argparse.Namespace) -> dict:
         p = reshape_profile(base, r, page_bytes)
         assert abs(p.locality(page_bytes) - r) < 1e-6, (r, p.locality(page_bytes))
         profiles.append((f"{r:g}", r, p))
-    doc: dict = {"profile": base.name, "model": model.name, "page_size_tokens": cache.page_size_tokens,
+    doc: dict = {"profile": base.name, "decode_attention": base.decode_attention, "model": model.name,
+                 "page_size_tokens": cache.page_size_tokens,
                  "page_run_bytes": page_bytes, "derived_ratio_at_page": base.locality(page_bytes),
                  "policies": list(POLICIES), "reshape": "gather_r(n) = sequential(n) * n / (n + c), c = P (1 - r) / r, P = page_run_bytes",
                  "traces": {}}
@@ -136,8 +139,8 @@ def plot(doc: dict, path: Path) -> None:
         ax.set_title(f"{tname} ({t['requests']} requests, max {t['max_new_tokens']} new)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Where contiguity pays: {doc['model']} on {doc['profile']} with its gather curve reshaped",
-                 fontsize=10)
+    fig.suptitle(f"Where contiguity pays: {doc['model']} on {doc['profile']} with its gather curve reshaped "
+                 f"(decode attention: {doc.get('decode_attention', 'in_place')})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -161,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None, metavar="FILE",
                     help="an `odma-mlu serve` YAML file whose cache: section every replay uses (ODMA's "
                          "constants and granule, the page size, swap space); default: CacheConfig's defaults")
+    ap.add_argument("--decode-attention", choices=("gather", "in_place"), default=None,
+                    help="how decode attention reads runs (default: the profile's, else gather, what the code "
+                         "issues); in_place reproduces the sweeps measured before the twelfth session")
     add_chunked_prefill_arg(ap)
     add_swap_space_arg(ap, default=None)
     args = ap.parse_args(argv)

@@ -9,7 +9,9 @@ else: ``ForwardBatch.build`` groups the real attention calls with the same key::
                        MIN_SPAN_TOKENS); a group pads to its longest member, so padding
                        stays under 2x
     a group of one sequence in one run  -> read in place (a view)
-    any other group                     -> one gather of its members' slots per layer
+    any other group                     -> one gather of its members' slots per layer:
+                                           size x span slots written to a buffer that
+                                           attention reads again (``decode_gathered_tokens``)
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ class StepWork:
     """Sequences in each decode attention group (one batched call per layer each)."""
     decode_group_views: int = 0
     """Groups of one sequence whose KV is one run: read as a view, no gather."""
+    decode_gathered_tokens: int = 0
+    """Slots the other groups gather per full layer (K and V each): members x the group's
+    longest length, padding included (``models/attention.py`` ``_read``)."""
+    decode_padding_tokens: int = 0
+    """Of those, the slots past each member's own length (masked, but written and read)."""
     copy_tokens: tuple[int, ...] = ()
     """Each contiguous KV copy issued this step (tokens, in every layer, K and V)."""
     copy_batch_sizes: tuple[int, ...] = ()
@@ -84,13 +91,26 @@ class StepWork:
         assert len(cached) == len(prefill), f"{len(prefill)} prefills but {len(cached)} cached counts"
         reads = tuple(tuple(r) for r in decode_read_runs)
         groups: dict[int, list[tuple[int, ...]]] = {}
+        longest: dict[int, int] = {}
+        total: dict[int, int] = {}
         for r in reads:
-            groups.setdefault(decode_group_key(sum(r)), []).append(r)
+            n = sum(r)
+            key = decode_group_key(n)
+            groups.setdefault(key, []).append(r)
+            total[key] = total.get(key, 0) + n
+            if n > longest.get(key, 0):
+                longest[key] = n
         sizes = tuple(len(groups[k]) for k in sorted(groups))
-        views = sum(1 for g in groups.values() if len(g) == 1 and len(g[0]) == 1)
+        views = gathered = padding = 0
+        for key, g in groups.items():
+            if len(g) == 1 and len(g[0]) == 1:
+                views += 1
+            else:
+                gathered += len(g) * longest[key]
+                padding += len(g) * longest[key] - total[key]
         return cls(prefill_new_tokens=prefill, prefill_cached_tokens=cached, decode_read_runs=reads,
-                   decode_group_sizes=sizes, decode_group_views=views, copy_tokens=copy_tokens,
-                   copy_batch_sizes=batch_sizes,
+                   decode_group_sizes=sizes, decode_group_views=views, decode_gathered_tokens=gathered,
+                   decode_padding_tokens=padding, copy_tokens=copy_tokens, copy_batch_sizes=batch_sizes,
                    decode_sliding_runs=tuple(tuple(r) for r in sliding_read_runs),
                    state_copy_bytes=tuple(state_copy_bytes), stream_reads=stream_reads,
                    swap_tokens=tuple(swap_tokens))
