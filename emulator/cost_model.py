@@ -17,7 +17,9 @@ per layer:  4 weight matmuls (qkv, o, gate_up, down): the weight streamed once a
             (``StepWork.decode_gathered_tokens``), are also written to a buffer and read
             back by attention at stream bandwidth, and the padding is scored too;
             ``in_place`` prices a kernel that reads the runs where they lie
-            prefill attention: causal FLOPs at the rate of M = new tokens rows
+            prefill attention: causal FLOPs at the rate of M = new tokens rows (its read of
+            the cached KV, and the gather of a multi-run prefill's slots, are not charged:
+            a 512-token chunk over 4K cached tokens reads ~9 MB a layer against ~30 GFLOP)
             every other kernel (norms, rotary, residual adds, K/V scatter, index ops):
             a launch only; their activations are small next to weights and KV
 once:       LM head matmul over one row per sequence, embedding rows, final norm
