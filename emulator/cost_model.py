@@ -421,6 +421,18 @@ class CostModel:
             flops=acc.flops, copy_bytes=copy_bytes, state_bytes=state_bytes, swap_bytes=swap_bytes,
         )
 
+    def step_s(self, work: StepWork) -> float:
+        """Seconds of ``work`` run eagerly (``step_time(work).time_s``)."""
+        return self.step_time(work).time_s
+
+    def replayed_step_s(self, work: StepWork) -> float:
+        """Seconds of ``work`` replayed from a captured device graph: the same kernels and
+        bytes, their launches folded into one (an optimistic graph: a device still pays a
+        little per kernel). ``DecodeGraphRunner`` weighs it against ``step_s`` of the eager
+        step, whose groups pad far less."""
+        cost = self.step_time(work)
+        return cost.time_s - cost.overhead_s + self._launch
+
     def _ssm_state(self, acc: _Acc, work: StepWork) -> int:
         """SSM layers: each decode reads and writes its state; each prefill scans in chunks
         and writes its state. Returns the state bytes moved."""

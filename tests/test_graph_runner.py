@@ -52,6 +52,67 @@ def test_graph_keys_pad_batch_and_span() -> None:
     assert GRAPH_BATCH_SIZES[0] == 1 and list(GRAPH_BATCH_SIZES) == sorted(GRAPH_BATCH_SIZES)
 
 
+def _decodes(contexts: list[int]) -> list:
+    from odma_mlu.kvcache.arena import KVLocation
+    from odma_mlu.models.attention import SequenceInput
+
+    out, start = [], 0
+    for n in contexts:  # one run each, 16 slots apart
+        out.append(SequenceInput((5,), n - 1, KVLocation(((start, n + 8),))))
+        start += n + 24
+    return out
+
+
+def test_graph_is_priced_against_the_eager_groups() -> None:
+    """On the MLU370-X4 profile (7B shape) a batch of like contexts replays from its graph:
+    the padding is small and ~1,000 launches are saved. One long context among short ones
+    pads every row to its span class, and the bytes cost more than the launches."""
+    from emulator.cost_model import CostModel
+    from emulator.profile import load_profile
+    from odma_mlu.config import load_model_spec
+    from odma_mlu.engine.graph_runner import graph_pays
+
+    cost = CostModel(load_profile("mlu370-x4"), load_model_spec("deepseek-r1-distill-qwen-7b", dtype="float16"))
+    assert graph_pays(cost, _decodes([1000] * 16))
+    assert not graph_pays(cost, _decodes([100] * 15 + [7000]))
+    # the graph's own price: the same step with its launches folded into one
+    from odma_mlu.engine.step_work import StepWork
+
+    work = StepWork.build((), [(1000,)] * 16)
+    assert cost.step_s(work) - cost.replayed_step_s(work) == pytest.approx(
+        (cost.num_kernels(work) - 1) * cost.profile.launch_overhead_s, rel=1e-9)
+
+
+class _Alternating:
+    """A pricer that sends every other decode-only step to the graph, the rest eager."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def step_s(self, work: object) -> float:
+        return 1.0
+
+    def replayed_step_s(self, work: object) -> float:
+        self.calls += 1
+        return 0.0 if self.calls % 2 else 2.0
+
+
+def test_steps_priced_off_the_graph_run_eagerly_with_the_same_tokens(tiny_model_dir: Path,
+                                                                    reference: list[list[int]]) -> None:
+    eng = _engine(tiny_model_dir, "odma", capacity=96, enable_chunked_prefill=True, max_prefill_chunk_tokens=5)
+    assert eng.runner is not None and eng.runner.pricer is None  # no profile: every step that fits
+    eng.runner.pricer = _Alternating()
+    outs = eng.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))
+    assert [list(o.token_ids) for o in outs] == reference
+    assert eng.runner.eager_by_price > 0 and len(eng.runner._graphs) > 0
+
+
+def test_engine_prices_graphs_with_its_profile(tiny_model_dir: Path) -> None:
+    eng = LLMEngine(tiny_model_dir, kv_policy="paged", backend="cpu", kv_capacity_tokens=256, decode_graphs=True,
+                    profile="cpu-host")
+    assert eng.runner is not None and eng.runner.pricer is not None
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decode_matches_eager(tiny_model_dir: Path) -> None:

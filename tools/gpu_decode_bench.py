@@ -7,7 +7,7 @@ with captured graphs, transformers ``generate``, and the roofline, at several ba
         --batches 1,64,256 --context 512 --json out/gpu/decode.json
     .venv/bin/python tools/gpu_decode_bench.py --backend cpu --shape tiny   # checks the script itself
 
-Roofline of one decode step: (weight bytes + KV bytes read by the batch) / the profile's best
+Roofline of one decode step: (weight bytes + KV bytes read by the batch) / the profile's long-stream
 sequential bandwidth. Weights are random (no download): timing does not depend on values.
 The engine runs ``ForwardBatch`` over a KV arena with each sequence in one run of
 ``--context`` tokens; transformers runs ``generate`` with a prompt of ``--context`` tokens

@@ -16,23 +16,49 @@ is replayed; one graph per key, captured on first use, all sharing one memory po
 
 Only for a model whose every layer reads the arena (no sliding-window rings, no SSM
 states) and only for decode-only steps: prefill steps (and chunked-prefill steps) run
-eagerly. ``graph=None`` (a backend without graphs, e.g. CPU in tests) runs the same padded
+eagerly. With a device profile (``pricer``, the engine's cost model) a step takes the
+graph only where that is faster: one group padded to B_pad x S gathers and reads far more
+than the eager groups (each padded only to its own longest member) when contexts differ,
+and on an LPDDR card those bytes cost more than the launches a graph saves (the emulated
+MLU370-X4: the graph is slower on 98% of the decode-only steps of 200 ServeGen requests
+and on half of Alpaca's). Without a profile every step that fits takes the graph. ``graph=None`` (a backend without graphs, e.g. CPU in tests) runs the same padded
 static path eagerly, which checks the padding logic anywhere.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
 from odma_mlu.backends.base import Backend, DeviceGraph
-from odma_mlu.engine.step_work import decode_group_key
+from odma_mlu.engine.step_work import StepWork, decode_group_key
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.models.attention import DecodeGroup, ForwardBatch, SequenceInput
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class StepPricer(Protocol):
+    """The device's step costs (the emulator's ``CostModel`` of the engine's profile)."""
+
+    def step_s(self, work: StepWork) -> float: ...
+
+    def replayed_step_s(self, work: StepWork) -> float: ...
+
+
+def graph_pays(pricer: StepPricer, inputs: Sequence[SequenceInput]) -> bool:
+    """Whether a decode-only step is faster replayed from the graph of its key (one group of
+    B_pad x S slots, padding rows repeating row 0) than run eagerly (groups by
+    ``decode_group_key``, each padded to its own longest member; a lone one-run sequence a
+    view), both priced from the sequences' read runs."""
+    batch, span = DecodeGraphRunner.key(inputs)
+    reads = [s.location.run_tokens(s.num_total_tokens) for s in inputs]
+    padded = reads + [reads[0]] * (batch - len(reads))
+    graph = StepWork(decode_read_runs=tuple(padded), decode_group_sizes=(batch,),
+                     decode_gathered_tokens=batch * span, decode_padding_tokens=batch * span - sum(map(sum, padded)))
+    return pricer.replayed_step_s(graph) < pricer.step_s(StepWork.build((), reads))
 
 
 @dataclass
@@ -47,8 +73,11 @@ class DecodeGraphRunner:
     """Runs decode-only steps of ``model`` over ``arena`` from captured graphs."""
 
     def __init__(self, model: Any, arena: KVArena, backend: Backend, max_batch: int = 256,
-                 max_span_tokens: int = 8192, use_graphs: bool = True) -> None:
+                 max_span_tokens: int = 8192, use_graphs: bool = True, pricer: StepPricer | None = None) -> None:
         self.model, self.arena, self.backend = model, arena, backend
+        self.pricer = pricer
+        self.eager_by_price = 0
+        """Decode-only steps that fit but ran eagerly because the graph's padding costs more."""
         self.device = model.device
         self.max_batch = max(b for b in GRAPH_BATCH_SIZES if b <= max(1, max_batch))
         self.max_span_tokens = max_span_tokens
@@ -58,10 +87,17 @@ class DecodeGraphRunner:
         self.replays = 0
 
     def fits(self, inputs: Sequence[SequenceInput]) -> bool:
-        """A decode-only step this runner can take (size and context within its keys)."""
-        if not inputs or len(inputs) > self.max_batch:
+        """A decode-only step this runner can take (size and context within its keys) and,
+        with a pricer, one the graph runs faster than the eager groups."""
+        if not self._within_keys(inputs):
             return False
-        if any(len(s.token_ids) != 1 for s in inputs):
+        if self.pricer is not None and not graph_pays(self.pricer, inputs):
+            self.eager_by_price += 1
+            return False
+        return True
+
+    def _within_keys(self, inputs: Sequence[SequenceInput]) -> bool:
+        if not inputs or len(inputs) > self.max_batch or any(len(s.token_ids) != 1 for s in inputs):
             return False
         return decode_group_key(max(s.num_total_tokens for s in inputs)) <= self.max_span_tokens
 
@@ -89,7 +125,7 @@ class DecodeGraphRunner:
 
     def run(self, inputs: Sequence[SequenceInput]) -> torch.Tensor:
         """Logits [len(inputs), vocab] of a decode-only step (see ``fits``)."""
-        assert self.fits(inputs), "DecodeGraphRunner.run on a step it cannot take"
+        assert self._within_keys(inputs), "DecodeGraphRunner.run on a step outside its keys"
         batch, span = self.key(inputs)
         host = self._host_batch(inputs, batch, span)
         cap = self._graphs.get((batch, span))

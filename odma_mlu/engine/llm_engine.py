@@ -152,8 +152,10 @@ class LLMEngine:
             if not plain:
                 raise ConfigError("decode_graphs: graph capture covers models whose every layer reads the KV arena; "
                                   "this one has sliding-window or SSM layers")
+            pricer = run_cost if hasattr(run_cost, "replayed_step_s") else None  # a profile's cost model
             self.runner = DecodeGraphRunner(self.model, self.arena, self.backend, max_batch=scheduler.max_num_seqs,
-                                            use_graphs=self.backend.new_graph() is not None)
+                                            use_graphs=self.backend.new_graph() is not None,
+                                            pricer=pricer)  # type: ignore[arg-type]
         # Everything built so far (model, tokenizer, imports) lives as long as the engine: move it
         # out of the cycle collector's reach, or each full collection walks it (tens of ms, a
         # stall of every stream; vLLM does the same after start-up).
