@@ -179,6 +179,15 @@ def test_random_runs_match_transformers(references: Callable[[str], Reference], 
     _random_run(references(family), FAMILIES[family], seed)
 
 
+@pytest.mark.parametrize("seed", [2073, 2566])
+def test_hybrid_seeds_that_once_stopped_making_progress(references: Callable[[str], Reference], seed: int) -> None:
+    """Found by a wide sweep (seeds 2000-2599): with nothing running, a state-pool loan kept
+    for the next request split the arena so that request never fit (2566), and a loan held
+    as one run found no hole once the request's KV was placed (2073). Both waited forever;
+    kvcache/avmp.py now repays every loan when no request is live and holds loans anywhere."""
+    _random_run(references("bamba"), FAMILIES["bamba"], seed)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("seed", range(100, 160))

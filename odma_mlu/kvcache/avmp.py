@@ -65,8 +65,12 @@ class AvmpPolicy:
     def _take_loan(self) -> bool:
         loan_id = f"{LOAN_PREFIX}{self._num_loans_made}"
         # max_new_tokens 1 (not 0): policies size buckets by it; every policy then holds >= loan_tokens.
+        # A loan is never read, so its runs may lie anywhere (read_per_block: no room held ahead,
+        # any hole taken): held as one run it could need a hole the arena no longer has, with
+        # nothing running to free one.
         req = ReserveRequest(request_id=loan_id, prompt_tokens=self.loan_tokens, max_new_tokens=1,
-                             num_tokens=self.loan_tokens, prediction=None, true_output_tokens=1)
+                             num_tokens=self.loan_tokens, prediction=None, true_output_tokens=1,
+                             read_per_block=True)
         if self.inner.reserve(req) is None:
             return False
         self._num_loans_made += 1
@@ -91,8 +95,12 @@ class AvmpPolicy:
     def reserve(self, req: ReserveRequest) -> Any:
         assert not req.request_id.startswith(LOAN_PREFIX), f"request id {req.request_id!r} is reserved for loans"
         loc = self.inner.reserve(req)
-        # KV is short: give back state capacity, keeping a slot for this request.
-        while loc is None and self.migrate and self._repay_loan(keep_free_slots=1):
+        # KV is short: give back state capacity, keeping a slot for this request. With no
+        # request live, give it all back: a kept loan can split the arena so that no request
+        # ever fits again while nothing runs to free memory (the loan is taken again below,
+        # wherever the request leaves room).
+        keep = 1 if self.num_live() > 0 else 0
+        while loc is None and self.migrate and self._repay_loan(keep_free_slots=keep):
             loc = self.inner.reserve(req)
         if loc is None:
             return None
