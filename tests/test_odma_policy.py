@@ -320,3 +320,17 @@ def test_odma_integrity_check_catches_an_index_out_of_step_with_the_runs() -> No
     p.book.reqs["a"].held_units += 1
     with pytest.raises(AssertionError, match="hold"):
         p.check_integrity()
+
+
+@pytest.mark.parametrize("watermark, claim_factor", [(0.05, 0.0), (0.0, 0.3)])
+def test_a_request_alone_is_admitted_whatever_the_admission_rules(watermark: float, claim_factor: float) -> None:
+    """The watermark and admission by claims keep room for running requests' growth. With
+    none running they keep room for nobody, and a request that fits the card but not the
+    card less the watermark (or whose claim passes the claim budget) would wait forever:
+    nothing runs to change the answer."""
+    cfg = OdmaConfig(safety_fraction=0.3, claim_admission_factor=claim_factor)
+    p = OdmaPolicy(arena(160), 64, cfg, watermark_fraction=watermark, granule_tokens=16)
+    loc = p.reserve(rr("big", 150, 8, num_tokens=150))  # a recompute of 150 tokens on 160
+    assert loc is not None and loc.capacity_tokens >= 150
+    p.check_integrity()
+    assert p.reserve(rr("next", 4, 4)) is None  # with one running the rules hold again

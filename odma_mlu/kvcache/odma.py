@@ -198,7 +198,7 @@ class OdmaPolicy(KVPolicy):
         if not self.may_admit(hold):
             return False
         factor = self.config.claim_admission_factor
-        return factor <= 0 or self._claims_total + claim <= factor * self.capacity_tokens
+        return factor <= 0 or not self.book.reqs or self._claims_total + claim <= factor * self.capacity_tokens
 
     def can_reserve(self, req: ReserveRequest) -> bool:
         claim = self.claim_tokens(req)

@@ -172,8 +172,10 @@ class KVPolicy(ABC):
         return self.capacity_tokens - self.reserved_tokens()
 
     def may_admit(self, hard_tokens: int) -> bool:
-        """The common watermark: after taking ``hard_tokens`` this much must stay free."""
-        return self.free_tokens() - hard_tokens >= self.watermark_tokens
+        """The common watermark: after taking ``hard_tokens`` this much must stay free. With
+        no request live it keeps room for nobody's growth, and a request it held back (one
+        that fits the card but not the card less the watermark) would wait forever: admit."""
+        return self.num_live() == 0 or self.free_tokens() - hard_tokens >= self.watermark_tokens
 
     def stats(self) -> PolicyStats:
         return PolicyStats(self.name, self.capacity_tokens, self.reserved_tokens(), self.num_live(),
