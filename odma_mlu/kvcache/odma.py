@@ -26,7 +26,8 @@ it almost always keeps one run, without copying to stay contiguous::
              moving it (whole, into a hole that holds it) costs less than the grower's new
              run would over its expected remaining steps, move it and grow in place
     admit  = the common watermark (``CacheConfig.watermark_fraction``) and, when
-             ``claim_admission_factor`` > 0, the sum of running claims
+             ``claim_admission_factor`` > 0, the sum of running claims; with no request
+             live, neither holds one back (nothing would run to change the answer)
     scatter= a prompt no hole holds takes the largest holes no shorter than the economic
              run length (whole granules, rounded down), or waits
 
