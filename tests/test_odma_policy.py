@@ -334,3 +334,32 @@ def test_a_request_alone_is_admitted_whatever_the_admission_rules(watermark: flo
     assert loc is not None and loc.capacity_tokens >= 150
     p.check_integrity()
     assert p.reserve(rr("next", 4, 4)) is None  # with one running the rules hold again
+
+
+class _LongRuns:
+    """A device where every run costs a second and memory nearly nothing: the economic run
+    length is far longer than the card."""
+
+    def read_run_s(self, tokens: int) -> float:
+        return 1.0
+
+    def copy_s(self, tokens: int, num_pending: int = 0) -> float:
+        return 1e9
+
+    def decode_fixed_s(self) -> float:
+        return 1e-9
+
+
+def test_the_scatter_floor_holds_back_no_request_when_none_is_live() -> None:
+    """The floor waits for holes that running requests will free. With none live the main
+    and safety regions are all the holes there will be; a request larger than either is
+    scattered over both rather than left waiting forever."""
+    p = OdmaPolicy(arena(160), 64, OdmaConfig(safety_fraction=0.3), watermark_fraction=0.0, granule_tokens=16,
+                   run_cost=_LongRuns())
+    for i in range(5):  # completed lengths: the economic run length is known
+        assert p.reserve(rr(f"w{i}", 10, 60)) is not None
+        p.release(f"w{i}", 60)
+    assert p._economic_tokens(130) > 160
+    loc = p.reserve(rr("big", 130, 8, num_tokens=130))
+    assert loc is not None and len(loc.runs) == 2
+    p.check_integrity()

@@ -240,9 +240,12 @@ class OdmaPolicy(KVPolicy):
         rather than wait while the free memory would suffice; [] if they do not. A piece is
         read on every step of the request's life, so none is shorter than the economic run
         length, rounded down to whole granules (a shorter hole is worth more as a
-        neighbour's room; docs/odma-sensitivity.md). A ring, read per block, takes any."""
+        neighbour's room; docs/odma-sensitivity.md), while any request is live. A ring,
+        read per block, takes any."""
         least = self.min_run_units
-        economic = None if read_per_block else self._economic_tokens(units * self.unit)
+        # The floor waits for holes that running requests will free; with none live, no
+        # hole will grow, and a floor that excludes one would hold the request back for good.
+        economic = None if read_per_block or not self.book.reqs else self._economic_tokens(units * self.unit)
         if economic is not None:
             least = max(least, economic // self.unit)
         # Largest holes first, as few runs as possible; all holes of ``least`` or more if need be.
