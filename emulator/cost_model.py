@@ -421,17 +421,18 @@ class CostModel:
             flops=acc.flops, copy_bytes=copy_bytes, state_bytes=state_bytes, swap_bytes=swap_bytes,
         )
 
-    def step_s(self, work: StepWork) -> float:
-        """Seconds of ``work`` run eagerly (``step_time(work).time_s``)."""
-        return self.step_time(work).time_s
-
-    def replayed_step_s(self, work: StepWork) -> float:
-        """Seconds of ``work`` replayed from a captured device graph: the same kernels and
-        bytes, their launches folded into one (an optimistic graph: a device still pays a
-        little per kernel). ``DecodeGraphRunner`` weighs it against ``step_s`` of the eager
-        step, whose groups pad far less."""
-        cost = self.step_time(work)
-        return cost.time_s - cost.overhead_s + self._launch
+    def graph_pays(self, eager: StepWork, batch_pad: int, span_tokens: int) -> bool:
+        """Whether a decode-only step replayed from a captured graph beats ``eager`` (the same
+        decodes run eagerly). The graph folds the step's launches into one (optimistic: a
+        device still pays a little per kernel) but gathers ``batch_pad`` rows of
+        ``span_tokens`` slots, where the eager groups gather only to their own longest member
+        and read a lone one-run sequence in place; each extra slot is written, read back and
+        scored in every full layer. Everything else is the same work, so it is not priced:
+        ``DecodeGraphRunner`` asks on every decode-only step."""
+        per_slot_s = self._n_full * (2 * self.model.kv_bytes_per_token_per_layer / self._stream_bw
+                                     + 4.0 * self._attn_width / self.matmul_rate(1))
+        extra_slots = batch_pad * span_tokens - eager.decode_gathered_tokens
+        return extra_slots * per_slot_s < (self.num_kernels(eager) - 1) * self._launch
 
     def _ssm_state(self, acc: _Acc, work: StepWork) -> int:
         """SSM layers: each decode reads and writes its state; each prefill scans in chunks

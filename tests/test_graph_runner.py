@@ -75,12 +75,17 @@ def test_graph_is_priced_against_the_eager_groups() -> None:
     cost = CostModel(load_profile("mlu370-x4"), load_model_spec("deepseek-r1-distill-qwen-7b", dtype="float16"))
     assert graph_pays(cost, _decodes([1000] * 16))
     assert not graph_pays(cost, _decodes([100] * 15 + [7000]))
-    # the graph's own price: the same step with its launches folded into one
+    # the price: the extra padded slots against the launches folded into one
     from odma_mlu.engine.step_work import StepWork
 
     work = StepWork.build((), [(1000,)] * 16)
-    assert cost.step_s(work) - cost.replayed_step_s(work) == pytest.approx(
-        (cost.num_kernels(work) - 1) * cost.profile.launch_overhead_s, rel=1e-9)
+    saved_s = (cost.num_kernels(work) - 1) * cost.profile.launch_overhead_s
+    per_slot_s = cost.model.num_layers * (2 * cost.model.kv_bytes_per_token_per_layer
+                                          / cost.profile.stream_bandwidth_bytes_per_s
+                                          + 4.0 * cost.model.num_heads * cost.model.head_dim / cost.matmul_rate(1))
+    most = int(saved_s / per_slot_s)  # padded slots the launches pay for
+    assert cost.graph_pays(work, 16, (16000 + most - 1) // 16)
+    assert not cost.graph_pays(work, 16, (16000 + most + 16) // 16)
 
 
 class _Alternating:
@@ -89,12 +94,9 @@ class _Alternating:
     def __init__(self) -> None:
         self.calls = 0
 
-    def step_s(self, work: object) -> float:
-        return 1.0
-
-    def replayed_step_s(self, work: object) -> float:
+    def graph_pays(self, eager: object, batch_pad: int, span_tokens: int) -> bool:
         self.calls += 1
-        return 0.0 if self.calls % 2 else 2.0
+        return self.calls % 2 == 1
 
 
 def test_steps_priced_off_the_graph_run_eagerly_with_the_same_tokens(tiny_model_dir: Path,

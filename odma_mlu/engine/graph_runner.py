@@ -17,18 +17,20 @@ is replayed; one graph per key, captured on first use, all sharing one memory po
 Only for a model whose every layer reads the arena (no sliding-window rings, no SSM
 states) and only for decode-only steps: prefill steps (and chunked-prefill steps) run
 eagerly. With a device profile (``pricer``, the engine's cost model) a step takes the
-graph only where that is faster: one group padded to B_pad x S gathers and reads far more
-than the eager groups (each padded only to its own longest member) when contexts differ,
-and on an LPDDR card those bytes cost more than the launches a graph saves (the emulated
-MLU370-X4: the graph is slower on 98% of the decode-only steps of 200 ServeGen requests
-and on half of Alpaca's). Without a profile every step that fits takes the graph. ``graph=None`` (a backend without graphs, e.g. CPU in tests) runs the same padded
-static path eagerly, which checks the padding logic anywhere.
+graph only where that is faster (``CostModel.graph_pays``): one group padded to B_pad x S
+gathers and reads far more than the eager groups (each padded only to its own longest
+member) when contexts differ, and on an LPDDR card those bytes cost more than the
+launches a graph saves (the emulated MLU370-X4: the graph is slower on 98% of the
+decode-only steps of 200 ServeGen requests and on half of Alpaca's). Without a profile
+every step that fits takes the graph. ``graph=None`` (a backend without graphs, e.g. CPU
+in tests) runs the same padded static path eagerly, which checks the padding logic
+anywhere.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -40,25 +42,23 @@ from odma_mlu.models.attention import DecodeGroup, ForwardBatch, SequenceInput
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
+@runtime_checkable
 class StepPricer(Protocol):
     """The device's step costs (the emulator's ``CostModel`` of the engine's profile)."""
 
-    def step_s(self, work: StepWork) -> float: ...
-
-    def replayed_step_s(self, work: StepWork) -> float: ...
+    def graph_pays(self, eager: StepWork, batch_pad: int, span_tokens: int) -> bool: ...
 
 
 def graph_pays(pricer: StepPricer, inputs: Sequence[SequenceInput]) -> bool:
     """Whether a decode-only step is faster replayed from the graph of its key (one group of
-    B_pad x S slots, padding rows repeating row 0) than run eagerly (groups by
-    ``decode_group_key``, each padded to its own longest member; a lone one-run sequence a
-    view), both priced from the sequences' read runs."""
+    B_pad x S slots) than run eagerly (groups by ``decode_group_key``, each padded to its own
+    longest member; a lone one-run sequence a view). O(batch) integer work, no run lists:
+    the grouping needs only each context and whether it is one run, so a sequence past its
+    first run is described as two."""
     batch, span = DecodeGraphRunner.key(inputs)
-    reads = [s.location.run_tokens(s.num_total_tokens) for s in inputs]
-    padded = reads + [reads[0]] * (batch - len(reads))
-    graph = StepWork(decode_read_runs=tuple(padded), decode_group_sizes=(batch,),
-                     decode_gathered_tokens=batch * span, decode_padding_tokens=batch * span - sum(map(sum, padded)))
-    return pricer.replayed_step_s(graph) < pricer.step_s(StepWork.build((), reads))
+    reads = [(n,) if n <= s.location.runs[0][1] else (n - 1, 1)
+             for s, n in ((s, s.num_total_tokens) for s in inputs)]
+    return pricer.graph_pays(StepWork.build((), reads), batch, span)
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 
 from odma_mlu.backends import Backend, get_backend
 from odma_mlu.config import CacheConfig, SchedulerConfig
-from odma_mlu.engine.graph_runner import DecodeGraphRunner
+from odma_mlu.engine.graph_runner import DecodeGraphRunner, StepPricer
 from odma_mlu.engine.request import Sequence
 from odma_mlu.engine.sampler import (FINISH_LENGTH, IncrementalDecoder, SampleResult, SampleRow, Sampler,
                                      SamplingParams, TokenLogprobs, check_stop)
@@ -152,10 +152,9 @@ class LLMEngine:
             if not plain:
                 raise ConfigError("decode_graphs: graph capture covers models whose every layer reads the KV arena; "
                                   "this one has sliding-window or SSM layers")
-            pricer = run_cost if hasattr(run_cost, "replayed_step_s") else None  # a profile's cost model
             self.runner = DecodeGraphRunner(self.model, self.arena, self.backend, max_batch=scheduler.max_num_seqs,
                                             use_graphs=self.backend.new_graph() is not None,
-                                            pricer=pricer)  # type: ignore[arg-type]
+                                            pricer=run_cost if isinstance(run_cost, StepPricer) else None)
         # Everything built so far (model, tokenizer, imports) lives as long as the engine: move it
         # out of the cycle collector's reach, or each full collection walks it (tens of ms, a
         # stall of every stream; vLLM does the same after start-up).
