@@ -17,9 +17,11 @@ per layer:  4 weight matmuls (qkv, o, gate_up, down): the weight streamed once a
             (``StepWork.decode_gathered_tokens``), are also written to a buffer and read
             back by attention at stream bandwidth, and the padding is scored too;
             ``in_place`` prices a kernel that reads the runs where they lie
-            prefill attention: causal FLOPs at the rate of M = new tokens rows (its read of
-            the cached KV, and the gather of a multi-run prefill's slots, are not charged:
-            a 512-token chunk over 4K cached tokens reads ~9 MB a layer against ~30 GFLOP)
+            prefill attention: causal FLOPs at the rate of M = new tokens rows, against its
+            read of the K/V of every token it attends (cached + new): one run in place at
+            that run's bandwidth; over several runs (``StepWork.prefill_read_runs``) a gather
+            kernel first reads the runs and writes a buffer, which attention reads at stream
+            bandwidth
             every other kernel (norms, rotary, residual adds, K/V scatter, index ops):
             a launch only; their activations are small next to weights and KV
 once:       LM head matmul over one row per sequence, embedding rows, final norm
@@ -49,8 +51,9 @@ full attention)::
                      most the window; default min(context, window) as one run); a prefill
                      chunk attends, under the sliding mask, to the cached tokens still in the
                      window plus its own: the masked kernel computes every score, so
-                     4 x heads x head_dim x new x (min(cached, window - 1) + new) FLOPs;
-                     only the last ``window`` new tokens are written
+                     4 x heads x head_dim x new x (min(cached, window - 1) + new) FLOPs
+                     against those keys' K/V read at stream bandwidth; only the last
+                     ``window`` new tokens are written
     SSM (Mamba)      in_proj / out_proj (+ x_proj, dt_proj for Mamba1) matmuls; a decode
                      reads and writes each sequence's state once (stream bandwidth); a
                      prefill runs the chunked scan (6 t d_inner d_state, + Mamba2's
@@ -86,6 +89,7 @@ KERNELS_PER_LAYER = 36  # norms, qkv, rotary, K/V scatter, o, residuals, gate_up
 KERNELS_PER_DECODE_GROUP_PER_LAYER = 3  # gather q rows, attention, scatter the output rows
 KERNELS_PER_GATHERED_GROUP_PER_LAYER = 2  # a group not read as a view gathers its K and V
 KERNELS_PER_PREFILL_PER_LAYER = 2  # attention, copy the output rows
+KERNELS_PER_GATHERED_PREFILL_PER_LAYER = 2  # a prefill over several runs gathers its K and V
 KERNELS_PER_COPY_PER_LAYER = 2  # one contiguous copy of K and one of V
 KERNELS_PER_COPY_BATCH_PER_LAYER = 4  # several copies at once: a gather and a scatter of K and of V
 KERNELS_PER_COPY_BATCH = 2  # ... and the two slot-index uploads of the batch
@@ -105,6 +109,7 @@ class ForwardKernels:
     decode_group: int = KERNELS_PER_DECODE_GROUP_PER_LAYER  # per full layer and decode group
     gathered_group: int = KERNELS_PER_GATHERED_GROUP_PER_LAYER
     prefill: int = KERNELS_PER_PREFILL_PER_LAYER  # per full or sliding layer and prefill
+    gathered_prefill: int = KERNELS_PER_GATHERED_PREFILL_PER_LAYER  # per full layer and multi-run prefill
     sliding_cached_prefill: int = 4  # a prefill with cached tokens gathers them from the ring (K, V)
     sliding_decode: int = 5  # per sliding layer, once when the step decodes: gathers, attention, scatter
     ssm_prefill: int = 66  # per SSM layer and prefill: causal conv + chunked scan
@@ -277,7 +282,7 @@ class CostModel:
         prefills = len(work.prefill_new_tokens)
         cached = work.prefill_cached_tokens or (0,) * prefills
         full = (k.full_layer + k.decode_group * len(groups) + k.gathered_group * (len(groups) - work.decode_group_views)
-                + k.prefill * prefills)
+                + k.prefill * prefills + k.gathered_prefill * self._num_gathered_prefills(work))
         total = (self._n_full * full + k.fixed + k.state_copy * len(work.state_copy_bytes)
                  + sum(self.copy_kernels(n) for n in work.copy_batch_sizes)
                  + len(work.swap_tokens) * (self._n_full * k.swap + 1))
@@ -294,6 +299,34 @@ class CostModel:
                    + (k.ssm_decode if work.num_decodes else 0))
             total += self._n_ssm * ssm
         return total
+
+    def _num_gathered_prefills(self, work: StepWork) -> int:
+        """Prefills whose cached + new tokens lie in several runs, gathered where the profile's
+        attention gathers (``ideal``'s never: each of its reads is one run)."""
+        if work.stream_reads or not self._gathers:
+            return 0
+        return sum(len(runs) > 1 for runs in work.prefill_read_runs)
+
+    def _prefill_reads(self, acc: _Acc, work: StepWork) -> None:
+        """Full-layer prefill attention: its causal FLOPs against the read of the K/V of every
+        token it attends, one run in place, else through a gather kernel that reads the runs
+        and writes a buffer the attention reads at stream bandwidth; ``ideal``'s at stream
+        bandwidth as one run. With ``decode_attention: in_place`` (a kernel that reads runs
+        where they lie) a multi-run prefill reads its runs, each at its own bandwidth."""
+        per_token_layer = self.model.kv_bytes_per_token_per_layer
+        cached = work.prefill_cached_tokens or (0,) * len(work.prefill_new_tokens)
+        runs_of = work.prefill_read_runs or tuple((c + t,) for t, c in zip(work.prefill_new_tokens, cached))
+        for t, c, runs in zip(work.prefill_new_tokens, cached, runs_of):
+            total = c + t
+            f = 4.0 * self._attn_width * t * (c + (t + 1) / 2.0)
+            gathered = len(runs) > 1 and self._gathers and not work.stream_reads
+            if work.stream_reads or gathered:
+                read_s = total * per_token_layer / self._stream_bw
+            else:
+                read_s = self._read(runs)[1]
+            acc.add(self._n_full, read_s, f / self.matmul_rate(max(1, t)), f)
+            if gathered:
+                acc.add(self._n_full, self._read(runs)[1] + total * per_token_layer / self._stream_bw, 0.0, 0.0)
 
     def _sliding_runs(self, work: StepWork) -> Sequence[tuple[int, ...]]:
         if work.decode_sliding_runs:
@@ -395,13 +428,16 @@ class CostModel:
                                              gathered, gathered - sum(lengths))
             kv_write += sliding_written * self._n_sliding * per_token_layer
         # Prefill attention, q rows = the chunk's new tokens: causal over cached + new keys in
-        # full layers; the sliding mask's every score over the window's cached keys + new.
+        # full layers; the sliding mask's every score over the window's cached keys + new
+        # (read at stream bandwidth: the ring's cached entries are gathered first, counted
+        # in ``sliding_cached_prefill``).
+        if self._n_full:
+            self._prefill_reads(acc, work)
         for t, c in zip(work.prefill_new_tokens, cached):
-            f = 4.0 * self._attn_width * t * (c + (t + 1) / 2.0)
-            acc.add(self._n_full, 0.0, f / self.matmul_rate(max(1, t)), f)
             if self._n_sliding:
-                f = 4.0 * self._attn_width * t * (min(c, (kinds.window_tokens or 1) - 1) + t)
-                acc.add(self._n_sliding, 0.0, f / self.matmul_rate(max(1, t)), f)
+                attended = min(c, (kinds.window_tokens or 1) - 1) + t
+                f = 4.0 * self._attn_width * t * attended
+                acc.add(self._n_sliding, attended * per_token_layer / self._stream_bw, f / self.matmul_rate(max(1, t)), f)
         state_bytes = self._ssm_state(acc, work)
         # KV copies the policy issued (a run read + a run written each), state copies.
         copy_bytes = 2 * sum(work.copy_tokens) * self.kv_bytes_per_token + 2 * sum(work.state_copy_bytes)

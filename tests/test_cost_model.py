@@ -282,6 +282,31 @@ def test_gathered_groups_count_their_padded_slots() -> None:
     assert (split.decode_group_views, split.decode_gathered_tokens, split.decode_padding_tokens) == (0, 700, 0)
 
 
+def test_a_multi_run_prefill_pays_its_gather() -> None:
+    """A prefill over several runs (prefill_attention's index_select of K and V) pays a gather
+    kernel: the runs read, a buffer written, two launches per layer; the attention then reads
+    the buffer. One run is read in place; ``ideal`` reads one run whatever it holds; a
+    profile whose kernel reads runs in place (``in_place``) pays no gather."""
+    prof = load_profile("mlu370-x4")
+    cm, in_place = CostModel(prof, MODEL), CostModel(dataclasses.replace(prof, decode_attention="in_place"), MODEL)
+    per_layer, bw, layers = MODEL.kv_bytes_per_token_per_layer, prof.stream_bandwidth_bytes_per_s, MODEL.num_layers
+    runs = (16,) * 128  # a 2,048-token prompt in scattered pages: compute-bound attention either way
+    one = StepWork.build([2048], prefill_read_runs=[(2048,)])
+    paged = StepWork.build([2048], prefill_read_runs=[runs])
+    gather_s = layers * (2048 * per_layer / cm.run_bandwidth(16) + 2048 * per_layer / bw)
+    assert cm.step_time(paged).time_s - cm.step_time(one).time_s == pytest.approx(
+        gather_s + layers * 2 * prof.launch_overhead_s, rel=1e-9)
+    assert cm.step_time(StepWork.build([2048])) == cm.step_time(one)  # no runs given: one run each
+    assert in_place.step_time(paged).time_s == pytest.approx(in_place.step_time(one).time_s, rel=1e-9)
+    assert cm.step_time(StepWork.build([2048], prefill_read_runs=[runs], stream_reads=True)) == \
+        cm.step_time(StepWork.build([2048], stream_reads=True))
+    # A short chunk over a long cached context is memory-bound: its read is charged.
+    short = StepWork.build([8], prefill_cached_tokens=[30000], prefill_read_runs=[(30008,)])
+    assert cm.step_time(short).memory_s >= layers * 30008 * per_layer / cm.run_bandwidth(30008)
+    with pytest.raises(AssertionError, match="do not cover"):
+        StepWork.build([10], prefill_read_runs=[(4,)])
+
+
 def test_gathers_are_charged_where_the_profile_gathers() -> None:
     """``decode_attention: gather`` (the default: what models/attention.py issues) writes each
     gathered slot to a buffer and reads it back, and scores the padding; ``in_place`` does not.
@@ -351,13 +376,19 @@ def test_kernel_counts_follow_the_forward(tiny_model_dir: Any, decode_groups: in
             loc = KVLocation(runs)
             seqs.append(SequenceInput((5,), ctx - 1, loc))
             reads.append(loc.run_tokens(ctx))
-    for _ in range(prefills):
-        seqs.append(SequenceInput(tuple(range(3, 13)), 0, KVLocation(((start, 64),))))
+    prefill_runs, prefill_cached = [], []
+    for p in range(prefills):  # multi_run: over two runs, the second prefill a later chunk
+        cached = 4 if multi_run and p % 2 else 0
+        loc = KVLocation(((start, 6), (start + 20, 44)) if multi_run else ((start, 64),))
+        seqs.append(SequenceInput(tuple(range(3, 13)), cached, loc))
         prefill_tokens.append(10)
+        prefill_cached.append(cached)
+        prefill_runs.append(loc.run_tokens(cached + 10))
         start += 64
     counted = _count_forward_kernels(model, seqs, start)
     cm = CostModel(load_profile("cpu-host"), spec)
-    assert cm.num_kernels(StepWork.build(prefill_tokens, reads)) == counted, (
+    work = StepWork.build(prefill_tokens, reads, prefill_cached_tokens=prefill_cached, prefill_read_runs=prefill_runs)
+    assert cm.num_kernels(work) == counted, (
         f"the forward dispatches {counted} ops; update the KERNELS_* constants in emulator/cost_model.py")
 
 

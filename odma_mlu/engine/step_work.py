@@ -12,6 +12,10 @@ else: ``ForwardBatch.build`` groups the real attention calls with the same key::
     any other group                     -> one gather of its members' slots per layer:
                                            size x span slots written to a buffer that
                                            attention reads again (``decode_gathered_tokens``)
+
+    prefill (cached + new tokens) in one run -> read in place
+    prefill over several runs                -> its slots gathered per layer, then read
+                                                (``prefill_read_runs``)
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ class StepWork:
     """New tokens of each prefill (a whole prompt, or prompt + generated on a recompute)."""
     prefill_cached_tokens: tuple[int, ...] = ()
     """Tokens already in KV before each prefill chunk (0 without chunked prefill)."""
+    prefill_read_runs: tuple[tuple[int, ...], ...] = ()
+    """Per prefill, the token length of each KV run its attention reads (cached + new tokens).
+    One run is read in place; several are first gathered into a buffer (``models/attention.py``
+    ``prefill_attention``). Empty: every prefill reads one run."""
     decode_read_runs: tuple[tuple[int, ...], ...] = ()
     """Per decoding sequence, the token length of each KV run its attention reads
     (the new token included)."""
@@ -72,12 +80,13 @@ class StepWork:
     @classmethod
     def build(cls, prefill_new_tokens: "Iterable[int]" = (), decode_read_runs: "Iterable[tuple[int, ...]]" = (),
               copies: "IssuedCopies | Iterable[int]" = (), prefill_cached_tokens: "Iterable[int] | None" = None, *,
-              sliding_read_runs: "Iterable[tuple[int, ...]]" = (),
+              prefill_read_runs: "Iterable[tuple[int, ...]]" = (), sliding_read_runs: "Iterable[tuple[int, ...]]" = (),
               state_copy_bytes: "Iterable[int]" = (), stream_reads: bool = False,
               swap_tokens: "Iterable[int]" = ()) -> "StepWork":
         """A step from its prefills (new tokens, and tokens already cached before each:
         chunked prefill, prefix hits), each decode's read runs and its copies; the decode
-        groups follow ``decode_group_key`` (the engine's grouping). ``sliding_read_runs``: each
+        groups follow ``decode_group_key`` (the engine's grouping). ``prefill_read_runs``: each
+        prefill's runs (cached + new tokens; none given: one run each). ``sliding_read_runs``: each
         decode's sliding-layer runs; ``state_copy_bytes``: the state copies issued;
         ``swap_tokens``: the host swaps. ``copies``: the arena's ``IssuedCopies``, or the tokens
         of each copy (then one batch)."""
@@ -89,6 +98,9 @@ class StepWork:
         prefill = tuple(prefill_new_tokens)
         cached = (0,) * len(prefill) if prefill_cached_tokens is None else tuple(prefill_cached_tokens)
         assert len(cached) == len(prefill), f"{len(prefill)} prefills but {len(cached)} cached counts"
+        prefill_runs = tuple(tuple(r) for r in prefill_read_runs)
+        assert not prefill_runs or [sum(r) for r in prefill_runs] == [c + n for c, n in zip(cached, prefill)], (
+            f"prefill runs {prefill_runs} do not cover cached + new tokens {list(zip(cached, prefill))}")
         reads = tuple(tuple(r) for r in decode_read_runs)
         groups: dict[int, list[tuple[int, ...]]] = {}
         longest: dict[int, int] = {}
@@ -108,7 +120,8 @@ class StepWork:
             else:
                 gathered += len(g) * longest[key]
                 padding += len(g) * longest[key] - total[key]
-        return cls(prefill_new_tokens=prefill, prefill_cached_tokens=cached, decode_read_runs=reads,
+        return cls(prefill_new_tokens=prefill, prefill_cached_tokens=cached, prefill_read_runs=prefill_runs,
+                   decode_read_runs=reads,
                    decode_group_sizes=sizes, decode_group_views=views, decode_gathered_tokens=gathered,
                    decode_padding_tokens=padding, copy_tokens=copy_tokens, copy_batch_sizes=batch_sizes,
                    decode_sliding_runs=tuple(tuple(r) for r in sliding_read_runs),
@@ -128,12 +141,14 @@ def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
     """The work of a scheduled batch under ``policy``; drains the arena's issued copies.
 
     A prefill is described by its chunk: the new tokens it computes this step and the tokens
-    already in KV before them (earlier chunks, a shared prefix), which its attention reads.
+    already in KV before them (earlier chunks, a shared prefix), which its attention reads
+    with the new ones, from the runs the policy holds them in.
     Under a policy with free preemption (``ideal``), a recompute of a preempted request
     costs nothing beyond the decode step it would have taken: its last chunk is described
     as a decode over its context, its earlier chunks as nothing, and a swap as nothing."""
     prefill_new: list[int] = []
     prefill_cached: list[int] = []
+    prefill_runs: list[tuple[int, ...]] = []
     reads: list[tuple[int, ...]] = []
     for i, s in enumerate(batch.prefill):
         new, cached = batch.prefill_chunk_tokens[i], batch.prefill_cached_tokens[i]
@@ -143,10 +158,11 @@ def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
         else:
             prefill_new.append(new)
             prefill_cached.append(cached)
+            prefill_runs.append(policy.read_runs(s.request_id, cached + new))
     for s in batch.decode:
         reads.append(policy.read_runs(s.request_id, s.num_tokens))
     return StepWork.build(prefill_new, reads, policy.arena.take_issued_copies(), prefill_cached,
-                          sliding_read_runs=_sliding_reads(policy, batch, len(reads)),
+                          prefill_read_runs=prefill_runs, sliding_read_runs=_sliding_reads(policy, batch, len(reads)),
                           state_copy_bytes=_take_state_copies(policy), stream_reads=policy.stream_reads,
                           swap_tokens=() if policy.free_preemption else batch.swap_tokens)
 
