@@ -77,6 +77,7 @@ window_attention.py, gemma3.py, bamba.py with mamba2.py), so they follow the cod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import ceil
 from typing import Sequence
 
 from emulator.profile import DeviceProfile
@@ -241,6 +242,18 @@ class CostModel:
         """Seconds of a decode step that do not grow with the batch: one sequence reading a
         one-token context (the weights, the LM head, the launches). Read once per policy."""
         return self.step_time(StepWork.build(decode_read_runs=((1,),))).time_s
+
+    def view_min_tokens(self) -> int | None:
+        """The shortest decode in one run worth reading alone, in place, rather than in its
+        span class's gathered group: a group of its own adds ``decode_group`` launches per full
+        layer and saves the gather of its slots (written to the buffer and read back at
+        stream bandwidth). None where the profile's attention reads runs in place (nothing
+        is gathered, so nothing is saved). Leaving the group may shrink its padding too,
+        which is not counted: the rule errs towards the group."""
+        if not self._gathers or not self._n_full:
+            return None
+        saved_per_token_s = 2 * self.model.kv_bytes_per_token_per_layer / self._stream_bw
+        return max(1, ceil(self.kernels.decode_group * self._launch / saved_per_token_s))
 
     def copy_kernels(self, num_copies: int) -> int:
         """Kernels of one batch of ``num_copies`` KV copies (``KVArena.take_issued_copies``)."""

@@ -202,6 +202,17 @@ class OdmaConfig:
     """Admission by predicted claims: admit only while the running requests' claims plus the
     new one stay under this many times the KV capacity (0 disables the rule; the common
     watermark always applies)."""
+    compact: bool = True
+    """Where the device reads a long one-run decode in place (``view_min_tokens``, from the
+    profile: the gather it saves outweighs a group's launches), a request past
+    ``compact_from_tokens`` that cannot grow in place is copied into one run, other
+    requests' runs moved out of a window for it (docs/odma-design.md, "Compaction")."""
+    compact_from_tokens: int = 600
+    """Live tokens from which a blocked request is compacted (dev data: the first 200
+    ServeGen requests, seed 0; docs/odma-sensitivity.md)."""
+    compact_room_fraction: float = 0.1
+    """Room a compacted request holds past its live tokens, as a fraction of them (at least
+    ``chunk_tokens``): it grows in place that long before it is blocked again."""
     granule_tokens: int | None = None
     """Tokens per allocation granule, which is also the shortest run ODMA places; None: the
     page size (``cache.page_size_tokens``). Runs then start on a page boundary, so

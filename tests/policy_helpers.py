@@ -40,3 +40,6 @@ class CopiesAlwaysPay:
 
     def decode_fixed_s(self) -> float:
         return float("inf")
+
+    def view_min_tokens(self) -> int | None:
+        return None  # no view rule: ODMA never compacts

@@ -1,6 +1,7 @@
 """Randomized engine runs against transformers' greedy output.
 
-Each seed draws a configuration (KV policy, arena size, page size, ODMA's constants and granule, a
+Each seed draws a configuration (KV policy, arena size, page size, ODMA's constants, granule
+and compaction, a
 predictor that guesses wrong on purpose, copies forced to pay or priced by a device
 profile, swap space from none to plenty, prefix caching, chunk and step budgets, the CPU
 backend or the emulated one that prices every step, decode steps on the padded static path
@@ -107,8 +108,13 @@ def _random_run(ref: Reference, family: Family, seed: int) -> None:
     policy = rng.choice(POLICIES)
     # ODMA's granule from a stream of its own, so the other draws of each seed stay as they were.
     granule = random.Random(f"granule {seed}").choice([None, None, 1, 4, 8])
+    # Compaction (where the profile gives a view length: cpu-host's is 20 tokens) from a stream
+    # of its own too: often from a few tokens on, so it runs at these sizes.
+    compacting = random.Random(f"compact {seed}")
     odma = OdmaConfig(safety_fraction=rng.choice([0.0, 0.1, 0.3]), chunk_tokens=rng.choice([1, 1, 4, 16]),
-                      num_buckets=rng.choice([2, 4, 8]), elastic=rng.random() < 0.85, granule_tokens=granule)
+                      num_buckets=rng.choice([2, 4, 8]), elastic=rng.random() < 0.85, granule_tokens=granule,
+                      compact_from_tokens=compacting.choice([600, 8, 24, 48]),
+                      compact_room_fraction=compacting.choice([0.1, 0.0, 0.5]))
     cache = replace(CacheConfig(), odma=odma, watermark_fraction=rng.choice([0.0, 0.01]),
                     swap_space_bytes=rng.choice([0, 2000, 10**6, 4 * 1024**3]),
                     page_size_tokens=rng.choice([16, 16, 4]),

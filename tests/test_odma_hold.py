@@ -38,6 +38,9 @@ class _Priced:
     def decode_fixed_s(self) -> float:
         return self.fixed_s
 
+    def view_min_tokens(self) -> int | None:
+        return None  # no view rule: ODMA never compacts
+
 
 def _policy(cost: _Priced | None, capacity: int = 1000) -> OdmaPolicy:
     arena = KVArena(TINY, capacity, dtype=torch.float32, shape_only=True)

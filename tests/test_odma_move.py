@@ -35,6 +35,9 @@ class _RunsCost:
     def decode_fixed_s(self) -> float:
         return float("inf")  # memory priced out of reach: no room held past chunk_tokens
 
+    def view_min_tokens(self) -> int | None:
+        return None  # no view rule: ODMA never compacts
+
 
 def _blocked_pair(cost: _RunsCost, b_pinned: bool = False, a_per_block: bool = False) -> OdmaPolicy:
     """Strict claims, 1-token granules: a holds [0, 24) and has filled it, b holds [24, 48)

@@ -119,6 +119,9 @@ class _Cost:
     def decode_fixed_s(self) -> float:
         return float("inf")  # memory priced out of reach: no room held past chunk_tokens
 
+    def view_min_tokens(self) -> int | None:
+        return None  # no view rule: ODMA never compacts
+
 
 def test_odma_copies_into_one_run_only_when_the_cost_model_says_it_pays() -> None:
     p = OdmaPolicy(arena(400, real=True), 64, CFG, granule_tokens=1, run_cost=_Cost())
@@ -348,6 +351,9 @@ class _LongRuns:
 
     def decode_fixed_s(self) -> float:
         return 1e-9
+
+    def view_min_tokens(self) -> int | None:
+        return None  # no view rule: ODMA never compacts
 
 
 def test_the_scatter_floor_holds_back_no_request_when_none_is_live() -> None:

@@ -49,7 +49,7 @@ class StepPricer(Protocol):
     def graph_pays(self, eager: StepWork, batch_pad: int, span_tokens: int) -> bool: ...
 
 
-def graph_pays(pricer: StepPricer, inputs: Sequence[SequenceInput]) -> bool:
+def graph_pays(pricer: StepPricer, inputs: Sequence[SequenceInput], view_min_tokens: int | None = None) -> bool:
     """Whether a decode-only step is faster replayed from the graph of its key (one group of
     B_pad x S slots) than run eagerly (groups by ``decode_group_key``, each padded to its own
     longest member; a lone one-run sequence a view). O(batch) integer work, no run lists:
@@ -58,7 +58,7 @@ def graph_pays(pricer: StepPricer, inputs: Sequence[SequenceInput]) -> bool:
     batch, span = DecodeGraphRunner.key(inputs)
     reads = [(n,) if n <= s.location.runs[0][1] else (n - 1, 1)
              for s, n in ((s, s.num_total_tokens) for s in inputs)]
-    return pricer.graph_pays(StepWork.build((), reads), batch, span)
+    return pricer.graph_pays(StepWork.build((), reads, view_min_tokens=view_min_tokens), batch, span)
 
 
 @dataclass
@@ -73,9 +73,13 @@ class DecodeGraphRunner:
     """Runs decode-only steps of ``model`` over ``arena`` from captured graphs."""
 
     def __init__(self, model: Any, arena: KVArena, backend: Backend, max_batch: int = 256,
-                 max_span_tokens: int = 8192, use_graphs: bool = True, pricer: StepPricer | None = None) -> None:
+                 max_span_tokens: int = 8192, use_graphs: bool = True, pricer: StepPricer | None = None,
+                 view_min_tokens: int | None = None) -> None:
+        """``view_min_tokens``: the engine's eager rule (``StepWork.build``), which the
+        pricer's comparison describes."""
         self.model, self.arena, self.backend = model, arena, backend
         self.pricer = pricer
+        self.view_min_tokens = view_min_tokens
         self.eager_by_price = 0
         """Decode-only steps that fit but ran eagerly because the graph's padding costs more."""
         self.device = model.device
@@ -91,7 +95,7 @@ class DecodeGraphRunner:
         with a pricer, one the graph runs faster than the eager groups."""
         if not self._within_keys(inputs):
             return False
-        if self.pricer is not None and not graph_pays(self.pricer, inputs):
+        if self.pricer is not None and not graph_pays(self.pricer, inputs, self.view_min_tokens):
             self.eager_by_price += 1
             return False
         return True

@@ -8,6 +8,11 @@ else: ``ForwardBatch.build`` groups the real attention calls with the same key::
     decode sequence -> span class: the next power of two >= its context (at least
                        MIN_SPAN_TOKENS); a group pads to its longest member, so padding
                        stays under 2x
+    a sequence in one run of at least   -> a group of its own, read in place (a view):
+      ``view_min_tokens``                  past that length the gather it saves outweighs
+                                           the launches of its own group
+                                           (``CostModel.view_min_tokens``, from the device
+                                           profile; None without one)
     a group of one sequence in one run  -> read in place (a view)
     any other group                     -> one gather of its members' slots per layer:
                                            size x span slots written to a buffer that
@@ -82,14 +87,15 @@ class StepWork:
               copies: "IssuedCopies | Iterable[int]" = (), prefill_cached_tokens: "Iterable[int] | None" = None, *,
               prefill_read_runs: "Iterable[tuple[int, ...]]" = (), sliding_read_runs: "Iterable[tuple[int, ...]]" = (),
               state_copy_bytes: "Iterable[int]" = (), stream_reads: bool = False,
-              swap_tokens: "Iterable[int]" = ()) -> "StepWork":
+              swap_tokens: "Iterable[int]" = (), view_min_tokens: int | None = None) -> "StepWork":
         """A step from its prefills (new tokens, and tokens already cached before each:
         chunked prefill, prefix hits), each decode's read runs and its copies; the decode
         groups follow ``decode_group_key`` (the engine's grouping). ``prefill_read_runs``: each
         prefill's runs (cached + new tokens; none given: one run each). ``sliding_read_runs``: each
         decode's sliding-layer runs; ``state_copy_bytes``: the state copies issued;
         ``swap_tokens``: the host swaps. ``copies``: the arena's ``IssuedCopies``, or the tokens
-        of each copy (then one batch)."""
+        of each copy (then one batch). ``view_min_tokens``: a decode in one run at least this
+        long is a group of its own, read in place (None: only a lone one is)."""
         if isinstance(copies, IssuedCopies):
             copy_tokens, batch_sizes = copies.tokens, copies.batch_sizes
         else:
@@ -105,9 +111,11 @@ class StepWork:
         groups: dict[int, list[tuple[int, ...]]] = {}
         longest: dict[int, int] = {}
         total: dict[int, int] = {}
-        for r in reads:
+        for i, r in enumerate(reads):
             n = sum(r)
             key = decode_group_key(n)
+            if view_min_tokens is not None and n >= view_min_tokens and len(r) == 1:
+                key = -1 - i  # a group of its own
             groups.setdefault(key, []).append(r)
             total[key] = total.get(key, 0) + n
             if n > longest.get(key, 0):
@@ -137,7 +145,7 @@ class StepWork:
         return not self.prefill_new_tokens and not self.decode_read_runs
 
 
-def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
+def describe_step(batch: "ScheduledBatch", policy: "KVPolicy", view_min_tokens: int | None = None) -> StepWork:
     """The work of a scheduled batch under ``policy``; drains the arena's issued copies.
 
     A prefill is described by its chunk: the new tokens it computes this step and the tokens
@@ -145,7 +153,8 @@ def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
     with the new ones, from the runs the policy holds them in.
     Under a policy with free preemption (``ideal``), a recompute of a preempted request
     costs nothing beyond the decode step it would have taken: its last chunk is described
-    as a decode over its context, its earlier chunks as nothing, and a swap as nothing."""
+    as a decode over its context, its earlier chunks as nothing, and a swap as nothing.
+    ``view_min_tokens``: the engine's (``StepWork.build``)."""
     prefill_new: list[int] = []
     prefill_cached: list[int] = []
     prefill_runs: list[tuple[int, ...]] = []
@@ -164,7 +173,8 @@ def describe_step(batch: "ScheduledBatch", policy: "KVPolicy") -> StepWork:
     return StepWork.build(prefill_new, reads, policy.arena.take_issued_copies(), prefill_cached,
                           prefill_read_runs=prefill_runs, sliding_read_runs=_sliding_reads(policy, batch, len(reads)),
                           state_copy_bytes=_take_state_copies(policy), stream_reads=policy.stream_reads,
-                          swap_tokens=() if policy.free_preemption else batch.swap_tokens)
+                          swap_tokens=() if policy.free_preemption else batch.swap_tokens,
+                          view_min_tokens=view_min_tokens)
 
 
 def _sliding_reads(policy: Any, batch: "ScheduledBatch", num_decodes: int) -> list[tuple[int, ...]]:

@@ -249,6 +249,26 @@ class KVArena:
         self._pending.append((src_start, dst_start, num_tokens))
         return nbytes
 
+    def copy_runs_at_once(self, moves: "list[tuple[int, int, int]]") -> int:
+        """Carry out ``moves`` ((source slot, target slot, tokens) each) as one batch in which
+        every source is read before any target is written, as if all moved at once: a
+        target may overlap another move's source (a permutation of slots, such as a
+        compaction that swaps a window's occupants with the request moving into it), but no
+        two targets may overlap. Copies issued before run first; returns bytes."""
+        spans = sorted((dst, dst + n) for _, dst, n in moves)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "two moves write the same slots"
+        self._run_batch()
+        nbytes = 0
+        for src, dst, n in moves:
+            assert n > 0 and 0 <= src and src + n <= self.capacity_tokens and 0 <= dst and \
+                dst + n <= self.capacity_tokens, f"move {src} -> {dst} of {n} tokens outside the arena"
+            nbytes += n * self.bytes_per_token
+            self._copied_tokens.append(n)
+        self.moved_bytes += nbytes
+        self._pending = list(moves)
+        self._run_batch()
+        return nbytes
+
     @property
     def num_pending_copies(self) -> int:
         """Copies issued and not yet carried out: the batch a new copy would join."""

@@ -260,6 +260,11 @@ class ExtentAllocator:
     def used_extents(self) -> list[Extent]:
         return [Extent(s, n) for s, n in sorted(self._used.items())]
 
+    def tiling(self) -> list[tuple[int, int, bool]]:
+        """Every extent, used or free, as (start, length, used), in address order: they tile
+        the region. O(n log n): for rare whole-region scans (ODMA's compaction)."""
+        return sorted([(s, n, True) for s, n in self._used.items()] + [(s, n, False) for s, n in self._free_len.items()])
+
     def check_integrity(self) -> None:
         """Assert the tiling, coalescing and accounting invariants."""
         pieces = sorted([(s, n, "used") for s, n in self._used.items()] +

@@ -25,6 +25,10 @@ it almost always keeps one run, without copying to stay contiguous::
     move   = before either: where the run that blocks the growth is another request's and
              moving it (whole, into a hole that holds it) costs less than the grower's new
              run would over its expected remaining steps, move it and grow in place
+    compact= where the device reads a long one-run decode in place (the profile's view
+             length), a blocked request of ``compact_from_tokens`` or more is copied into
+             one run with room ahead, others' runs moved out of a window for it
+             (``_compact``), before a copy or a new run is considered
     admit  = the common watermark (``CacheConfig.watermark_fraction``) and, when
              ``claim_admission_factor`` > 0, the sum of running claims; with no request
              live, neither holds one back (nothing would run to change the answer)
@@ -43,6 +47,7 @@ from bisect import bisect_left
 from odma_mlu.config import OdmaConfig
 from odma_mlu.kvcache.arena import KVArena, KVLocation, covering_runs
 from odma_mlu.kvcache.extent import Extent, ExtentAllocator
+from odma_mlu.kvcache.odma_compaction import compact_into, find_window
 from odma_mlu.kvcache.odma_runs import OdmaRequest, RunBook
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, PolicyStats, ReserveRequest
 from odma_mlu.kvcache.run_pricing import RunCost, copy_pays, economic_run_tokens, move_pays
@@ -94,6 +99,10 @@ class OdmaPolicy(KVPolicy):
         self.hold_ahead_tokens = config.chunk_tokens
         """The room the last growing request held ahead of its live tokens (``_ahead_tokens``)."""
         self._token_price_s = run_cost.decode_fixed_s() / max(1, arena.capacity_tokens) if run_cost else 0.0
+        self._view_min_tokens = run_cost.view_min_tokens() if run_cost else None
+        """From this length a one-run decode is read in place (``StepWork.build``): what
+        compaction (``_compact``) buys. None: the device gathers nothing, or is not priced."""
+        self.compactions = 0
         """What a token of KV capacity is worth per step (``_ahead_tokens``): a step's fixed time
         shared by as many requests as the capacity holds."""
 
@@ -308,6 +317,10 @@ class OdmaPolicy(KVPolicy):
             if moved or not self._move_blocker(r, region, last, needed - held):
                 break
         live = r.live_tokens
+        if self._compacts(r):
+            room = max(self.config.chunk_tokens, int(live * self.config.compact_room_fraction))
+            if self._compact(r, max(target, self._units(live + room))):
+                return GrowResult(GrowStatus.OK, live, "copied")
         if self._copy_pays(r, live):
             # Only into a hole with room for the whole claim: the copy pays by keeping the
             # request one run for the rest of its life, and a run squeezed between others'
@@ -344,7 +357,7 @@ class OdmaPolicy(KVPolicy):
         if y_region is not region or blocker.length + region.hole_at(blocker.end) < need_units:
             return False
         unit = self.unit
-        moved_tokens = max(0, min(blocker.length * unit, y.live_tokens - sum(e.length for _, e in y.runs[:i]) * unit))
+        moved_tokens = self.book.live_tokens_in(y, i, unit)
         if not move_pays(cost, unit, r.claim_tokens, r.live_tokens, r.prompt_tokens, moved_tokens,
                          self.arena.num_pending_copies):
             return False
@@ -362,6 +375,30 @@ class OdmaPolicy(KVPolicy):
             self.copied_tokens += moved_tokens
         self._moved.append(y.request_id)
         self.moved_runs += 1
+        return True
+
+    # -- compaction --------------------------------------------------------------------
+    def _compacts(self, r: OdmaRequest) -> bool:
+        """A blocked request is compacted rather than given another run: where the device reads
+        a long one-run decode in place, once it has ``compact_from_tokens`` live, if its limit
+        lets it grow that long (with Alpaca's 512 new tokens none does on the MLU370-X4)."""
+        view = self._view_min_tokens
+        return (self.config.compact and view is not None and not r.read_per_block
+                and r.live_tokens >= self.config.compact_from_tokens and r.max_total_tokens >= view)
+
+    def _compact(self, r: OdmaRequest, hold_units: int) -> bool:
+        """Copy ``r`` into one run of ``hold_units`` granules, others' runs moved out of a window
+        for it (odma_compaction.py); True if it moved."""
+        floor = self.config.compact_from_tokens
+        free_units = self.main.free_tokens + (self.safety.free_tokens if self.safety is not None else 0)
+        window = find_window(self.book, self._regions(r.prefer_safety), r, hold_units, self.unit, floor, free_units)
+        if window is None:
+            return False
+        moved, tokens = compact_into(self.book, window, r, hold_units, self._regions(False), self.arena, self.unit)
+        self._moved.extend(moved)
+        self.copies += 1
+        self.copied_tokens += tokens
+        self.compactions += 1
         return True
 
     def take_moved(self) -> tuple[str, ...]:
@@ -426,7 +463,7 @@ class OdmaPolicy(KVPolicy):
         extra = {"safety_pool_used_tokens": float(safety.used_tokens * self.unit if safety else 0),
                  "safety_pool_tokens": float(safety.capacity_tokens * self.unit if safety else 0),
                  "hold_ahead_tokens": float(self.hold_ahead_tokens),
-                 "moved_runs": float(self.moved_runs),
+                 "moved_runs": float(self.moved_runs), "compactions": float(self.compactions),
                  "reoptimizations": float(self.histogram.num_reoptimizations)}
         return PolicyStats(**{**base.__dict__, "fragmentation": self.main.fragmentation(),
                               "bucket_edges_tokens": self.histogram.boundaries.edges_tokens, "extra": extra})

@@ -119,6 +119,30 @@ class RunBook:
         old_region.free(old)
         self.replace_run(r, i, region, ext)
 
+    def replace_runs(self, changes: list[tuple[OdmaRequest, Extent, list[tuple[ExtentAllocator, Extent]]]]) -> None:
+        """Put each change's pieces (allocated, in token order) in place of its request's run
+        ``old``; the caller frees the old runs and moves the KV. Every old entry leaves the
+        indexes before any new one enters: a piece may end where another change's old run
+        ended."""
+        changed = {id(r): r for r, _, _ in changes}
+        for r in changed.values():
+            del self.tail_rooms[r.runs[-1][1].end]
+        for r, old, pieces in changes:
+            del self.owner_at[old.start]
+            i = next(k for k, (_, e) in enumerate(r.runs) if e.start == old.start)
+            r.runs[i:i + 1] = pieces
+            r.held_units += sum(ext.length for _, ext in pieces) - old.length
+        for r, _, pieces in changes:
+            for _, ext in pieces:
+                self.owner_at[ext.start] = r
+        for r in changed.values():
+            self.tail_rooms[r.runs[-1][1].end] = r.room_units
+
+    def live_tokens_in(self, r: OdmaRequest, i: int, unit_tokens: int) -> int:
+        """Tokens of ``r``'s live KV that its run ``i`` holds."""
+        before = sum(ext.length for _, ext in r.runs[:i]) * unit_tokens
+        return max(0, min(r.runs[i][1].length * unit_tokens, r.live_tokens - before))
+
     def check_integrity(self, unit_tokens: int) -> None:
         tail_rooms = {r.runs[-1][1].end: r.room_units for r in self.reqs.values()}
         assert tail_rooms == self.tail_rooms, "tail room index out of sync with the runs and claims"

@@ -18,14 +18,18 @@ class RunCost(Protocol):
     """What ODMA's pricing needs from the device: seconds to read one run of ``tokens`` of
     KV in every layer; what one more copy of ``tokens`` of KV adds to a step whose copies
     already number ``num_pending`` (its bytes, read + write in every layer, and the launches
-    it adds: a step's copies run as one batch, ``KVArena.take_issued_copies``); and a decode
-    step's fixed part (weights, LM head, launches)."""
+    it adds: a step's copies run as one batch, ``KVArena.take_issued_copies``); a decode
+    step's fixed part (weights, LM head, launches); and the length from which a decode in
+    one run is read alone, in place (``StepWork.build``; None: never, where nothing is
+    gathered)."""
 
     def read_run_s(self, tokens: int) -> float: ...
 
     def copy_s(self, tokens: int, num_pending: int = 0) -> float: ...
 
     def decode_fixed_s(self) -> float: ...
+
+    def view_min_tokens(self) -> int | None: ...
 
 
 def split_s(cost: RunCost, unit_tokens: int, live_tokens: int) -> float:

@@ -15,6 +15,7 @@ Every sequence's KV is an ordered list of runs (``KVLocation``). Decode sequence
 batched into attention groups by ``odma_mlu.engine.step_work.decode_group_key`` (the one
 place grouping is decided; the step-cost function counts the same groups)::
 
+    one run of >= view_min_tokens ->  a group of its own, read as below
     alone in its group, one run   ->  k[l][s : s + L], a view: nothing is copied
     any other group               ->  one gather of its members' slots per layer
 
@@ -125,8 +126,11 @@ class ForwardBatch:
         return len(self.seqs)
 
     @classmethod
-    def build(cls, seqs: Sequence[SequenceInput], device: torch.device | str = "cpu") -> "ForwardBatch":
+    def build(cls, seqs: Sequence[SequenceInput], device: torch.device | str = "cpu",
+              view_min_tokens: int | None = None) -> "ForwardBatch":
         """Flatten ``seqs`` and plan their attention; metadata tensors land on ``device``.
+        ``view_min_tokens``: a decode in one run at least this long is read alone, in place
+        (``StepWork.build``'s rule; None: only a decode alone in its span class).
 
         Host work is O(1) Python per decode sequence (a few list appends; each decode group is
         then planned with a handful of tensor ops over the whole group) and O(chunk) per
@@ -152,8 +156,11 @@ class ForwardBatch:
                 ids.append(seq.token_ids[0])
                 positions.append(first)
                 slots.append(start + first)
-                key = 1 << first.bit_length()  # decode_group_key(total), inlined (hot path)
-                groups.setdefault(key if key > MIN_SPAN_TOKENS else MIN_SPAN_TOKENS, []).append((row, seq))
+                if view_min_tokens is not None and first >= view_min_tokens - 1:  # one run, long: its own group
+                    groups[-1 - row] = [(row, seq)]
+                else:
+                    key = 1 << first.bit_length()  # decode_group_key(total), inlined (hot path)
+                    groups.setdefault(key if key > MIN_SPAN_TOKENS else MIN_SPAN_TOKENS, []).append((row, seq))
                 row += 1
                 last_rows.append(row - 1)
                 continue

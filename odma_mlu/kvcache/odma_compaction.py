@@ -1,0 +1,158 @@
+"""ODMA's compaction: a long request copied into one run, a window made for it.
+
+Where the device reads a long one-run decode in place (the profile's view length,
+``StepWork.build``), a run that long is rarely free at saturation, so ``OdmaPolicy`` makes
+one when such a request is blocked::
+
+    blocked:  |B|  |r run 2|C  |D.......|   free   ...  |r run 1| ...
+               <--------- window ---------->
+    after:    |r .................... room|  |B|C|D|D ...  (B, C, D split into any holes,
+                                                           r's old runs among them)
+
+``find_window`` picks the stretch whose other requests' live tokens are fewest, among those
+holding no pinned run (a shared prefix block, a ring) and no run of another compacted request
+(one run of ``floor`` tokens or more: moving it would cost the view it was copied for), and
+whose occupants the free memory outside it then holds. ``compact_into`` moves them,
+whole-token-order, into the largest holes (they may end in more runs: their decodes are
+gathered either way) and the request into the window, every move in one batch that reads
+all sources before writing any target (``KVArena.copy_runs_at_once``): a target may be a
+source, since the window may hold the request's own runs and the occupants go where it was.
+
+Mechanism over the run book and the region allocators; the policy decides when
+(``OdmaPolicy._compacts``) and how large.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from odma_mlu.kvcache.arena import KVArena
+from odma_mlu.kvcache.extent import Extent, ExtentAllocator
+from odma_mlu.kvcache.odma_runs import OdmaRequest, RunBook
+
+
+class Window(NamedTuple):
+    region: ExtentAllocator
+    start: int
+    """First granule."""
+    occupants: list[tuple[OdmaRequest, Extent]]
+    """Other requests' runs in it (each moves whole)."""
+
+
+def find_window(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequest, units: int, unit_tokens: int,
+                floor_tokens: int, free_units: int) -> Window | None:
+    """The stretch of ``units`` granules for ``r`` whose other requests' runs hold the fewest
+    live tokens, among those no run in it forbids (module docstring) and whose occupants fit
+    the ``free_units`` free now plus what ``r`` and they free, less the window; None if no
+    stretch qualifies. One pass over each region's extents with two pointers; the first
+    region is searched first and a window that moves nothing ends the search."""
+    owner_at = book.owner_at
+    best: tuple[int, ExtentAllocator, int, list[tuple[int, int, bool]]] | None = None  # (cost, region, start, exts)
+    for region in regions:
+        exts = region.tiling()
+        # per extent: (length, live tokens to move, granules they need); None: forbidden
+        info: list[tuple[int, int, int] | None] = []
+        for start, length, used in exts:
+            y = owner_at.get(start) if used else None
+            if not used or y is r:
+                info.append((length, 0, 0))
+            elif y is None or y.pinned or (len(y.runs) == 1 and y.live_tokens >= floor_tokens):
+                info.append(None)
+            else:
+                i = next(k for k, (_, e) in enumerate(y.runs) if e.start == start)
+                tokens = book.live_tokens_in(y, i, unit_tokens)
+                info.append((length, tokens, max(1, -(-tokens // unit_tokens))))
+        j = k = span = cost = need = occupied = 0
+        while j < len(info):
+            while k < len(info) and span < units:
+                entry = info[k]
+                if entry is None:
+                    break
+                length, tokens, n = entry
+                span, cost, need = span + length, cost + tokens, need + n
+                occupied += length if n else 0
+                k += 1
+            if span < units:
+                if k == len(info):
+                    break
+                j = k = k + 1  # a forbidden extent ends every window through it
+                span = cost = need = occupied = 0
+                continue
+            if free_units + r.held_units + occupied - units >= need and (best is None or cost < best[0]):
+                best = (cost, region, exts[j][0], exts[j:k])
+            entry = info[j]
+            assert entry is not None
+            length, tokens, n = entry
+            span, cost, need = span - length, cost - tokens, need - n
+            occupied -= length if n else 0
+            j += 1
+        if best is not None and best[0] == 0:
+            break
+    if best is None:
+        return None
+    _, region, start, exts = best
+    return Window(region, start, [(owner_at[s], Extent(s, n)) for s, n, used in exts
+                                  if used and owner_at[s] is not r])
+
+
+def compact_into(book: RunBook, window: Window, r: OdmaRequest, units: int, regions: tuple[ExtentAllocator, ...],
+                 arena: KVArena, unit_tokens: int) -> tuple[list[str], int]:
+    """Move ``window``'s occupants into the largest holes of ``regions`` and ``r``'s live KV
+    into the window's first ``units`` granules, now its only run; returns (the requests
+    moved, the tokens copied)."""
+    region = window.region
+    moving = []  # (request, its run, live tokens in it)
+    for y, ext in window.occupants:
+        i = next(k for k, (_, e) in enumerate(y.runs) if e.start == ext.start)
+        moving.append((y, ext, book.live_tokens_in(y, i, unit_tokens)))
+    live = r.live_tokens
+    old_runs = book.take_runs(r)
+    for old_region, ext in old_runs:
+        old_region.free(ext)
+    for _, ext, _ in moving:
+        region.free(ext)
+    new = region.allocate_at(window.start, units)
+    assert new is not None, "a compaction window must be free once its runs are"
+    holes = sorted(((n, s, reg) for reg in regions for n, s in reg.largest_holes(reg.num_free)), key=lambda h: -h[0])
+    moves: list[tuple[int, int, int]] = []
+    changes = []
+    copied = live
+    for y, ext, tokens in moving:
+        pieces: list[tuple[ExtentAllocator, Extent]] = []
+        need = max(1, -(-tokens // unit_tokens))
+        while need > 0:
+            n, hole_start, reg = holes.pop(0)
+            piece = reg.allocate_at(hole_start, min(n, need), hole_start)
+            assert piece is not None, "a listed hole must be free"
+            pieces.append((reg, piece))
+            need -= piece.length
+            if piece.length < n:
+                holes.insert(0, (n - piece.length, hole_start + piece.length, reg))
+        changes.append((y, ext, pieces))
+        moves += _moves(ext.start * unit_tokens, [p for _, p in pieces], tokens, unit_tokens)
+        copied += tokens
+    book.replace_runs(changes)
+    pos, left = new.start * unit_tokens, live
+    for _, ext in old_runs:
+        n = min(ext.length * unit_tokens, left)
+        if n > 0 and ext.start * unit_tokens != pos:
+            moves.append((ext.start * unit_tokens, pos, n))
+        pos += n
+        left -= n
+    book.add_run(r, region, new)
+    if moves:
+        arena.copy_runs_at_once(moves)
+    return [y.request_id for y, _, _ in changes], copied
+
+
+def _moves(src_slot: int, pieces: list[Extent], tokens: int, unit_tokens: int) -> list[tuple[int, int, int]]:
+    """(source, target, tokens) copies of ``tokens`` from ``src_slot`` on into ``pieces`` in order."""
+    moves = []
+    for piece in pieces:
+        n = min(piece.length * unit_tokens, tokens)
+        if n <= 0:
+            break
+        moves.append((src_slot, piece.start * unit_tokens, n))
+        src_slot += n
+        tokens -= n
+    return moves
