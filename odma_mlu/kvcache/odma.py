@@ -99,12 +99,12 @@ class OdmaPolicy(KVPolicy):
         self.hold_ahead_tokens = config.chunk_tokens
         """The room the last growing request held ahead of its live tokens (``_ahead_tokens``)."""
         self._token_price_s = run_cost.decode_fixed_s() / max(1, arena.capacity_tokens) if run_cost else 0.0
+        """What a token of KV capacity is worth per step (``_ahead_tokens``): a step's fixed time
+        shared by as many requests as the capacity holds."""
         self._view_min_tokens = run_cost.view_min_tokens() if run_cost else None
         """From this length a one-run decode is read in place (``StepWork.build``): what
         compaction (``_compact``) buys. None: the device gathers nothing, or is not priced."""
         self.compactions = 0
-        """What a token of KV capacity is worth per step (``_ahead_tokens``): a step's fixed time
-        shared by as many requests as the capacity holds."""
 
     # -- sizes -------------------------------------------------------------------------
     def _bucket_tokens(self, generated_tokens: float, req_max_new: int) -> int:
