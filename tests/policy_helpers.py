@@ -29,8 +29,9 @@ def rr(rid: str, prompt: int, max_new: int, num_tokens: int | None = None, predi
 
 class CopiesAlwaysPay:
     """An ODMA ``RunCost`` where every extra run costs more than any copy: blocked growth
-    copies the request into one run, or moves the blocking run, wherever it may; memory is
-    priced out of reach, so no room is held past ``chunk_tokens``."""
+    copies the request into one run, or moves the blocking run, wherever it may, and is
+    compacted from ``compact_from_tokens`` on; memory is priced out of reach, so no room is
+    held past ``chunk_tokens``."""
 
     def read_run_s(self, tokens: int) -> float:
         return 1.0
@@ -42,4 +43,4 @@ class CopiesAlwaysPay:
         return float("inf")
 
     def view_min_tokens(self) -> int | None:
-        return None  # no view rule: ODMA never compacts
+        return 1  # every one-run decode read in place: compaction wherever its other conditions hold

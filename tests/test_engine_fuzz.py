@@ -108,8 +108,9 @@ def _random_run(ref: Reference, family: Family, seed: int) -> None:
     policy = rng.choice(POLICIES)
     # ODMA's granule from a stream of its own, so the other draws of each seed stay as they were.
     granule = random.Random(f"granule {seed}").choice([None, None, 1, 4, 8])
-    # Compaction (where the profile gives a view length: cpu-host's is 20 tokens) from a stream
-    # of its own too: often from a few tokens on, so it runs at these sizes.
+    # Compaction's constants from a stream of their own too: often from a few tokens on, so it
+    # runs at these sizes where the run cost allows it (``CopiesAlwaysPay`` below: one pass of
+    # every seed, default and slow, compacted 63 times).
     compacting = random.Random(f"compact {seed}")
     odma = OdmaConfig(safety_fraction=rng.choice([0.0, 0.1, 0.3]), chunk_tokens=rng.choice([1, 1, 4, 16]),
                       num_buckets=rng.choice([2, 4, 8]), elastic=rng.random() < 0.85, granule_tokens=granule,

@@ -101,9 +101,6 @@ class OdmaPolicy(KVPolicy):
         self._token_price_s = run_cost.decode_fixed_s() / max(1, arena.capacity_tokens) if run_cost else 0.0
         """What a token of KV capacity is worth per step (``_ahead_tokens``): a step's fixed time
         shared by as many requests as the capacity holds."""
-        self._view_min_tokens = run_cost.view_min_tokens() if run_cost else None
-        """From this length a one-run decode is read in place (``StepWork.build``): what
-        compaction (``_compact``) buys. None: the device gathers nothing, or is not priced."""
         self.compactions = 0
 
     # -- sizes -------------------------------------------------------------------------
@@ -381,8 +378,10 @@ class OdmaPolicy(KVPolicy):
     def _compacts(self, r: OdmaRequest) -> bool:
         """A blocked request is compacted rather than given another run: where the device reads
         a long one-run decode in place, once it has ``compact_from_tokens`` live, if its limit
-        lets it grow that long (with Alpaca's 512 new tokens none does on the MLU370-X4)."""
-        view = self._view_min_tokens
+        lets it grow that long (with Alpaca's 512 new tokens none does on the MLU370-X4). The
+        view length is what compaction buys (``StepWork.build``); None where the device
+        gathers nothing or is not priced."""
+        view = self.run_cost.view_min_tokens() if self.run_cost is not None else None
         return (self.config.compact and view is not None and not r.read_per_block
                 and r.live_tokens >= self.config.compact_from_tokens and r.max_total_tokens >= view)
 
