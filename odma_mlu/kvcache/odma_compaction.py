@@ -35,8 +35,8 @@ class Window(NamedTuple):
     region: ExtentAllocator
     start: int
     """First granule."""
-    occupants: list[tuple[OdmaRequest, Extent]]
-    """Other requests' runs in it (each moves whole)."""
+    occupants: list[tuple[OdmaRequest, Extent, int]]
+    """Other requests' runs in it, each with its live tokens (each moves whole)."""
 
 
 def find_window(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequest, units: int, unit_tokens: int,
@@ -47,13 +47,16 @@ def find_window(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequ
     stretch qualifies. One pass over each region's extents with two pointers; the first
     region is searched first and a window that moves nothing ends the search."""
     owner_at = book.owner_at
-    best: tuple[int, ExtentAllocator, int, list[tuple[int, int, bool]]] | None = None  # (cost, region, start, exts)
+    best: tuple[int, ExtentAllocator, int, list[tuple[int, int, bool]], list[int]] | None = None
+    # (cost, region, start, its extents, their live tokens)
     for region in regions:
         exts = region.tiling()
         # per extent: (length, live tokens to move, granules they need); None: forbidden
         info: list[tuple[int, int, int] | None] = []
+        lives: list[int] = []
         for start, length, used in exts:
             y = owner_at.get(start) if used else None
+            tokens = 0
             if not used or y is r:
                 info.append((length, 0, 0))
             elif y is None or y.pinned or (len(y.runs) == 1 and y.live_tokens >= floor_tokens):
@@ -62,6 +65,7 @@ def find_window(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequ
                 i = next(k for k, (_, e) in enumerate(y.runs) if e.start == start)
                 tokens = book.live_tokens_in(y, i, unit_tokens)
                 info.append((length, tokens, max(1, -(-tokens // unit_tokens))))
+            lives.append(tokens)
         j = k = span = cost = need = occupied = 0
         while j < len(info):
             while k < len(info) and span < units:
@@ -79,7 +83,7 @@ def find_window(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequ
                 span = cost = need = occupied = 0
                 continue
             if free_units + r.held_units + occupied - units >= need and (best is None or cost < best[0]):
-                best = (cost, region, exts[j][0], exts[j:k])
+                best = (cost, region, exts[j][0], exts[j:k], lives[j:k])
             entry = info[j]
             assert entry is not None
             length, tokens, n = entry
@@ -90,8 +94,8 @@ def find_window(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequ
             break
     if best is None:
         return None
-    _, region, start, exts = best
-    return Window(region, start, [(owner_at[s], Extent(s, n)) for s, n, used in exts
+    _, region, start, exts, tokens = best
+    return Window(region, start, [(owner_at[s], Extent(s, n), t) for (s, n, used), t in zip(exts, tokens)
                                   if used and owner_at[s] is not r])
 
 
@@ -101,10 +105,7 @@ def compact_into(book: RunBook, window: Window, r: OdmaRequest, units: int, regi
     into the window's first ``units`` granules, now its only run; returns (the requests
     moved, the tokens copied)."""
     region = window.region
-    moving = []  # (request, its run, live tokens in it)
-    for y, ext in window.occupants:
-        i = next(k for k, (_, e) in enumerate(y.runs) if e.start == ext.start)
-        moving.append((y, ext, book.live_tokens_in(y, i, unit_tokens)))
+    moving = window.occupants
     live = r.live_tokens
     old_runs = book.take_runs(r)
     for old_region, ext in old_runs:
@@ -113,7 +114,9 @@ def compact_into(book: RunBook, window: Window, r: OdmaRequest, units: int, regi
         region.free(ext)
     new = region.allocate_at(window.start, units)
     assert new is not None, "a compaction window must be free once its runs are"
-    holes = sorted(((n, s, reg) for reg in regions for n, s in reg.largest_holes(reg.num_free)), key=lambda h: -h[0])
+    # Largest first; a hole partly taken keeps its rest at the front (``h`` walks the list once).
+    holes = sorted(([n, s, reg] for reg in regions for n, s in reg.largest_holes(reg.num_free)), key=lambda h: -h[0])
+    h = 0
     moves: list[tuple[int, int, int]] = []
     changes = []
     copied = live
@@ -121,13 +124,15 @@ def compact_into(book: RunBook, window: Window, r: OdmaRequest, units: int, regi
         pieces: list[tuple[ExtentAllocator, Extent]] = []
         need = max(1, -(-tokens // unit_tokens))
         while need > 0:
-            n, hole_start, reg = holes.pop(0)
+            n, hole_start, reg = holes[h]
             piece = reg.allocate_at(hole_start, min(n, need), hole_start)
             assert piece is not None, "a listed hole must be free"
             pieces.append((reg, piece))
             need -= piece.length
             if piece.length < n:
-                holes.insert(0, (n - piece.length, hole_start + piece.length, reg))
+                holes[h] = [n - piece.length, hole_start + piece.length, reg]
+            else:
+                h += 1
         changes.append((y, ext, pieces))
         moves += _moves(ext.start * unit_tokens, [p for _, p in pieces], tokens, unit_tokens)
         copied += tokens
