@@ -184,3 +184,55 @@ def test_replaced_runs_leave_the_indexes_before_new_ones_enter() -> None:
     book.replace_runs([(y, Extent(0, 4), [(region, y_piece)]), (z, Extent(10, 4), [(region, z_piece)])])
     book.check_integrity(1)
     assert book.tail_rooms == {14: 4, 24: 4} and book.owner_at == {10: y, 20: z}
+
+
+def _placed(p: OdmaPolicy, rid: str, live: int, runs: list[tuple[int, int]], pinned: bool = False) -> None:
+    """Put request ``rid`` with ``live`` tokens in ``runs`` (start, granules) of ``p``'s main region."""
+    from odma_mlu.kvcache.odma_runs import OdmaRequest
+
+    r = OdmaRequest(rid, 2, 200, live, live, live, False, pinned=pinned)
+    p.book.reqs[rid] = r
+    for start, n in runs:
+        ext = p.main.allocate_at(start, n)
+        assert ext is not None
+        p.book.add_run(r, p.main, ext)
+    p._claims_total += r.claim_tokens
+
+
+def _policy(capacity: int, view: int) -> OdmaPolicy:
+    cfg = OdmaConfig(safety_fraction=0.0, chunk_tokens=1, compact_from_tokens=8, compact_room_fraction=0.0)
+    return OdmaPolicy(arena(capacity), 200, cfg, run_cost=_ViewsCost(view))
+
+
+def test_a_longer_request_displaces_a_shorter_compacted_one() -> None:
+    """A window may hold another compacted (one-run, past ``compact_from_tokens``) request only
+    where that one is shorter: the longest requests keep their runs, and two requests never
+    take a window from each other in turn. Pinned runs leave ``r`` one stretch that holds
+    its window, through ``y``'s run."""
+    for r_live, moved in ((30, True), (15, False)):
+        p = _policy(34 + r_live, view=8)  # 10 free granules at the end
+        half = r_live // 2
+        _placed(p, "y", 20, [(0, 20)])  # compacted: one run of 20 live tokens
+        _placed(p, "r", r_live, [(20, half), (22 + half, r_live - half)])
+        _placed(p, "pin", 2, [(20 + half, 2), (22 + r_live, 2)], pinned=True)
+        compacted = p._compact(p.book.reqs["r"], r_live + 1)
+        assert compacted == moved and p.compactions == int(moved)
+        assert p.take_moved() == (("y",) if moved else ())
+        p.check_integrity()
+        assert len(p.book.reqs["r"].runs) == (1 if moved else 2)
+        assert p.book.reqs["r"].compact_retry_tokens == (0 if moved else r_live + 1)
+
+
+def test_a_request_in_several_runs_retries_compaction_while_it_grows_in_place() -> None:
+    """A request past the view length in several runs is gathered on every step, though it may
+    grow in place for long in the run a failed compaction left it: it compacts at its next
+    growth, or, after a compaction found no window, once it has grown by its room."""
+    for retry_from, compacts in ((0, True), (1000, False)):
+        p = _policy(100, view=16)
+        _placed(p, "r", 20, [(0, 10), (30, 10)])  # room to grow in place at 40
+        r = p.book.reqs["r"]
+        r.compact_retry_tokens = retry_from
+        res = p.ensure_capacity("r", 21)
+        assert res.status == GrowStatus.OK and res.how == ("copied" if compacts else "in_place")
+        assert len(r.runs) == (1 if compacts else 2) and p.compactions == int(compacts)
+        p.check_integrity()

@@ -303,6 +303,12 @@ class OdmaPolicy(KVPolicy):
               ) -> GrowResult:
         """Sizes in granules from here on."""
         held, needed, target = r.held_units, self._units(needed_tokens), self._units(target_tokens)
+        compacts = self._compacts(r)
+        if compacts and len(r.runs) > 1 and r.live_tokens >= max(self._view_tokens(), r.compact_retry_tokens):
+            # Gathered on every step while in several runs past the view length, though it
+            # may grow in place for long in a run placed after a failed compaction: try again.
+            if self._compact(r, target):
+                return GrowResult(GrowStatus.OK, r.live_tokens, "copied")
         region, last = r.runs[-1]
         for moved in (False, True):
             for size in (target, needed):
@@ -314,10 +320,8 @@ class OdmaPolicy(KVPolicy):
             if moved or not self._move_blocker(r, region, last, needed - held):
                 break
         live = r.live_tokens
-        if self._compacts(r):
-            room = max(self.config.chunk_tokens, int(live * self.config.compact_room_fraction))
-            if self._compact(r, max(target, self._units(live + room))):
-                return GrowResult(GrowStatus.OK, live, "copied")
+        if compacts and self._compact(r, target):
+            return GrowResult(GrowStatus.OK, live, "copied")
         if self._copy_pays(r, live):
             # Only into a hole with room for the whole claim: the copy pays by keeping the
             # request one run for the rest of its life, and a run squeezed between others'
@@ -381,17 +385,32 @@ class OdmaPolicy(KVPolicy):
         lets it grow that long (with Alpaca's 512 new tokens none does on the MLU370-X4). The
         view length is what compaction buys (``StepWork.build``); None where the device
         gathers nothing or is not priced."""
-        view = self.run_cost.view_min_tokens() if self.run_cost is not None else None
+        view = self._view_tokens()
         return (self.config.compact and view is not None and not r.read_per_block
                 and r.live_tokens >= self.config.compact_from_tokens and r.max_total_tokens >= view)
 
-    def _compact(self, r: OdmaRequest, hold_units: int) -> bool:
-        """Copy ``r`` into one run of ``hold_units`` granules, others' runs moved out of a window
-        for it (odma_compaction.py); True if it moved."""
+    def _view_tokens(self) -> int | None:
+        """The device's view length (``RunCost.view_min_tokens``), read when ODMA decides."""
+        return self.run_cost.view_min_tokens() if self.run_cost is not None else None
+
+    def _compact(self, r: OdmaRequest, target_units: int) -> bool:
+        """Copy ``r`` into one run of ``target_units`` granules, or its live tokens and
+        ``compact_room_fraction`` more if that is larger (failing that, ``chunk_tokens``
+        more), others' runs moved out of a window for it (odma_compaction.py); True if it
+        moved. Where no window qualifies, ``r`` tries again once it has grown by that room
+        (``compact_retry_tokens``)."""
+        live = r.live_tokens
+        room = max(self.config.chunk_tokens, int(live * self.config.compact_room_fraction))
+        hold_units = max(target_units, self._units(live + room))
         floor = self.config.compact_from_tokens
         free_units = self.main.free_tokens + (self.safety.free_tokens if self.safety is not None else 0)
-        window = find_window(self.book, self._regions(r.prefer_safety), r, hold_units, self.unit, floor, free_units)
+        regions = self._regions(r.prefer_safety)
+        window = find_window(self.book, regions, r, hold_units, self.unit, floor, free_units)
+        if window is None:  # at saturation the room may be what is missing: hold what a new request would
+            hold_units = max(target_units, self._units(live + self.config.chunk_tokens))
+            window = find_window(self.book, regions, r, hold_units, self.unit, floor, free_units)
         if window is None:
+            r.compact_retry_tokens = live + room
             return False
         moved, tokens = compact_into(self.book, window, r, hold_units, self._regions(False), self.arena, self.unit)
         self._moved.extend(moved)

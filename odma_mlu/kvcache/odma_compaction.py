@@ -59,7 +59,7 @@ def find_window(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequ
             tokens = 0
             if not used or y is r:
                 info.append((length, 0, 0))
-            elif y is None or y.pinned or (len(y.runs) == 1 and y.live_tokens >= floor_tokens):
+            elif y is None or y.pinned or (len(y.runs) == 1 and y.live_tokens >= max(floor_tokens, r.live_tokens)):
                 info.append(None)
             else:
                 i = next(k for k, (_, e) in enumerate(y.runs) if e.start == start)

@@ -24,7 +24,8 @@ class OdmaRequest:
     placement next to the request, so no placement walks its runs."""
 
     __slots__ = ("request_id", "runs", "held_units", "prompt_tokens", "max_total_tokens", "claim_tokens",
-                 "claim_units", "first_claim_tokens", "live_tokens", "prefer_safety", "read_per_block", "pinned")
+                 "claim_units", "first_claim_tokens", "live_tokens", "prefer_safety", "read_per_block", "pinned",
+                 "compact_retry_tokens")
 
     def __init__(self, request_id: str, prompt_tokens: int, max_total_tokens: int, claim_tokens: int,
                  claim_units: int, live_tokens: int, prefer_safety: bool, read_per_block: bool = False,
@@ -45,6 +46,9 @@ class OdmaRequest:
         """``ReserveRequest.read_per_block``: never copied into one run."""
         self.pinned = pinned or read_per_block
         """``ReserveRequest.pinned`` (or read per block): its runs never move for another's growth."""
+        self.compact_retry_tokens = 0
+        """Live tokens from which a request in several runs tries compaction again while it
+        grows in place (``OdmaPolicy._compact``: set when a compaction finds no window)."""
 
     @property
     def room_units(self) -> int:
