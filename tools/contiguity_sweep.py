@@ -139,7 +139,7 @@ def plot(doc: dict, path: Path) -> None:
         ax.set_title(f"{tname} ({t['requests']} requests, max {t['max_new_tokens']} new)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Where contiguity pays: {doc['model']} on {doc['profile']} with its gather curve reshaped "
+    fig.suptitle(f"Where contiguity pays: {doc['model']} on {doc['profile']}\nwith its gather curve reshaped "
                  f"(decode attention: {doc.get('decode_attention', 'in_place')})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,8 @@ it almost always keeps one run, without copying to stay contiguous::
     compact= where the device reads a long one-run decode in place (the profile's view
              length), a blocked request of ``compact_from_tokens`` or more is copied into
              one run with room ahead, others' runs moved out of a window for it
-             (``_compact``), before a copy or a new run is considered
+             (``_compact``), before a copy or a new run is considered; a request in
+             several runs past the view length tries it again as it grows in place
     admit  = the common watermark (``CacheConfig.watermark_fraction``) and, when
              ``claim_admission_factor`` > 0, the sum of running claims; with no request
              live, neither holds one back (nothing would run to change the answer)

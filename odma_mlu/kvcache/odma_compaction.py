@@ -10,9 +10,10 @@ one when such a request is blocked::
                                                            r's old runs among them)
 
 ``find_window`` picks the stretch whose other requests' live tokens are fewest, among those
-holding no pinned run (a shared prefix block, a ring) and no run of another compacted request
-(one run of ``floor`` tokens or more: moving it would cost the view it was copied for), and
-whose occupants the free memory outside it then holds. ``compact_into`` moves them,
+holding no pinned run (a shared prefix block, a ring) and no run of a compacted request (one
+run of ``floor`` tokens or more) at least as long as ``r`` (moving it would cost the view it
+was copied for: the longer request keeps its run, so two requests never take a window from
+each other in turn), and whose occupants the free memory outside it then holds. ``compact_into`` moves them,
 whole-token-order, into the largest holes (they may end in more runs: their decodes are
 gathered either way) and the request into the window, every move in one batch that reads
 all sources before writing any target (``KVArena.copy_runs_at_once``): a target may be a
@@ -42,7 +43,8 @@ class Window(NamedTuple):
 def find_window(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequest, units: int, unit_tokens: int,
                 floor_tokens: int, free_units: int) -> Window | None:
     """The stretch of ``units`` granules for ``r`` whose other requests' runs hold the fewest
-    live tokens, among those no run in it forbids (module docstring) and whose occupants fit
+    live tokens, among those no run in it forbids (module docstring: a pinned run, or one of
+    a compacted request no shorter than ``r``) and whose occupants fit
     the ``free_units`` free now plus what ``r`` and they free, less the window; None if no
     stretch qualifies. One pass over each region's extents with two pointers; the first
     region is searched first and a window that moves nothing ends the search."""
