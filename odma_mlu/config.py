@@ -213,6 +213,11 @@ class OdmaConfig:
     compact_room_fraction: float = 0.1
     """Room a compacted request holds past its live tokens, as a fraction of them (at least
     ``chunk_tokens``): it grows in place that long before it is blocked again."""
+    compact_copy_fraction: float = 0.008
+    """Where no window can be emptied for a compaction, other runs are slid together to make
+    one (docs/odma-design.md, "Compaction"), but only while all KV ODMA has copied stays
+    under this share of the KV its requests have read. Copies are charged per step like
+    every kernel; this caps them below the 1% of the ODMA v2 acceptance. 0: never slide."""
     granule_tokens: int | None = None
     """Tokens per allocation granule, which is also the shortest run ODMA places; None: the
     page size (``cache.page_size_tokens``). Runs then start on a page boundary, so

@@ -81,7 +81,8 @@ def _churn(seed: int, view: int | None) -> tuple[OdmaPolicy, int]:
     checked after every operation; (the policy, requests moved for others)."""
     rng = random.Random(seed)
     cfg = OdmaConfig(safety_fraction=rng.choice([0.0, 0.2]), chunk_tokens=1, num_buckets=4,
-                     compact_from_tokens=rng.choice([12, 24]), compact_room_fraction=rng.choice([0.0, 0.25]))
+                     compact_from_tokens=rng.choice([12, 24]), compact_room_fraction=rng.choice([0.0, 0.25]),
+                     compact_copy_fraction=random.Random(f"slides {seed}").choice([0.008, 1.0]))
     p = OdmaPolicy(arena(360, real=True), 200, cfg, granule_tokens=rng.choice([1, 4]), run_cost=_ViewsCost(view))
     written: dict[str, int] = {}
     displaced = 0
@@ -236,3 +237,30 @@ def test_a_request_in_several_runs_retries_compaction_while_it_grows_in_place() 
         assert res.status == GrowStatus.OK and res.how == ("copied" if compacts else "in_place")
         assert len(r.runs) == (1 if compacts else 2) and p.compactions == int(compacts)
         p.check_integrity()
+
+
+def test_where_no_window_qualifies_runs_slide_together_within_the_copy_budget() -> None:
+    """A longer compacted request ``y`` splits the arena so that no window without it holds
+    ``r``: the runs slide together instead, each whole (``y`` stays one run, its KV intact),
+    if the copy budget allows; with no budget nothing moves."""
+    for fraction, slides in ((1.0, True), (0.0, False)):
+        cfg = OdmaConfig(safety_fraction=0.0, chunk_tokens=1, compact_from_tokens=8, compact_room_fraction=0.0,
+                         compact_copy_fraction=fraction)
+        p = OdmaPolicy(arena(44, real=True), 200, cfg, run_cost=_ViewsCost(8))
+        _placed(p, "r1", 15, [(0, 7), (30, 8)])
+        _placed(p, "r2", 20, [(10, 20)])  # y: compacted, longer than r1, between r1's runs
+        p.asked_tokens = 10_000
+        _write(p, "r1", 0, 15)
+        _write(p, "r2", 0, 20)
+        assert p._compact(p.book.reqs["r1"], 16) == slides
+        assert p.slides == int(slides) and p.take_moved() == (("r2",) if slides else ())
+        _check(p, {"r1": 15, "r2": 20})
+        p.check_integrity()
+        assert [len(p.book.reqs[rid].runs) for rid in ("r1", "r2")] == ([1, 1] if slides else [2, 1])
+
+
+def test_churn_slides_runs_together_and_keeps_every_requests_kv() -> None:
+    """Seed 4 of the churn gets the whole copy budget: some compactions slide, and the churn
+    checks every request's KV after every operation."""
+    p, _ = _churn(4, view=16)
+    assert p.config.compact_copy_fraction == 1.0 and p.slides > 0

@@ -48,7 +48,7 @@ from bisect import bisect_left
 from odma_mlu.config import OdmaConfig
 from odma_mlu.kvcache.arena import KVArena, KVLocation, covering_runs
 from odma_mlu.kvcache.extent import Extent, ExtentAllocator
-from odma_mlu.kvcache.odma_compaction import compact_into, find_window
+from odma_mlu.kvcache.odma_compaction import compact_into, find_slide, find_window, slide_into
 from odma_mlu.kvcache.odma_runs import OdmaRequest, RunBook
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, PolicyStats, ReserveRequest
 from odma_mlu.kvcache.run_pricing import RunCost, copy_pays, economic_run_tokens, move_pays
@@ -103,6 +103,11 @@ class OdmaPolicy(KVPolicy):
         """What a token of KV capacity is worth per step (``_ahead_tokens``): a step's fixed time
         shared by as many requests as the capacity holds."""
         self.compactions = 0
+        self.slides = 0
+        """Compactions that slid runs together (the rest emptied a window)."""
+        self.asked_tokens = 0
+        """KV tokens running requests have asked for, summed over their steps (``ensure_capacity``):
+        what their attention reads, per layer, the base of the slides' copy budget."""
 
     # -- sizes -------------------------------------------------------------------------
     def _bucket_tokens(self, generated_tokens: float, req_max_new: int) -> int:
@@ -286,6 +291,7 @@ class OdmaPolicy(KVPolicy):
         assert needed_tokens <= r.max_total_tokens, \
             f"request {request_id} asks {needed_tokens} KV tokens, above its limit {r.max_total_tokens}"
         held = r.held_units * self.unit
+        self.asked_tokens += needed_tokens
         if needed_tokens <= held:
             r.live_tokens = needed_tokens
             return GrowResult(GrowStatus.OK)
@@ -397,9 +403,9 @@ class OdmaPolicy(KVPolicy):
     def _compact(self, r: OdmaRequest, target_units: int) -> bool:
         """Copy ``r`` into one run of ``target_units`` granules, or its live tokens and
         ``compact_room_fraction`` more if that is larger (failing that, ``chunk_tokens``
-        more), others' runs moved out of a window for it (odma_compaction.py); True if it
-        moved. Where no window qualifies, ``r`` tries again once it has grown by that room
-        (``compact_retry_tokens``)."""
+        more), others' runs moved out of a window for it, or else slid together within the
+        copy budget (odma_compaction.py); True if it moved. Where neither qualifies, ``r``
+        tries again once it has grown by that room (``compact_retry_tokens``)."""
         live = r.live_tokens
         room = max(self.config.chunk_tokens, int(live * self.config.compact_room_fraction))
         hold_units = max(target_units, self._units(live + room))
@@ -410,10 +416,16 @@ class OdmaPolicy(KVPolicy):
         if window is None:  # at saturation the room may be what is missing: hold what a new request would
             hold_units = max(target_units, self._units(live + self.config.chunk_tokens))
             window = find_window(self.book, regions, r, hold_units, self.unit, floor, free_units)
-        if window is None:
-            r.compact_retry_tokens = live + room
-            return False
-        moved, tokens = compact_into(self.book, window, r, hold_units, self._regions(False), self.arena, self.unit)
+        if window is not None:
+            moved, tokens = compact_into(self.book, window, r, hold_units, self._regions(False), self.arena, self.unit)
+        else:
+            budget_tokens = self.config.compact_copy_fraction * self.asked_tokens - self.copied_tokens - live
+            slide = find_slide(self.book, regions, r, hold_units, self.unit) if budget_tokens >= 0 else None
+            if slide is None or slide.cost_tokens > budget_tokens:
+                r.compact_retry_tokens = live + room
+                return False
+            moved, tokens = slide_into(self.book, slide, r, hold_units, self.arena, self.unit)
+            self.slides += 1
         self._moved.extend(moved)
         self.copies += 1
         self.copied_tokens += tokens
@@ -483,6 +495,7 @@ class OdmaPolicy(KVPolicy):
                  "safety_pool_tokens": float(safety.capacity_tokens * self.unit if safety else 0),
                  "hold_ahead_tokens": float(self.hold_ahead_tokens),
                  "moved_runs": float(self.moved_runs), "compactions": float(self.compactions),
+                 "compaction_slides": float(self.slides),
                  "reoptimizations": float(self.histogram.num_reoptimizations)}
         return PolicyStats(**{**base.__dict__, "fragmentation": self.main.fragmentation(),
                               "bucket_edges_tokens": self.histogram.boundaries.edges_tokens, "extra": extra})

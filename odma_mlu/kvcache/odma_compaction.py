@@ -2,7 +2,7 @@
 
 Where the device reads a long one-run decode in place (the profile's view length,
 ``StepWork.build``), a run that long is rarely free at saturation, so ``OdmaPolicy`` makes
-one when such a request is blocked::
+one when such a request is blocked, or grows in several runs. First by emptying a window::
 
     blocked:  |B|  |r run 2|C  |D.......|   free   ...  |r run 1| ...
                <--------- window ---------->
@@ -13,11 +13,28 @@ one when such a request is blocked::
 holding no pinned run (a shared prefix block, a ring) and no run of a compacted request (one
 run of ``floor`` tokens or more) at least as long as ``r`` (moving it would cost the view it
 was copied for: the longer request keeps its run, so two requests never take a window from
-each other in turn), and whose occupants the free memory outside it then holds. ``compact_into`` moves them,
-whole-token-order, into the largest holes (they may end in more runs: their decodes are
-gathered either way) and the request into the window, every move in one batch that reads
-all sources before writing any target (``KVArena.copy_runs_at_once``): a target may be a
-source, since the window may hold the request's own runs and the occupants go where it was.
+each other in turn), and whose occupants the free memory outside it then holds.
+``compact_into`` moves them, whole-token-order, into the largest holes (they may end in
+more runs: their decodes are gathered either way) and the request into the window.
+
+Where no window qualifies (the arena held by longer compacted requests, or too little free
+memory outside any window), by sliding runs together::
+
+    before:  |B..|  free |r run 2|C.....| free  |D|  ...  |r run 1| ...
+              <--------------- stretch --------------->
+    after:   |B..|C.....|D|r ....................... room|  ...  (free)  ...
+
+``find_slide`` picks the stretch whose holes and ``r``'s own runs hold the new run, with
+the fewest live tokens in other requests' runs, among stretches without a pinned run;
+``slide_into`` packs its other runs towards its start, each whole and in address order, so
+no request gains a run and a compacted one keeps its view, and moves ``r`` into the room
+they leave at its end. A slide copies more than a window (every run it passes), so the
+policy budgets it (``compact_copy_fraction``).
+
+Every move of either runs in one batch that reads all sources before writing any target
+(``KVArena.copy_runs_at_once``): a target may be a source, since the window may hold the
+request's own runs, the occupants go where it was, and a packed run may land where another
+was.
 
 Mechanism over the run book and the region allocators; the policy decides when
 (``OdmaPolicy._compacts``) and how large.
@@ -139,16 +156,7 @@ def compact_into(book: RunBook, window: Window, r: OdmaRequest, units: int, regi
         moves += _moves(ext.start * unit_tokens, [p for _, p in pieces], tokens, unit_tokens)
         copied += tokens
     book.replace_runs(changes)
-    pos, left = new.start * unit_tokens, live
-    for _, ext in old_runs:
-        n = min(ext.length * unit_tokens, left)
-        if n > 0 and ext.start * unit_tokens != pos:
-            moves.append((ext.start * unit_tokens, pos, n))
-        pos += n
-        left -= n
-    book.add_run(r, region, new)
-    if moves:
-        arena.copy_runs_at_once(moves)
+    _finish(book, r, old_runs, region, new, moves, arena, unit_tokens)
     return [y.request_id for y, _, _ in changes], copied
 
 
@@ -163,3 +171,109 @@ def _moves(src_slot: int, pieces: list[Extent], tokens: int, unit_tokens: int) -
         src_slot += n
         tokens -= n
     return moves
+
+
+class Slide(NamedTuple):
+    region: ExtentAllocator
+    start: int
+    """First granule of the stretch: a hole or one of ``r``'s runs. Its other runs pack from here."""
+    runs: list[tuple[OdmaRequest, Extent, int]]
+    """Other requests' runs in the stretch, in address order, each with its live tokens; each
+    moves (the stretch starts with room, so every run after it shifts)."""
+    cost_tokens: int
+    """Their live tokens: what the slide copies besides ``r``."""
+
+
+def find_slide(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequest, units: int,
+               unit_tokens: int) -> Slide | None:
+    """The stretch of extents whose holes and ``r``'s own runs add up to ``units`` granules,
+    with the fewest live tokens in other requests' runs, among stretches without a pinned
+    run; None if no stretch qualifies. One two-pointer pass over each region's extents; the
+    first region is searched first, and a stretch that moves nothing ends the search."""
+    owner_at = book.owner_at
+    best: Slide | None = None
+    for region in regions:
+        exts = region.tiling()
+        # per extent: (granules it frees, live tokens it moves, its owner if it moves); None: pinned
+        info: list[tuple[int, int, OdmaRequest | None] | None] = []
+        for start, length, used in exts:
+            y = owner_at.get(start) if used else None
+            if not used or y is r:
+                info.append((length, 0, None))
+            elif y is None or y.pinned:
+                info.append(None)
+            else:
+                i = next(k for k, (_, e) in enumerate(y.runs) if e.start == start)
+                info.append((0, book.live_tokens_in(y, i, unit_tokens), y))
+        j = k = space = cost = 0
+        while j < len(info):
+            while k < len(info) and space < units:
+                entry = info[k]
+                if entry is None:
+                    break
+                space, cost = space + entry[0], cost + entry[1]
+                k += 1
+            if space < units:
+                if k == len(info):
+                    break
+                j = k = k + 1  # a pinned run ends every stretch through it
+                space = cost = 0
+                continue
+            first = info[j]
+            assert first is not None
+            # A stretch that starts at another's run would only copy it onto itself: skip it.
+            if first[0] and (best is None or cost < best.cost_tokens):
+                runs = [(y, Extent(st, n), t) for (st, n, _), e in zip(exts[j:k], info[j:k])
+                        if e is not None and (y := e[2]) is not None for t in (e[1],)]
+                best = Slide(region, exts[j][0], runs, cost)
+            space, cost = space - first[0], cost - first[1]
+            j += 1
+        if best is not None and best.cost_tokens == 0:
+            break
+    return best
+
+
+def slide_into(book: RunBook, slide: Slide, r: OdmaRequest, units: int, arena: KVArena,
+               unit_tokens: int) -> tuple[list[str], int]:
+    """Pack ``slide``'s runs towards its start and move ``r``'s live KV into the ``units``
+    granules after them, now its only run; returns (the requests moved, the tokens copied)."""
+    region = slide.region
+    live = r.live_tokens
+    old_runs = book.take_runs(r)
+    for old_region, ext in old_runs:
+        old_region.free(ext)
+    for _, ext, _ in slide.runs:
+        region.free(ext)
+    # The freed stretch is one hole, which starts at ``slide.start`` unless a hole ran up to it.
+    pos = slide.start
+    hole: int | None = pos if region.hole_at(pos) else None
+    moves: list[tuple[int, int, int]] = []
+    changes = []
+    for y, ext, tokens in slide.runs:
+        new = region.allocate_at(pos, ext.length, hole)
+        assert new is not None and new.start < ext.start, "a packed run moves into the freed stretch"
+        changes.append((y, ext, [(region, new)]))
+        if tokens:
+            moves.append((ext.start * unit_tokens, new.start * unit_tokens, tokens))
+        pos = hole = new.end
+    window = region.allocate_at(pos, units, hole)
+    assert window is not None, "a slide's window must be free once its runs are packed"
+    book.replace_runs(changes)
+    _finish(book, r, old_runs, region, window, moves, arena, unit_tokens)
+    return [y.request_id for y, _, _ in changes], live + slide.cost_tokens
+
+
+def _finish(book: RunBook, r: OdmaRequest, old_runs: list[tuple[ExtentAllocator, Extent]], region: ExtentAllocator,
+            new: Extent, moves: list[tuple[int, int, int]], arena: KVArena, unit_tokens: int) -> None:
+    """Add ``r``'s live tokens, in order from its ``old_runs``, to the others' ``moves``, make
+    ``new`` its only run, and carry out every move in one batch (reads before writes)."""
+    pos, left = new.start * unit_tokens, r.live_tokens
+    for _, ext in old_runs:
+        n = min(ext.length * unit_tokens, left)
+        if n > 0 and ext.start * unit_tokens != pos:
+            moves.append((ext.start * unit_tokens, pos, n))
+        pos += n
+        left -= n
+    book.add_run(r, region, new)
+    if moves:
+        arena.copy_runs_at_once(moves)
