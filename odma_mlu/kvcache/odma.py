@@ -48,7 +48,7 @@ from bisect import bisect_left
 from odma_mlu.config import OdmaConfig
 from odma_mlu.kvcache.arena import KVArena, KVLocation, covering_runs
 from odma_mlu.kvcache.extent import Extent, ExtentAllocator
-from odma_mlu.kvcache.odma_compaction import compact_into, find_slide, find_window, slide_into
+from odma_mlu.kvcache.odma_compaction import compact_into, find_slide, find_window, scan, slide_into
 from odma_mlu.kvcache.odma_runs import OdmaRequest, RunBook
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, PolicyStats, ReserveRequest
 from odma_mlu.kvcache.run_pricing import RunCost, copy_pays, economic_run_tokens, move_pays
@@ -411,16 +411,16 @@ class OdmaPolicy(KVPolicy):
         hold_units = max(target_units, self._units(live + room))
         floor = self.config.compact_from_tokens
         free_units = self.main.free_tokens + (self.safety.free_tokens if self.safety is not None else 0)
-        regions = self._regions(r.prefer_safety)
-        window = find_window(self.book, regions, r, hold_units, self.unit, floor, free_units)
+        extents = scan(self.book, self._regions(r.prefer_safety), r, self.unit)
+        window = find_window(extents, r, hold_units, self.unit, floor, free_units)
         if window is None:  # at saturation the room may be what is missing: hold what a new request would
             hold_units = max(target_units, self._units(live + self.config.chunk_tokens))
-            window = find_window(self.book, regions, r, hold_units, self.unit, floor, free_units)
+            window = find_window(extents, r, hold_units, self.unit, floor, free_units)
         if window is not None:
             moved, tokens = compact_into(self.book, window, r, hold_units, self._regions(False), self.arena, self.unit)
         else:
             budget_tokens = self.config.compact_copy_fraction * self.asked_tokens - self.copied_tokens - live
-            slide = find_slide(self.book, regions, r, hold_units, self.unit) if budget_tokens >= 0 else None
+            slide = find_slide(extents, hold_units) if budget_tokens >= 0 else None
             if slide is None or slide.cost_tokens > budget_tokens:
                 r.compact_retry_tokens = live + room
                 return False

@@ -31,6 +31,7 @@ no request gains a run and a compacted one keeps its view, and moves ``r`` into 
 they leave at its end. A slide copies more than a window (every run it passes), so the
 policy budgets it (``compact_copy_fraction``).
 
+Both searches read one ``scan`` of the regions' extents, made once per compaction.
 Every move of either runs in one batch that reads all sources before writing any target
 (``KVArena.copy_runs_at_once``): a target may be a source, since the window may hold the
 request's own runs, the occupants go where it was, and a packed run may land where another
@@ -49,6 +50,42 @@ from odma_mlu.kvcache.extent import Extent, ExtentAllocator
 from odma_mlu.kvcache.odma_runs import OdmaRequest, RunBook
 
 
+class Piece(NamedTuple):
+    """One extent of a region as a compaction for ``r`` sees it."""
+
+    start: int
+    length: int
+    owner: OdmaRequest | None
+    """Another request's run, which may move; None: room for ``r`` (a hole, or ``r``'s own run)."""
+    live_tokens: int
+    """The owner's live tokens in it."""
+    fixed: bool
+    """A pinned run (a shared prefix block, a ring), or one without an owner: nothing moves it."""
+
+
+Scan = list[tuple[ExtentAllocator, list[Piece]]]
+
+
+def scan(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequest, unit_tokens: int) -> Scan:
+    """Each region's extents in address order, as ``find_window`` and ``find_slide`` read them:
+    one pass over the tiling, made once per compaction."""
+    owner_at = book.owner_at
+    out: Scan = []
+    for region in regions:
+        pieces: list[Piece] = []
+        for start, length, used in region.tiling():
+            y = owner_at.get(start) if used else None
+            if not used or y is r:
+                pieces.append(Piece(start, length, None, 0, False))
+            elif y is None or y.pinned:
+                pieces.append(Piece(start, length, y, 0, True))
+            else:
+                i = next(k for k, (_, e) in enumerate(y.runs) if e.start == start)
+                pieces.append(Piece(start, length, y, book.live_tokens_in(y, i, unit_tokens), False))
+        out.append((region, pieces))
+    return out
+
+
 class Window(NamedTuple):
     region: ExtentAllocator
     start: int
@@ -57,34 +94,26 @@ class Window(NamedTuple):
     """Other requests' runs in it, each with its live tokens (each moves whole)."""
 
 
-def find_window(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequest, units: int, unit_tokens: int,
-                floor_tokens: int, free_units: int) -> Window | None:
+def find_window(regions: Scan, r: OdmaRequest, units: int, unit_tokens: int, floor_tokens: int,
+                free_units: int) -> Window | None:
     """The stretch of ``units`` granules for ``r`` whose other requests' runs hold the fewest
     live tokens, among those no run in it forbids (module docstring: a pinned run, or one of
-    a compacted request no shorter than ``r``) and whose occupants fit
-    the ``free_units`` free now plus what ``r`` and they free, less the window; None if no
-    stretch qualifies. One pass over each region's extents with two pointers; the first
-    region is searched first and a window that moves nothing ends the search."""
-    owner_at = book.owner_at
-    best: tuple[int, ExtentAllocator, int, list[tuple[int, int, bool]], list[int]] | None = None
-    # (cost, region, start, its extents, their live tokens)
-    for region in regions:
-        exts = region.tiling()
+    a compacted request no shorter than ``r``) and whose occupants fit the ``free_units``
+    free now plus what ``r`` and they free, less the window; None if no stretch qualifies.
+    One pass over each region's extents (``scan``) with two pointers; the first region is
+    searched first and a window that moves nothing ends the search."""
+    best: tuple[int, ExtentAllocator, int, list[Piece]] | None = None  # (cost, region, start, its pieces)
+    for region, pieces in regions:
         # per extent: (length, live tokens to move, granules they need); None: forbidden
         info: list[tuple[int, int, int] | None] = []
-        lives: list[int] = []
-        for start, length, used in exts:
-            y = owner_at.get(start) if used else None
-            tokens = 0
-            if not used or y is r:
-                info.append((length, 0, 0))
-            elif y is None or y.pinned or (len(y.runs) == 1 and y.live_tokens >= max(floor_tokens, r.live_tokens)):
+        for p in pieces:
+            y = p.owner
+            if y is None:
+                info.append((p.length, 0, 0))
+            elif p.fixed or (len(y.runs) == 1 and y.live_tokens >= max(floor_tokens, r.live_tokens)):
                 info.append(None)
             else:
-                i = next(k for k, (_, e) in enumerate(y.runs) if e.start == start)
-                tokens = book.live_tokens_in(y, i, unit_tokens)
-                info.append((length, tokens, max(1, -(-tokens // unit_tokens))))
-            lives.append(tokens)
+                info.append((p.length, p.live_tokens, max(1, -(-p.live_tokens // unit_tokens))))
         j = k = span = cost = need = occupied = 0
         while j < len(info):
             while k < len(info) and span < units:
@@ -102,7 +131,7 @@ def find_window(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequ
                 span = cost = need = occupied = 0
                 continue
             if free_units + r.held_units + occupied - units >= need and (best is None or cost < best[0]):
-                best = (cost, region, exts[j][0], exts[j:k], lives[j:k])
+                best = (cost, region, pieces[j].start, pieces[j:k])
             entry = info[j]
             assert entry is not None
             length, tokens, n = entry
@@ -113,9 +142,9 @@ def find_window(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequ
             break
     if best is None:
         return None
-    _, region, start, exts, tokens = best
-    return Window(region, start, [(owner_at[s], Extent(s, n), t) for (s, n, used), t in zip(exts, tokens)
-                                  if used and owner_at[s] is not r])
+    _, region, start, chosen = best
+    return Window(region, start, [(p.owner, Extent(p.start, p.length), p.live_tokens) for p in chosen
+                                  if p.owner is not None])
 
 
 def compact_into(book: RunBook, window: Window, r: OdmaRequest, units: int, regions: tuple[ExtentAllocator, ...],
@@ -184,49 +213,36 @@ class Slide(NamedTuple):
     """Their live tokens: what the slide copies besides ``r``."""
 
 
-def find_slide(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequest, units: int,
-               unit_tokens: int) -> Slide | None:
+def find_slide(regions: Scan, units: int) -> Slide | None:
     """The stretch of extents whose holes and ``r``'s own runs add up to ``units`` granules,
     with the fewest live tokens in other requests' runs, among stretches without a pinned
-    run; None if no stretch qualifies. One two-pointer pass over each region's extents; the
-    first region is searched first, and a stretch that moves nothing ends the search."""
-    owner_at = book.owner_at
+    run; None if no stretch qualifies. One two-pointer pass over each region's extents
+    (``scan``); the first region is searched first, and a stretch that moves nothing ends
+    the search."""
     best: Slide | None = None
-    for region in regions:
-        exts = region.tiling()
-        # per extent: (granules it frees, live tokens it moves, its owner if it moves); None: pinned
-        info: list[tuple[int, int, OdmaRequest | None] | None] = []
-        for start, length, used in exts:
-            y = owner_at.get(start) if used else None
-            if not used or y is r:
-                info.append((length, 0, None))
-            elif y is None or y.pinned:
-                info.append(None)
-            else:
-                i = next(k for k, (_, e) in enumerate(y.runs) if e.start == start)
-                info.append((0, book.live_tokens_in(y, i, unit_tokens), y))
+    for region, pieces in regions:
         j = k = space = cost = 0
-        while j < len(info):
-            while k < len(info) and space < units:
-                entry = info[k]
-                if entry is None:
+        while j < len(pieces):
+            while k < len(pieces) and space < units:
+                p = pieces[k]
+                if p.fixed:
                     break
-                space, cost = space + entry[0], cost + entry[1]
+                space += p.length if p.owner is None else 0
+                cost += p.live_tokens
                 k += 1
             if space < units:
-                if k == len(info):
+                if k == len(pieces):
                     break
                 j = k = k + 1  # a pinned run ends every stretch through it
                 space = cost = 0
                 continue
-            first = info[j]
-            assert first is not None
+            first = pieces[j]
             # A stretch that starts at another's run would only copy it onto itself: skip it.
-            if first[0] and (best is None or cost < best.cost_tokens):
-                runs = [(y, Extent(st, n), t) for (st, n, _), e in zip(exts[j:k], info[j:k])
-                        if e is not None and (y := e[2]) is not None for t in (e[1],)]
-                best = Slide(region, exts[j][0], runs, cost)
-            space, cost = space - first[0], cost - first[1]
+            if first.owner is None and (best is None or cost < best.cost_tokens):
+                runs = [(p.owner, Extent(p.start, p.length), p.live_tokens) for p in pieces[j:k] if p.owner is not None]
+                best = Slide(region, first.start, runs, cost)
+            space -= first.length if first.owner is None else 0
+            cost -= first.live_tokens
             j += 1
         if best is not None and best.cost_tokens == 0:
             break
