@@ -212,7 +212,14 @@ class OdmaConfig:
     ServeGen requests, seed 0; docs/odma-sensitivity.md)."""
     compact_room_fraction: float = 0.1
     """Room a compacted request holds past its live tokens, as a fraction of them (at least
-    ``chunk_tokens``): it grows in place that long before it is blocked again."""
+    ``chunk_tokens``), where free memory allows: it grows in place that long before it is
+    blocked again. Where it does not, the room shrinks to the free memory's share per live
+    request, down to ``compact_room_min_fraction``."""
+    compact_room_min_fraction: float = 0.02
+    """The least room a compacted request holds, as a fraction of its live tokens, however
+    little memory is free: at saturation a room is memory no other request may use, and
+    a smaller one is used up sooner, so compacted again (dev data: ServeGen seeds 8 and 9,
+    3,000 requests each; docs/odma-sensitivity.md). Above ``compact_room_fraction`` it wins."""
     compact_copy_fraction: float = 0.008
     """Where no window can be emptied for a compaction, other runs are slid together to make
     one (docs/odma-design.md, "Compaction"), but only while all KV ODMA has copied stays

@@ -116,7 +116,8 @@ def _random_run(ref: Reference, family: Family, seed: int) -> None:
                       num_buckets=rng.choice([2, 4, 8]), elastic=rng.random() < 0.85, granule_tokens=granule,
                       compact_from_tokens=compacting.choice([600, 8, 24, 48]),
                       compact_room_fraction=compacting.choice([0.1, 0.0, 0.5]),
-                      compact_copy_fraction=compacting.choice([0.008, 1.0]))
+                      compact_copy_fraction=compacting.choice([0.008, 1.0]),
+                      compact_room_min_fraction=compacting.choice([0.02, 0.0, 0.25]))
     cache = replace(CacheConfig(), odma=odma, watermark_fraction=rng.choice([0.0, 0.01]),
                     swap_space_bytes=rng.choice([0, 2000, 10**6, 4 * 1024**3]),
                     page_size_tokens=rng.choice([16, 16, 4]),

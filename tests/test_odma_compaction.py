@@ -82,7 +82,8 @@ def _churn(seed: int, view: int | None) -> tuple[OdmaPolicy, int]:
     rng = random.Random(seed)
     cfg = OdmaConfig(safety_fraction=rng.choice([0.0, 0.2]), chunk_tokens=1, num_buckets=4,
                      compact_from_tokens=rng.choice([12, 24]), compact_room_fraction=rng.choice([0.0, 0.25]),
-                     compact_copy_fraction=random.Random(f"slides {seed}").choice([0.008, 1.0]))
+                     compact_copy_fraction=random.Random(f"slides {seed}").choice([0.008, 1.0]),
+                     compact_room_min_fraction=random.Random(f"room {seed}").choice([0.0, 0.02, 0.25]))
     p = OdmaPolicy(arena(360, real=True), 200, cfg, granule_tokens=rng.choice([1, 4]), run_cost=_ViewsCost(view))
     written: dict[str, int] = {}
     displaced = 0
@@ -264,3 +265,60 @@ def test_churn_slides_runs_together_and_keeps_every_requests_kv() -> None:
     checks every request's KV after every operation."""
     p, _ = _churn(4, view=16)
     assert p.config.compact_copy_fraction == 1.0 and p.slides > 0
+
+
+def test_a_piece_may_start_where_another_old_run_of_its_request_started() -> None:
+    """``replace_runs`` matches each change to the run it replaces by the old runs' starts
+    before any run changes: here ``y``'s first run moves to where its second run was."""
+    from odma_mlu.kvcache.extent import Extent, ExtentAllocator
+    from odma_mlu.kvcache.odma_runs import OdmaRequest, RunBook
+
+    region = ExtentAllocator(64)
+    book = RunBook()
+    y = OdmaRequest("y", 2, 64, 8, 8, 8, False)
+    book.reqs["y"] = y
+    for start in (0, 10):
+        ext = region.allocate_at(start, 4)
+        assert ext is not None
+        book.add_run(y, region, ext)
+    region.free(Extent(10, 4))
+    second = region.allocate_at(20, 4)
+    region.free(Extent(0, 4))
+    first = region.allocate_at(10, 4)
+    assert first is not None and second is not None
+    book.replace_runs([(y, Extent(0, 4), [(region, first)]), (y, Extent(10, 4), [(region, second)])])
+    book.check_integrity(1)
+    assert [e for _, e in y.runs] == [first, second]
+
+
+def test_a_window_keeps_the_requests_first_run_where_it_is() -> None:
+    """A window is chosen by the tokens it copies, the request's own included: a request
+    blocked by a short run moves that run away and stays where it is, rather than copying
+    itself into free memory."""
+    cfg = OdmaConfig(safety_fraction=0.0, chunk_tokens=1, compact_from_tokens=8, compact_room_fraction=0.0)
+    p = OdmaPolicy(arena(80, real=True), 200, cfg, run_cost=_ViewsCost(8))
+    _placed(p, "r1", 20, [(0, 20)])
+    _placed(p, "r2", 5, [(20, 5)])
+    _write(p, "r1", 0, 20)
+    _write(p, "r2", 0, 5)
+    assert p._compact(p.book.reqs["r1"], 21)
+    assert p.take_moved() == ("r2",) and p.book.reqs["r1"].runs[0][1].start == 0
+    assert p.copied_tokens == 5  # r2's live tokens; r1's stayed
+    _check(p, {"r1": 20, "r2": 5})
+    p.check_integrity()
+
+
+def test_a_compaction_holds_less_room_where_memory_is_short() -> None:
+    """Room past the live tokens: ``compact_room_fraction`` of them where the free memory's
+    share per live request allows, ``compact_room_min_fraction`` at saturation."""
+    cfg = OdmaConfig(safety_fraction=0.0, chunk_tokens=1, compact_from_tokens=8, compact_room_fraction=0.1,
+                     compact_room_min_fraction=0.02)
+    for filler, held in ((0, 220), (1496, 204)):  # 1,500 granules free, or 4 (share: 2 per request)
+        p = OdmaPolicy(arena(1700), 4000, cfg, run_cost=_ViewsCost(8))
+        _placed(p, "r", 200, [(0, 100), (104, 100)])
+        if filler:
+            _placed(p, "f", filler, [(204, filler)])
+        assert p._compact(p.book.reqs["r"], 201)
+        r = p.book.reqs["r"]
+        assert len(r.runs) == 1 and r.held_units == held, (filler, r.held_units)
+        p.check_integrity()

@@ -9,7 +9,9 @@ one when such a request is blocked, or grows in several runs. First by emptying 
     after:    |r .................... room|  |B|C|D|D ...  (B, C, D split into any holes,
                                                            r's old runs among them)
 
-``find_window`` picks the stretch whose other requests' live tokens are fewest, among those
+``find_window`` picks the stretch that copies the fewest tokens: the other requests' live
+tokens in it, and ``r``'s own, but for its first run where the window starts at it (a
+request blocked by a short run then moves that run away and stays where it is), among those
 holding no pinned run (a shared prefix block, a ring) and no run of a compacted request (one
 run of ``floor`` tokens or more) at least as long as ``r`` (moving it would cost the view it
 was copied for: the longer request keeps its run, so two requests never take a window from
@@ -61,6 +63,9 @@ class Piece(NamedTuple):
     """The owner's live tokens in it."""
     fixed: bool
     """A pinned run (a shared prefix block, a ring), or one without an owner: nothing moves it."""
+    in_place_tokens: int = 0
+    """``r``'s live tokens that stay where they are if ``r``'s new run starts here: those of
+    its first run, at that run's start (0 anywhere else)."""
 
 
 Scan = list[tuple[ExtentAllocator, list[Piece]]]
@@ -70,13 +75,16 @@ def scan(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequest, un
     """Each region's extents in address order, as ``find_window`` and ``find_slide`` read them:
     one pass over the tiling, made once per compaction."""
     owner_at = book.owner_at
+    first_region, first = r.runs[0]
+    first_tokens = book.live_tokens_in(r, 0, unit_tokens)
     out: Scan = []
     for region in regions:
         pieces: list[Piece] = []
         for start, length, used in region.tiling():
             y = owner_at.get(start) if used else None
             if not used or y is r:
-                pieces.append(Piece(start, length, None, 0, False))
+                kept = first_tokens if region is first_region and start == first.start else 0
+                pieces.append(Piece(start, length, None, 0, False, kept))
             elif y is None or y.pinned:
                 pieces.append(Piece(start, length, y, 0, True))
             else:
@@ -96,13 +104,16 @@ class Window(NamedTuple):
 
 def find_window(regions: Scan, r: OdmaRequest, units: int, unit_tokens: int, floor_tokens: int,
                 free_units: int) -> Window | None:
-    """The stretch of ``units`` granules for ``r`` whose other requests' runs hold the fewest
-    live tokens, among those no run in it forbids (module docstring: a pinned run, or one of
-    a compacted request no shorter than ``r``) and whose occupants fit the ``free_units``
-    free now plus what ``r`` and they free, less the window; None if no stretch qualifies.
-    One pass over each region's extents (``scan``) with two pointers; the first region is
-    searched first and a window that moves nothing ends the search."""
-    best: tuple[int, ExtentAllocator, int, list[Piece]] | None = None  # (cost, region, start, its pieces)
+    """The stretch of ``units`` granules for ``r`` that copies the fewest tokens (its other
+    requests' runs' live tokens, and ``r``'s own but for a first run the stretch starts at),
+    among those no run in it forbids (module docstring: a pinned run, or one of a compacted
+    request no shorter than ``r``) and whose occupants fit the ``free_units`` free now plus
+    what ``r`` and they free, less the window; None if no stretch qualifies. One pass over
+    each region's extents (``scan``) with two pointers; the first region is searched first
+    and a window that copies no more than ``r``'s later runs ends the search."""
+    kept = max((p.in_place_tokens for _, pieces in regions for p in pieces), default=0)
+    least = r.live_tokens - kept
+    best: tuple[int, ExtentAllocator, int, list[Piece]] | None = None  # (copied, region, start, its pieces)
     for region, pieces in regions:
         # per extent: (length, live tokens to move, granules they need); None: forbidden
         info: list[tuple[int, int, int] | None] = []
@@ -130,15 +141,16 @@ def find_window(regions: Scan, r: OdmaRequest, units: int, unit_tokens: int, flo
                 j = k = k + 1  # a forbidden extent ends every window through it
                 span = cost = need = occupied = 0
                 continue
-            if free_units + r.held_units + occupied - units >= need and (best is None or cost < best[0]):
-                best = (cost, region, pieces[j].start, pieces[j:k])
+            copied = cost + r.live_tokens - pieces[j].in_place_tokens
+            if free_units + r.held_units + occupied - units >= need and (best is None or copied < best[0]):
+                best = (copied, region, pieces[j].start, pieces[j:k])
             entry = info[j]
             assert entry is not None
             length, tokens, n = entry
             span, cost, need = span - length, cost - tokens, need - n
             occupied -= length if n else 0
             j += 1
-        if best is not None and best[0] == 0:
+        if best is not None and best[0] <= least:
             break
     if best is None:
         return None
@@ -154,7 +166,6 @@ def compact_into(book: RunBook, window: Window, r: OdmaRequest, units: int, regi
     moved, the tokens copied)."""
     region = window.region
     moving = window.occupants
-    live = r.live_tokens
     old_runs = book.take_runs(r)
     for old_region, ext in old_runs:
         old_region.free(ext)
@@ -167,7 +178,6 @@ def compact_into(book: RunBook, window: Window, r: OdmaRequest, units: int, regi
     h = 0
     moves: list[tuple[int, int, int]] = []
     changes = []
-    copied = live
     for y, ext, tokens in moving:
         pieces: list[tuple[ExtentAllocator, Extent]] = []
         need = max(1, -(-tokens // unit_tokens))
@@ -183,10 +193,8 @@ def compact_into(book: RunBook, window: Window, r: OdmaRequest, units: int, regi
                 h += 1
         changes.append((y, ext, pieces))
         moves += _moves(ext.start * unit_tokens, [p for _, p in pieces], tokens, unit_tokens)
-        copied += tokens
     book.replace_runs(changes)
-    _finish(book, r, old_runs, region, new, moves, arena, unit_tokens)
-    return [y.request_id for y, _, _ in changes], copied
+    return [y.request_id for y, _, _ in changes], _finish(book, r, old_runs, region, new, moves, arena, unit_tokens)
 
 
 def _moves(src_slot: int, pieces: list[Extent], tokens: int, unit_tokens: int) -> list[tuple[int, int, int]]:
@@ -218,7 +226,9 @@ def find_slide(regions: Scan, units: int) -> Slide | None:
     with the fewest live tokens in other requests' runs, among stretches without a pinned
     run; None if no stretch qualifies. One two-pointer pass over each region's extents
     (``scan``); the first region is searched first, and a stretch that moves nothing ends
-    the search."""
+    the search. (``r`` goes last, after the packed runs, where the stretch ends: measured
+    better than keeping its first run in place and packing the others after it, which
+    leaves ``r`` blocked as soon as its room is used.)"""
     best: Slide | None = None
     for region, pieces in regions:
         j = k = space = cost = 0
@@ -254,7 +264,6 @@ def slide_into(book: RunBook, slide: Slide, r: OdmaRequest, units: int, arena: K
     """Pack ``slide``'s runs towards its start and move ``r``'s live KV into the ``units``
     granules after them, now its only run; returns (the requests moved, the tokens copied)."""
     region = slide.region
-    live = r.live_tokens
     old_runs = book.take_runs(r)
     for old_region, ext in old_runs:
         old_region.free(ext)
@@ -275,14 +284,14 @@ def slide_into(book: RunBook, slide: Slide, r: OdmaRequest, units: int, arena: K
     window = region.allocate_at(pos, units, hole)
     assert window is not None, "a slide's window must be free once its runs are packed"
     book.replace_runs(changes)
-    _finish(book, r, old_runs, region, window, moves, arena, unit_tokens)
-    return [y.request_id for y, _, _ in changes], live + slide.cost_tokens
+    return [y.request_id for y, _, _ in changes], _finish(book, r, old_runs, region, window, moves, arena, unit_tokens)
 
 
 def _finish(book: RunBook, r: OdmaRequest, old_runs: list[tuple[ExtentAllocator, Extent]], region: ExtentAllocator,
-            new: Extent, moves: list[tuple[int, int, int]], arena: KVArena, unit_tokens: int) -> None:
-    """Add ``r``'s live tokens, in order from its ``old_runs``, to the others' ``moves``, make
-    ``new`` its only run, and carry out every move in one batch (reads before writes)."""
+            new: Extent, moves: list[tuple[int, int, int]], arena: KVArena, unit_tokens: int) -> int:
+    """Add ``r``'s live tokens, in order from its ``old_runs``, to the others' ``moves`` (a
+    piece already where it belongs stays), make ``new`` its only run, and carry out every
+    move in one batch (reads before writes); returns the tokens copied."""
     pos, left = new.start * unit_tokens, r.live_tokens
     for _, ext in old_runs:
         n = min(ext.length * unit_tokens, left)
@@ -293,3 +302,4 @@ def _finish(book: RunBook, r: OdmaRequest, old_runs: list[tuple[ExtentAllocator,
     book.add_run(r, region, new)
     if moves:
         arena.copy_runs_at_once(moves)
+    return sum(n for _, _, n in moves)

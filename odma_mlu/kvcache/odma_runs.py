@@ -131,11 +131,16 @@ class RunBook:
         changed = {id(r): r for r, _, _ in changes}
         for r in changed.values():
             del self.tail_rooms[r.runs[-1][1].end]
+        # Matched by the old runs' starts before any run changes: a piece may start where
+        # another of the same request's old runs did.
+        replaced: dict[int, dict[int, list[tuple[ExtentAllocator, Extent]]]] = {}
         for r, old, pieces in changes:
             del self.owner_at[old.start]
-            i = next(k for k, (_, e) in enumerate(r.runs) if e.start == old.start)
-            r.runs[i:i + 1] = pieces
+            replaced.setdefault(id(r), {})[old.start] = pieces
             r.held_units += sum(ext.length for _, ext in pieces) - old.length
+        for key, r in changed.items():
+            by_start = replaced[key]
+            r.runs = [run for region, e in r.runs for run in by_start.get(e.start, ((region, e),))]
         for r, _, pieces in changes:
             for _, ext in pieces:
                 self.owner_at[ext.start] = r
