@@ -322,3 +322,23 @@ def test_a_compaction_holds_less_room_where_memory_is_short() -> None:
         r = p.book.reqs["r"]
         assert len(r.runs) == 1 and r.held_units == held, (filler, r.held_units)
         p.check_integrity()
+
+
+def test_a_window_weighs_moving_a_compacted_request() -> None:
+    """A shorter compacted request moved out of a window is gathered until it compacts again,
+    which copies it once more: a window weighs its tokens ``COMPACTED_MOVE_WEIGHT`` times, so
+    moving 10 tokens of another's second run and 25 of ``r`` (35) beats moving the compacted
+    ``y``'s 10 with ``r`` staying (10 x 4 + 10 = 50). ``w``, compacted and as long as ``r``,
+    may not move at all."""
+    from odma_mlu.kvcache.odma_compaction import COMPACTED_MOVE_WEIGHT
+
+    assert COMPACTED_MOVE_WEIGHT * 10 + 10 > 35 > 10 + 10
+    p = _policy(100, view=8)
+    _placed(p, "r", 25, [(0, 15), (90, 10)])
+    _placed(p, "y", 10, [(15, 10)])  # compacted, shorter than r: may move, at a price
+    _placed(p, "z", 20, [(45, 10), (80, 10)])  # two runs: not compacted
+    _placed(p, "w", 25, [(55, 25)])  # compacted, as long as r: never moves
+    assert p._compact(p.book.reqs["r"], 26)
+    assert p.take_moved() == ("z",)
+    assert [e for _, e in p.book.reqs["y"].runs][0].start == 15 and p.book.reqs["r"].runs[0][1].start == 25
+    p.check_integrity()

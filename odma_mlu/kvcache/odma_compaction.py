@@ -94,6 +94,13 @@ def scan(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequest, un
     return out
 
 
+COMPACTED_MOVE_WEIGHT = 4
+"""A window weighs a compacted occupant's live tokens this many times: moved out, into any
+holes, it is gathered until it compacts again, which copies it once more. 2 (the two
+copies), 4 and 10 were measured on ServeGen seeds 8 and 9, 3,000 requests each: +0.1% /
++0.6%, +0.3% / +0.7%, +0.3% / +0.6% over 1 (docs/odma-sensitivity.md)."""
+
+
 class Window(NamedTuple):
     region: ExtentAllocator
     start: int
@@ -104,27 +111,31 @@ class Window(NamedTuple):
 
 def find_window(regions: Scan, r: OdmaRequest, units: int, unit_tokens: int, floor_tokens: int,
                 free_units: int) -> Window | None:
-    """The stretch of ``units`` granules for ``r`` that copies the fewest tokens (its other
-    requests' runs' live tokens, and ``r``'s own but for a first run the stretch starts at),
-    among those no run in it forbids (module docstring: a pinned run, or one of a compacted
-    request no shorter than ``r``) and whose occupants fit the ``free_units`` free now plus
-    what ``r`` and they free, less the window; None if no stretch qualifies. One pass over
-    each region's extents (``scan``) with two pointers; the first region is searched first
-    and a window that copies no more than ``r``'s later runs ends the search."""
+    """The stretch of ``units`` granules for ``r`` that costs the fewest tokens copied (its
+    other requests' runs' live tokens, a shorter compacted request's ``COMPACTED_MOVE_WEIGHT``
+    times, and ``r``'s own but for a first run the stretch starts at), among those no run
+    in it forbids (module docstring: a pinned run, or one of a compacted request no shorter
+    than ``r``) and whose occupants fit the ``free_units`` free now plus what ``r`` and they
+    free, less the window; None if no stretch qualifies. One pass over each region's
+    extents (``scan``) with two pointers; the first region is searched first and a window
+    that copies no more than ``r``'s later runs ends the search."""
     kept = max((p.in_place_tokens for _, pieces in regions for p in pieces), default=0)
     least = r.live_tokens - kept
-    best: tuple[int, ExtentAllocator, int, list[Piece]] | None = None  # (copied, region, start, its pieces)
+    best: tuple[int, ExtentAllocator, int, list[Piece]] | None = None  # (cost, region, start, its pieces)
     for region, pieces in regions:
-        # per extent: (length, live tokens to move, granules they need); None: forbidden
+        # per extent: (length, cost of moving it, granules its live tokens need); None: forbidden
         info: list[tuple[int, int, int] | None] = []
         for p in pieces:
             y = p.owner
             if y is None:
                 info.append((p.length, 0, 0))
-            elif p.fixed or (len(y.runs) == 1 and y.live_tokens >= max(floor_tokens, r.live_tokens)):
+                continue
+            compacted = len(y.runs) == 1 and y.live_tokens >= floor_tokens
+            if p.fixed or (compacted and y.live_tokens >= r.live_tokens):
                 info.append(None)
             else:
-                info.append((p.length, p.live_tokens, max(1, -(-p.live_tokens // unit_tokens))))
+                weight = COMPACTED_MOVE_WEIGHT if compacted else 1
+                info.append((p.length, weight * p.live_tokens, max(1, -(-p.live_tokens // unit_tokens))))
         j = k = span = cost = need = occupied = 0
         while j < len(info):
             while k < len(info) and span < units:
@@ -141,9 +152,9 @@ def find_window(regions: Scan, r: OdmaRequest, units: int, unit_tokens: int, flo
                 j = k = k + 1  # a forbidden extent ends every window through it
                 span = cost = need = occupied = 0
                 continue
-            copied = cost + r.live_tokens - pieces[j].in_place_tokens
-            if free_units + r.held_units + occupied - units >= need and (best is None or copied < best[0]):
-                best = (copied, region, pieces[j].start, pieces[j:k])
+            total = cost + r.live_tokens - pieces[j].in_place_tokens
+            if free_units + r.held_units + occupied - units >= need and (best is None or total < best[0]):
+                best = (total, region, pieces[j].start, pieces[j:k])
             entry = info[j]
             assert entry is not None
             length, tokens, n = entry
