@@ -409,8 +409,8 @@ class OdmaPolicy(KVPolicy):
         more steps than the compactions a smaller room brings cost in copies and gathers)."""
         cfg = self.config
         share = max(0, free_tokens) // max(1, len(self.book.reqs))
-        room = max(int(live_tokens * cfg.compact_room_min_fraction), min(int(live_tokens * cfg.compact_room_fraction), share))
-        return max(cfg.chunk_tokens, room)
+        room = min(int(live_tokens * cfg.compact_room_fraction), share)
+        return max(cfg.chunk_tokens, int(live_tokens * cfg.compact_room_min_fraction), room)
 
     def _compact(self, r: OdmaRequest, target_units: int) -> bool:
         """Copy ``r`` into one run of ``target_units`` granules, or its live tokens and its

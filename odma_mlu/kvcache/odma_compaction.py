@@ -63,9 +63,6 @@ class Piece(NamedTuple):
     """The owner's live tokens in it."""
     fixed: bool
     """A pinned run (a shared prefix block, a ring), or one without an owner: nothing moves it."""
-    in_place_tokens: int = 0
-    """``r``'s live tokens that stay where they are if ``r``'s new run starts here: those of
-    its first run, at that run's start (0 anywhere else)."""
 
 
 Scan = list[tuple[ExtentAllocator, list[Piece]]]
@@ -75,16 +72,13 @@ def scan(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequest, un
     """Each region's extents in address order, as ``find_window`` and ``find_slide`` read them:
     one pass over the tiling, made once per compaction."""
     owner_at = book.owner_at
-    first_region, first = r.runs[0]
-    first_tokens = book.live_tokens_in(r, 0, unit_tokens)
     out: Scan = []
     for region in regions:
         pieces: list[Piece] = []
         for start, length, used in region.tiling():
             y = owner_at.get(start) if used else None
             if not used or y is r:
-                kept = first_tokens if region is first_region and start == first.start else 0
-                pieces.append(Piece(start, length, None, 0, False, kept))
+                pieces.append(Piece(start, length, None, 0, False))
             elif y is None or y.pinned:
                 pieces.append(Piece(start, length, y, 0, True))
             else:
@@ -119,7 +113,9 @@ def find_window(regions: Scan, r: OdmaRequest, units: int, unit_tokens: int, flo
     free, less the window; None if no stretch qualifies. One pass over each region's
     extents (``scan``) with two pointers; the first region is searched first and a window
     that copies no more than ``r``'s later runs ends the search."""
-    kept = max((p.in_place_tokens for _, pieces in regions for p in pieces), default=0)
+    # A window that starts at r's first run leaves that run's live tokens where they are.
+    first_region, first = r.runs[0]
+    kept = min(first.length * unit_tokens, r.live_tokens)
     least = r.live_tokens - kept
     best: tuple[int, ExtentAllocator, int, list[Piece]] | None = None  # (cost, region, start, its pieces)
     for region, pieces in regions:
@@ -152,7 +148,7 @@ def find_window(regions: Scan, r: OdmaRequest, units: int, unit_tokens: int, flo
                 j = k = k + 1  # a forbidden extent ends every window through it
                 span = cost = need = occupied = 0
                 continue
-            total = cost + r.live_tokens - pieces[j].in_place_tokens
+            total = cost + r.live_tokens - (kept if region is first_region and pieces[j].start == first.start else 0)
             if free_units + r.held_units + occupied - units >= need and (best is None or total < best[0]):
                 best = (total, region, pieces[j].start, pieces[j:k])
             entry = info[j]
