@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from emulator.hetero_policy import HETERO_BASELINES
 from emulator.hybrid_policy import HYBRID_BASELINES
 from emulator.profile import DeviceProfile, load_profile
-from emulator.replay import ReplayResult, kv_bytes_per_token, kv_capacity_tokens, replay
+from emulator.replay import TIME_SPLIT, ReplayResult, kv_bytes_per_token, kv_capacity_tokens, replay
 from emulator.traces import Trace, load_trace
 from odma_mlu.cli import swap_space_bytes
 from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig, load_model_spec
@@ -114,8 +114,27 @@ def format_table(results: Sequence[ReplayResult], online: bool) -> str:
             v = m.get(name)
             row.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v).strip())
         rows.append(row)
-    widths = [max([len(name)] + [len(row[i]) for row in rows]) for i, (name, _) in enumerate(cols)]
-    lines = [" ".join(name.ljust(w) if i == 0 else name.rjust(w) for i, ((name, _), w) in enumerate(zip(cols, widths)))]
+    return _aligned([name for name, _ in cols], rows)
+
+
+def format_time_split(results: Sequence[ReplayResult]) -> str:
+    """Where each policy's step time went (``ReplayResult.time_split_s``): seconds of emulated
+    time per part, each with its share of the busy time, so policies compare part by part."""
+    parts = [k for k in TIME_SPLIT if k != "busy_s"]
+    rows = []
+    for r in results:
+        split = r.time_split_s
+        busy = split.get("busy_s", 0.0)
+        rows.append([r.policy, str(r.num_steps), f"{busy:.1f}"]
+                    + [f"{split.get(k, 0.0):.1f} ({100 * split.get(k, 0.0) / busy if busy else 0.0:.1f}%)"
+                       for k in parts])
+    return "time by part (emulated s):\n" + _aligned(["policy", "steps", "busy_s"] + parts, rows)
+
+
+def _aligned(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns as wide as their name or widest value; the first left-aligned, the rest right."""
+    widths = [max([len(name)] + [len(row[i]) for row in rows]) for i, name in enumerate(header)]
+    lines = [" ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(header, widths)))]
     for row in rows:
         lines.append(" ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(lines)
@@ -211,6 +230,7 @@ def bench_main(ns: argparse.Namespace) -> int:
                         max_new_tokens=ns.max_new_tokens, mode=ns.mode, rate_scale=ns.rate_scale, cache=cache,
                         scheduler=sched, progress=not ns.no_progress, layers=layers)
     print(format_table(results, ns.mode == "online"))
+    print(format_time_split(results))
     goodput = None
     if slo is not None:
         from emulator.goodput import find_goodput, format_goodput_table, log_stderr, trace_arrival_rps

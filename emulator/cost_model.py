@@ -152,6 +152,15 @@ class StepCost:
     """SSM state read + written (decodes) and written (prefills)."""
     swap_bytes: int = 0
     """KV moved over the host link (swaps of preempted requests)."""
+    gather_s: float = 0.0
+    """Of ``time_s``, the memory time of gather buffers: decode groups' slots (padding
+    included) and multi-run prefills' K/V written to a buffer and read back. Counted as
+    memory time though a kernel takes max(memory, compute): decode attention is memory
+    bound on every accelerator profile."""
+    copy_s: float = 0.0
+    """Of ``time_s``, the memory time of the KV and state copies the policy issued."""
+    swap_s: float = 0.0
+    """Of ``time_s``, the host-link and staging time of swaps."""
 
     @property
     def bound(self) -> str:
@@ -161,10 +170,11 @@ class StepCost:
 class _Acc:
     """Running sums of one step: kernel times take max(memory, compute) each."""
 
-    __slots__ = ("time_s", "memory_s", "compute_s", "flops")
+    __slots__ = ("time_s", "memory_s", "compute_s", "flops", "gather_s")
 
     def __init__(self) -> None:
         self.time_s = self.memory_s = self.compute_s = self.flops = 0.0
+        self.gather_s = 0.0  # memory seconds of gather buffers (``StepCost.gather_s``)
 
     def add(self, count: int, memory_s: float, compute_s: float, flops: float) -> None:
         self.memory_s += count * memory_s
@@ -339,7 +349,9 @@ class CostModel:
                 read_s = self._read(runs)[1]
             acc.add(self._n_full, read_s, f / self.matmul_rate(max(1, t)), f)
             if gathered:
-                acc.add(self._n_full, self._read(runs)[1] + total * per_token_layer / self._stream_bw, 0.0, 0.0)
+                gather_s = self._read(runs)[1] + total * per_token_layer / self._stream_bw
+                acc.add(self._n_full, gather_s, 0.0, 0.0)
+                acc.gather_s += self._n_full * gather_s
 
     def _sliding_runs(self, work: StepWork) -> Sequence[tuple[int, ...]]:
         if work.decode_sliding_runs:
@@ -376,7 +388,9 @@ class CostModel:
         kv_read = ctx_sum * per_token_layer
         scored = ctx_sum
         if self._gathers and gathered_tokens:
-            read_mem += 2 * gathered_tokens * per_token_layer / self._stream_bw
+            gather_s = 2 * gathered_tokens * per_token_layer / self._stream_bw
+            read_mem += gather_s
+            acc.gather_s += layers * gather_s
             scored += padding_tokens
         f = 4.0 * self._attn_width * scored
         # Decode attention runs one query row at a time: the CPU flash kernel measured at the
@@ -454,13 +468,15 @@ class CostModel:
         state_bytes = self._ssm_state(acc, work)
         # KV copies the policy issued (a run read + a run written each), state copies.
         copy_bytes = 2 * sum(work.copy_tokens) * self.kv_bytes_per_token + 2 * sum(work.state_copy_bytes)
-        acc.add(1, sum(self.copy_bytes_s(n) for n in work.copy_tokens)
-                + 2 * sum(work.state_copy_bytes) / self._stream_bw, 0.0, 0.0)
+        copy_s = sum(self.copy_bytes_s(n) for n in work.copy_tokens) + 2 * sum(work.state_copy_bytes) / self._stream_bw
+        acc.add(1, copy_s, 0.0, 0.0)
         swap_bytes = sum(work.swap_tokens) * self.kv_bytes_per_token
+        swap_s = 0.0
         if swap_bytes:
             link = self.profile.host_link_bandwidth_bytes_per_s
             assert link is not None, f"profile {self.profile.name} has no host_link: it cannot price a swap"
-            acc.add(1, swap_bytes / link + 2 * swap_bytes / self._stream_bw, 0.0, 0.0)
+            swap_s = swap_bytes / link + 2 * swap_bytes / self._stream_bw
+            acc.add(1, swap_s, 0.0, 0.0)
 
         overhead_s = self.num_kernels(work) * self._launch
         weights = (kinds.ssm.streamed_weight_bytes if kinds.ssm is not None else m.streamed_weight_bytes)
@@ -468,6 +484,7 @@ class CostModel:
             time_s=acc.time_s + overhead_s, memory_s=acc.memory_s, compute_s=acc.compute_s, overhead_s=overhead_s,
             weight_bytes=weights if num_seqs else 0, kv_read_bytes=kv_read, kv_write_bytes=kv_write,
             flops=acc.flops, copy_bytes=copy_bytes, state_bytes=state_bytes, swap_bytes=swap_bytes,
+            gather_s=acc.gather_s, copy_s=copy_s, swap_s=swap_s,
         )
 
     def graph_pays(self, eager: StepWork, batch_pad: int, span_tokens: int) -> bool:

@@ -129,12 +129,16 @@ class ReplayResult:
     timeline_reserved_tokens: tuple[int, ...] = field(default=(), repr=False)
     policy_extra: dict[str, float] = field(default_factory=dict, hash=False)
     """The policy's own counters at the end (``PolicyStats.extra``; AVMP's migrations, say)."""
+    time_split_s: dict[str, float] = field(default_factory=dict, hash=False)
+    """Where the steps' emulated time went (``TIME_SPLIT``), summed over the run: the
+    step-cost function's own terms, so two policies compare part by part."""
 
     def metrics(self) -> dict[str, object]:
         """The JSON row: every metric of DESIGN.md, no timelines."""
         d = {k: v for k, v in self.__dict__.items() if not k.startswith("timeline_")}
         d["bucket_edges_tokens"] = list(self.bucket_edges_tokens)
         d["policy_extra"] = dict(self.policy_extra)
+        d["time_split_s"] = dict(self.time_split_s)
         d["copied_kv_fraction"] = self.copied_kv_fraction
         return d
 
@@ -142,6 +146,13 @@ class ReplayResult:
     def copied_kv_fraction(self) -> float:
         """KV bytes copied / KV bytes read by attention."""
         return self.migrated_bytes / self.kv_read_bytes if self.kv_read_bytes else 0.0
+
+
+TIME_SPLIT = ("busy_s", "launch_s", "gather_s", "copy_s", "swap_s", "rest_s")
+"""``ReplayResult.time_split_s``: the time of every step (busy_s; the makespan less idle
+waits for arrivals), of it kernel launches, gather buffers (decode groups and multi-run
+prefills), KV and state copies, host swaps (``StepCost``), and the rest: weights, attention
+reads of the KV where it lies, compute."""
 
 
 def _features(r: TraceRequest, max_new_tokens: int) -> RequestFeatures:
@@ -276,6 +287,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
     num_read_runs = 0
     max_running = 0
     held_per_request_sum = 0.0
+    split = dict.fromkeys(TIME_SPLIT, 0.0)
     kv_bytes_per_token = kv.bytes_per_token
 
     def admit_arrivals() -> None:
@@ -306,6 +318,11 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         step = cost.step_time(work)
         now_s += step.time_s
         steps += 1
+        split["busy_s"] += step.time_s
+        split["launch_s"] += step.overhead_s
+        split["gather_s"] += step.gather_s
+        split["copy_s"] += step.copy_s
+        split["swap_s"] += step.swap_s
         kv_read_bytes += step.kv_read_bytes
         swapped_bytes += step.swap_bytes
         num_reads += work.num_decodes
@@ -352,6 +369,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
                          "e2e_p50_s": float(np.percentile(e2e, 50)), "e2e_p99_s": float(np.percentile(e2e, 99))}
     keep = np.unique(np.linspace(0, len(tl_t) - 1, min(timeline_points, len(tl_t))).astype(int)) if tl_t else []
     stats = policy.stats()
+    split["rest_s"] = split["busy_s"] - sum(split[k] for k in TIME_SPLIT[1:-1])
     return ReplayResult(
         policy=policy_name, completed=len(done), lost=lost, rejected=rejected, makespan_s=makespan, generated_tokens=generated,
         tps=generated / makespan, rps=len(done) / makespan,
@@ -367,5 +385,6 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         extents_free_after=policy.reserved_tokens() == 0 and policy.num_live() == 0,
         bucket_edges_tokens=stats.bucket_edges_tokens,
         timeline_s=tuple(tl_t[i] for i in keep), timeline_live_tokens=tuple(tl_live[i] for i in keep),
-        timeline_reserved_tokens=tuple(tl_res[i] for i in keep), policy_extra=dict(stats.extra), **result_kwargs,  # type: ignore[arg-type]
+        timeline_reserved_tokens=tuple(tl_res[i] for i in keep), policy_extra=dict(stats.extra),
+        time_split_s=split, **result_kwargs,  # type: ignore[arg-type]
     )

@@ -86,6 +86,8 @@ def test_the_step_cost_charges_each_batch_once() -> None:
     assert extra(one) == pytest.approx(cm.copy_bytes_s(300) + 2 * spec.num_layers * launch, rel=1e-9)
     assert extra(three) == pytest.approx(sum(cm.copy_bytes_s(n) for n in (300, 16, 64))
                                          + (4 * spec.num_layers + 2) * launch, rel=1e-9)
+    assert cm.step_time(StepWork.build((), [(500,)] * 8, three)).copy_s == pytest.approx(
+        sum(cm.copy_bytes_s(n) for n in (300, 16, 64)), rel=1e-9)
     # the pricing's marginal copies add up to the batch
     assert sum(cm.copy_s(n, i) for i, n in enumerate((300, 16, 64))) == pytest.approx(extra(three), rel=1e-9)
     # a short run's bytes cost more than at the stream rate: each copy reads and writes a run

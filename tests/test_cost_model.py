@@ -280,6 +280,11 @@ def test_gathered_groups_count_their_padded_slots() -> None:
     assert (work.decode_group_views, work.decode_gathered_tokens, work.decode_padding_tokens) == (2, 1000, 240)
     split = StepWork.build((), [(400, 300)])  # alone but two runs: gathered, no padding
     assert (split.decode_group_views, split.decode_gathered_tokens, split.decode_padding_tokens) == (0, 700, 0)
+    # the step's time split (StepCost.gather_s): each gathered slot written and read back per layer
+    cm = model_for("mlu370-x4")
+    per_slot_s = 2 * MODEL.kv_bytes_per_token_per_layer / cm.profile.stream_bandwidth_bytes_per_s * MODEL.num_layers
+    assert cm.step_time(work).gather_s == pytest.approx(1000 * per_slot_s, rel=1e-9)
+    assert cm.step_time(StepWork.build((), [(700,)])).gather_s == 0.0
 
 
 def test_a_multi_run_prefill_pays_its_gather() -> None:
@@ -296,6 +301,7 @@ def test_a_multi_run_prefill_pays_its_gather() -> None:
     gather_s = layers * (2048 * per_layer / cm.run_bandwidth(16) + 2048 * per_layer / bw)
     assert cm.step_time(paged).time_s - cm.step_time(one).time_s == pytest.approx(
         gather_s + layers * 2 * prof.launch_overhead_s, rel=1e-9)
+    assert (cm.step_time(paged).gather_s, cm.step_time(one).gather_s) == (pytest.approx(gather_s, rel=1e-9), 0.0)
     assert cm.step_time(StepWork.build([2048])) == cm.step_time(one)  # no runs given: one run each
     assert in_place.step_time(paged).time_s == pytest.approx(in_place.step_time(one).time_s, rel=1e-9)
     assert cm.step_time(StepWork.build([2048], prefill_read_runs=[runs], stream_reads=True)) == \

@@ -11,7 +11,7 @@ import pytest
 
 from emulator.bench import resolve_predictor
 from emulator.profile import PROFILE_DIR, DeviceProfile, load_profile
-from emulator.replay import ReplayResult, kv_capacity_tokens, replay
+from emulator.replay import TIME_SPLIT, ReplayResult, kv_capacity_tokens, replay
 from emulator.traces import Trace, TraceRequest, load_trace
 from odma_mlu.cli import main as cli_main
 from odma_mlu.config import CacheConfig, load_model_spec
@@ -80,6 +80,11 @@ def check_result(r: ReplayResult, n: int) -> None:
     assert 1 <= r.max_concurrent <= n
     # held per running request: a mean over steps of held / running, never past the whole budget
     assert 0 < r.held_per_request_bytes <= r.capacity_tokens * MODEL.kv_bytes_per_token
+    # the time split: parts of the steps' time, which is the makespan less idle waits
+    split = r.time_split_s
+    assert set(split) == set(TIME_SPLIT) and all(v >= 0 for v in split.values()), split
+    assert split["busy_s"] == pytest.approx(sum(v for k, v in split.items() if k != "busy_s"), rel=1e-9)
+    assert 0 < split["launch_s"] < split["busy_s"] <= r.makespan_s * (1 + 1e-12) and split["rest_s"] > 0
 
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)
@@ -97,6 +102,10 @@ def test_replay_small_capacity_forces_waiting_and_preemption(policy: str, profil
         assert r.overflow_rate == 0
     if policy in ("static", "oracle"):
         assert r.preemptions == 0 and r.migrated_bytes == 0
+        assert r.time_split_s["copy_s"] == r.time_split_s["swap_s"] == 0.0
+    assert r.time_split_s["busy_s"] == pytest.approx(r.makespan_s, rel=1e-9)  # offline: never idle
+    assert (r.time_split_s["copy_s"] > 0) == (r.migrated_bytes > 0)
+    assert (r.time_split_s["swap_s"] > 0) == (r.num_swaps > 0)
     if policy == "paged":
         assert r.preemptions > 0  # grows page by page into a full arena
     if policy == "s3":
@@ -199,7 +208,7 @@ def test_cli_bench_json_default_profile(tmp_path: Path) -> None:
 def test_cli_bench_decode_attention_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``--decode-attention in_place`` prices the what-if kernel: the same replay, never
     slower than the gathers the code issues, and the JSON says which was priced."""
-    tps = {}
+    tps, gather_s = {}, {}
     for mode in ("gather", "in_place"):
         out = tmp_path / f"{mode}.json"
         assert cli_main(["bench", "--max-requests", "50", "--predictor", "simple", "--json", str(out), "--no-progress",
@@ -207,8 +216,11 @@ def test_cli_bench_decode_attention_flag(tmp_path: Path, capsys: pytest.CaptureF
         doc = json.loads(out.read_text())
         assert doc["decode_attention"] == mode
         tps[mode] = doc["results"][0]["tps"]
-        assert f"decode attention {mode}" in capsys.readouterr().out
+        gather_s[mode] = doc["results"][0]["time_split_s"]["gather_s"]
+        text = capsys.readouterr().out
+        assert f"decode attention {mode}" in text and "time by part" in text and "gather_s" in text
     assert tps["in_place"] > tps["gather"]
+    assert gather_s["in_place"] == 0.0 < gather_s["gather"]  # paged's reads are gathered, unless priced in place
     assert cli_main(["bench", "--decode-attention", "paged", "--no-progress"]) == 2
 
 

@@ -181,6 +181,7 @@ def test_swap_is_priced_over_the_host_link() -> None:
     launches = (cost.layers.num_full * 4 + 1) * profile.launch_overhead_s
     assert extra == pytest.approx(nbytes / link + 2 * nbytes / profile.stream_bandwidth_bytes_per_s + launches)
     assert cost.step_time(with_swap).swap_bytes == nbytes
+    assert cost.step_time(with_swap).swap_s == pytest.approx(extra - launches)
     assert cost.swap_capacity_tokens(4 * 2**30) == 4 * 2**30 // cost.kv_bytes_per_token
 
 
