@@ -153,10 +153,9 @@ class StepCost:
     swap_bytes: int = 0
     """KV moved over the host link (swaps of preempted requests)."""
     gather_s: float = 0.0
-    """Of ``time_s``, the memory time of gather buffers: decode groups' slots (padding
-    included) and multi-run prefills' K/V written to a buffer and read back. Counted as
-    memory time though a kernel takes max(memory, compute): decode attention is memory
-    bound on every accelerator profile."""
+    """Of ``time_s``, what gather buffers add (launches aside): decode groups' slots
+    (padding included, and its scores) and multi-run prefills' K/V, written to a buffer and
+    read back."""
     copy_s: float = 0.0
     """Of ``time_s``, the memory time of the KV and state copies the policy issued."""
     swap_s: float = 0.0
@@ -174,7 +173,7 @@ class _Acc:
 
     def __init__(self) -> None:
         self.time_s = self.memory_s = self.compute_s = self.flops = 0.0
-        self.gather_s = 0.0  # memory seconds of gather buffers (``StepCost.gather_s``)
+        self.gather_s = 0.0  # the time gather buffers add (``StepCost.gather_s``)
 
     def add(self, count: int, memory_s: float, compute_s: float, flops: float) -> None:
         self.memory_s += count * memory_s
@@ -386,17 +385,22 @@ class CostModel:
             read_mem += mem
             ctx_sum += tokens
         kv_read = ctx_sum * per_token_layer
-        scored = ctx_sum
-        if self._gathers and gathered_tokens:
-            gather_s = 2 * gathered_tokens * per_token_layer / self._stream_bw
-            read_mem += gather_s
-            acc.gather_s += layers * gather_s
-            scored += padding_tokens
-        f = 4.0 * self._attn_width * scored
         # Decode attention runs one query row at a time: the CPU flash kernel measured at the
         # 1-row matmul rate (2.6 ms/layer at batch 16 x 1024 context on cpu-host), not the
         # g-row rate; on accelerators this term is small next to the KV read.
-        acc.add(layers, read_mem + write_mem, f / self.matmul_rate(1), f)
+        rate = self.matmul_rate(1)
+        scored = ctx_sum
+        plain_s = 0.0
+        if self._gathers and gathered_tokens:
+            # The buffer written and read back, and the padding scored: what the kernel's time
+            # gains by them is the step's gather time (``StepCost.gather_s``).
+            plain_s = max(read_mem + write_mem, 4.0 * self._attn_width * scored / rate)
+            read_mem += 2 * gathered_tokens * per_token_layer / self._stream_bw
+            scored += padding_tokens
+        f = 4.0 * self._attn_width * scored
+        if plain_s:
+            acc.gather_s += layers * (max(read_mem + write_mem, f / rate) - plain_s)
+        acc.add(layers, read_mem + write_mem, f / rate, f)
         return layers * kv_read
 
     def _read(self, runs: tuple[int, ...]) -> tuple[int, float]:

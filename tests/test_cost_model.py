@@ -423,3 +423,17 @@ def test_stream_reads_price_every_read_at_the_stream_bandwidth() -> None:
     assert contiguous.memory_s - ideal.memory_s > 0
     assert ideal.kv_read_bytes == contiguous.kv_read_bytes
     assert expected_read_s < contiguous.memory_s
+
+
+@pytest.mark.parametrize("profile_name", ["mlu370-x4", "cpu-host"])
+def test_the_gather_time_is_what_the_gathers_add(profile_name: str) -> None:
+    """``StepCost.gather_s``: the step priced as the code runs less the same step priced with
+    a kernel that reads runs in place (no buffer, no padding scored; launches alike), also
+    where decode attention is compute bound (cpu-host's one-row rate)."""
+    prof = load_profile(profile_name)
+    gather, in_place = CostModel(prof, MODEL), CostModel(dataclasses.replace(prof, decode_attention="in_place"), MODEL)
+    work = StepWork.build((), [(500,), (260,), (300, 200), (4000,), (70,)] * 3)
+    assert work.decode_gathered_tokens > 0 and work.decode_padding_tokens > 0
+    g = gather.step_time(work)
+    assert g.gather_s > 0 and in_place.step_time(work).gather_s == 0.0
+    assert g.gather_s == pytest.approx(g.time_s - in_place.step_time(work).time_s, rel=1e-9)
