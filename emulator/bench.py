@@ -146,7 +146,7 @@ def write_plot(results: Sequence[ReplayResult], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2.2, 1]})
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.5), gridspec_kw={"width_ratios": [2.2, 1, 1.2]})
     for r in results:
         cap = r.capacity_tokens
         line, = ax1.plot(r.timeline_s, [x / cap for x in r.timeline_live_tokens], label=f"{r.policy}", lw=1.2)
@@ -165,6 +165,16 @@ def write_plot(results: Sequence[ReplayResult], path: str, title: str) -> None:
     ax2.set_ylabel("generated tokens / s")
     ax2.tick_params(axis="x", labelrotation=30)
     ax2.set_title("throughput")
+    # Where each policy's step time went (``ReplayResult.time_split_s``), stacked.
+    bottom = [0.0] * len(results)
+    for part in [k for k in TIME_SPLIT if k != "busy_s"]:
+        values = [r.time_split_s.get(part, 0.0) for r in results]
+        ax3.bar(names, values, bottom=bottom, label=part.removesuffix("_s"))
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax3.set_ylabel("emulated step time (s)")
+    ax3.tick_params(axis="x", labelrotation=30)
+    ax3.set_title("time by part")
+    ax3.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

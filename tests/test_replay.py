@@ -189,12 +189,14 @@ def _check_bench_json(path: Path, policies: tuple[str, ...], profile_name: str, 
 
 def test_cli_bench_json_with_profile_path(tmp_path: Path, profile_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "bench.json"
+    plot = tmp_path / "bench.png"
     rc = cli_main(["bench", "--max-requests", "50", "--predictor", "simple", "--json", str(out), "--no-progress",
-                   "--profile", str(profile_path)])
+                   "--profile", str(profile_path), "--plot", str(plot)])
     assert rc == 0
     _check_bench_json(out, POLICY_NAMES, "test-lpddr")
     text = capsys.readouterr().out
     assert "policy" in text and all(p in text for p in POLICY_NAMES)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # KV over time, throughput, time by part
 
 
 @pytest.mark.skipif(not DEFAULT_PROFILE_EXISTS, reason="device_profiles/mlu370-x4.yaml not there yet")
