@@ -176,6 +176,7 @@ def test_sliding_decodes_gather_padded_to_the_longest_window_read() -> None:
     assert g.memory_s - i.memory_s == pytest.approx(20 * 2 * 2 * 1024 * b / MLU.stream_bandwidth_bytes_per_s,
                                                     rel=1e-9)
     assert g.flops - i.flops == pytest.approx(20 * 4.0 * SWA.num_heads * SWA.head_dim * (1024 - 300), rel=1e-9)
+    assert g.gather_s == pytest.approx(g.time_s - i.time_s, rel=1e-9) and i.gather_s == 0.0  # the ring's gather
 
 
 def test_sliding_prefill_sees_the_window_only() -> None:
@@ -224,6 +225,7 @@ def test_state_copies_are_charged() -> None:
     copied = cm.step_time(StepWork.build((), [(16,) * 8] * 4, state_copy_bytes=[hs.state_bytes_per_request] * 3))
     expected = 2 * 3 * hs.state_bytes_per_request / MLU.stream_bandwidth_bytes_per_s + 3 * MLU.launch_overhead_s
     assert copied.time_s - base.time_s == pytest.approx(expected, rel=1e-9)
+    assert (copied.copy_s, base.copy_s) == (pytest.approx(expected - 3 * MLU.launch_overhead_s, rel=1e-9), 0.0)
     hybrid = CostModel(MLU, hs.base, layers=LayerKinds.from_hybrid(hs))  # 4 attention layers: their KV only
     assert hybrid.copy_s(100) == pytest.approx(
         2 * 100 * hs.kv_bytes_per_token / hybrid.run_bandwidth(100) + 4 * 2 * MLU.launch_overhead_s)
