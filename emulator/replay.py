@@ -369,7 +369,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
                          "e2e_p50_s": float(np.percentile(e2e, 50)), "e2e_p99_s": float(np.percentile(e2e, 99))}
     keep = np.unique(np.linspace(0, len(tl_t) - 1, min(timeline_points, len(tl_t))).astype(int)) if tl_t else []
     stats = policy.stats()
-    split["rest_s"] = split["busy_s"] - sum(split[k] for k in TIME_SPLIT[1:-1])
+    split["rest_s"] = split["busy_s"] - sum(v for k, v in split.items() if k not in ("busy_s", "rest_s"))
     return ReplayResult(
         policy=policy_name, completed=len(done), lost=lost, rejected=rejected, makespan_s=makespan, generated_tokens=generated,
         tps=generated / makespan, rps=len(done) / makespan,
