@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from emulator.hetero_policy import HETERO_BASELINES
 from emulator.hybrid_policy import HYBRID_BASELINES
 from emulator.profile import DeviceProfile, load_profile
-from emulator.replay import TIME_SPLIT, ReplayResult, kv_bytes_per_token, kv_capacity_tokens, replay
+from emulator.replay import TIME_PARTS, ReplayResult, kv_bytes_per_token, kv_capacity_tokens, replay
 from emulator.traces import Trace, load_trace
 from odma_mlu.cli import swap_space_bytes
 from odma_mlu.config import CacheConfig, ModelSpec, SchedulerConfig, load_model_spec
@@ -120,15 +120,14 @@ def format_table(results: Sequence[ReplayResult], online: bool) -> str:
 def format_time_split(results: Sequence[ReplayResult]) -> str:
     """Where each policy's step time went (``ReplayResult.time_split_s``): seconds of emulated
     time per part, each with its share of the busy time, so policies compare part by part."""
-    parts = [k for k in TIME_SPLIT if k != "busy_s"]
     rows = []
     for r in results:
         split = r.time_split_s
         busy = split.get("busy_s", 0.0)
         rows.append([r.policy, str(r.num_steps), f"{busy:.1f}"]
                     + [f"{split.get(k, 0.0):.1f} ({100 * split.get(k, 0.0) / busy if busy else 0.0:.1f}%)"
-                       for k in parts])
-    return "time by part (emulated s):\n" + _aligned(["policy", "steps", "busy_s"] + parts, rows)
+                       for k in TIME_PARTS])
+    return "time by part (emulated s):\n" + _aligned(["policy", "steps", "busy_s", *TIME_PARTS], rows)
 
 
 def _aligned(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -167,7 +166,7 @@ def write_plot(results: Sequence[ReplayResult], path: str, title: str) -> None:
     ax2.set_title("throughput")
     # Where each policy's step time went (``ReplayResult.time_split_s``), stacked.
     bottom = [0.0] * len(results)
-    for part in [k for k in TIME_SPLIT if k != "busy_s"]:
+    for part in TIME_PARTS:
         values = [r.time_split_s.get(part, 0.0) for r in results]
         ax3.bar(names, values, bottom=bottom, label=part.removesuffix("_s"))
         bottom = [b + v for b, v in zip(bottom, values)]

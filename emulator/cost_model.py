@@ -389,16 +389,13 @@ class CostModel:
         # 1-row matmul rate (2.6 ms/layer at batch 16 x 1024 context on cpu-host), not the
         # g-row rate; on accelerators this term is small next to the KV read.
         rate = self.matmul_rate(1)
-        scored = ctx_sum
-        plain_s = 0.0
+        f = 4.0 * self._attn_width * ctx_sum
         if self._gathers and gathered_tokens:
-            # The buffer written and read back, and the padding scored: what the kernel's time
-            # gains by them is the step's gather time (``StepCost.gather_s``).
-            plain_s = max(read_mem + write_mem, 4.0 * self._attn_width * scored / rate)
+            # The buffer written and read back, and the padding scored: what they add to the
+            # kernel's time is the step's gather time (``StepCost.gather_s``).
+            plain_s = max(read_mem + write_mem, f / rate)
             read_mem += 2 * gathered_tokens * per_token_layer / self._stream_bw
-            scored += padding_tokens
-        f = 4.0 * self._attn_width * scored
-        if plain_s:
+            f = 4.0 * self._attn_width * (ctx_sum + padding_tokens)
             acc.gather_s += layers * (max(read_mem + write_mem, f / rate) - plain_s)
         acc.add(layers, read_mem + write_mem, f / rate, f)
         return layers * kv_read

@@ -148,11 +148,13 @@ class ReplayResult:
         return self.migrated_bytes / self.kv_read_bytes if self.kv_read_bytes else 0.0
 
 
-TIME_SPLIT = ("busy_s", "launch_s", "gather_s", "copy_s", "swap_s", "rest_s")
+TIME_PARTS = ("launch_s", "gather_s", "copy_s", "swap_s", "rest_s")
+"""The parts of the steps' time: kernel launches, gather buffers (decode groups and
+multi-run prefills), KV and state copies, host swaps (``StepCost``), and the rest: weights,
+attention reads of the KV where it lies, compute."""
+TIME_SPLIT = ("busy_s",) + TIME_PARTS
 """``ReplayResult.time_split_s``: the time of every step (busy_s; the makespan less idle
-waits for arrivals), of it kernel launches, gather buffers (decode groups and multi-run
-prefills), KV and state copies, host swaps (``StepCost``), and the rest: weights, attention
-reads of the KV where it lies, compute."""
+waits for arrivals) and its parts (``TIME_PARTS``), which add up to it."""
 
 
 def _features(r: TraceRequest, max_new_tokens: int) -> RequestFeatures:
@@ -369,7 +371,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
                          "e2e_p50_s": float(np.percentile(e2e, 50)), "e2e_p99_s": float(np.percentile(e2e, 99))}
     keep = np.unique(np.linspace(0, len(tl_t) - 1, min(timeline_points, len(tl_t))).astype(int)) if tl_t else []
     stats = policy.stats()
-    split["rest_s"] = split["busy_s"] - sum(v for k, v in split.items() if k not in ("busy_s", "rest_s"))
+    split["rest_s"] = split["busy_s"] - sum(split[k] for k in TIME_PARTS if k != "rest_s")
     return ReplayResult(
         policy=policy_name, completed=len(done), lost=lost, rejected=rejected, makespan_s=makespan, generated_tokens=generated,
         tps=generated / makespan, rps=len(done) / makespan,
