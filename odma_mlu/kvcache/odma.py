@@ -52,6 +52,7 @@ from odma_mlu.kvcache.odma_compaction import compact_into, find_slide, find_wind
 from odma_mlu.kvcache.odma_runs import OdmaRequest, RunBook
 from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, PolicyStats, ReserveRequest
 from odma_mlu.kvcache.run_pricing import RunCost, copy_pays, economic_run_tokens, move_pays
+from odma_mlu.predictor.drift import KSDriftDetector
 from odma_mlu.predictor.histogram import OnlineLengthHistogram
 
 PLACEMENT_CANDIDATES = 8
@@ -67,7 +68,7 @@ class OdmaPolicy(KVPolicy):
     can_run_out_of_room = True
 
     def __init__(self, arena: KVArena, max_new_tokens: int, config: OdmaConfig = OdmaConfig(),
-                 drift_detector: object | None = None, watermark_fraction: float = 0.0,
+                 drift_detector: KSDriftDetector | None = None, watermark_fraction: float = 0.0,
                  run_cost: RunCost | None = None, granule_tokens: int = 1, min_run_tokens: int = 16) -> None:
         super().__init__(arena, watermark_fraction)
         assert 0.0 <= config.safety_fraction < 1.0, "safety_fraction must be in [0, 1)"
@@ -475,7 +476,7 @@ class OdmaPolicy(KVPolicy):
         reoptimized = self.histogram.observe(generated_tokens)
         detector = self.drift_detector
         if detector is not None and not reoptimized:
-            if getattr(detector, "observe")(generated_tokens, self.histogram):
+            if detector.observe(generated_tokens, self.histogram):
                 self.histogram.reoptimize()
 
     def reserved_tokens(self) -> int:
