@@ -26,9 +26,14 @@ def test_the_grid_covers_every_field_with_valid_values() -> None:
 
 def test_the_default_runs_once_and_each_row_changes_one_field(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "sweep.json"
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     assert sweep.main(["--trace", "servegen-r1", "--max-requests", "12", "--max-new-tokens", "2048",
-                       "--only", "num_buckets,compact", "--json", str(out)]) == 0
+                       "--only", "num_buckets,compact", "--json", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Saved sweeps drawn side by side, nothing replayed.
+    both = tmp_path / "both.png"
+    assert sweep.main(["--from-json", str(out), str(out), "--plot", str(both)]) == 0
+    assert both.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads(out.read_text())["rows"]
     assert [(r["field"], r["value"]) for r in rows] == [
         ("(default)", None), ("num_buckets", 2), ("num_buckets", 4), ("num_buckets", 16), ("compact", False)]
@@ -39,8 +44,11 @@ def test_the_default_runs_once_and_each_row_changes_one_field(tmp_path: Path,
     assert "(default)" in capsys.readouterr().out
 
 
-def test_an_unknown_field_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("argv, names", [(["--only", "num_buckets,no_such_field"], "no_such_field"),
+                                         (["--from-json", "x.json"], "--plot"),
+                                         (["--from-json", "no/such.json", "--plot", "x.png"], "no/such.json")])
+def test_usage_errors_name_the_problem(argv: list[str], names: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
-        sweep.main(["--only", "num_buckets,no_such_field"])
+        sweep.main(argv)
     assert e.value.code == 2
-    assert "no_such_field" in capsys.readouterr().err
+    assert names in capsys.readouterr().err

@@ -5,7 +5,9 @@ one trace, everything else fixed; each row gives its tok/s as a ratio to the def
 Prints the table as it goes and optionally writes JSON.
 
     python tools/odma_sweep.py --trace servegen-r1 --max-requests 3000 --max-new-tokens 32768 \
-        --seed 8 --json out/sweep-servegen-8.json
+        --seed 8 --json out/sweep-servegen-8.json --plot out/sweep-servegen-8.png
+    python tools/odma_sweep.py --from-json out/sweep-servegen-8.json out/sweep-servegen-9.json \
+        --plot docs/img/odma-sweep-servegen.png      # draw saved sweeps side by side, no replay
 
 Development data only: ServeGen samples of seeds 8-13 (3,000 requests saturate the card;
 seeds 0-2 are the acceptance sets, reported, never tuned on) and the first records of the
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import fields, replace
+from pathlib import Path
 
 from emulator.bench import resolve_predictor
 from emulator.profile import load_profile
@@ -53,6 +56,41 @@ CacheConfig's (vLLM's 0.01), the same for every policy: not swept."""
 assert set(GRID) == {f.name for f in fields(OdmaConfig)}, "every OdmaConfig field has a row in GRID"
 
 
+def plot(sweeps: list[dict], path: str) -> None:
+    """One bar per row and sweep: tok/s against the default's, in percent, grouped by field."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [(r["field"], json.dumps(r["value"])) for r in sweeps[0]["rows"] if r["value"] is not None]
+    height = 0.8 / len(sweeps)
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(keys) + 1.5))
+    for k, sweep in enumerate(sweeps):
+        pct = {(r["field"], json.dumps(r["value"])): 100.0 * (r["tps_vs_default"] - 1.0) for r in sweep["rows"]}
+        ys = [i + k * height for i in range(len(keys))]
+        ax.barh(ys, [pct.get(key, 0.0) for key in keys], height=height,
+                label=f"{sweep['trace']}, seed {sweep['seed']}, {sweep['max_requests']} requests")
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(keys))])
+    ax.set_yticklabels([f"{f} = {v}" for f, v in keys], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0.0, color="grey", lw=0.8)
+    # Linear within +-0.5% (most constants), logarithmic past it (the switches that turn a part off).
+    ax.set_xscale("symlog", linthresh=0.5)
+    ticks = [-30, -10, -3, -1, -0.5, -0.25, 0, 0.25, 0.5, 1]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in ticks], fontsize=7)
+    ax.set_xlim(min(ticks[0], ax.get_xlim()[0]), max(ticks[-1], ax.get_xlim()[1]))
+    ax.set_xlabel("tok/s against the default OdmaConfig (%; linear within 0.5, logarithmic beyond)")
+    ax.set_title("Each odma constant varied alone", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trace", default="alpaca-vicuna")
@@ -63,8 +101,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated fields to sweep")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, metavar="OUT.png", help="draw the rows as bars against the default")
+    ap.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                    help="draw sweeps written by --json (needs --plot); nothing is replayed")
     add_chunked_prefill_arg(ap)
     ns = ap.parse_args(argv)
+    if ns.from_json:
+        if not ns.plot:
+            ap.error("--from-json draws saved sweeps: give --plot OUT.png")
+        sweeps = []
+        for f in ns.from_json:
+            try:
+                sweeps.append(json.loads(Path(f).read_text()))
+            except (OSError, ValueError) as e:
+                ap.error(f"--from-json: cannot read a sweep from {f}: {e}")
+            if not isinstance(sweeps[-1], dict) or "rows" not in sweeps[-1]:
+                ap.error(f"--from-json: {f} is not a sweep written by --json (no 'rows')")
+        plot(sweeps, ns.plot)
+        print(f"wrote {ns.plot}")
+        return 0
     fields_swept = ns.only.split(",") if ns.only else list(GRID)
     unknown = [f for f in fields_swept if f not in GRID]
     if unknown:
@@ -88,9 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"field": f, "value": v, "tps_vs_default": r.tps / base_tps, **r.metrics()})
         print(f"{f:<26}{'' if v is None else v!s:>8}{r.tps:>9.2f}{r.tps / base_tps:>9.4f}{r.kv_utilization:>9.3f}"
               f"{r.preemptions:>9}{r.runs_per_request:>8.2f}{r.copied_kv_fraction:>8.4f}", flush=True)
+    doc = {"trace": ns.trace, "max_requests": ns.max_requests, "seed": ns.seed, "rows": rows}
     if ns.json:
         with open(ns.json, "w") as fh:
-            json.dump({"trace": ns.trace, "max_requests": ns.max_requests, "seed": ns.seed, "rows": rows}, fh, indent=2)
+            json.dump(doc, fh, indent=2)
+    if ns.plot:
+        plot([doc], ns.plot)
+        print(f"wrote {ns.plot}")
     return 0
 
 
