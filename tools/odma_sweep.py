@@ -20,6 +20,7 @@ import argparse
 import json
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 from emulator.bench import resolve_predictor
 from emulator.profile import load_profile
@@ -56,7 +57,7 @@ CacheConfig's (vLLM's 0.01), the same for every policy: not swept."""
 assert set(GRID) == {f.name for f in fields(OdmaConfig)}, "every OdmaConfig field has a row in GRID"
 
 
-def plot(sweeps: list[dict], path: str) -> None:
+def plot(sweeps: list[dict[str, Any]], path: str) -> None:
     """One bar per row and sweep: tok/s against the default's, in percent, grouped by field."""
     import matplotlib
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.from_json:
         if not ns.plot:
             ap.error("--from-json draws saved sweeps: give --plot OUT.png")
-        sweeps = []
+        sweeps: list[dict[str, Any]] = []
         for f in ns.from_json:
             try:
                 sweeps.append(json.loads(Path(f).read_text()))
@@ -129,12 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     trace = load_trace(ns.trace, seed=ns.seed, max_requests=ns.max_requests, max_new_tokens=ns.max_new_tokens)
     cap = kv_capacity_tokens(profile, model, CacheConfig())
     default = OdmaConfig()
-    runs = [("(default)", None)] + [(f, v) for f in fields_swept for v in GRID[f] if v != getattr(default, f)]
+    variants = [("(default)", None)] + [(f, v) for f in fields_swept for v in GRID[f] if v != getattr(default, f)]
     print(f"{'field':<26}{'value':>8}{'tps':>9}{'vs dflt':>9}{'kv_util':>9}{'preempt':>9}{'runs':>8}{'copied':>8}",
           flush=True)
-    rows = []
-    base_tps = None
-    for f, v in runs:
+    rows: list[dict[str, Any]] = []
+    base_tps: float | None = None
+    for f, v in variants:
         odma = default if v is None else replace(default, **{f: v})
         r = replay(trace, "odma", model, profile, cache=replace(CacheConfig(), odma=odma),
                    scheduler_config=SchedulerConfig(enable_chunked_prefill=ns.chunked_prefill),
