@@ -57,6 +57,11 @@ CacheConfig's (vLLM's 0.01), the same for every policy: not swept."""
 assert set(GRID) == {f.name for f in fields(OdmaConfig)}, "every OdmaConfig field has a row in GRID"
 
 
+def _row_key(row: dict[str, Any]) -> tuple[str, str]:
+    """A row's (field, value) as it is written in the JSON: how rows of two sweeps match."""
+    return row["field"], json.dumps(row["value"])
+
+
 def plot(sweeps: list[dict[str, Any]], path: str) -> None:
     """One bar per row and sweep: tok/s against the default's, in percent, grouped by field."""
     import matplotlib
@@ -64,11 +69,11 @@ def plot(sweeps: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [(r["field"], json.dumps(r["value"])) for r in sweeps[0]["rows"] if r["value"] is not None]
+    keys = [_row_key(r) for r in sweeps[0]["rows"] if r["value"] is not None]
     height = 0.8 / len(sweeps)
     fig, ax = plt.subplots(figsize=(8, 0.28 * len(keys) + 1.5))
     for k, sweep in enumerate(sweeps):
-        pct = {(r["field"], json.dumps(r["value"])): 100.0 * (r["tps_vs_default"] - 1.0) for r in sweep["rows"]}
+        pct = {_row_key(r): 100.0 * (r["tps_vs_default"] - 1.0) for r in sweep["rows"]}
         ys = [i + k * height for i in range(len(keys))]
         ax.barh(ys, [pct.get(key, 0.0) for key in keys], height=height,
                 label=f"{sweep['trace']}, seed {sweep['seed']}, {sweep['max_requests']} requests")
@@ -92,6 +97,17 @@ def plot(sweeps: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+def _read_sweep(ap: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """A sweep written by ``--json``; a usage error naming the file where it is not one."""
+    try:
+        sweep = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        ap.error(f"--from-json: cannot read a sweep from {path}: {e}")
+    if not isinstance(sweep, dict) or "rows" not in sweep:
+        ap.error(f"--from-json: {path} is not a sweep written by --json (no 'rows')")
+    return sweep
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trace", default="alpaca-vicuna")
@@ -110,15 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.from_json:
         if not ns.plot:
             ap.error("--from-json draws saved sweeps: give --plot OUT.png")
-        sweeps: list[dict[str, Any]] = []
-        for f in ns.from_json:
-            try:
-                sweeps.append(json.loads(Path(f).read_text()))
-            except (OSError, ValueError) as e:
-                ap.error(f"--from-json: cannot read a sweep from {f}: {e}")
-            if not isinstance(sweeps[-1], dict) or "rows" not in sweeps[-1]:
-                ap.error(f"--from-json: {f} is not a sweep written by --json (no 'rows')")
-        plot(sweeps, ns.plot)
+        plot([_read_sweep(ap, f) for f in ns.from_json], ns.plot)
         print(f"wrote {ns.plot}")
         return 0
     fields_swept = ns.only.split(",") if ns.only else list(GRID)
