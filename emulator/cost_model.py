@@ -86,15 +86,16 @@ from odma_mlu.engine.step_work import StepWork
 from odma_mlu.models.layer_kinds import LayerKinds
 
 # Non-view ops dispatched by Qwen2ForwardModel.forward (counted; see the module docstring).
-KERNELS_PER_LAYER = 36  # norms, qkv, rotary, K/V scatter, o, residuals, gate_up, act, down
-KERNELS_PER_DECODE_GROUP_PER_LAYER = 3  # gather q rows, attention, scatter the output rows
+KERNELS_PER_LAYER = 31  # norms, qkv, rotary (q and k at once), K/V scatter, o, residuals, gate_up, act, down
+KERNELS_PER_DECODE_GROUP_PER_LAYER = 1  # attention (its query rows are a slice: ForwardBatch's row layout)
 KERNELS_PER_GATHERED_GROUP_PER_LAYER = 2  # a group not read as a view gathers its K and V
-KERNELS_PER_PREFILL_PER_LAYER = 2  # attention, copy the output rows
+KERNELS_PER_PREFILL_PER_LAYER = 1  # attention
+KERNELS_PER_ATTENTION_CAT_PER_LAYER = 1  # the calls' outputs concatenated, where a layer makes several
 KERNELS_PER_GATHERED_PREFILL_PER_LAYER = 2  # a prefill over several runs gathers its K and V
 KERNELS_PER_COPY_PER_LAYER = 2  # one contiguous copy of K and one of V
 KERNELS_PER_COPY_BATCH_PER_LAYER = 4  # several copies at once: a gather and a scatter of K and of V
 KERNELS_PER_COPY_BATCH = 2  # ... and the two slot-index uploads of the batch
-KERNELS_FIXED = 15  # rotary lookup, embedding, buffers, final norm, LM head, logits cast
+KERNELS_FIXED = 14  # rotary lookup, embedding, buffers, final norm, LM head, logits cast
 KERNELS_PER_SWAP_PER_LAYER = 4  # K and V: a gather (scatter) and a host copy each
 READ_CACHE_ENTRIES = 1 << 16  # memoized per-sequence reads (CostModel._read)
 
@@ -106,10 +107,13 @@ class ForwardKernels:
     fixed: int = KERNELS_FIXED
     full_layer: int = KERNELS_PER_LAYER
     sliding_layer: int = KERNELS_PER_LAYER + 2  # the ring write (4 ops) replaces the K/V scatter (2)
+    sliding_buffer: int = 1  # a model with sliding layers allocates their attention output once per step
     ssm_layer: int = 38  # norms, in_proj, gated norm, out_proj, residuals, MLP
     decode_group: int = KERNELS_PER_DECODE_GROUP_PER_LAYER  # per full layer and decode group
     gathered_group: int = KERNELS_PER_GATHERED_GROUP_PER_LAYER
-    prefill: int = KERNELS_PER_PREFILL_PER_LAYER  # per full or sliding layer and prefill
+    prefill: int = KERNELS_PER_PREFILL_PER_LAYER  # per full layer and prefill
+    attention_cat: int = KERNELS_PER_ATTENTION_CAT_PER_LAYER  # per full layer with more than one call
+    sliding_prefill: int = 2  # per sliding layer and prefill: attention, copy its output rows
     gathered_prefill: int = KERNELS_PER_GATHERED_PREFILL_PER_LAYER  # per full layer and multi-run prefill
     sliding_cached_prefill: int = 4  # a prefill with cached tokens gathers them from the ring (K, V)
     sliding_decode: int = 5  # per sliding layer, once when the step decodes: gathers, attention, scatter
@@ -128,9 +132,9 @@ QWEN2_KERNELS = ForwardKernels()
 FORWARD_KERNELS: dict[str, ForwardKernels] = {
     "Qwen2ForCausalLM": QWEN2_KERNELS,
     # 4 RMSNorms (1 + w), q/k norms, embedding scale, GELU-tanh: gemma3.py
-    "Gemma3ForCausalLM": ForwardKernels(fixed=20, full_layer=80, sliding_layer=82),
-    # partial rotary (cat) on attention layers; Mamba2 mixers: bamba.py, mamba2.py
-    "BambaForCausalLM": ForwardKernels(fixed=14, full_layer=39, sliding_layer=41),
+    "Gemma3ForCausalLM": ForwardKernels(fixed=19, full_layer=80, sliding_layer=82),
+    # partial rotary (q and k at once, a cat) on attention layers; Mamba2 mixers: bamba.py, mamba2.py
+    "BambaForCausalLM": ForwardKernels(fixed=14, full_layer=32, sliding_layer=34),
 }
 # Hybrids without a forward of their own here are counted as Bamba (Jamba's Mamba1 included).
 FORWARD_KERNELS["GraniteMoeHybridForCausalLM"] = FORWARD_KERNELS["JambaForCausalLM"] = \
@@ -304,14 +308,16 @@ class CostModel:
         prefills = len(work.prefill_new_tokens)
         cached = work.prefill_cached_tokens or (0,) * prefills
         full = (k.full_layer + k.decode_group * len(groups) + k.gathered_group * (len(groups) - work.decode_group_views)
-                + k.prefill * prefills + k.gathered_prefill * self._num_gathered_prefills(work))
+                + k.prefill * prefills + k.gathered_prefill * self._num_gathered_prefills(work)
+                + (k.attention_cat if len(groups) + prefills > 1 else 0))
         total = (self._n_full * full + k.fixed + k.state_copy * len(work.state_copy_bytes)
                  + sum(self.copy_kernels(n) for n in work.copy_batch_sizes)
                  + len(work.swap_tokens) * (self._n_full * k.swap + 1))
         if self._n_sliding:
-            sliding = (k.sliding_layer + k.prefill * prefills + k.sliding_cached_prefill * sum(c > 0 for c in cached)
+            sliding = (k.sliding_layer + k.sliding_prefill * prefills
+                       + k.sliding_cached_prefill * sum(c > 0 for c in cached)
                        + (k.sliding_decode if work.num_decodes else 0))
-            total += self._n_sliding * sliding
+            total += self._n_sliding * sliding + k.sliding_buffer
         if self._n_ssm:
             assert self.layers.ssm is not None
             d_conv = self.layers.ssm.d_conv

@@ -86,10 +86,9 @@ def _count(model: Any, seqs: list, arena_tokens: int) -> int:
     pool = model.new_window_pool(model.new_arena(16))
     rows = pool.rows_for(window)
     pool = model.new_window_pool(model.new_arena((len(seqs) + 1) * rows))
-    fb_seqs = ForwardBatch.build(seqs).seqs
     # whole-window rings, not in row order: sequence i's ring is rows [(n - i) * rows, (n - i + 1) * rows)
     rings = [(KVLocation((((len(seqs) - i) * rows, rows),)), window) for i in range(len(seqs))]
-    batch = RingBatch.build(pool, fb_seqs, rings)
+    batch = RingBatch.build(pool, ForwardBatch.build(seqs), rings)
     return _count_forward_kernels(model, seqs, arena_tokens, extra=(RingPlan(batch, pool.k, pool.v),))
 
 

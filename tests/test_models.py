@@ -175,6 +175,40 @@ def test_decode_reads_a_lone_run_as_a_view_and_gathers_otherwise(loaded, prompt_
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
+def test_rows_are_laid_out_by_attention_call(loaded, prompt_ids):
+    """Prefill rows first, then each decode group's rows together (one slice per attention
+    call, outputs concatenated); the logits come back in ``seqs`` order and do not depend
+    on the order the sequences are given in, nor on which others share the step."""
+    model = loaded[0]
+    arena = model.new_arena(1024)
+    pa, pb, pc, pd = (tuple(prompt_ids[i]) for i in (0, 1, 3, 2))
+    la, lb, lc = len(pa), len(pb), len(pc)
+    loc_a, loc_b, loc_d = KVLocation(((0, 64),)), KVLocation(((100, 64),)), KVLocation(((400, 128),))
+    loc_c = KVLocation(((300, 10), (200, 90)))  # its decode reads two runs
+    model.forward(ForwardBatch.build([SequenceInput(pa, 0, loc_a), SequenceInput(pb, 0, loc_b),
+                                      SequenceInput(pc, 0, loc_c)]), arena)
+    seqs = [SequenceInput((5,), la, loc_a), SequenceInput(pd, 0, loc_d), SequenceInput((6,), lb, loc_b),
+            SequenceInput((7,), lc, loc_c)]
+    batch = ForwardBatch.build(seqs, view_min_tokens=lb)  # b (one run, lb + 1 tokens) is read alone
+    assert batch.seq_rows[1] == 0 and len(batch.prefills) == 1 and batch.prefills[0].token_offset == 0
+    assert batch.last_token_rows.tolist() == [r + len(s.token_ids) - 1 for r, s in zip(batch.seq_rows, seqs)]
+    rows = [r for g in batch.decode_groups for r in range(g.first_row, g.first_row + g.num_seqs)]
+    assert rows == list(range(len(pd), len(pd) + 3)), "decode groups tile the rows after the prefill"
+    assert sorted(batch.seq_rows[i] for i in (0, 2, 3)) == rows
+    for seq, row in zip(seqs, batch.seq_rows):
+        n = len(seq.token_ids)
+        assert batch.input_ids[row:row + n].tolist() == list(seq.token_ids)
+        assert batch.positions[row:row + n].tolist() == list(range(seq.num_cached_tokens, seq.num_total_tokens))
+        assert batch.write_slots[row:row + n].tolist() == [seq.location.slot_of(t) for t in
+                                                          range(seq.num_cached_tokens, seq.num_total_tokens)]
+    together = model.forward(batch, arena)
+    backwards = model.forward(ForwardBatch.build(seqs[::-1], view_min_tokens=lb), arena)
+    assert torch.allclose(together, backwards.flip(0), atol=1e-5)
+    for i, seq in enumerate(seqs):  # the same K/V is written again: each alone gives the same logits
+        alone = model.forward(ForwardBatch.build([seq]), arena)
+        assert torch.allclose(together[i], alone[0], atol=1e-5), f"sequence {i} differs when batched"
+
+
 def test_chunked_prefill_greedy_matches_generate(loaded, prompt_ids, hf_greedy):
     model = loaded[0]
     locs = paged_locations([128] * 4, seed=3)

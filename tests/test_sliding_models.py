@@ -110,7 +110,8 @@ def test_prefill_logits_match_transformers(loaded, folders, family: str) -> None
     prompt = ids[3]
     assert windowed.reserve(ReserveRequest("p", len(prompt), MAX_NEW, len(prompt))) is not None
     seq = SequenceInput(tuple(prompt), 0, windowed.location("p"))
-    ours = model.forward(ForwardBatch.build([seq]), arena, windowed.rings.plan([seq], ["p"]))
+    fb = ForwardBatch.build([seq])
+    ours = model.forward(fb, arena, windowed.rings.plan(fb, ["p"]))
     with torch.no_grad():
         theirs = hf(torch.tensor([prompt])).logits[0, -1].float()
     torch.testing.assert_close(ours[0], theirs, atol=2e-4, rtol=1e-4)

@@ -149,10 +149,11 @@ def greedy_generate_rings(model: Any, arena: Any, policy: Any, prompts: list[lis
         # Locations only once every request has grown: a growth may move another's run.
         placed = [SequenceInput(seq.token_ids, seq.num_cached_tokens, policy.location(f"s{i}"))
                   for i, seq in zip(rows, seqs)]
-        plan = policy.rings.plan(placed, [f"s{i}" for i in rows], model.device)
+        batch = ForwardBatch.build(placed, device=model.device)
+        plan = policy.rings.plan(batch, [f"s{i}" for i in rows], model.device)
         policy.check_integrity()
         arena.take_issued_copies()  # the step's KV copies run before its forward, as in the engine
-        logits = model.forward(ForwardBatch.build(placed, device=model.device), arena, plan)
+        logits = model.forward(batch, arena, plan)
         if on_step is not None:
             on_step(policy)
         return logits

@@ -123,9 +123,9 @@ class DecodeGraphRunner:
         gather[len(inputs):] = gather[0]
         write = gather[torch.arange(batch), lengths - 1]
         rows = torch.arange(batch, dtype=torch.int64)
-        group = DecodeGroup(rows, span, valid.view(batch, 1, 1, span), None, gather.reshape(-1))
+        group = DecodeGroup(0, batch, span, valid.view(batch, 1, 1, span), None, gather.reshape(-1))
         return ForwardBatch(tuple(padded), torch.tensor([s.token_ids[0] for s in padded], dtype=torch.int64),
-                            lengths - 1, write, rows, (), (group,), max_position=span - 1)
+                            lengths - 1, write, rows, (), (group,), tuple(range(batch)), max_position=span - 1)
 
     def run(self, inputs: Sequence[SequenceInput]) -> torch.Tensor:
         """Logits [len(inputs), vocab] of a decode-only step (see ``fits``)."""
@@ -155,9 +155,10 @@ class DecodeGraphRunner:
         dev = self.device
         g = host.decode_groups[0]
         assert g.gather_slots is not None and g.length_mask is not None
-        group = DecodeGroup(g.token_rows.to(dev), g.span_tokens, g.length_mask.to(dev), None, g.gather_slots.to(dev))
+        group = DecodeGroup(0, g.num_seqs, g.span_tokens, g.length_mask.to(dev), None, g.gather_slots.to(dev))
         static = ForwardBatch(host.seqs, host.input_ids.to(dev), host.positions.to(dev), host.write_slots.to(dev),
-                              host.last_token_rows.to(dev), (), (group,), max_position=host.max_position)
+                              host.last_token_rows.to(dev), (), (group,), host.seq_rows,
+                              max_position=host.max_position)
         # Grow the rotary tables before capture: growing inside a graph would allocate.
         self.model.rotary.lookup(static.positions, static.max_position)
         graph = self.backend.new_graph(self._pool_owner) if self.use_graphs else None

@@ -268,7 +268,7 @@ class LLMEngine:
             elif self.windows is None:
                 logits = self.model.forward(fb, self.arena)
             else:
-                rings = self.windows.plan(inputs, [s.request_id for s in seqs], self.model.device)
+                rings = self.windows.plan(fb, [s.request_id for s in seqs], self.model.device)
                 logits = self.model.forward(fb, self.arena, rings)
         except Exception as e:  # noqa: BLE001 - see the module docstring
             return self._fail_batch(seqs, e)

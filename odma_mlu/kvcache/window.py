@@ -329,14 +329,15 @@ class RingPool:
         blocks touch, and then alike in every layer."""
         return covering_runs((n for _, n in self.runs_of(request_id, 0)), min(tokens, self.window_tokens))
 
-    def plan(self, seqs: Any, request_ids: list[str], device: torch.device | str = "cpu") -> Any:
-        """The ``RingPlan`` of one forward step (``seqs``: its SequenceInputs, in order)."""
+    def plan(self, batch: Any, request_ids: list[str], device: torch.device | str = "cpu") -> Any:
+        """The ``RingPlan`` of one forward step (``batch``: its ``ForwardBatch``; ``request_ids``
+        in ``batch.seqs`` order)."""
         from odma_mlu.models.window_attention import RingBatch, RingPlan  # models import kvcache, not the reverse
 
-        for seq, rid in zip(seqs, request_ids):
+        for seq, rid in zip(batch.seqs, request_ids):
             self.note_tokens(rid, seq.num_total_tokens)
         rings = [self._checked_location(rid) for rid in request_ids]
-        return RingPlan(RingBatch.build(self, seqs, [(loc, c) for c, loc in rings], device), self.k, self.v)
+        return RingPlan(RingBatch.build(self, batch, [(loc, c) for c, loc in rings], device), self.k, self.v)
 
     # -- accounting -----------------------------------------------------------------------
     def held_slots(self) -> int:

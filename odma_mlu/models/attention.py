@@ -1,11 +1,20 @@
 """One forward step's batch description and attention over the KV arena.
 
 A step runs prefill sequences (many new tokens) and decode sequences (one new token)
-together. Their new tokens are flattened into one varlen row space::
+together. Their new tokens are flattened into one varlen row space, laid out by attention
+call: every prefill's rows first (in ``seqs`` order), then each decode group's rows
+together (``ForwardBatch.seq_rows`` says where each sequence went)::
 
-    rows:      0 1 2 3 4 | 5 | 6 | 7 8 9 | 10
-    sequence:  A A A A A | B | C | D D D | E         A, D prefill; B, C, E decode
-    position:  0 1 2 3 4 |41 |17 | 3 4 5 |  9       D had 3 tokens cached (chunked prefill)
+    seqs:      A (prefill 5)  B (decode, group g1)  C (decode, g0)  D (prefill 3)  E (decode, g1)
+    rows:      0 1 2 3 4 | 5 6 7 | 8 | 9 10
+    sequence:  A A A A A | D D D | C | B  E           g0 = [C], g1 = [B, E]
+    position:  0 1 2 3 4 | 3 4 5 |17 |41  9           D had 3 tokens cached (chunked prefill)
+
+So each attention call reads its queries as one slice of the rows (a view) and the calls'
+outputs, concatenated in call order, are the layer's attention output in row order: one
+``cat`` per layer, no gather of query rows and no scatter of output rows per call.
+Row-wise work (matmuls, norms, rotary) does not care about the order; the logits come
+back in ``seqs`` order through ``last_token_rows``.
 
 Token ``t`` of a sequence lives at ``location.slot_of(t)`` in every layer's
 ``arena.k[layer]`` / ``arena.v[layer]`` ([capacity_tokens, kv_heads, head_dim]). Each step
@@ -83,8 +92,10 @@ class PrefillPlan:
 class DecodeGroup:
     """Single-token sequences attended as one batched SDPA over [B, L] KV."""
 
-    token_rows: torch.Tensor
-    """int64 [B]: row of each sequence's new token in the flattened batch."""
+    first_row: int
+    """Row of its first sequence's new token: the group's B rows are consecutive."""
+    num_seqs: int
+    """B."""
     span_tokens: int
     """L: tokens read per sequence, the longest length in the group."""
     length_mask: torch.Tensor | None
@@ -95,8 +106,8 @@ class DecodeGroup:
     """Otherwise: int64 [B * L] slots; padding repeats a valid slot and is masked."""
 
     @property
-    def batch_size(self) -> int:
-        return int(self.token_rows.numel())
+    def rows(self) -> slice:
+        return slice(self.first_row, self.first_row + self.num_seqs)
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,9 @@ class ForwardBatch:
     """int64 [S], row of each sequence's last new token: the logits returned."""
     prefills: tuple[PrefillPlan, ...]
     decode_groups: tuple[DecodeGroup, ...]
+    seq_rows: tuple[int, ...]
+    """Row of each sequence's first new token, in ``seqs`` order (its tokens' rows are
+    consecutive): what ring plans and SSM mixers index the batch by."""
     max_position: int = -1
     """The largest position in the batch (rotary tables grow to it); -1: compute it."""
 
@@ -138,56 +152,66 @@ class ForwardBatch:
         (``location_slots``)."""
         assert len(seqs) > 0, "a forward batch needs at least one sequence"
         dev = torch.device(device)
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        last_rows: list[int] = []
-        prefills: list[PrefillPlan] = []
-        groups: dict[int, list[tuple[int, SequenceInput]]] = {}
+        prefill_seqs: list[int] = []
+        groups: dict[int, list[int]] = {}
         max_total = 0
-        row = 0
-        for seq in seqs:
+        for i, seq in enumerate(seqs):  # which attention call each sequence joins
             n, first, loc = len(seq.token_ids), seq.num_cached_tokens, seq.location
             total = first + n
             if total > max_total:
                 max_total = total
-            start, first_run = loc.runs[0]
-            if n == 1 and first < first_run:  # the common decode: its newest token in the first run
-                ids.append(seq.token_ids[0])
-                positions.append(first)
-                slots.append(start + first)
+            if n == 1 and first < loc.runs[0][1]:  # the common decode: its newest token in the first run
                 if view_min_tokens is not None and first >= view_min_tokens - 1:  # one run, long: its own group
-                    groups[-1 - row] = [(row, seq)]
+                    groups[-1 - i] = [i]
                 else:
                     key = 1 << first.bit_length()  # decode_group_key(total), inlined (hot path)
-                    groups.setdefault(key if key > MIN_SPAN_TOKENS else MIN_SPAN_TOKENS, []).append((row, seq))
-                row += 1
-                last_rows.append(row - 1)
+                    groups.setdefault(key if key > MIN_SPAN_TOKENS else MIN_SPAN_TOKENS, []).append(i)
                 continue
             assert n > 0, "a sequence in a forward batch needs at least one new token"
             assert first >= 0, f"negative cached token count {first}"
             assert total <= loc.capacity_tokens, (
                 f"{total} tokens do not fit the reservation of {loc.capacity_tokens}")
-            ids.extend(seq.token_ids)
-            if n == 1:
-                positions.append(first)
-                slots.append(-1)  # past the first run: filled from the group's slot table
-                groups.setdefault(decode_group_key(total), []).append((row, seq))
+            if n == 1:  # its newest token is past its first run: the group's slot table places it
+                groups.setdefault(decode_group_key(total), []).append(i)
             else:
-                positions.extend(range(first, total))
-                one_run = total <= first_run
-                kv_slots = None if one_run else location_slots(loc)[:total]
-                slots.extend(range(start + first, start + total) if kv_slots is None else kv_slots[first:].tolist())
-                mask = None
-                if first > 0:
-                    q_pos = torch.arange(first, total, dtype=torch.int64)
-                    mask = (torch.arange(total, dtype=torch.int64)[None, :] <= q_pos[:, None]).to(dev)
-                prefills.append(PrefillPlan(row, n, total, start if one_run else None,
-                                            None if kv_slots is None else kv_slots.to(dev), mask))
-            row += n
-            last_rows.append(row - 1)
+                prefill_seqs.append(i)
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_rows = [0] * len(seqs)
+        prefills: list[PrefillPlan] = []
+        for i in prefill_seqs:  # rows in call order: the prefills, then each decode group
+            seq = seqs[i]
+            n, first, loc = len(seq.token_ids), seq.num_cached_tokens, seq.location
+            total = first + n
+            start, first_run = loc.runs[0]
+            seq_rows[i] = len(ids)
+            ids.extend(seq.token_ids)
+            positions.extend(range(first, total))
+            one_run = total <= first_run
+            kv_slots = None if one_run else location_slots(loc)[:total]
+            slots.extend(range(start + first, start + total) if kv_slots is None else kv_slots[first:].tolist())
+            mask = None
+            if first > 0:
+                q_pos = torch.arange(first, total, dtype=torch.int64)
+                mask = (torch.arange(total, dtype=torch.int64)[None, :] <= q_pos[:, None]).to(dev)
+            prefills.append(PrefillPlan(seq_rows[i], n, total, start if one_run else None,
+                                        None if kv_slots is None else kv_slots.to(dev), mask))
+        group_rows: list[int] = []
+        for key in sorted(groups):
+            group_rows.append(len(ids))
+            for i in groups[key]:
+                seq = seqs[i]
+                first = seq.num_cached_tokens
+                start, first_run = seq.location.runs[0]
+                seq_rows[i] = len(ids)
+                ids.append(seq.token_ids[0])
+                positions.append(first)
+                slots.append(start + first if first < first_run else -1)  # -1: filled from the slot table
         write_slots = torch.tensor(slots, dtype=torch.int64)
-        decode_groups = tuple(_plan_decode_group(groups[key], write_slots, dev) for key in sorted(groups))
+        decode_groups = tuple(_plan_decode_group(row, [seqs[i] for i in groups[key]], write_slots, dev)
+                              for row, key in zip(group_rows, sorted(groups)))
+        last_rows = [row + len(seq.token_ids) - 1 for row, seq in zip(seq_rows, seqs)]
         return cls(
             seqs=tuple(seqs),
             input_ids=torch.tensor(ids, dtype=torch.int64).to(dev),
@@ -196,6 +220,7 @@ class ForwardBatch:
             last_token_rows=torch.tensor(last_rows, dtype=torch.int64).to(dev),
             prefills=tuple(prefills),
             decode_groups=decode_groups,
+            seq_rows=tuple(seq_rows),
             max_position=max_total - 1,
         )
 
@@ -205,47 +230,46 @@ def location_slots(loc: KVLocation) -> torch.Tensor:
     return loc.slot_table()
 
 
-def _plan_decode_group(members: list[tuple[int, SequenceInput]], write_slots: torch.Tensor,
+def _plan_decode_group(first_row: int, members: list[SequenceInput], write_slots: torch.Tensor,
                        dev: torch.device) -> DecodeGroup:
-    """One decode group with tensor ops over the group; fills the write slots of members whose
-    newest token is past their first run (in ``write_slots``, in place)."""
-    rows_l = [r for r, _ in members]
-    lengths_l = [seq.num_cached_tokens + 1 for _, seq in members]
+    """One decode group, its rows from ``first_row``, with tensor ops over the group; fills the
+    write slots of members whose newest token is past their first run (in ``write_slots``,
+    in place)."""
+    lengths_l = [seq.num_cached_tokens + 1 for seq in members]
     span = max(lengths_l)
-    rows = torch.tensor(rows_l, dtype=torch.int64)
-    if len(members) == 1 and span <= members[0][1].location.runs[0][1]:
-        return DecodeGroup(rows.to(dev), span, None, members[0][1].location.runs[0][0], None)
+    b = len(members)
+    if b == 1 and span <= members[0].location.runs[0][1]:
+        return DecodeGroup(first_row, 1, span, None, members[0].location.runs[0][0], None)
     lengths = torch.tensor(lengths_l, dtype=torch.int64)
-    starts = torch.tensor([seq.location.runs[0][0] for _, seq in members], dtype=torch.int64)
+    starts = torch.tensor([seq.location.runs[0][0] for seq in members], dtype=torch.int64)
     j = torch.arange(span, dtype=torch.int64)
     valid = j[None, :] < lengths[:, None]
     # One-run members: start + j. Past its own length a row reads its first slot (masked).
     gather = torch.where(valid, starts[:, None] + j[None, :], starts[:, None])
-    multi = [b for b, (_, seq) in enumerate(members) if lengths_l[b] > seq.location.runs[0][1]]
+    multi = [k for k, seq in enumerate(members) if lengths_l[k] > seq.location.runs[0][1]]
     if multi:  # members reading several runs: their slot tables, padded, in one go
-        tables = torch.nn.utils.rnn.pad_sequence([members[b][1].location.slot_table() for b in multi],
+        tables = torch.nn.utils.rnn.pad_sequence([members[k].location.slot_table() for k in multi],
                                                  batch_first=True)[:, :span]
         if tables.shape[1] < span:  # a longer one-run member set the span
             tables = F.pad(tables, (0, span - tables.shape[1]))
         m = torch.tensor(multi, dtype=torch.int64)
         gather[m] = torch.where(valid[m], tables, starts[m, None])
-        write_slots[rows[m]] = gather[m, lengths[m] - 1]
-    mask = valid.view(len(members), 1, 1, span)
-    return DecodeGroup(rows.to(dev), span, mask.to(dev), None, gather.reshape(-1).to(dev))
+        write_slots[m + first_row] = gather[m, lengths[m] - 1]
+    mask = valid.view(b, 1, 1, span)
+    return DecodeGroup(first_row, b, span, mask.to(dev), None, gather.reshape(-1).to(dev))
 
 
 def arena_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, attn_out: torch.Tensor) -> None:
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """One full-attention layer over the arena, for every model family: write the new
     tokens' K/V ([T, kv, D]) at ``batch.write_slots``, then attend each prefill plan and each
-    decode group, filling ``attn_out`` [T, H, D] in the batch's row order."""
+    decode group; returns the attention output [T, H, D] in the batch's row order (the
+    calls' outputs concatenated: the rows are laid out in call order)."""
     write_kv(k_cache, v_cache, batch.write_slots, k, v)
-    for plan in batch.prefills:
-        rows = slice(plan.token_offset, plan.token_offset + plan.num_new_tokens)
-        attn_out[rows] = prefill_attention(q[rows], k_cache, v_cache, plan, scale)
-    for group in batch.decode_groups:
-        out = decode_attention(q.index_select(0, group.token_rows), k_cache, v_cache, group, scale)
-        attn_out.index_copy_(0, group.token_rows, out)
+    parts = [prefill_attention(q[plan.token_offset:plan.token_offset + plan.num_new_tokens], k_cache, v_cache,
+                               plan, scale) for plan in batch.prefills]
+    parts.extend(decode_attention(q[group.rows], k_cache, v_cache, group, scale) for group in batch.decode_groups)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
@@ -260,7 +284,7 @@ def _read(cache: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
     if group.view_start is not None:
         return cache[group.view_start:group.view_start + group.span_tokens].unsqueeze(0)
     assert group.gather_slots is not None
-    return cache.index_select(0, group.gather_slots).view(group.batch_size, group.span_tokens, *cache.shape[1:])
+    return cache.index_select(0, group.gather_slots).view(group.num_seqs, group.span_tokens, *cache.shape[1:])
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -270,7 +294,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kv_heads = k_cache.shape[1]
     k = _read(k_cache, group).transpose(1, 2)  # [B, kv, L, D]
     v = _read(v_cache, group).transpose(1, 2)
-    qg = q.view(b, kv_heads, heads // kv_heads, dim)  # the g heads of a KV head act as g queries
+    qg = q.reshape(b, kv_heads, heads // kv_heads, dim)  # the g heads of a KV head act as g queries
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.length_mask, scale=scale)
     return out.reshape(b, heads, dim)
 

@@ -32,7 +32,7 @@ from odma_mlu.kvcache.state_pool import StatePool
 from odma_mlu.models.attention import ForwardBatch, arena_attention
 from odma_mlu.models.hybrid_spec import HybridSpec
 from odma_mlu.models.mamba2 import chunk_scan, conv_decode, conv_prefill, gated_rms_norm, recurrent_step
-from odma_mlu.models.qwen2 import RotaryCache, _rotate_half
+from odma_mlu.models.qwen2 import RotaryCache, rotary_qk
 
 
 @dataclass(frozen=True)
@@ -100,15 +100,11 @@ class BambaForwardModel:
         q_size, kv_size = heads * dim, kv_heads * dim
         num_tokens = batch.num_tokens
         qkv = F.linear(x, w.qkv_weight, w.qkv_bias)
-        q = qkv[:, :q_size].view(num_tokens, heads, dim)
-        k = qkv[:, q_size:q_size + kv_size].view(num_tokens, kv_heads, dim)
+        q, k = rotary_qk(qkv, heads, kv_heads, dim, cos, sin, rot)
         v = qkv[:, q_size + kv_size:].view(num_tokens, kv_heads, dim)
-        q = torch.cat([q[..., :rot] * cos + _rotate_half(q[..., :rot]) * sin, q[..., rot:]], dim=-1)
-        k = torch.cat([k[..., :rot] * cos + _rotate_half(k[..., :rot]) * sin, k[..., rot:]], dim=-1)
         li = self.kv_index[layer]
-        attn_out = torch.empty(num_tokens, heads, dim, device=self.device, dtype=self.dtype)
-        arena_attention(q, k, v, batch, arena.k[li], arena.v[li], self.scale, attn_out)
-        return F.linear(attn_out.view(num_tokens, q_size), w.o_weight, w.o_bias)
+        attn = arena_attention(q, k, v, batch, arena.k[li], arena.v[li], self.scale)
+        return F.linear(attn.view(num_tokens, q_size), w.o_weight, w.o_bias)
 
     def _mamba(self, x: torch.Tensor, w: MambaWeights, batch: ForwardBatch, states: StatePool, layer: int,
                state_slots: Sequence[int]) -> torch.Tensor:
@@ -121,8 +117,7 @@ class BambaForwardModel:
         y = torch.empty(batch.num_tokens, d_inner, device=self.device, dtype=torch.float32)
         decode_rows: list[int] = []
         decode_slots: list[int] = []
-        row = 0
-        for seq, slot in zip(batch.seqs, state_slots):
+        for seq, slot, row in zip(batch.seqs, state_slots, batch.seq_rows):
             count = seq.num_new_tokens
             if count == 1 and seq.num_cached_tokens > 0:
                 decode_rows.append(row)
@@ -138,7 +133,6 @@ class BambaForwardModel:
                                                   w.dt_bias, hs.chunk_size_tokens, self.dt_limit,
                                                   None if fresh else ssm_states[slot])
                 y[rows] = ys.reshape(count, d_inner)
-            row += count
         if decode_rows:
             rows_t = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
             slots_t = torch.tensor(decode_slots, dtype=torch.int64, device=self.device)

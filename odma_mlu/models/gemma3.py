@@ -201,7 +201,9 @@ class Gemma3ForwardModel:
                   False: self.global_rotary.lookup(batch.positions, max_pos)}
 
         h = self.embed.index_select(0, batch.input_ids) * self.embed_scale
-        attn_out = torch.empty(num_tokens, heads, dim, device=self.device, dtype=self.dtype)
+        # Sliding layers write their rings' attention into one buffer; full layers return theirs.
+        ring_out = torch.empty(num_tokens, heads, dim, device=self.device, dtype=self.dtype) \
+            if self.num_sliding_layers else None
         for li, w in enumerate(self.layers):
             sliding = self.layer_windows[li] is not None
             x = self._norm(h, w.input_norm)
@@ -213,11 +215,12 @@ class Gemma3ForwardModel:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             if sliding:
-                assert rings is not None
-                ring_attention(q, k, v, rings, self.group_index[li], self.scale, attn_out)
+                assert rings is not None and ring_out is not None
+                ring_attention(q, k, v, rings, self.group_index[li], self.scale, ring_out)
+                attn = ring_out
             else:
-                self._full_attention(q, k, v, batch, arena, self.group_index[li], attn_out)
-            h = h + self._norm(F.linear(attn_out.view(num_tokens, q_size), w.o_weight, w.o_bias), w.post_attn_norm)
+                attn = self._full_attention(q, k, v, batch, arena, self.group_index[li])
+            h = h + self._norm(F.linear(attn.view(num_tokens, q_size), w.o_weight, w.o_bias), w.post_attn_norm)
             x = self._norm(h, w.pre_ff_norm)
             gate, up = F.linear(x, w.gate_up_weight).chunk(2, dim=-1)
             h = h + self._norm(F.linear(F.gelu(gate, approximate="tanh") * up, w.down_weight), w.post_ff_norm)
@@ -230,9 +233,9 @@ class Gemma3ForwardModel:
     __call__ = forward
 
     def _full_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
-                        arena: KVArena, arena_layer: int, attn_out: torch.Tensor) -> None:
+                        arena: KVArena, arena_layer: int) -> torch.Tensor:
         """Full layers: the same arena helpers as Qwen2 (write, prefill plans, decode groups)."""
-        arena_attention(q, k, v, batch, arena.k[arena_layer], arena.v[arena_layer], self.scale, attn_out)
+        return arena_attention(q, k, v, batch, arena.k[arena_layer], arena.v[arena_layer], self.scale)
 
     def new_arena(self, capacity_tokens: int) -> KVArena:
         """An arena for the full-attention layers only."""

@@ -2,7 +2,7 @@
 
 Per layer, for the T flattened new tokens of a ``ForwardBatch``::
 
-    x [T, hidden] -> RMSNorm -> qkv (one fused matmul, with biases) -> rotary(q, k)
+    x [T, hidden] -> RMSNorm -> qkv (one fused matmul, with biases) -> rotary(q and k at once)
                   -> write k, v to arena slots -> attention (prefill plans, decode groups)
                   -> o_proj -> + residual -> RMSNorm -> gate_up (fused) -> SiLU(gate)*up
                   -> down -> + residual
@@ -78,6 +78,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rotary_qk(qkv: torch.Tensor, heads: int, kv_heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor,
+              rotary_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, heads, dim] and k [T, kv_heads, dim] of a fused qkv projection [T, (heads + 2
+    kv_heads) dim], rotated: their heads side by side, so one pass of elementwise ops serves
+    both (the same values as rotating each). ``rotary_dim``: rotate only the first that many
+    channels of each head (partial rotary), cos/sin [T, 1, rotary_dim]."""
+    qk = qkv[:, :(heads + kv_heads) * dim].view(qkv.shape[0], heads + kv_heads, dim)
+    if rotary_dim is None or rotary_dim == dim:
+        qk = qk * cos + _rotate_half(qk) * sin
+    else:
+        part = qk[..., :rotary_dim]
+        qk = torch.cat([part * cos + _rotate_half(part) * sin, qk[..., rotary_dim:]], dim=-1)
+    return qk[:, :heads], qk[:, heads:]
+
+
 class Qwen2ForwardModel:
     """Qwen2ForCausalLM inference over a ``KVArena``; build it with ``odma_mlu.models.loader.load_model``.
 
@@ -126,21 +141,21 @@ class Qwen2ForwardModel:
         cos, sin = self.rotary.lookup(batch.positions, max_pos)
 
         h = self.embed.index_select(0, batch.input_ids)  # [T, hidden]
-        attn_out = torch.empty(num_tokens, heads, dim, device=self.device, dtype=self.dtype)
+        # Sliding layers write their rings' attention into one buffer; full layers return theirs.
+        ring_out = torch.empty(num_tokens, heads, dim, device=self.device, dtype=self.dtype) \
+            if self.num_sliding_layers else None
         for li, w in enumerate(self.layers):
             x = self._rms_norm(h, w.input_norm)
             qkv = F.linear(x, w.qkv_weight, w.qkv_bias)
-            q = qkv[:, :q_size].view(num_tokens, heads, dim)
-            k = qkv[:, q_size:q_size + kv_size].view(num_tokens, kv_heads, dim)
+            q, k = rotary_qk(qkv, heads, kv_heads, dim, cos, sin)
             v = qkv[:, q_size + kv_size:].view(num_tokens, kv_heads, dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             if self.layer_windows[li] is not None:
-                assert rings is not None
-                ring_attention(q, k, v, rings, self.group_index[li], self.scale, attn_out)
+                assert rings is not None and ring_out is not None
+                ring_attention(q, k, v, rings, self.group_index[li], self.scale, ring_out)
+                attn = ring_out
             else:
-                self._full_attention(q, k, v, batch, arena, self.group_index[li], attn_out)
-            h = h + F.linear(attn_out.view(num_tokens, q_size), w.o_weight)
+                attn = self._full_attention(q, k, v, batch, arena, self.group_index[li])
+            h = h + F.linear(attn.view(num_tokens, q_size), w.o_weight)
             x = self._rms_norm(h, w.post_norm)
             gate, up = F.linear(x, w.gate_up_weight).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, w.down_weight)
@@ -151,8 +166,8 @@ class Qwen2ForwardModel:
     __call__ = forward
 
     def _full_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
-                        arena: KVArena, arena_layer: int, attn_out: torch.Tensor) -> None:
-        arena_attention(q, k, v, batch, arena.k[arena_layer], arena.v[arena_layer], self.scale, attn_out)
+                        arena: KVArena, arena_layer: int) -> torch.Tensor:
+        return arena_attention(q, k, v, batch, arena.k[arena_layer], arena.v[arena_layer], self.scale)
 
     def new_arena(self, capacity_tokens: int) -> KVArena:
         """An arena for this model's full-attention layers, on its device and in its dtype."""

@@ -1,7 +1,7 @@
 """Attention of sliding-window layers over their rings (odma_mlu/kvcache/window.py).
 
-A ``RingBatch`` is planned once per step from the same ``SequenceInput``s as the
-``ForwardBatch`` (same row order) plus each sequence's ring (the ring request's location and
+A ``RingBatch`` is planned once per step from the step's ``ForwardBatch`` (its sequences
+and the rows it laid them out at) plus each sequence's ring (the ring request's location and
 its ring slots); it holds, for every sliding layer at once, the flat slots (lane within the
 layer's lane group * capacity + arena slot) each layer reads and writes: index tensors of
 shape [S, ...], row ``j`` for sliding layer ``j``. A ``RingPlan`` holds the batch and the
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from odma_mlu.kvcache.arena import KVLocation
 from odma_mlu.kvcache.window import RingPool
-from odma_mlu.models.attention import SequenceInput
+from odma_mlu.models.attention import ForwardBatch
 
 RingRef = tuple[KVLocation, int]
 """A sequence's ring: the ring request's location and the ring slots it holds (per layer)."""
@@ -80,8 +80,11 @@ class RingBatch:
     """bool [B, 1, 1, L]: entry j holds a token of the sequence (j < min(length, window))."""
 
     @classmethod
-    def build(cls, pool: RingPool, seqs: Sequence[SequenceInput], rings: Sequence[RingRef],
+    def build(cls, pool: RingPool, batch: ForwardBatch, rings: Sequence[RingRef],
               device: torch.device | str = "cpu") -> "RingBatch":
+        """``rings[i]``: the ring of ``batch.seqs[i]``, whose new tokens are at rows from
+        ``batch.seq_rows[i]``."""
+        seqs = batch.seqs
         assert len(seqs) == len(rings), f"{len(seqs)} sequences but {len(rings)} rings"
         dev = torch.device(device)
         w, layers = pool.window_tokens, pool.num_layers
@@ -91,8 +94,7 @@ class RingBatch:
         d_rows: list[int] = []
         d_reads: list[torch.Tensor] = []
         d_lengths: list[int] = []
-        row = 0
-        for seq, (loc, held) in zip(seqs, rings):
+        for seq, (loc, held), row in zip(seqs, rings, batch.seq_rows):
             n, first, total = seq.num_new_tokens, seq.num_cached_tokens, seq.num_total_tokens
             assert held == w or (held <= w and total <= held), f"a ring of {held} slots cannot hold {total} tokens"
             assert loc.capacity_tokens >= pool.rows_for(held), f"ring location {loc} holds fewer rows than {held} slots"
@@ -116,7 +118,6 @@ class RingBatch:
                 if first > cached_from:
                     cached = pool.flat_slots(loc, torch.arange(cached_from, first, dtype=torch.int64) % w).to(dev)
                 prefills.append(RingPrefill(row, n, cached, mask.to(dev)))
-            row += n
         decode_rows = decode_index = decode_mask = None
         if d_rows:
             b, longest = len(d_rows), max(d_lengths)
