@@ -131,8 +131,8 @@ class ForwardKernels:
 QWEN2_KERNELS = ForwardKernels()
 FORWARD_KERNELS: dict[str, ForwardKernels] = {
     "Qwen2ForCausalLM": QWEN2_KERNELS,
-    # 4 RMSNorms (1 + w), q/k norms, embedding scale, GELU-tanh: gemma3.py
-    "Gemma3ForCausalLM": ForwardKernels(fixed=19, full_layer=80, sliding_layer=82),
+    # 4 RMSNorms (1 + w), q and k normed together, embedding scale, GELU-tanh: gemma3.py
+    "Gemma3ForCausalLM": ForwardKernels(fixed=19, full_layer=65, sliding_layer=67),
     # partial rotary (q and k at once, a cat) on attention layers; Mamba2 mixers: bamba.py, mamba2.py
     "BambaForCausalLM": ForwardKernels(fixed=14, full_layer=32, sliding_layer=34),
 }

@@ -100,7 +100,7 @@ class BambaForwardModel:
         q_size, kv_size = heads * dim, kv_heads * dim
         num_tokens = batch.num_tokens
         qkv = F.linear(x, w.qkv_weight, w.qkv_bias)
-        q, k = rotary_qk(qkv, heads, kv_heads, dim, cos, sin, rot)
+        q, k = rotary_qk(qkv[:, :q_size + kv_size].view(num_tokens, heads + kv_heads, dim), heads, cos, sin, rot)
         v = qkv[:, q_size + kv_size:].view(num_tokens, kv_heads, dim)
         li = self.kv_index[layer]
         attn = arena_attention(q, k, v, batch, arena.k[li], arena.v[li], self.scale)

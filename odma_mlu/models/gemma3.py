@@ -30,7 +30,7 @@ from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.window import RING_BLOCK_TOKENS, RingPool, arena_flat_groups
 from odma_mlu.models.attention import ForwardBatch, arena_attention
 from odma_mlu.models.layer_types import FULL, SLIDING
-from odma_mlu.models.qwen2 import RotaryCache, _rotate_half, layer_groups
+from odma_mlu.models.qwen2 import RotaryCache, layer_groups, rotary_qk
 from odma_mlu.models.window_attention import RingPlan, ring_attention
 
 ARCHITECTURE = "Gemma3ForCausalLM"
@@ -42,8 +42,9 @@ class Gemma3LayerWeights:
     input_norm: torch.Tensor  # [hidden]
     qkv_weight: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
     qkv_bias: torch.Tensor | None
-    q_norm: torch.Tensor  # [head_dim]
-    k_norm: torch.Tensor  # [head_dim]
+    qk_norm: torch.Tensor
+    """[heads + kv_heads, head_dim]: q_norm's weight for each query head, then k_norm's for
+    each KV head, so one norm serves q and k side by side (the values of two)."""
     o_weight: torch.Tensor  # [hidden, heads * head_dim]
     o_bias: torch.Tensor | None
     post_attn_norm: torch.Tensor
@@ -147,7 +148,8 @@ def build(spec: ModelSpec, extras: Gemma3Extras, windows: tuple[int | None, ...]
             qkv_weight=torch.cat([get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight")]),
             qkv_bias=torch.cat([get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias")])
             if bias else None,
-            q_norm=get(a + "q_norm.weight"), k_norm=get(a + "k_norm.weight"),
+            qk_norm=torch.cat([get(a + "q_norm.weight").expand(spec.num_heads, -1),
+                               get(a + "k_norm.weight").expand(spec.num_kv_heads, -1)]),
             o_weight=get(a + "o_proj.weight"), o_bias=get(a + "o_proj.bias") if bias else None,
             post_attn_norm=get(p + "post_attention_layernorm.weight"),
             pre_ff_norm=get(p + "pre_feedforward_layernorm.weight"),
@@ -208,12 +210,9 @@ class Gemma3ForwardModel:
             sliding = self.layer_windows[li] is not None
             x = self._norm(h, w.input_norm)
             qkv = F.linear(x, w.qkv_weight, w.qkv_bias)
-            q = self._norm(qkv[:, :q_size].view(num_tokens, heads, dim), w.q_norm)
-            k = self._norm(qkv[:, q_size:q_size + kv_size].view(num_tokens, kv_heads, dim), w.k_norm)
+            qk = self._norm(qkv[:, :q_size + kv_size].view(num_tokens, heads + kv_heads, dim), w.qk_norm)
+            q, k = rotary_qk(qk, heads, *rotary[sliding])
             v = qkv[:, q_size + kv_size:].view(num_tokens, kv_heads, dim)
-            cos, sin = rotary[sliding]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             if sliding:
                 assert rings is not None and ring_out is not None
                 ring_attention(q, k, v, rings, self.group_index[li], self.scale, ring_out)

@@ -78,14 +78,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotary_qk(qkv: torch.Tensor, heads: int, kv_heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor,
-              rotary_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, heads, dim] and k [T, kv_heads, dim] of a fused qkv projection [T, (heads + 2
-    kv_heads) dim], rotated: their heads side by side, so one pass of elementwise ops serves
-    both (the same values as rotating each). ``rotary_dim``: rotate only the first that many
-    channels of each head (partial rotary), cos/sin [T, 1, rotary_dim]."""
-    qk = qkv[:, :(heads + kv_heads) * dim].view(qkv.shape[0], heads + kv_heads, dim)
-    if rotary_dim is None or rotary_dim == dim:
+def rotary_qk(qk: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, heads, D] and k [T, kv_heads, D], rotated, from ``qk`` [T, heads + kv_heads, D]
+    (the q and k of a fused projection, heads side by side): one pass of elementwise ops serves
+    both, with the values of rotating each. ``rotary_dim``: rotate only the first that many
+    channels of each head (partial rotary; cos/sin [T, 1, rotary_dim])."""
+    if rotary_dim is None or rotary_dim == qk.shape[-1]:
         qk = qk * cos + _rotate_half(qk) * sin
     else:
         part = qk[..., :rotary_dim]
@@ -147,7 +146,7 @@ class Qwen2ForwardModel:
         for li, w in enumerate(self.layers):
             x = self._rms_norm(h, w.input_norm)
             qkv = F.linear(x, w.qkv_weight, w.qkv_bias)
-            q, k = rotary_qk(qkv, heads, kv_heads, dim, cos, sin)
+            q, k = rotary_qk(qkv[:, :q_size + kv_size].view(num_tokens, heads + kv_heads, dim), heads, cos, sin)
             v = qkv[:, q_size + kv_size:].view(num_tokens, kv_heads, dim)
             if self.layer_windows[li] is not None:
                 assert rings is not None and ring_out is not None
