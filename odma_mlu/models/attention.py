@@ -5,10 +5,11 @@ together. Their new tokens are flattened into one varlen row space, laid out by 
 call: every prefill's rows first (in ``seqs`` order), then each decode group's rows
 together (``ForwardBatch.seq_rows`` says where each sequence went)::
 
-    seqs:      A (prefill 5)  B (decode, group g1)  C (decode, g0)  D (prefill 3)  E (decode, g1)
-    rows:      0 1 2 3 4 | 5 6 7 | 8 | 9 10
-    sequence:  A A A A A | D D D | C | B  E           g0 = [C], g1 = [B, E]
-    position:  0 1 2 3 4 | 3 4 5 |17 |41  9           D had 3 tokens cached (chunked prefill)
+    seqs:      A (prefill 5)  B (decode)  C (decode)  D (prefill 3)  E (decode)
+    rows:      0 1 2 3 4 | 5 6 7 | 8   | 9 10
+    sequence:  A A A A A | D D D | C   | B  E     D had 3 tokens cached (chunked prefill)
+    position:  0 1 2 3 4 | 3 4 5 | 900 |41  9     C: one run past the view length, read alone;
+                                                  B, E: one span class, one gathered call
 
 So each attention call reads its queries as one slice of the rows (a view) and the calls'
 outputs, concatenated in call order, are the layer's attention output in row order: one
