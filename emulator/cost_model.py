@@ -107,16 +107,15 @@ class ForwardKernels:
     fixed: int = KERNELS_FIXED
     full_layer: int = KERNELS_PER_LAYER
     sliding_layer: int = KERNELS_PER_LAYER + 2  # the ring write (4 ops) replaces the K/V scatter (2)
-    sliding_buffer: int = 1  # a model with sliding layers allocates their attention output once per step
     ssm_layer: int = 38  # norms, in_proj, gated norm, out_proj, residuals, MLP
     decode_group: int = KERNELS_PER_DECODE_GROUP_PER_LAYER  # per full layer and decode group
     gathered_group: int = KERNELS_PER_GATHERED_GROUP_PER_LAYER
     prefill: int = KERNELS_PER_PREFILL_PER_LAYER  # per full layer and prefill
-    attention_cat: int = KERNELS_PER_ATTENTION_CAT_PER_LAYER  # per full layer with more than one call
-    sliding_prefill: int = 2  # per sliding layer and prefill: attention, copy its output rows
+    attention_cat: int = KERNELS_PER_ATTENTION_CAT_PER_LAYER  # per full or sliding layer with more than one call
+    sliding_prefill: int = 1  # per sliding layer and prefill: attention
     gathered_prefill: int = KERNELS_PER_GATHERED_PREFILL_PER_LAYER  # per full layer and multi-run prefill
     sliding_cached_prefill: int = 4  # a prefill with cached tokens gathers them from the ring (K, V)
-    sliding_decode: int = 5  # per sliding layer, once when the step decodes: gathers, attention, scatter
+    sliding_decode: int = 3  # per sliding layer, once when the step decodes: K and V gathers, attention
     ssm_prefill: int = 66  # per SSM layer and prefill: causal conv + chunked scan
     ssm_prefill_continued: int = 1  # a later chunk prepends the slot's conv state
     ssm_prefill_short: int = 1  # a fresh prefill shorter than d_conv pads the conv input
@@ -316,8 +315,9 @@ class CostModel:
         if self._n_sliding:
             sliding = (k.sliding_layer + k.sliding_prefill * prefills
                        + k.sliding_cached_prefill * sum(c > 0 for c in cached)
-                       + (k.sliding_decode if work.num_decodes else 0))
-            total += self._n_sliding * sliding + k.sliding_buffer
+                       + (k.sliding_decode if work.num_decodes else 0)
+                       + (k.attention_cat if prefills + (1 if work.num_decodes else 0) > 1 else 0))
+            total += self._n_sliding * sliding
         if self._n_ssm:
             assert self.layers.ssm is not None
             d_conv = self.layers.ssm.d_conv

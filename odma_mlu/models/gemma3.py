@@ -203,9 +203,6 @@ class Gemma3ForwardModel:
                   False: self.global_rotary.lookup(batch.positions, max_pos)}
 
         h = self.embed.index_select(0, batch.input_ids) * self.embed_scale
-        # Sliding layers write their rings' attention into one buffer; full layers return theirs.
-        ring_out = torch.empty(num_tokens, heads, dim, device=self.device, dtype=self.dtype) \
-            if self.num_sliding_layers else None
         for li, w in enumerate(self.layers):
             sliding = self.layer_windows[li] is not None
             x = self._norm(h, w.input_norm)
@@ -214,9 +211,8 @@ class Gemma3ForwardModel:
             q, k = rotary_qk(qk, heads, *rotary[sliding])
             v = qkv[:, q_size + kv_size:].view(num_tokens, kv_heads, dim)
             if sliding:
-                assert rings is not None and ring_out is not None
-                ring_attention(q, k, v, rings, self.group_index[li], self.scale, ring_out)
-                attn = ring_out
+                assert rings is not None
+                attn = ring_attention(q, k, v, rings, self.group_index[li], self.scale)
             else:
                 attn = self._full_attention(q, k, v, batch, arena, self.group_index[li])
             h = h + self._norm(F.linear(attn.view(num_tokens, q_size), w.o_weight, w.o_bias), w.post_attn_norm)

@@ -140,18 +140,14 @@ class Qwen2ForwardModel:
         cos, sin = self.rotary.lookup(batch.positions, max_pos)
 
         h = self.embed.index_select(0, batch.input_ids)  # [T, hidden]
-        # Sliding layers write their rings' attention into one buffer; full layers return theirs.
-        ring_out = torch.empty(num_tokens, heads, dim, device=self.device, dtype=self.dtype) \
-            if self.num_sliding_layers else None
         for li, w in enumerate(self.layers):
             x = self._rms_norm(h, w.input_norm)
             qkv = F.linear(x, w.qkv_weight, w.qkv_bias)
             q, k = rotary_qk(qkv[:, :q_size + kv_size].view(num_tokens, heads + kv_heads, dim), heads, cos, sin)
             v = qkv[:, q_size + kv_size:].view(num_tokens, kv_heads, dim)
             if self.layer_windows[li] is not None:
-                assert rings is not None and ring_out is not None
-                ring_attention(q, k, v, rings, self.group_index[li], self.scale, ring_out)
-                attn = ring_out
+                assert rings is not None
+                attn = ring_attention(q, k, v, rings, self.group_index[li], self.scale)
             else:
                 attn = self._full_attention(q, k, v, batch, arena, self.group_index[li])
             h = h + F.linear(attn.view(num_tokens, q_size), w.o_weight)

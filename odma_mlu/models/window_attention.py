@@ -71,8 +71,10 @@ class RingBatch:
     write_index: torch.Tensor
     """int64 [S, W]: their flat slots, per sliding layer."""
     prefills: tuple[RingPrefill, ...]
-    decode_rows: torch.Tensor | None
-    """int64 [B]: rows of the decoding sequences' new tokens."""
+    """In row order: the ``ForwardBatch`` lays every prefill's rows out first."""
+    decode_rows: slice | None
+    """The decoding sequences' rows: consecutive, after the prefills' (the ``ForwardBatch``
+    layout), and the decode index below follows them in row order."""
     decode_index: torch.Tensor | None
     """int64 [S, B * L]: flat slots each decode reads, L = the batch's longest min(length,
     window) (entries past a sequence's own length point at slot 0 and are masked)."""
@@ -91,9 +93,7 @@ class RingBatch:
         write_rows: list[torch.Tensor] = []
         write_index: list[torch.Tensor] = []
         prefills: list[RingPrefill] = []
-        d_rows: list[int] = []
-        d_reads: list[torch.Tensor] = []
-        d_lengths: list[int] = []
+        decodes: list[tuple[int, torch.Tensor, int]] = []  # (row, ring slots read, length)
         for seq, (loc, held), row in zip(seqs, rings, batch.seq_rows):
             n, first, total = seq.num_new_tokens, seq.num_cached_tokens, seq.num_total_tokens
             assert held == w or (held <= w and total <= held), f"a ring of {held} slots cannot hold {total} tokens"
@@ -101,9 +101,7 @@ class RingBatch:
             if n == 1:  # its write joins the batch's one tensor of decode writes
                 length = min(total, w)
                 read = pool.flat_slots(loc, torch.arange(length, dtype=torch.int64))  # [S, length]
-                d_rows.append(row)
-                d_reads.append(read)
-                d_lengths.append(length)
+                decodes.append((row, read, length))
                 write_rows.append(torch.tensor([row], dtype=torch.int64))
                 write_index.append(read[:, (total - 1) % w, None])
             else:
@@ -119,13 +117,16 @@ class RingBatch:
                     cached = pool.flat_slots(loc, torch.arange(cached_from, first, dtype=torch.int64) % w).to(dev)
                 prefills.append(RingPrefill(row, n, cached, mask.to(dev)))
         decode_rows = decode_index = decode_mask = None
-        if d_rows:
-            b, longest = len(d_rows), max(d_lengths)
+        if decodes:
+            decodes.sort(key=lambda d: d[0])
+            b, longest, first_row = len(decodes), max(d[2] for d in decodes), decodes[0][0]
+            assert [d[0] for d in decodes] == list(range(first_row, first_row + b)), \
+                "decode rows must be consecutive (ForwardBatch lays them out after the prefills)"
             index = torch.zeros(layers, b, longest, dtype=torch.int64)
-            for i, read in enumerate(d_reads):
+            for i, (_, read, _) in enumerate(decodes):
                 index[:, i, :read.shape[1]] = read
-            valid = torch.arange(longest)[None, :] < torch.tensor(d_lengths, dtype=torch.int64)[:, None]
-            decode_rows = torch.tensor(d_rows, dtype=torch.int64, device=dev)
+            valid = torch.arange(longest)[None, :] < torch.tensor([d[2] for d in decodes], dtype=torch.int64)[:, None]
+            decode_rows = slice(first_row, first_row + b)
             decode_index = index.view(layers, b * longest).to(dev)
             decode_mask = valid.view(b, 1, 1, longest).to(dev)
         return cls(pool, torch.cat(write_rows).to(dev), torch.cat(write_index, dim=1).to(dev), tuple(prefills),
@@ -145,31 +146,39 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPrefil
 
 
 def ring_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan: RingPlan, sliding_layer: int,
-                   scale: float, out: torch.Tensor) -> None:
+                   scale: float) -> torch.Tensor:
     """Sliding layer ``sliding_layer``: attention of every new token ([T, H, D] queries,
-    [T, kv, D] new K/V) over its window, written into ``out`` [T, H, D]; the ring is updated
+    [T, kv, D] new K/V) over its window -> [T, H, D] in row order (the prefills' outputs,
+    then the decodes', concatenated: the ``ForwardBatch`` row layout); the ring is updated
     in place (the layer's flat slots, in whichever lanes its blocks lie)."""
     rings, j = plan.batch, sliding_layer
     group = rings.pool.group_of(j)
     k_flat, v_flat = plan.k[group], plan.v[group]
+    parts = []
     for pre in rings.prefills:
         rows = slice(pre.token_offset, pre.token_offset + pre.num_new_tokens)
         k, v = k_new[rows], v_new[rows]
         if pre.cached_index is not None:
             k = torch.cat([k_flat.index_select(0, pre.cached_index[j]), k])
             v = torch.cat([v_flat.index_select(0, pre.cached_index[j]), v])
-        out[rows] = _prefill(q[rows], k, v, pre, scale)
+        parts.append(_prefill(q[rows], k, v, pre, scale))
     k_flat.index_copy_(0, rings.write_index[j], k_new.index_select(0, rings.write_rows))
     v_flat.index_copy_(0, rings.write_index[j], v_new.index_select(0, rings.write_rows))
-    if rings.decode_rows is None:
-        return
+    if rings.decode_rows is not None:
+        parts.append(_decode(q[rings.decode_rows], k_flat, v_flat, rings, j, scale))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _decode(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, rings: RingBatch, j: int,
+            scale: float) -> torch.Tensor:
+    """The decodes' queries [B, H, D] over the ring entries they hold -> [B, H, D]."""
     assert rings.decode_index is not None and rings.decode_mask is not None
-    b = int(rings.decode_rows.numel())
+    b = q.shape[0]
     span = rings.decode_mask.shape[-1]
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = k_flat.shape[1]
     k = k_flat.index_select(0, rings.decode_index[j]).view(b, span, kv_heads, dim).transpose(1, 2)  # [B, kv, L, D]
     v = v_flat.index_select(0, rings.decode_index[j]).view(b, span, kv_heads, dim).transpose(1, 2)
-    qg = q.index_select(0, rings.decode_rows).view(b, kv_heads, heads // kv_heads, dim)
+    qg = q.reshape(b, kv_heads, heads // kv_heads, dim)
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=rings.decode_mask, scale=scale)
-    out.index_copy_(0, rings.decode_rows, o.reshape(b, heads, dim))
+    return o.reshape(b, heads, dim)
