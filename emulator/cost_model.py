@@ -107,7 +107,7 @@ class ForwardKernels:
     fixed: int = KERNELS_FIXED
     full_layer: int = KERNELS_PER_LAYER
     sliding_layer: int = KERNELS_PER_LAYER + 2  # the ring write (4 ops) replaces the K/V scatter (2)
-    ssm_layer: int = 38  # norms, in_proj, gated norm, out_proj, residuals, MLP
+    ssm_layer: int = 37  # norms, in_proj, gated norm, out_proj, residuals, MLP
     decode_group: int = KERNELS_PER_DECODE_GROUP_PER_LAYER  # per full layer and decode group
     gathered_group: int = KERNELS_PER_GATHERED_GROUP_PER_LAYER
     prefill: int = KERNELS_PER_PREFILL_PER_LAYER  # per full layer and prefill
@@ -116,10 +116,10 @@ class ForwardKernels:
     gathered_prefill: int = KERNELS_PER_GATHERED_PREFILL_PER_LAYER  # per full layer and multi-run prefill
     sliding_cached_prefill: int = 4  # a prefill with cached tokens gathers them from the ring (K, V)
     sliding_decode: int = 3  # per sliding layer, once when the step decodes: K and V gathers, attention
-    ssm_prefill: int = 66  # per SSM layer and prefill: causal conv + chunked scan
+    ssm_prefill: int = 66  # per SSM layer and prefill: causal conv + chunked scan (its output cast to float32)
     ssm_prefill_continued: int = 1  # a later chunk prepends the slot's conv state
     ssm_prefill_short: int = 1  # a fresh prefill shorter than d_conv pads the conv input
-    ssm_decode: int = 39  # per SSM layer, once when the step decodes: conv step + recurrent step
+    ssm_decode: int = 34  # per SSM layer, once when the step decodes: conv step + recurrent step
     copy: int = KERNELS_PER_COPY_PER_LAYER  # per full layer and batch of one KV copy
     copy_batch: int = KERNELS_PER_COPY_BATCH_PER_LAYER  # per full layer and batch of several
     copy_batch_fixed: int = KERNELS_PER_COPY_BATCH  # per batch of several
@@ -324,7 +324,8 @@ class CostModel:
             ssm = (k.ssm_layer + k.ssm_prefill * prefills
                    + sum(k.ssm_prefill_continued if c > 0 else (k.ssm_prefill_short if t < d_conv else 0)
                          for t, c in zip(work.prefill_new_tokens, cached))
-                   + (k.ssm_decode if work.num_decodes else 0))
+                   + (k.ssm_decode if work.num_decodes else 0)
+                   + (k.attention_cat if prefills + (1 if work.num_decodes else 0) > 1 else 0))
             total += self._n_ssm * ssm
         return total
 

@@ -155,14 +155,14 @@ def test_decode_reads_a_lone_run_as_a_view_and_gathers_otherwise(loaded, prompt_
     assert group.view_start == 7 and group.gather_slots is None and group.length_mask is None
     multi = KVLocation(((100, 20), (10, 30)))
     batch = ForwardBatch.build([SequenceInput((1,), 4, KVLocation(((0, 32),))),
-                                SequenceInput((2,), 24, multi), SequenceInput((3,), 0, KVLocation(((60, 32),)))])
-    (group,) = batch.decode_groups  # contexts 5, 25, 1: one span class
+                                SequenceInput((2,), 24, multi), SequenceInput((3,), 1, KVLocation(((60, 32),)))])
+    (group,) = batch.decode_groups  # contexts 5, 25, 2: one span class
     assert group.view_start is None and group.span_tokens == 25
     slots = group.gather_slots.view(3, 25)
     assert slots[1].tolist() == list(range(100, 120)) + list(range(10, 15))
-    assert slots[0, :5].tolist() == [0, 1, 2, 3, 4] and slots[2, 0].item() == 60
-    assert group.length_mask.view(3, 25).sum(1).tolist() == [5, 25, 1]
-    assert batch.write_slots.tolist() == [4, multi.slot_of(24), 60]
+    assert slots[0, :5].tolist() == [0, 1, 2, 3, 4] and slots[2, :2].tolist() == [60, 61]
+    assert group.length_mask.view(3, 25).sum(1).tolist() == [5, 25, 2]
+    assert batch.write_slots.tolist() == [4, multi.slot_of(24), 61]
     # and the gathered multi-run read attends exactly like a one-run copy of the same KV
     model = loaded[0]
     arena = model.new_arena(400)
@@ -207,6 +207,24 @@ def test_rows_are_laid_out_by_attention_call(loaded, prompt_ids):
     for i, seq in enumerate(seqs):  # the same K/V is written again: each alone gives the same logits
         alone = model.forward(ForwardBatch.build([seq]), arena)
         assert torch.allclose(together[i], alone[0], atol=1e-5), f"sequence {i} differs when batched"
+
+
+def test_a_one_token_prompt_is_a_prefill(loaded, hf_model, prompt_ids):
+    """A one-token prompt is prefilled (as the scheduler and the step-cost function count it),
+    not put in a decode group, and matches transformers beside a decode."""
+    model = loaded[0]
+    arena = model.new_arena(512)
+    ids = tuple(prompt_ids[1])
+    model.forward(ForwardBatch.build([SequenceInput(ids, 0, KVLocation(((0, 64),)))]), arena)
+    token = prompt_ids[2][0]
+    batch = ForwardBatch.build([SequenceInput((ids[-1],), len(ids), KVLocation(((0, 64),))),
+                                SequenceInput((token,), 0, KVLocation(((100, 16),)))])
+    assert [(p.token_offset, p.num_new_tokens) for p in batch.prefills] == [(0, 1)]
+    assert [g.num_seqs for g in batch.decode_groups] == [1] and batch.seq_rows == (1, 0)
+    ours = model.forward(batch, arena)
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor([[token]])).logits[0, -1].float()
+    torch.testing.assert_close(ours[1], theirs, atol=2e-4, rtol=1e-4)
 
 
 def test_chunked_prefill_greedy_matches_generate(loaded, prompt_ids, hf_greedy):

@@ -3,7 +3,8 @@
 A step runs prefill sequences (many new tokens) and decode sequences (one new token)
 together. Their new tokens are flattened into one varlen row space, laid out by attention
 call: every prefill's rows first (in ``seqs`` order), then each decode group's rows
-together (``ForwardBatch.seq_rows`` says where each sequence went)::
+together (``ForwardBatch.seq_rows`` says where each sequence went). A decode is one new
+token after cached ones; a one-token prompt is a prefill, as the scheduler counts it::
 
     seqs:      A (prefill 5)  B (decode)  C (decode)  D (prefill 3)  E (decode)
     rows:      0 1 2 3 4 | 5 6 7 | 8   | 9 10
@@ -161,7 +162,7 @@ class ForwardBatch:
             total = first + n
             if total > max_total:
                 max_total = total
-            if n == 1 and first < loc.runs[0][1]:  # the common decode: its newest token in the first run
+            if n == 1 and 0 < first < loc.runs[0][1]:  # the common decode: its newest token in the first run
                 if view_min_tokens is not None and first >= view_min_tokens - 1:  # one run, long: its own group
                     groups[-1 - i] = [i]
                 else:
@@ -172,9 +173,9 @@ class ForwardBatch:
             assert first >= 0, f"negative cached token count {first}"
             assert total <= loc.capacity_tokens, (
                 f"{total} tokens do not fit the reservation of {loc.capacity_tokens}")
-            if n == 1:  # its newest token is past its first run: the group's slot table places it
+            if n == 1 and first > 0:  # its newest token is past its first run: the group's slot table places it
                 groups.setdefault(decode_group_key(total), []).append(i)
-            else:
+            else:  # a prompt or a chunk of one (a one-token prompt too: the scheduler prefills it)
                 prefill_seqs.append(i)
         ids: list[int] = []
         positions: list[int] = []

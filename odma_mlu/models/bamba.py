@@ -114,14 +114,14 @@ class BambaForwardModel:
         proj = F.linear(x, w.in_proj_weight, w.in_proj_bias)
         gate, xbc, dt = proj.split([d_inner, conv_dim, heads], dim=-1)
         conv_states, ssm_states = states.conv[self.state_index[layer]], states.ssm[self.state_index[layer]]
-        y = torch.empty(batch.num_tokens, d_inner, device=self.device, dtype=torch.float32)
-        decode_rows: list[int] = []
-        decode_slots: list[int] = []
+        # Rows in the batch's layout (ForwardBatch): the prefills' first, then the decodes',
+        # consecutive; each part's output joins in that order, so no row is gathered or scattered.
+        parts: list[torch.Tensor] = []
+        decodes: list[tuple[int, int]] = []  # (row, state slot)
         for seq, slot, row in zip(batch.seqs, state_slots, batch.seq_rows):
             count = seq.num_new_tokens
             if count == 1 and seq.num_cached_tokens > 0:
-                decode_rows.append(row)
-                decode_slots.append(slot)
+                decodes.append((row, slot))
             else:  # a prompt (fresh state) or a later prefill chunk (continues the slot's state)
                 fresh = seq.num_cached_tokens == 0
                 rows = slice(row, row + count)
@@ -132,21 +132,24 @@ class BambaForwardModel:
                                                   b.reshape(count, groups, n), c.reshape(count, groups, n), w.d,
                                                   w.dt_bias, hs.chunk_size_tokens, self.dt_limit,
                                                   None if fresh else ssm_states[slot])
-                y[rows] = ys.reshape(count, d_inner)
-        if decode_rows:
-            rows_t = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
-            slots_t = torch.tensor(decode_slots, dtype=torch.int64, device=self.device)
-            out, new_conv = conv_decode(xbc.index_select(0, rows_t), conv_states.index_select(0, slots_t),
-                                        w.conv_weight, w.conv_bias)
+                parts.append(ys.reshape(count, d_inner).float())
+        if decodes:
+            decodes.sort()
+            first_row, batch_size = decodes[0][0], len(decodes)
+            assert [r for r, _ in decodes] == list(range(first_row, first_row + batch_size)), \
+                "decode rows must be consecutive (ForwardBatch lays them out after the prefills)"
+            rows = slice(first_row, first_row + batch_size)
+            slots_t = torch.tensor([s for _, s in decodes], dtype=torch.int64, device=self.device)
+            out, new_conv = conv_decode(xbc[rows], conv_states.index_select(0, slots_t), w.conv_weight, w.conv_bias)
             conv_states.index_copy_(0, slots_t, new_conv.to(conv_states.dtype))
-            batch_size = len(decode_rows)
             xs, b, c = out.split([d_inner, groups * n, groups * n], dim=-1)
             ys, new_ssm = recurrent_step(ssm_states.index_select(0, slots_t), xs.reshape(batch_size, heads, head_dim),
-                                         dt.index_select(0, rows_t), w.a, b.reshape(batch_size, groups, n),
+                                         dt[rows], w.a, b.reshape(batch_size, groups, n),
                                          c.reshape(batch_size, groups, n), w.d, w.dt_bias)
             ssm_states.index_copy_(0, slots_t, new_ssm.to(ssm_states.dtype))
             # transformers casts the recurrent output to the activation dtype before the norm.
-            y.index_copy_(0, rows_t, ys.reshape(batch_size, d_inner).float())
+            parts.append(ys.reshape(batch_size, d_inner).float())
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
         normed = gated_rms_norm(y, gate, w.norm_weight, d_inner // groups, self.spec.rms_norm_eps)
         return F.linear(normed.to(self.dtype), w.out_weight, w.out_bias)
 

@@ -98,7 +98,7 @@ class RingBatch:
             n, first, total = seq.num_new_tokens, seq.num_cached_tokens, seq.num_total_tokens
             assert held == w or (held <= w and total <= held), f"a ring of {held} slots cannot hold {total} tokens"
             assert loc.capacity_tokens >= pool.rows_for(held), f"ring location {loc} holds fewer rows than {held} slots"
-            if n == 1:  # its write joins the batch's one tensor of decode writes
+            if n == 1 and first > 0:  # a decode (ForwardBatch's rule): its write joins the decode writes
                 length = min(total, w)
                 read = pool.flat_slots(loc, torch.arange(length, dtype=torch.int64))  # [S, length]
                 decodes.append((row, read, length))
