@@ -129,9 +129,19 @@ class ForwardBatch:
     decode_groups: tuple[DecodeGroup, ...]
     seq_rows: tuple[int, ...]
     """Row of each sequence's first new token, in ``seqs`` order (its tokens' rows are
-    consecutive): what ring plans and SSM mixers index the batch by."""
+    consecutive)."""
+    prefill_seqs: tuple[int, ...]
+    """Indices into ``seqs`` of the prefills, in row order (their rows come first)."""
+    decode_seqs: tuple[int, ...]
+    """Indices into ``seqs`` of the decodes, in row order: rows ``decode_rows``, one each.
+    Ring plans and SSM mixers read the split from here rather than deciding it again."""
     max_position: int = -1
     """The largest position in the batch (rotary tables grow to it); -1: compute it."""
+
+    @property
+    def decode_rows(self) -> slice:
+        """The decodes' rows: consecutive, after every prefill's."""
+        return slice(self.num_tokens - len(self.decode_seqs), self.num_tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -200,8 +210,10 @@ class ForwardBatch:
             prefills.append(PrefillPlan(seq_rows[i], n, total, start if one_run else None,
                                         None if kv_slots is None else kv_slots.to(dev), mask))
         group_rows: list[int] = []
+        decode_seqs: list[int] = []
         for key in sorted(groups):
             group_rows.append(len(ids))
+            decode_seqs.extend(groups[key])
             for i in groups[key]:
                 seq = seqs[i]
                 first = seq.num_cached_tokens
@@ -223,6 +235,8 @@ class ForwardBatch:
             prefills=tuple(prefills),
             decode_groups=decode_groups,
             seq_rows=tuple(seq_rows),
+            prefill_seqs=tuple(prefill_seqs),
+            decode_seqs=tuple(decode_seqs),
             max_position=max_total - 1,
         )
 

@@ -117,29 +117,21 @@ class BambaForwardModel:
         # Rows in the batch's layout (ForwardBatch): the prefills' first, then the decodes',
         # consecutive; each part's output joins in that order, so no row is gathered or scattered.
         parts: list[torch.Tensor] = []
-        decodes: list[tuple[int, int]] = []  # (row, state slot)
-        for seq, slot, row in zip(batch.seqs, state_slots, batch.seq_rows):
-            count = seq.num_new_tokens
-            if count == 1 and seq.num_cached_tokens > 0:
-                decodes.append((row, slot))
-            else:  # a prompt (fresh state) or a later prefill chunk (continues the slot's state)
-                fresh = seq.num_cached_tokens == 0
-                rows = slice(row, row + count)
-                out, conv_states[slot] = conv_prefill(xbc[rows], None if fresh else conv_states[slot], w.conv_weight,
-                                                      w.conv_bias, hs.d_conv)
-                xs, b, c = out.split([d_inner, groups * n, groups * n], dim=-1)
-                ys, ssm_states[slot] = chunk_scan(xs.reshape(count, heads, head_dim), dt[rows], w.a,
-                                                  b.reshape(count, groups, n), c.reshape(count, groups, n), w.d,
-                                                  w.dt_bias, hs.chunk_size_tokens, self.dt_limit,
-                                                  None if fresh else ssm_states[slot])
-                parts.append(ys.reshape(count, d_inner).float())
-        if decodes:
-            decodes.sort()
-            first_row, batch_size = decodes[0][0], len(decodes)
-            assert [r for r, _ in decodes] == list(range(first_row, first_row + batch_size)), \
-                "decode rows must be consecutive (ForwardBatch lays them out after the prefills)"
-            rows = slice(first_row, first_row + batch_size)
-            slots_t = torch.tensor([s for _, s in decodes], dtype=torch.int64, device=self.device)
+        for i in batch.prefill_seqs:  # a prompt (fresh state) or a later chunk (continues the slot's state)
+            seq, slot, row = batch.seqs[i], state_slots[i], batch.seq_rows[i]
+            count, fresh = seq.num_new_tokens, seq.num_cached_tokens == 0
+            rows = slice(row, row + count)
+            out, conv_states[slot] = conv_prefill(xbc[rows], None if fresh else conv_states[slot], w.conv_weight,
+                                                  w.conv_bias, hs.d_conv)
+            xs, b, c = out.split([d_inner, groups * n, groups * n], dim=-1)
+            ys, ssm_states[slot] = chunk_scan(xs.reshape(count, heads, head_dim), dt[rows], w.a,
+                                              b.reshape(count, groups, n), c.reshape(count, groups, n), w.d,
+                                              w.dt_bias, hs.chunk_size_tokens, self.dt_limit,
+                                              None if fresh else ssm_states[slot])
+            parts.append(ys.reshape(count, d_inner).float())
+        if batch.decode_seqs:
+            rows, batch_size = batch.decode_rows, len(batch.decode_seqs)
+            slots_t = torch.tensor([state_slots[i] for i in batch.decode_seqs], dtype=torch.int64, device=self.device)
             out, new_conv = conv_decode(xbc[rows], conv_states.index_select(0, slots_t), w.conv_weight, w.conv_bias)
             conv_states.index_copy_(0, slots_t, new_conv.to(conv_states.dtype))
             xs, b, c = out.split([d_inner, groups * n, groups * n], dim=-1)

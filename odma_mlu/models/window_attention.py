@@ -73,8 +73,8 @@ class RingBatch:
     prefills: tuple[RingPrefill, ...]
     """In row order: the ``ForwardBatch`` lays every prefill's rows out first."""
     decode_rows: slice | None
-    """The decoding sequences' rows: consecutive, after the prefills' (the ``ForwardBatch``
-    layout), and the decode index below follows them in row order."""
+    """The decoding sequences' rows (``ForwardBatch.decode_rows``); the decode index below
+    follows them in row order."""
     decode_index: torch.Tensor | None
     """int64 [S, B * L]: flat slots each decode reads, L = the batch's longest min(length,
     window) (entries past a sequence's own length point at slot 0 and are masked)."""
@@ -93,15 +93,16 @@ class RingBatch:
         write_rows: list[torch.Tensor] = []
         write_index: list[torch.Tensor] = []
         prefills: list[RingPrefill] = []
-        decodes: list[tuple[int, torch.Tensor, int]] = []  # (row, ring slots read, length)
-        for seq, (loc, held), row in zip(seqs, rings, batch.seq_rows):
+        reads: list[torch.Tensor] = []  # each decode's ring slots [S, length], in row order
+        num_prefills = len(batch.prefill_seqs)
+        for k, i in enumerate(batch.prefill_seqs + batch.decode_seqs):  # row order
+            seq, (loc, held), row = seqs[i], rings[i], batch.seq_rows[i]
             n, first, total = seq.num_new_tokens, seq.num_cached_tokens, seq.num_total_tokens
             assert held == w or (held <= w and total <= held), f"a ring of {held} slots cannot hold {total} tokens"
             assert loc.capacity_tokens >= pool.rows_for(held), f"ring location {loc} holds fewer rows than {held} slots"
-            if n == 1 and first > 0:  # a decode (ForwardBatch's rule): its write joins the decode writes
-                length = min(total, w)
-                read = pool.flat_slots(loc, torch.arange(length, dtype=torch.int64))  # [S, length]
-                decodes.append((row, read, length))
+            if k >= num_prefills:  # a decode: its write joins the decode writes
+                read = pool.flat_slots(loc, torch.arange(min(total, w), dtype=torch.int64))  # [S, length]
+                reads.append(read)
                 write_rows.append(torch.tensor([row], dtype=torch.int64))
                 write_index.append(read[:, (total - 1) % w, None])
             else:
@@ -117,16 +118,14 @@ class RingBatch:
                     cached = pool.flat_slots(loc, torch.arange(cached_from, first, dtype=torch.int64) % w).to(dev)
                 prefills.append(RingPrefill(row, n, cached, mask.to(dev)))
         decode_rows = decode_index = decode_mask = None
-        if decodes:
-            decodes.sort(key=lambda d: d[0])
-            b, longest, first_row = len(decodes), max(d[2] for d in decodes), decodes[0][0]
-            assert [d[0] for d in decodes] == list(range(first_row, first_row + b)), \
-                "decode rows must be consecutive (ForwardBatch lays them out after the prefills)"
+        if reads:
+            b, lengths = len(reads), [read.shape[1] for read in reads]
+            longest = max(lengths)
             index = torch.zeros(layers, b, longest, dtype=torch.int64)
-            for i, (_, read, _) in enumerate(decodes):
-                index[:, i, :read.shape[1]] = read
-            valid = torch.arange(longest)[None, :] < torch.tensor([d[2] for d in decodes], dtype=torch.int64)[:, None]
-            decode_rows = slice(first_row, first_row + b)
+            for j, read in enumerate(reads):
+                index[:, j, :read.shape[1]] = read
+            valid = torch.arange(longest)[None, :] < torch.tensor(lengths, dtype=torch.int64)[:, None]
+            decode_rows = batch.decode_rows
             decode_index = index.view(layers, b * longest).to(dev)
             decode_mask = valid.view(b, 1, 1, longest).to(dev)
         return cls(pool, torch.cat(write_rows).to(dev), torch.cat(write_index, dim=1).to(dev), tuple(prefills),
