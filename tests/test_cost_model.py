@@ -395,7 +395,7 @@ def test_kernel_counts_follow_the_forward(tiny_model_dir: Any, decode_groups: in
     cm = CostModel(load_profile("cpu-host"), spec)
     work = StepWork.build(prefill_tokens, reads, prefill_cached_tokens=prefill_cached, prefill_read_runs=prefill_runs)
     assert cm.num_kernels(work) == counted, (
-        f"the forward dispatches {counted} ops; update the KERNELS_* constants in emulator/cost_model.py")
+        f"the forward dispatches {counted} ops; update the KERNELS_* constants in emulator/kernel_counts.py")
 
 
 def test_kernel_count_of_a_lone_view(tiny_model_dir: Any) -> None:

@@ -107,7 +107,7 @@ def test_kernel_counts_follow_the_forward_per_kind(tiny: dict[str, Any], name: s
     cm = CostModel(load_profile("cpu-host"), spec, layers=LayerKinds.of_model(model))
     assert cm.num_kernels(work) == counted, (
         f"{name} ({cm.layers.describe()}): the forward dispatches {counted} ops, the cost model counts "
-        f"{cm.num_kernels(work)}; update FORWARD_KERNELS in emulator/cost_model.py")
+        f"{cm.num_kernels(work)}; update FORWARD_KERNELS in emulator/kernel_counts.py")
 
 
 # -- pricing by kind -------------------------------------------------------------------------
