@@ -1,7 +1,7 @@
 """Ops each forward dispatches, per architecture and layer kind: the step-cost function's
 launch counts (emulator/cost_model.py charges each one ``launch_overhead``).
 
-Counted, not estimated: tests/test_cost_model.py and tests/test_cost_model_kinds.py run the
+Counted, not estimated: tests/test_kernel_counts.py and tests/test_cost_model_kinds.py run the
 real forwards (qwen2.py with window_attention.py, gemma3.py, bamba.py with mamba2.py) under a
 TorchDispatchMode and hold these numbers to what they dispatch (views excluded), so a change
 to a forward that adds or removes an op fails there until the table follows it.

@@ -20,7 +20,7 @@ from odma_mlu.engine.step_work import StepWork
 from odma_mlu.errors import ConfigError
 from odma_mlu.models.hybrid_spec import load_hybrid_spec
 from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds
-from test_cost_model import _count_forward_kernels
+from test_kernel_counts import _count_forward_kernels
 from tiny_hetero import make_tiny_gemma3, make_tiny_qwen2_sliding
 from tiny_hybrid import make_tiny_bamba
 
