@@ -124,9 +124,10 @@ class DecodeGraphRunner:
         write = gather[torch.arange(batch), lengths - 1]
         rows = torch.arange(batch, dtype=torch.int64)
         group = DecodeGroup(0, batch, span, valid.view(batch, 1, 1, span), None, gather.reshape(-1))
+        every = tuple(range(batch))  # one decode row per sequence, in order
         return ForwardBatch(tuple(padded), torch.tensor([s.token_ids[0] for s in padded], dtype=torch.int64),
-                            lengths - 1, write, rows, (), (group,), tuple(range(batch)), (), tuple(range(batch)),
-                            max_position=span - 1)
+                            lengths - 1, write, rows, prefills=(), decode_groups=(group,), seq_rows=every,
+                            prefill_seqs=(), decode_seqs=every, max_position=span - 1)
 
     def run(self, inputs: Sequence[SequenceInput]) -> torch.Tensor:
         """Logits [len(inputs), vocab] of a decode-only step (see ``fits``)."""
@@ -158,7 +159,8 @@ class DecodeGraphRunner:
         assert g.gather_slots is not None and g.length_mask is not None
         group = DecodeGroup(0, g.num_seqs, g.span_tokens, g.length_mask.to(dev), None, g.gather_slots.to(dev))
         static = ForwardBatch(host.seqs, host.input_ids.to(dev), host.positions.to(dev), host.write_slots.to(dev),
-                              host.last_token_rows.to(dev), (), (group,), host.seq_rows, (), host.decode_seqs,
+                              host.last_token_rows.to(dev), prefills=(), decode_groups=(group,),
+                              seq_rows=host.seq_rows, prefill_seqs=(), decode_seqs=host.decode_seqs,
                               max_position=host.max_position)
         # Grow the rotary tables before capture: growing inside a graph would allocate.
         self.model.rotary.lookup(static.positions, static.max_position)

@@ -65,12 +65,16 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVArena, KVLocation, covering_runs
+
+if TYPE_CHECKING:  # models import kvcache at run time, not the reverse
+    from odma_mlu.models.attention import ForwardBatch
+    from odma_mlu.models.window_attention import RingPlan
 
 RING_BLOCK_TOKENS = 16
 MAX_TENSOR_BYTES = 2**31
@@ -329,7 +333,8 @@ class RingPool:
         blocks touch, and then alike in every layer."""
         return covering_runs((n for _, n in self.runs_of(request_id, 0)), min(tokens, self.window_tokens))
 
-    def plan(self, batch: Any, request_ids: list[str], device: torch.device | str = "cpu") -> Any:
+    def plan(self, batch: "ForwardBatch", request_ids: list[str], device: torch.device | str = "cpu"
+             ) -> "RingPlan":
         """The ``RingPlan`` of one forward step (``batch``: its ``ForwardBatch``; ``request_ids``
         in ``batch.seqs`` order)."""
         from odma_mlu.models.window_attention import RingBatch, RingPlan  # models import kvcache, not the reverse
