@@ -253,7 +253,8 @@ class CostModel:
         groups = work.decode_group_sizes
         prefills = len(work.prefill_new_tokens)
         cached = work.prefill_cached_tokens or (0,) * prefills
-        full = (k.full_layer + k.decode_group * len(groups) + k.gathered_group * (len(groups) - work.decode_group_views)
+        gathers = len(groups) > work.decode_group_views  # one gather of K and V for every gathered group
+        full = (k.full_layer + k.decode_group * len(groups) + (k.decode_gather if gathers else 0)
                 + k.prefill * prefills + k.gathered_prefill * self._num_gathered_prefills(work)
                 + (k.attention_cat if len(groups) + prefills > 1 else 0))
         total = (self._n_full * full + k.fixed + k.state_copy * len(work.state_copy_bytes)

@@ -274,10 +274,10 @@ def test_a_lone_one_run_read_is_a_view() -> None:
 
 
 def test_gathered_groups_count_their_padded_slots() -> None:
-    # 500 and 260 share a span class (512): one gather of 2 x 500 slots, 240 of them padding;
-    # 700 and 100 are alone in theirs and one run each: views, nothing gathered.
-    work = StepWork.build((), [(500,), (260,), (700,), (100,)])
-    assert (work.decode_group_views, work.decode_gathered_tokens, work.decode_padding_tokens) == (2, 1000, 240)
+    # 500 and 460 share a span class (512): one gather of 2 x 500 slots, 40 of them padding;
+    # 700 and 100 are alone in theirs (768, 112) and one run each: views, nothing gathered.
+    work = StepWork.build((), [(500,), (460,), (700,), (100,)])
+    assert (work.decode_group_views, work.decode_gathered_tokens, work.decode_padding_tokens) == (2, 1000, 40)
     split = StepWork.build((), [(400, 300)])  # alone but two runs: gathered, no padding
     assert (split.decode_group_views, split.decode_gathered_tokens, split.decode_padding_tokens) == (0, 700, 0)
     # the step's time split (StepCost.gather_s): each gathered slot written and read back per layer
@@ -320,25 +320,27 @@ def test_gathers_are_charged_where_the_profile_gathers() -> None:
     prof = load_profile("mlu370-x4")
     assert prof.decode_attention == "gather"
     gather, in_place = CostModel(prof, MODEL), CostModel(dataclasses.replace(prof, decode_attention="in_place"), MODEL)
-    work = StepWork.build((), [(500,), (260,), (700,), (100,)])
+    work = StepWork.build((), [(500,), (460,), (700,), (100,)])
     g, i = gather.step_time(work), in_place.step_time(work)
     per_layer = MODEL.kv_bytes_per_token_per_layer
     assert g.memory_s - i.memory_s == pytest.approx(
         MODEL.num_layers * 2 * 1000 * per_layer / prof.stream_bandwidth_bytes_per_s, rel=1e-9)
-    assert g.flops - i.flops == pytest.approx(MODEL.num_layers * 4.0 * MODEL.num_heads * MODEL.head_dim * 240, rel=1e-9)
+    assert g.flops - i.flops == pytest.approx(MODEL.num_layers * 4.0 * MODEL.num_heads * MODEL.head_dim * 40, rel=1e-9)
     assert g.kv_read_bytes == i.kv_read_bytes  # the KV read is the same; the buffer is extra traffic
     for ideal in (False, True):  # ideal runs the same attention code: it gathers too
         views = StepWork.build((), [(700,), (100,)], stream_reads=ideal)
         assert gather.step_time(views) == in_place.step_time(views)
-        assert gather.step_time(StepWork.build((), [(500,), (260,)], stream_reads=ideal)).time_s > \
-            in_place.step_time(StepWork.build((), [(500,), (260,)], stream_reads=ideal)).time_s
+        assert gather.step_time(StepWork.build((), [(500,), (460,)], stream_reads=ideal)).time_s > \
+            in_place.step_time(StepWork.build((), [(500,), (460,)], stream_reads=ideal)).time_s
 
 
 def test_stream_reads_price_every_read_at_the_stream_bandwidth() -> None:
     """``ideal``'s reads: sequential whatever the runs, so never slower than any layout."""
     cm = model_for("mlu370-x4")
     reads = [(300,), (16,) * 40, (900, 16)]
-    ideal = cm.step_time(StepWork.build((), reads, stream_reads=True))
+    # ideal's policy holds every request in one run (its reads are one run each, as
+    # ``describe_step`` describes them), read at the stream bandwidth
+    ideal = cm.step_time(StepWork.build((), [(sum(r),) for r in reads], stream_reads=True))
     for runs in ([(300,), (640,), (916,)], reads):
         assert ideal.time_s <= cm.step_time(StepWork.build((), runs)).time_s
     expected_read_s = MODEL.num_layers * sum(map(sum, reads)) * MODEL.kv_bytes_per_token_per_layer \
@@ -356,7 +358,7 @@ def test_the_gather_time_is_what_the_gathers_add(profile_name: str) -> None:
     where decode attention is compute bound (cpu-host's one-row rate)."""
     prof = load_profile(profile_name)
     gather, in_place = CostModel(prof, MODEL), CostModel(dataclasses.replace(prof, decode_attention="in_place"), MODEL)
-    work = StepWork.build((), [(500,), (260,), (300, 200), (4000,), (70,)] * 3)
+    work = StepWork.build((), [(500,), (460,), (300, 200), (4000,), (70,)] * 3)
     assert work.decode_gathered_tokens > 0 and work.decode_padding_tokens > 0
     g = gather.step_time(work)
     assert g.gather_s > 0 and in_place.step_time(work).gather_s == 0.0

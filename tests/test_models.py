@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from odma_mlu.engine.step_work import decode_group_key
 from odma_mlu.kvcache.arena import KVLocation
 from odma_mlu.models.attention import ForwardBatch, SequenceInput
 from odma_mlu.models.loader import load_model
@@ -148,13 +149,15 @@ def test_decode_reads_a_lone_run_as_a_view_and_gathers_otherwise(loaded, prompt_
     """A lone one-run sequence is a view of the arena; groups and multi-run sequences gather."""
     lone = ForwardBatch.build([SequenceInput((1,), 40, KVLocation(((7, 64),)))])
     (group,) = lone.decode_groups
-    assert group.view_start == 7 and group.gather_slots is None and group.length_mask is None
+    assert group.view_start == 7 and group.gather_offset is None and group.length_mask is None
+    assert lone.decode_gather_slots is None, "a step of views gathers nothing"
     multi = KVLocation(((100, 20), (10, 30)))
     batch = ForwardBatch.build([SequenceInput((1,), 4, KVLocation(((0, 32),))),
                                 SequenceInput((2,), 24, multi), SequenceInput((3,), 1, KVLocation(((60, 32),)))])
     (group,) = batch.decode_groups  # contexts 5, 25, 2: one span class
     assert group.view_start is None and group.span_tokens == 25
-    slots = group.gather_slots.view(3, 25)
+    assert group.gather_offset == 0 and batch.decode_gather_slots is not None
+    slots = batch.decode_gather_slots.view(3, 25)
     assert slots[1].tolist() == list(range(100, 120)) + list(range(10, 15))
     assert slots[0, :5].tolist() == [0, 1, 2, 3, 4] and slots[2, :2].tolist() == [60, 61]
     assert group.length_mask.view(3, 25).sum(1).tolist() == [5, 25, 2]
@@ -169,6 +172,51 @@ def test_decode_reads_a_lone_run_as_a_view_and_gathers_otherwise(loaded, prompt_
         model.forward(ForwardBatch.build([SequenceInput(ids[:-1], 0, loc)]), arena)
         outs.append(model.forward(ForwardBatch.build([SequenceInput(ids[-1:], 24, loc)]), arena))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_gathered_groups_share_one_gather_laid_end_to_end(loaded, prompt_ids):
+    """Each gathered group's B x L slots lie at its ``gather_offset`` in the step's one gather
+    (``decode_gather_slots``), in group order; a view group takes none; and the logits match
+    each sequence run alone."""
+    model = loaded[0]
+    arena = model.new_arena(1024)
+    ids = [tuple(prompt_ids[i]) for i in range(4)]
+    locs = [KVLocation(((0, 64),)), KVLocation(((64, 64),)), KVLocation(((300, 10), (500, 200))),
+            KVLocation(((200, 96),))]
+    for seq_ids, loc in zip(ids, locs):
+        model.forward(ForwardBatch.build([SequenceInput(seq_ids, 0, loc)]), arena)
+    # contexts: two in the 64 class (gathered together), a two-run read of 80 (gathered
+    # alone, class 80) and a lone one-run read of 91 (class 96: a view)
+    ctx = [len(ids[0]), len(ids[1]), 79, 90]
+    pieces = [(ids[0][-1],), (ids[1][-1],), (7,), (9,)]
+    if ctx[0] > 63 or ctx[1] > 63:
+        pytest.skip("prompts longer than one span class")
+    seqs = [SequenceInput(p, c, loc) for p, c, loc in zip(pieces, ctx, locs)]
+    batch = ForwardBatch.build(seqs)
+    assert [decode_group_key(c + 1) for c in ctx] == [64, 64, 80, 96]
+    gathered = [g for g in batch.decode_groups if g.view_start is None]
+    assert [(g.num_seqs, g.span_tokens) for g in gathered] == [(2, max(ctx[:2]) + 1), (1, 80)]
+    assert [g.gather_offset for g in gathered] == [0, 2 * (max(ctx[:2]) + 1)]
+    assert batch.decode_gather_slots is not None and batch.decode_gather_slots.numel() == 2 * (max(ctx[:2]) + 1) + 80
+    tail = batch.decode_gather_slots[gathered[1].gather_offset:]
+    assert tail.tolist() == [locs[2].slot_of(t) for t in range(80)]
+    together = model.forward(batch, arena)
+    for i, seq in enumerate(seqs):
+        alone = model.forward(ForwardBatch.build([seq]), arena)
+        assert torch.allclose(together[i], alone[0], atol=1e-5), f"sequence {i} differs when batched"
+
+
+def test_the_inlined_span_class_is_decode_group_key() -> None:
+    """``ForwardBatch.build`` inlines ``decode_group_key`` on its hot path: the same classes."""
+    contexts = list(range(2, 300)) + [511, 512, 513, 1000, 1024, 1025, 1152, 1153, 4097, 32768]
+    seqs = [SequenceInput((1,), c - 1, KVLocation(((100_000 * i, 40_000),))) for i, c in enumerate(contexts)]
+    batch = ForwardBatch.build(seqs)
+    by_group = {tuple(sorted(batch.decode_seqs[g.first_row - batch.decode_rows.start + k] for k in range(g.num_seqs)))
+                for g in batch.decode_groups}
+    expected: dict[int, list[int]] = {}
+    for i, c in enumerate(contexts):
+        expected.setdefault(decode_group_key(c), []).append(i)
+    assert by_group == {tuple(v) for v in expected.values()}
 
 
 def test_rows_are_laid_out_by_attention_call(loaded, prompt_ids):

@@ -132,16 +132,16 @@ def test_a_long_one_run_decode_is_read_alone_in_place() -> None:
     """``view_min_tokens``: a decode in one run at least that long leaves its span class's
     gathered group for a group of its own, a view, in the step description and in the
     forward batch alike; shorter or multi-run ones stay gathered."""
-    reads = [(100,), (90,), (60, 40), (70,)]
+    reads = [(110,), (106,), (60, 40), (98,)]  # one span class (97..112)
     plain = StepWork.build((), reads)
-    viewed = StepWork.build((), reads, view_min_tokens=80)
-    assert (plain.decode_group_sizes, plain.decode_group_views, plain.decode_gathered_tokens) == ((4,), 0, 400)
+    viewed = StepWork.build((), reads, view_min_tokens=105)
+    assert (plain.decode_group_sizes, plain.decode_group_views, plain.decode_gathered_tokens) == ((4,), 0, 440)
     assert sorted(viewed.decode_group_sizes) == [1, 1, 2] and viewed.decode_group_views == 2
-    assert viewed.decode_gathered_tokens == 2 * 100  # the multi-run 100 and the 70, padded to 100
-    locs = [KVLocation(((0, 120),)), KVLocation(((200, 100),)), KVLocation(((400, 60), (500, 60))),
-            KVLocation(((600, 80),))]
+    assert viewed.decode_gathered_tokens == 2 * 100  # the multi-run 100 and the 98, padded to 100
+    locs = [KVLocation(((0, 120),)), KVLocation(((200, 110),)), KVLocation(((400, 60), (500, 60))),
+            KVLocation(((600, 100),))]
     seqs = [SequenceInput((1,), sum(r) - 1, loc) for r, loc in zip(reads, locs)]
-    fb = ForwardBatch.build(seqs, view_min_tokens=80)
+    fb = ForwardBatch.build(seqs, view_min_tokens=105)
     assert len(fb.decode_groups) == 3 and sum(g.view_start is not None for g in fb.decode_groups) == 2
     assert len(ForwardBatch.build(seqs).decode_groups) == 1
 

@@ -133,15 +133,15 @@ def test_decode_groups_are_decided_by_span_class_in_one_place() -> None:
 
     p = StaticPolicy(arena(10_000))
     s = sched(p)
-    prompts = {"a": 100, "b": 30, "c": 120, "d": 20, "e": 40}
+    prompts = {"a": 100, "b": 30, "c": 106, "d": 20, "e": 40}
     for i, (rid, prompt) in enumerate(prompts.items()):
         s.add(seq(rid, prompt, 50, 5, i))
     step(s)
     batch, _ = step(s)
     assert ids(batch.decode) == ["a", "b", "c", "d", "e"]  # the scheduler does not group
     work = describe_step(batch, p)
-    # contexts 101, 31, 121, 21, 41 -> span classes 128 (a, c) and 64 (b, d, e)
-    assert [decode_group_key(q.num_tokens) for q in batch.decode] == [128, 64, 128, 64, 64]
+    # contexts 101, 31, 107, 21, 41 -> span classes 112 (a, c) and 64 (b, d, e)
+    assert [decode_group_key(q.num_tokens) for q in batch.decode] == [112, 64, 112, 64, 64]
     assert work.decode_group_sizes == (3, 2) and work.decode_group_views == 0
     assert work.decode_read_runs == tuple((q.num_tokens,) for q in batch.decode)
 

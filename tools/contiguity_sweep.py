@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servegen-requests", type=int, default=1000)
     ap.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(RATIOS))
     ap.add_argument("--quick", action="store_true", help="300 requests per trace, ratios 0.3, 0.93, 1.0")
-    ap.add_argument("--json", default=str(ROOT / "docs" / "contiguity-sweep.json"))
-    ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "contiguity-sweep.png"))
+    ap.add_argument("--json", default=str(ROOT / "out" / "contiguity-sweep.json"))
+    ap.add_argument("--plot", default=str(ROOT / "out" / "contiguity-sweep.png"))
     ap.add_argument("--traces", default="alpaca,servegen", help="comma-separated subset of alpaca,servegen")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="no replay: merge the traces of these sweep JSONs into --json and plot them")

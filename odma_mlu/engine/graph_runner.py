@@ -6,7 +6,7 @@ not the memory, bound small batches. A captured graph replays them with one laun
 needs fixed shapes, so a decode-only step is padded to a *graph key*::
 
     batch B real sequences  -> B_pad: the next size in GRAPH_BATCH_SIZES (1, 2, 4, 8, 16, 24, 32, ...)
-    longest context L       -> S: decode_group_key(L) (a power of two, at least 64)
+    longest context L       -> S: graph_span_tokens(L) (a power of two, at least 64)
     one attention group of B_pad x S slots (a gather; masked past each sequence's length)
 
 Padding rows repeat row 0 exactly (same token, position, write slot and KV slots): they
@@ -35,7 +35,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 
 from odma_mlu.backends.base import Backend, DeviceGraph
-from odma_mlu.engine.step_work import StepWork, decode_group_key
+from odma_mlu.engine.step_work import StepWork, graph_span_tokens
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.models.attention import DecodeGroup, ForwardBatch, SequenceInput
 
@@ -103,12 +103,12 @@ class DecodeGraphRunner:
     def _within_keys(self, inputs: Sequence[SequenceInput]) -> bool:
         if not inputs or len(inputs) > self.max_batch or any(len(s.token_ids) != 1 for s in inputs):
             return False
-        return decode_group_key(max(s.num_total_tokens for s in inputs)) <= self.max_span_tokens
+        return graph_span_tokens(max(s.num_total_tokens for s in inputs)) <= self.max_span_tokens
 
     @staticmethod
     def key(inputs: Sequence[SequenceInput]) -> tuple[int, int]:
         b = next(x for x in GRAPH_BATCH_SIZES if x >= len(inputs))
-        return b, decode_group_key(max(s.num_total_tokens for s in inputs))
+        return b, graph_span_tokens(max(s.num_total_tokens for s in inputs))
 
     def _host_batch(self, inputs: Sequence[SequenceInput], batch: int, span: int) -> ForwardBatch:
         """The padded step on the host: one decode group of ``batch`` x ``span`` slots."""
@@ -123,11 +123,12 @@ class DecodeGraphRunner:
         gather[len(inputs):] = gather[0]
         write = gather[torch.arange(batch), lengths - 1]
         rows = torch.arange(batch, dtype=torch.int64)
-        group = DecodeGroup(0, batch, span, valid.view(batch, 1, 1, span), None, gather.reshape(-1))
+        group = DecodeGroup(0, batch, span, valid.view(batch, 1, 1, span), None, 0)
         every = tuple(range(batch))  # one decode row per sequence, in order
         return ForwardBatch(tuple(padded), torch.tensor([s.token_ids[0] for s in padded], dtype=torch.int64),
                             lengths - 1, write, rows, prefills=(), decode_groups=(group,), seq_rows=every,
-                            prefill_seqs=(), decode_seqs=every, max_position=span - 1)
+                            prefill_seqs=(), decode_seqs=every, max_position=span - 1,
+                            decode_gather_slots=gather.reshape(-1))
 
     def run(self, inputs: Sequence[SequenceInput]) -> torch.Tensor:
         """Logits [len(inputs), vocab] of a decode-only step (see ``fits``)."""
@@ -140,7 +141,7 @@ class DecodeGraphRunner:
             self._graphs[(batch, span)] = cap
         st = cap.batch
         for dst, src in ((st.input_ids, host.input_ids), (st.positions, host.positions),
-                         (st.write_slots, host.write_slots), (st.decode_groups[0].gather_slots, host.decode_groups[0].gather_slots),
+                         (st.write_slots, host.write_slots), (st.decode_gather_slots, host.decode_gather_slots),
                          (st.decode_groups[0].length_mask, host.decode_groups[0].length_mask)):
             assert dst is not None and src is not None
             dst.copy_(src, non_blocking=True)
@@ -156,12 +157,12 @@ class DecodeGraphRunner:
     def _capture(self, host: ForwardBatch) -> _Captured:
         dev = self.device
         g = host.decode_groups[0]
-        assert g.gather_slots is not None and g.length_mask is not None
-        group = DecodeGroup(0, g.num_seqs, g.span_tokens, g.length_mask.to(dev), None, g.gather_slots.to(dev))
+        assert host.decode_gather_slots is not None and g.length_mask is not None
+        group = DecodeGroup(0, g.num_seqs, g.span_tokens, g.length_mask.to(dev), None, 0)
         static = ForwardBatch(host.seqs, host.input_ids.to(dev), host.positions.to(dev), host.write_slots.to(dev),
                               host.last_token_rows.to(dev), prefills=(), decode_groups=(group,),
                               seq_rows=host.seq_rows, prefill_seqs=(), decode_seqs=host.decode_seqs,
-                              max_position=host.max_position)
+                              max_position=host.max_position, decode_gather_slots=host.decode_gather_slots.to(dev))
         # Grow the rotary tables before capture: growing inside a graph would allocate.
         self.model.rotary.lookup(static.positions, static.max_position)
         graph = self.backend.new_graph(self._pool_owner) if self.use_graphs else None

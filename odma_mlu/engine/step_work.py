@@ -5,18 +5,20 @@ with ``describe_step`` and price it with the emulator's one step-cost function, 
 cannot disagree. Decode grouping is decided here, by ``decode_group_key``, and nowhere
 else: ``ForwardBatch.build`` groups the real attention calls with the same key::
 
-    decode sequence -> span class: the next power of two >= its context (at least
+    decode sequence -> span class: its context rounded up to a quarter octave (a
+                       multiple of 1/8 of the next power of two >= it, at least
                        MIN_SPAN_TOKENS); a group pads to its longest member, so padding
-                       stays under 2x
+                       stays under 1/4 of the span (docs/engine.md, "Span classes")
     a sequence in one run of at least   -> a group of its own, read in place (a view):
       ``view_min_tokens``                  past that length the gather it saves outweighs
                                            the launches of its own group
                                            (``CostModel.view_min_tokens``, from the device
                                            profile; None without one)
     a group of one sequence in one run  -> read in place (a view)
-    any other group                     -> one gather of its members' slots per layer:
-                                           size x span slots written to a buffer that
-                                           attention reads again (``decode_gathered_tokens``)
+    any other group                     -> its members' slots, size x span, gathered
+                                           with every other such group's in one gather
+                                           per layer into a buffer that attention reads
+                                           again (``decode_gathered_tokens``)
 
     prefill (cached + new tokens) in one run -> read in place
     prefill over several runs                -> its slots gathered per layer, then read
@@ -36,10 +38,25 @@ if TYPE_CHECKING:
     from odma_mlu.kvcache.policy import KVPolicy
 
 MIN_SPAN_TOKENS = 64
+SPAN_CLASSES_PER_OCTAVE = 4
+"""Span classes between two powers of two. Each class is one more attention call per layer
+(a launch) and saves padding (slots gathered, read and scored past a member's length):
+chosen on development data (docs/engine.md, "Span classes")."""
 
 
 def decode_group_key(context_tokens: int) -> int:
-    """The attention group (span class) of a decode sequence reading ``context_tokens``."""
+    """The attention group (span class) of a decode sequence reading ``context_tokens``: the
+    context rounded up to a multiple of ``1 / (2 SPAN_CLASSES_PER_OCTAVE)`` of the next power
+    of two >= it (so 1,025..1,152 -> 1,152, ..., 1,921..2,048 -> 2,048), at least
+    ``MIN_SPAN_TOKENS``. ``ForwardBatch.build`` inlines it (its hot path)."""
+    step = max(1, (1 << max(0, context_tokens - 1).bit_length()) // (2 * SPAN_CLASSES_PER_OCTAVE))
+    return max(MIN_SPAN_TOKENS, -(-context_tokens // step) * step)
+
+
+def graph_span_tokens(context_tokens: int) -> int:
+    """The span of a captured decode graph (``DecodeGraphRunner``) for a longest context of
+    ``context_tokens``: the next power of two, at least ``MIN_SPAN_TOKENS`` (coarser than the
+    span classes: each span is one more graph to capture and keep)."""
     return max(MIN_SPAN_TOKENS, 1 << max(0, context_tokens - 1).bit_length())
 
 
@@ -63,8 +80,9 @@ class StepWork:
     decode_group_views: int = 0
     """Groups of one sequence whose KV is one run: read as a view, no gather."""
     decode_gathered_tokens: int = 0
-    """Slots the other groups gather per full layer (K and V each): members x the group's
-    longest length, padding included (``models/attention.py`` ``_read``)."""
+    """Slots the other groups gather per full layer (K and V each), all in one gather:
+    members x each group's longest length, padding included (``models/attention.py``
+    ``arena_attention``)."""
     decode_padding_tokens: int = 0
     """Of those, the slots past each member's own length (masked, but written and read)."""
     copy_tokens: tuple[int, ...] = ()

@@ -28,13 +28,20 @@ place grouping is decided; the step-cost function counts the same groups)::
 
     one run of >= view_min_tokens ->  a group of its own, read as below
     alone in its group, one run   ->  k[l][s : s + L], a view: nothing is copied
-    any other group               ->  one gather of its members' slots per layer
+    any other group               ->  its B x L slots, in the step's one gather per layer
 
-``L`` is the longest sequence in the group (at most twice the shortest's span class), and
-a length mask hides each shorter sequence's tail. Every path feeds the same SDPA call, so
-they give identical results. A device kernel that reads runs in place (vendor paged
-attention with consecutive block ids, or a run-aware kernel) replaces the gather without
-changing the description.
+``L`` is the longest sequence in the group (its members' contexts differ by less than a
+span class's step, an eighth of the next power of two), and a length mask hides each
+shorter sequence's tail. The gathered groups' slots are laid end to end
+(``ForwardBatch.decode_gather_slots``), so a layer gathers K and V once for all of them and
+each group reads its slice of the buffer::
+
+    gather buffer:  | group 1: B1 x L1 slots | group 2: B2 x L2 slots | ...
+                      ^ gather_offset 0        ^ gather_offset B1 x L1
+
+Every path feeds the same SDPA call, so they give identical results. A device kernel that
+reads runs in place (vendor paged attention with consecutive block ids, or a run-aware
+kernel) replaces the gather without changing the description.
 
 GQA: the ``g = heads / kv_heads`` query heads sharing a KV head are folded into the query
 axis ([B, kv, g, D] against [B, kv, L, D]), so K/V are never repeated, and the code needs no
@@ -49,8 +56,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from odma_mlu.engine.step_work import MIN_SPAN_TOKENS, decode_group_key
+from odma_mlu.engine.step_work import MIN_SPAN_TOKENS, SPAN_CLASSES_PER_OCTAVE, decode_group_key
 from odma_mlu.kvcache.arena import KVLocation
+
+_SPAN_STEP_DIVISOR = 2 * SPAN_CLASSES_PER_OCTAVE  # decode_group_key's, for its inlined copy in build
 
 
 @dataclass(frozen=True)
@@ -104,8 +113,9 @@ class DecodeGroup:
     """bool [B, 1, 1, L]: token j of sequence b is real (j < its length); None when B = 1."""
     view_start: int | None
     """B = 1 and one run: the run starts here and is read as a view."""
-    gather_slots: torch.Tensor | None
-    """Otherwise: int64 [B * L] slots; padding repeats a valid slot and is masked."""
+    gather_offset: int | None
+    """Otherwise: its B * L slots start at this row of the step's gather buffer
+    (``ForwardBatch.decode_gather_slots``); padding repeats a valid slot and is masked."""
 
     @property
     def rows(self) -> slice:
@@ -137,6 +147,9 @@ class ForwardBatch:
     Ring plans and SSM mixers read the split from here rather than deciding it again."""
     max_position: int = -1
     """The largest position in the batch (rotary tables grow to it); -1: compute it."""
+    decode_gather_slots: torch.Tensor | None = None
+    """int64 [sum of B * L]: every gathered decode group's slots, end to end in group order
+    (``DecodeGroup.gather_offset``); None when every group is a view."""
 
     @property
     def decode_rows(self) -> slice:
@@ -175,8 +188,9 @@ class ForwardBatch:
             if n == 1 and 0 < first < loc.runs[0][1]:  # the common decode: its newest token in the first run
                 if view_min_tokens is not None and first >= view_min_tokens - 1:  # one run, long: its own group
                     groups[-1 - i] = [i]
-                else:
-                    key = 1 << first.bit_length()  # decode_group_key(total), inlined (hot path)
+                else:  # decode_group_key(total), inlined (hot path)
+                    step = (1 << first.bit_length()) // _SPAN_STEP_DIVISOR or 1
+                    key = -(-total // step) * step
                     groups.setdefault(key if key > MIN_SPAN_TOKENS else MIN_SPAN_TOKENS, []).append(i)
                 continue
             assert n > 0, "a sequence in a forward batch needs at least one new token"
@@ -223,8 +237,15 @@ class ForwardBatch:
                 positions.append(first)
                 slots.append(start + first if first < first_run else -1)  # -1: filled from the slot table
         write_slots = torch.tensor(slots, dtype=torch.int64)
-        decode_groups = tuple(_plan_decode_group(row, [seqs[i] for i in groups[key]], write_slots, dev)
-                              for row, key in zip(group_rows, sorted(groups)))
+        decode_groups: list[DecodeGroup] = []
+        gathers: list[torch.Tensor] = []
+        gathered = 0  # rows of the gather buffer taken so far
+        for row, key in zip(group_rows, sorted(groups)):
+            group, gather = _plan_decode_group(row, [seqs[i] for i in groups[key]], write_slots, dev, gathered)
+            decode_groups.append(group)
+            if gather is not None:
+                gathers.append(gather)
+                gathered += gather.numel()
         last_rows = [row + len(seq.token_ids) - 1 for row, seq in zip(seq_rows, seqs)]
         return cls(
             seqs=tuple(seqs),
@@ -233,11 +254,12 @@ class ForwardBatch:
             write_slots=write_slots.to(dev),
             last_token_rows=torch.tensor(last_rows, dtype=torch.int64).to(dev),
             prefills=tuple(prefills),
-            decode_groups=decode_groups,
+            decode_groups=tuple(decode_groups),
             seq_rows=tuple(seq_rows),
             prefill_seqs=tuple(prefill_seqs),
             decode_seqs=tuple(decode_seqs),
             max_position=max_total - 1,
+            decode_gather_slots=(gathers[0] if len(gathers) == 1 else torch.cat(gathers)).to(dev) if gathers else None,
         )
 
 
@@ -247,15 +269,16 @@ def location_slots(loc: KVLocation) -> torch.Tensor:
 
 
 def _plan_decode_group(first_row: int, members: list[SequenceInput], write_slots: torch.Tensor,
-                       dev: torch.device) -> DecodeGroup:
-    """One decode group, its rows from ``first_row``, with tensor ops over the group; fills the
-    write slots of members whose newest token is past their first run (in ``write_slots``,
-    in place)."""
+                       dev: torch.device, gather_offset: int) -> tuple[DecodeGroup, torch.Tensor | None]:
+    """One decode group, its rows from ``first_row``, with tensor ops over the group, and its
+    B * L slots (CPU; None for a view), which start at ``gather_offset`` in the step's gather
+    buffer; fills the write slots of members whose newest token is past their first run (in
+    ``write_slots``, in place)."""
     lengths_l = [seq.num_cached_tokens + 1 for seq in members]
     span = max(lengths_l)
     b = len(members)
     if b == 1 and span <= members[0].location.runs[0][1]:
-        return DecodeGroup(first_row, 1, span, None, members[0].location.runs[0][0], None)
+        return DecodeGroup(first_row, 1, span, None, members[0].location.runs[0][0], None), None
     lengths = torch.tensor(lengths_l, dtype=torch.int64)
     starts = torch.tensor([seq.location.runs[0][0] for seq in members], dtype=torch.int64)
     j = torch.arange(span, dtype=torch.int64)
@@ -272,19 +295,24 @@ def _plan_decode_group(first_row: int, members: list[SequenceInput], write_slots
         gather[m] = torch.where(valid[m], tables, starts[m, None])
         write_slots[m + first_row] = gather[m, lengths[m] - 1]
     mask = valid.view(b, 1, 1, span)
-    return DecodeGroup(first_row, b, span, mask.to(dev), None, gather.reshape(-1).to(dev))
+    return DecodeGroup(first_row, b, span, mask.to(dev), None, gather_offset), gather.reshape(-1)
 
 
 def arena_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """One full-attention layer over the arena, for every model family: write the new
-    tokens' K/V ([T, kv, D]) at ``batch.write_slots``, then attend each prefill plan and each
+    tokens' K/V ([T, kv, D]) at ``batch.write_slots``, gather the gathered decode groups' K/V
+    (one gather each of K and V for all of them), then attend each prefill plan and each
     decode group; returns the attention output [T, H, D] in the batch's row order (the
     calls' outputs concatenated: the rows are laid out in call order)."""
     write_kv(k_cache, v_cache, batch.write_slots, k, v)
+    slots = batch.decode_gather_slots
+    k_gathered = None if slots is None else k_cache.index_select(0, slots)
+    v_gathered = None if slots is None else v_cache.index_select(0, slots)
     parts = [prefill_attention(q[plan.token_offset:plan.token_offset + plan.num_new_tokens], k_cache, v_cache,
                                plan, scale) for plan in batch.prefills]
-    parts.extend(decode_attention(q[group.rows], k_cache, v_cache, group, scale) for group in batch.decode_groups)
+    parts.extend(decode_attention(q[group.rows], _read(k_cache, k_gathered, group), _read(v_cache, v_gathered, group),
+                                  group, scale) for group in batch.decode_groups)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -295,21 +323,25 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
     v_cache.index_copy_(0, slots, v_new)
 
 
-def _read(cache: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
-    """[B, L, kv, D] KV of a decode group: a view of one run, or one gather."""
+def _read(cache: torch.Tensor, gathered: torch.Tensor | None, group: DecodeGroup) -> torch.Tensor:
+    """[B, L, kv, D] KV of a decode group: a view of one run in ``cache``, or its slice of the
+    step's gather buffer ``gathered``."""
     if group.view_start is not None:
         return cache[group.view_start:group.view_start + group.span_tokens].unsqueeze(0)
-    assert group.gather_slots is not None
-    return cache.index_select(0, group.gather_slots).view(group.num_seqs, group.span_tokens, *cache.shape[1:])
+    assert gathered is not None and group.gather_offset is not None, "a gathered group needs the step's gather"
+    rows = group.num_seqs * group.span_tokens
+    return gathered[group.gather_offset:group.gather_offset + rows].view(group.num_seqs, group.span_tokens,
+                                                                         *cache.shape[1:])
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     group: DecodeGroup, scale: float) -> torch.Tensor:
-    """Attention of B single-token queries ([B, H, D]) over their sequences' KV -> [B, H, D]."""
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: DecodeGroup,
+                     scale: float) -> torch.Tensor:
+    """Attention of B single-token queries ([B, H, D]) over their sequences' K and V
+    ([B, L, kv, D] each: ``_read``) -> [B, H, D]."""
     b, heads, dim = q.shape
-    kv_heads = k_cache.shape[1]
-    k = _read(k_cache, group).transpose(1, 2)  # [B, kv, L, D]
-    v = _read(v_cache, group).transpose(1, 2)
+    kv_heads = k.shape[2]
+    k = k.transpose(1, 2)  # [B, kv, L, D]
+    v = v.transpose(1, 2)
     qg = q.reshape(b, kv_heads, heads // kv_heads, dim)  # the g heads of a KV head act as g queries
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.length_mask, scale=scale)
     return out.reshape(b, heads, dim)
