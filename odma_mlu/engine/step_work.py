@@ -44,12 +44,16 @@ SPAN_CLASSES_PER_OCTAVE = 4
 chosen on development data (docs/engine.md, "Span classes")."""
 
 
+def _power_of_two_at_least(tokens: int) -> int:
+    return 1 << max(0, tokens - 1).bit_length()
+
+
 def decode_group_key(context_tokens: int) -> int:
     """The attention group (span class) of a decode sequence reading ``context_tokens``: the
     context rounded up to a multiple of ``1 / (2 SPAN_CLASSES_PER_OCTAVE)`` of the next power
     of two >= it (so 1,025..1,152 -> 1,152, ..., 1,921..2,048 -> 2,048), at least
     ``MIN_SPAN_TOKENS``. ``ForwardBatch.build`` inlines it (its hot path)."""
-    step = max(1, (1 << max(0, context_tokens - 1).bit_length()) // (2 * SPAN_CLASSES_PER_OCTAVE))
+    step = max(1, _power_of_two_at_least(context_tokens) // (2 * SPAN_CLASSES_PER_OCTAVE))
     return max(MIN_SPAN_TOKENS, -(-context_tokens // step) * step)
 
 
@@ -57,7 +61,7 @@ def graph_span_tokens(context_tokens: int) -> int:
     """The span of a captured decode graph (``DecodeGraphRunner``) for a longest context of
     ``context_tokens``: the next power of two, at least ``MIN_SPAN_TOKENS`` (coarser than the
     span classes: each span is one more graph to capture and keep)."""
-    return max(MIN_SPAN_TOKENS, 1 << max(0, context_tokens - 1).bit_length())
+    return max(MIN_SPAN_TOKENS, _power_of_two_at_least(context_tokens))
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,8 @@ class DecodeGroup:
     span_tokens: int
     """L: tokens read per sequence, the longest length in the group."""
     length_mask: torch.Tensor | None
-    """bool [B, 1, 1, L]: token j of sequence b is real (j < its length); None when B = 1."""
+    """bool [B, 1, 1, L]: token j of sequence b is real (j < its length); None for a view.
+    A slice of one tensor holding every gathered group's mask, uploaded once a step."""
     view_start: int | None
     """B = 1 and one run: the run starts here and is read as a view."""
     gather_offset: int | None
@@ -237,15 +238,22 @@ class ForwardBatch:
                 positions.append(first)
                 slots.append(start + first if first < first_run else -1)  # -1: filled from the slot table
         write_slots = torch.tensor(slots, dtype=torch.int64)
+        plans = [(row, len(groups[key]), *_plan_decode_group(row, [seqs[i] for i in groups[key]], write_slots))
+                 for row, key in zip(group_rows, sorted(groups))]
+        # Every gathered group's slots and length mask, end to end: one upload each; a group's
+        # mask is a view of its rows (the same offsets as its slots in the gather buffer).
+        gather_slots = _joined([p[4] for p in plans if p[4] is not None], dev)
+        masks = _joined([p[5] for p in plans if p[5] is not None], dev)
         decode_groups: list[DecodeGroup] = []
-        gathers: list[torch.Tensor] = []
         gathered = 0  # rows of the gather buffer taken so far
-        for row, key in zip(group_rows, sorted(groups)):
-            group, gather = _plan_decode_group(row, [seqs[i] for i in groups[key]], write_slots, dev, gathered)
-            decode_groups.append(group)
-            if gather is not None:
-                gathers.append(gather)
-                gathered += gather.numel()
+        for row, b, span, view_start, gather, _ in plans:
+            if gather is None:
+                decode_groups.append(DecodeGroup(row, 1, span, None, view_start, None))
+                continue
+            assert masks is not None
+            decode_groups.append(DecodeGroup(row, b, span, masks[gathered:gathered + b * span].view(b, 1, 1, span),
+                                             None, gathered))
+            gathered += b * span
         last_rows = [row + len(seq.token_ids) - 1 for row, seq in zip(seq_rows, seqs)]
         return cls(
             seqs=tuple(seqs),
@@ -259,8 +267,15 @@ class ForwardBatch:
             prefill_seqs=tuple(prefill_seqs),
             decode_seqs=tuple(decode_seqs),
             max_position=max_total - 1,
-            decode_gather_slots=(gathers[0] if len(gathers) == 1 else torch.cat(gathers)).to(dev) if gathers else None,
+            decode_gather_slots=gather_slots,
         )
+
+
+def _joined(parts: list[torch.Tensor], dev: torch.device) -> torch.Tensor | None:
+    """``parts`` end to end on ``dev`` (one upload); None when there are none."""
+    if not parts:
+        return None
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dev)
 
 
 def location_slots(loc: KVLocation) -> torch.Tensor:
@@ -268,17 +283,17 @@ def location_slots(loc: KVLocation) -> torch.Tensor:
     return loc.slot_table()
 
 
-def _plan_decode_group(first_row: int, members: list[SequenceInput], write_slots: torch.Tensor,
-                       dev: torch.device, gather_offset: int) -> tuple[DecodeGroup, torch.Tensor | None]:
-    """One decode group, its rows from ``first_row``, with tensor ops over the group, and its
-    B * L slots (CPU; None for a view), which start at ``gather_offset`` in the step's gather
-    buffer; fills the write slots of members whose newest token is past their first run (in
-    ``write_slots``, in place)."""
+def _plan_decode_group(first_row: int, members: list[SequenceInput], write_slots: torch.Tensor
+                       ) -> tuple[int, int | None, torch.Tensor | None, torch.Tensor | None]:
+    """One decode group whose rows start at ``first_row``, with tensor ops over the group:
+    (span L, the start of its one run where it is read as a view, else None; its B * L slots
+    and their validity, CPU, flat, None for a view). Fills the write slots of members whose
+    newest token is past their first run (in ``write_slots``, in place)."""
     lengths_l = [seq.num_cached_tokens + 1 for seq in members]
     span = max(lengths_l)
     b = len(members)
     if b == 1 and span <= members[0].location.runs[0][1]:
-        return DecodeGroup(first_row, 1, span, None, members[0].location.runs[0][0], None), None
+        return span, members[0].location.runs[0][0], None, None
     lengths = torch.tensor(lengths_l, dtype=torch.int64)
     starts = torch.tensor([seq.location.runs[0][0] for seq in members], dtype=torch.int64)
     j = torch.arange(span, dtype=torch.int64)
@@ -294,8 +309,7 @@ def _plan_decode_group(first_row: int, members: list[SequenceInput], write_slots
         m = torch.tensor(multi, dtype=torch.int64)
         gather[m] = torch.where(valid[m], tables, starts[m, None])
         write_slots[m + first_row] = gather[m, lengths[m] - 1]
-    mask = valid.view(b, 1, 1, span)
-    return DecodeGroup(first_row, b, span, mask.to(dev), None, gather_offset), gather.reshape(-1)
+    return span, None, gather.reshape(-1), valid.reshape(-1)
 
 
 def arena_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
