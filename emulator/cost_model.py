@@ -16,7 +16,11 @@ per layer:  4 weight matmuls (qkv, o, gate_up, down): the weight streamed once a
             issues) each gathered group's slots, padded to its longest member
             (``StepWork.decode_gathered_tokens``), are also written to a buffer and read
             back by attention at stream bandwidth, and the padding is scored too;
-            ``in_place`` prices a kernel that reads the runs where they lie
+            ``in_place`` prices a kernel that reads the runs where they lie.
+            A decode read in parts (``StepWork.decode_split_parts``) reads its long runs
+            where they lie and gathers only its other runs (in ``decode_gathered_tokens``);
+            each part is one more attention call, and the step merges them (launches only:
+            the merge's activations are a few rows)
             prefill attention: causal FLOPs at the rate of M = new tokens rows, against its
             read of the K/V of every token it attends (cached + new): one run in place at
             that run's bandwidth; over several runs (``StepWork.prefill_read_runs``) a gather
@@ -253,10 +257,14 @@ class CostModel:
         groups = work.decode_group_sizes
         prefills = len(work.prefill_new_tokens)
         cached = work.prefill_cached_tokens or (0,) * prefills
-        gathers = len(groups) > work.decode_group_views  # one gather of K and V for every gathered group
+        splits = work.decode_split_parts
+        # One gather of K and V for every gathered group and split read's gathered part.
+        gathers = len(groups) > work.decode_group_views or work.decode_split_rests > 0
+        calls = len(groups) + prefills + (1 if splits else 0)  # the split reads' merged output is one call's
         full = (k.full_layer + k.decode_group * len(groups) + (k.decode_gather if gathers else 0)
+                + k.split_part * sum(splits) + (k.split_merge if splits else 0)
                 + k.prefill * prefills + k.gathered_prefill * self._num_gathered_prefills(work)
-                + (k.attention_cat if len(groups) + prefills > 1 else 0))
+                + (k.attention_cat if calls > 1 else 0))
         total = (self._n_full * full + k.fixed + k.state_copy * len(work.state_copy_bytes)
                  + sum(self.copy_kernels(n) for n in work.copy_batch_sizes)
                  + len(work.swap_tokens) * (self._n_full * k.swap + 1))

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from odma_mlu.engine.step_work import SPLIT_MERGE_KERNELS
+
 # Non-view ops dispatched by Qwen2ForwardModel.forward (counted; see the module docstring).
 KERNELS_PER_LAYER = 31  # norms, qkv, rotary (q and k at once), K/V scatter, o, residuals, gate_up, act, down
 KERNELS_PER_DECODE_GROUP_PER_LAYER = 1  # attention (its query rows are a slice: ForwardBatch's row layout)
 KERNELS_PER_DECODE_GATHER_PER_LAYER = 2  # K and V of every group not read as a view, one gather each
+KERNELS_PER_SPLIT_PART_PER_LAYER = 1  # a split read's part: attention returning its log-sum-exp
 KERNELS_PER_PREFILL_PER_LAYER = 1  # attention
 KERNELS_PER_ATTENTION_CAT_PER_LAYER = 1  # the calls' outputs concatenated, where a layer makes several
 KERNELS_PER_GATHERED_PREFILL_PER_LAYER = 2  # a prefill over several runs gathers its K and V
@@ -35,6 +38,8 @@ class ForwardKernels:
     ssm_layer: int = 37  # norms, in_proj, gated norm, out_proj, residuals, MLP
     decode_group: int = KERNELS_PER_DECODE_GROUP_PER_LAYER  # per full layer and decode group
     decode_gather: int = KERNELS_PER_DECODE_GATHER_PER_LAYER  # per full layer, once when a decode group gathers
+    split_part: int = KERNELS_PER_SPLIT_PART_PER_LAYER  # per full layer and part of a decode read in parts
+    split_merge: int = SPLIT_MERGE_KERNELS  # per full layer, once when decodes are read in parts
     prefill: int = KERNELS_PER_PREFILL_PER_LAYER  # per full layer and prefill
     attention_cat: int = KERNELS_PER_ATTENTION_CAT_PER_LAYER  # per full or sliding layer with more than one call
     sliding_prefill: int = 1  # per sliding layer and prefill: attention

@@ -11,6 +11,8 @@ groups by ``decode_group_key``, a lone one-run sequence read as a view)::
     decode_one_run  one run per sequence, uneven starts (random gaps)  {1, 4, 16} x {64, 256, 1024}
     decode_runs     4 runs of uneven lengths per sequence, scattered   {1, 4, 16} x {256, 1024}
     decode_paged    16-token page runs at random pages (adjacent merge) {1, 4, 16} x {256, 1024}
+    decode_split    decode_runs' layout, at the cost model's view length: {1, 4, 16} x {256, 1024}
+                    runs that long are read in parts (``step_work.split_gain``)
     prefill         a whole prompt per sequence, one run               {1, 4} x {64, 256}, 1 x 1024
     kv_copy         ``batch`` copy_run calls of ``context`` tokens     {1, 8} x {16, 256, 4096}
 
@@ -48,11 +50,12 @@ from odma_mlu.engine.step_work import StepWork
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVLocation
 
-KINDS = ("decode_one_run", "decode_runs", "decode_paged", "prefill", "kv_copy")
+KINDS = ("decode_one_run", "decode_runs", "decode_paged", "decode_split", "prefill", "kv_copy")
 GRIDS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "decode_one_run": ((1, 4, 16), (64, 256, 1024)),
     "decode_runs": ((1, 4, 16), (256, 1024)),
     "decode_paged": ((1, 4, 16), (256, 1024)),
+    "decode_split": ((1, 4, 16), (256, 1024)),
     "prefill": ((1, 4), (64, 256)),
     "kv_copy": ((1, 8), (16, 256, 4096)),
 }
@@ -74,6 +77,8 @@ class Case:
     predicted_s: float = 0.0
     runs: float = 1.0
     """Mean runs read per sequence (decode kinds)."""
+    split_reads: int = 0
+    """Decodes read in parts (``StepWork.decode_split_parts``)."""
     run: Callable[[], None] | None = field(default=None, repr=False)
     times: list[float] = field(default_factory=list, repr=False)
     cpu_times: list[float] = field(default_factory=list, repr=False)
@@ -138,7 +143,7 @@ def decode_locations(kind: str, batch: int, total: int, rng: Any) -> tuple[list[
             locs.append(KVLocation(((cursor, total),)))
             cursor += total
         return locs, cursor + 1
-    if kind == "decode_runs":
+    if kind in ("decode_runs", "decode_split"):
         # RUNS_PER_SEQUENCE runs of uneven lengths (Dirichlet shares, at least 1 token each),
         # all runs of all sequences placed in a shuffled order with random gaps.
         pieces: list[tuple[int, int, int]] = []  # (sequence, index, tokens)
@@ -218,10 +223,14 @@ def build_cases(model: Any, spec: Any, cost: CostModel, seed: int = 0) -> list[C
             locs, size = decode_locations(kind, batch, ctx + 1, rng)
             arena = model.new_arena(size)
             toks = torch.randint(0, spec.vocab_size, (batch,), generator=gen).tolist()
-            fb = ForwardBatch.build([SequenceInput((t,), ctx, loc) for t, loc in zip(toks, locs)], device=model.device)
+            view = cost.view_min_tokens() if kind == "decode_split" else None
+            fb = ForwardBatch.build([SequenceInput((t,), ctx, loc) for t, loc in zip(toks, locs)], device=model.device,
+                                    view_min_tokens=view)
             reads = [loc.run_tokens(ctx + 1) for loc in locs]
-            work = StepWork.build(decode_read_runs=reads)
+            work = StepWork.build(decode_read_runs=reads, view_min_tokens=view)
             case.runs = sum(len(r) for r in reads) / len(reads)
+            case.split_reads = len(work.decode_split_parts)
+            assert (fb.split_reads.num_seqs if fb.split_reads is not None else 0) == case.split_reads
             assert len(fb.decode_groups) == len(work.decode_group_sizes)
             assert sum(g.view_start is not None for g in fb.decode_groups) == work.decode_group_views
         with torch.no_grad():
@@ -309,7 +318,7 @@ def validate_emulator_main(ns: argparse.Namespace) -> int:
         measured = statistics.median(c.cpu_times) if cpu_timed else wall
         row = {"kind": c.kind, "batch": c.batch, "context_tokens": c.context_tokens, "measured_s": measured,
                "predicted_s": c.predicted_s, "held_out": c.held_out, "measured_wall_s": wall,
-               "runs_per_sequence": c.runs}
+               "runs_per_sequence": c.runs, "split_reads": c.split_reads}
         rows.append(row)
         print(f"{c.kind:<15} {c.batch:>5} {c.context_tokens:>7} {c.runs:>5.1f} {measured * 1e3:>8.3f}ms "
               f"{c.predicted_s * 1e3:>8.3f}ms {c.predicted_s / measured:>6.2f}  {'held-out' if c.held_out else 'shaping'}")

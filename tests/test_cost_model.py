@@ -287,6 +287,30 @@ def test_gathered_groups_count_their_padded_slots() -> None:
     assert cm.step_time(StepWork.build((), [(700,)])).gather_s == 0.0
 
 
+def test_split_reads_gather_only_their_short_runs() -> None:
+    """At the view length a multi-run decode's long runs are read in place: only its short runs
+    are gathered, each part is one more launch a layer and the step merges once a layer; a
+    step whose gains do not cover the merge gathers it whole, and ``ideal`` never splits."""
+    cm = model_for("mlu370-x4")
+    view = cm.view_min_tokens()
+    assert view is not None
+    reads = [(4000, 3000, 100), (6000, 2000)]
+    whole = StepWork.build((), reads)
+    split = StepWork.build((), reads, view_min_tokens=view)
+    assert split.decode_split_parts == (3, 2) and split.decode_split_rests == 1
+    assert (split.decode_gathered_tokens, whole.decode_gathered_tokens) == (100, 15100)
+    k = cm.kernels
+    # two gathered groups (span classes 7,168 and 8,192) and their outputs' cat, against five
+    # parts and the merge in one call; both steps gather (the 100-token run)
+    assert cm.num_kernels(split) - cm.num_kernels(whole) == MODEL.num_layers * (
+        5 * k.split_part + k.split_merge - 2 * k.decode_group - k.attention_cat)
+    assert cm.step_time(split).time_s < cm.step_time(whole).time_s
+    assert cm.step_time(split).gather_s < cm.step_time(whole).gather_s / 100
+    short = StepWork.build((), [(view + 10, 50)], view_min_tokens=view)  # gain ~1 launch: under the merge's
+    assert short.decode_split_parts == () and short.decode_gathered_tokens == view + 60
+    assert StepWork.build((), reads, view_min_tokens=view, stream_reads=True).decode_split_parts == ()
+
+
 def test_a_multi_run_prefill_pays_its_gather() -> None:
     """A prefill over several runs (prefill_attention's index_select of K and V) pays a gather
     kernel: the runs read, a buffer written, two launches per layer; the attention then reads

@@ -20,7 +20,7 @@ from odma_mlu.engine.step_work import StepWork
 from odma_mlu.errors import ConfigError
 from odma_mlu.models.hybrid_spec import load_hybrid_spec
 from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds
-from test_kernel_counts import _count_forward_kernels
+from test_kernel_counts import _count_forward_kernels, split_read_step
 from tiny_hetero import make_tiny_gemma3, make_tiny_qwen2_sliding
 from tiny_hybrid import make_tiny_bamba
 
@@ -73,7 +73,7 @@ def _batch(decode_groups: int, prefills: int, multi_run: bool, cached: int) -> t
     return seqs, StepWork.build(new, reads, (), [cached] * len(new)), start
 
 
-def _count(model: Any, seqs: list, arena_tokens: int) -> int:
+def _count(model: Any, seqs: list, arena_tokens: int, view_min_tokens: int | None = None) -> int:
     """Kernels of one forward of a sliding (rings) or hybrid (state slots) model."""
     from odma_mlu.kvcache.arena import KVLocation
     from odma_mlu.models.attention import ForwardBatch
@@ -81,15 +81,17 @@ def _count(model: Any, seqs: list, arena_tokens: int) -> int:
 
     if getattr(model, "is_hybrid", False):
         states = model.new_state_pool(len(seqs) + 1)
-        return _count_forward_kernels(model, seqs, arena_tokens, extra=(states, list(range(len(seqs)))))
+        return _count_forward_kernels(model, seqs, arena_tokens, extra=(states, list(range(len(seqs)))),
+                                      view_min_tokens=view_min_tokens)
     window = model.window_tokens
     pool = model.new_window_pool(model.new_arena(16))
     rows = pool.rows_for(window)
     pool = model.new_window_pool(model.new_arena((len(seqs) + 1) * rows))
     # whole-window rings, not in row order: sequence i's ring is rows [(n - i) * rows, (n - i + 1) * rows)
     rings = [(KVLocation((((len(seqs) - i) * rows, rows),)), window) for i in range(len(seqs))]
-    batch = RingBatch.build(pool, ForwardBatch.build(seqs), rings)
-    return _count_forward_kernels(model, seqs, arena_tokens, extra=(RingPlan(batch, pool.k, pool.v),))
+    batch = RingBatch.build(pool, ForwardBatch.build(seqs, view_min_tokens=view_min_tokens), rings)
+    return _count_forward_kernels(model, seqs, arena_tokens, extra=(RingPlan(batch, pool.k, pool.v),),
+                                  view_min_tokens=view_min_tokens)
 
 
 CASES = [(1, 0, False, 0), (2, 0, False, 0), (0, 1, False, 0), (0, 2, False, 5), (1, 1, True, 0),
@@ -108,6 +110,53 @@ def test_kernel_counts_follow_the_forward_per_kind(tiny: dict[str, Any], name: s
     assert cm.num_kernels(work) == counted, (
         f"{name} ({cm.layers.describe()}): the forward dispatches {counted} ops, the cost model counts "
         f"{cm.num_kernels(work)}; update FORWARD_KERNELS in emulator/kernel_counts.py")
+
+
+@pytest.mark.parametrize("name", ["qwen2_sliding", "gemma3", "bamba"])
+def test_kernel_counts_of_split_reads_per_kind(tiny: dict[str, Any], name: str) -> None:
+    """Decodes read in parts (full-attention layers) beside a group, a view and a prefill."""
+    model, spec, _ = tiny[name]
+    seqs, reads, arena_tokens = split_read_step()
+    counted = _count(model, seqs, arena_tokens, view_min_tokens=2)
+    work = StepWork.build([10], reads, view_min_tokens=2)
+    assert work.decode_split_parts
+    cm = CostModel(load_profile("cpu-host"), spec, layers=LayerKinds.of_model(model))
+    assert cm.num_kernels(work) == counted, (
+        f"{name}: the forward dispatches {counted} ops, the cost model counts {cm.num_kernels(work)}")
+
+
+@pytest.mark.parametrize("name", ["qwen2_sliding", "gemma3", "bamba"])
+def test_split_reads_keep_every_kinds_logits(tiny: dict[str, Any], name: str) -> None:
+    """Read in parts or gathered whole, a step gives the same logits in every family: the split
+    reads' rows come last, and ring plans and SSM mixers follow ``decode_seqs``."""
+    import torch
+
+    from odma_mlu.kvcache.arena import KVLocation
+    from odma_mlu.models.attention import ForwardBatch
+    from odma_mlu.models.window_attention import RingBatch, RingPlan
+
+    model, _, _ = tiny[name]
+    seqs, _, arena_tokens = split_read_step()
+    arena = model.new_arena(arena_tokens)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for t in (*arena.k, *arena.v):
+            t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype))
+    logits = []
+    for view in (2, None):
+        batch = ForwardBatch.build(seqs, view_min_tokens=view)
+        assert (batch.split_reads is not None) == (view is not None)
+        if getattr(model, "is_hybrid", False):
+            extra: tuple = (model.new_state_pool(len(seqs) + 1), list(range(len(seqs))))
+        else:
+            pool = model.new_window_pool(model.new_arena(16))
+            rows = pool.rows_for(model.window_tokens)
+            pool = model.new_window_pool(model.new_arena((len(seqs) + 1) * rows))
+            rings = [(KVLocation(((i * rows, rows),)), model.window_tokens) for i in range(len(seqs))]
+            extra = (RingPlan(RingBatch.build(pool, batch, rings), pool.k, pool.v),)
+        with torch.no_grad():
+            logits.append(model.forward(batch, arena, *extra))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
 
 
 # -- pricing by kind -------------------------------------------------------------------------

@@ -87,6 +87,32 @@ def test_odma_forced_multi_run_placements_match(tiny_model_dir: Path, reference:
     assert st.new_runs > 0 and eng.arena.moved_bytes == 0
 
 
+@pytest.mark.parametrize("policy", ["odma", "paged"])
+def test_split_reads_match(tiny_model_dir: Path, reference: list[list[int]], policy: str,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Multi-run decodes read in parts (runs in place, the rest gathered, merged by log-sum-exp):
+    a view length of 4 tokens makes the tiny model's forced multi-run placements (odma) and
+    scattered pages (paged) take that path, and the output stays transformers' greedy one."""
+    import odma_mlu.models.attention as attention
+
+    real = attention.split_attention
+    calls: list[int] = []
+
+    def counted(*args):  # type: ignore[no-untyped-def]
+        calls.append(args[-2].num_seqs)
+        return real(*args)
+
+    monkeypatch.setattr(attention, "split_attention", counted)
+    if policy == "odma":
+        eng = _engine(tiny_model_dir, "odma", capacity=1024, predictor=ConstantPredictor(1),
+                      odma=OdmaConfig(safety_fraction=0.0, num_buckets=4, elastic=False))
+    else:
+        eng = _engine(tiny_model_dir, "paged", capacity=1024)
+    eng.view_min_tokens = 4
+    assert _run(eng) == reference
+    assert calls and max(calls) > 1, "the forced view length was meant to read several decodes in parts"
+
+
 def test_odma_copies_into_one_run_match(tiny_model_dir: Path, reference: list[list[int]]) -> None:
     eng = _engine(tiny_model_dir, "odma", capacity=1024, predictor=ConstantPredictor(1),
                   odma=OdmaConfig(safety_fraction=0.0, num_buckets=4, elastic=False))

@@ -13,9 +13,11 @@ from emulator.profile import load_profile
 from odma_mlu.engine.step_work import StepWork
 
 
-def _count_forward_kernels(model: Any, seqs: list, arena_tokens: int = 4096, extra: tuple = ()) -> int:
+def _count_forward_kernels(model: Any, seqs: list, arena_tokens: int = 4096, extra: tuple = (),
+                           view_min_tokens: int | None = None) -> int:
     """Non-view aten ops one forward dispatches (what the cost model calls kernels);
-    ``extra``: the forward's arguments after the arena (rings, or states and their slots)."""
+    ``extra``: the forward's arguments after the arena (rings, or states and their slots);
+    ``view_min_tokens``: the batch's (``ForwardBatch.build``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from odma_mlu.models.attention import ForwardBatch
@@ -31,7 +33,7 @@ def _count_forward_kernels(model: Any, seqs: list, arena_tokens: int = 4096, ext
                 Count.n += 1
             return func(*args, **(kwargs or {}))
 
-    batch = ForwardBatch.build(seqs, device=model.device)
+    batch = ForwardBatch.build(seqs, device=model.device, view_min_tokens=view_min_tokens)
     arena = model.new_arena(max(arena_tokens, 64))
     with Count():
         model.forward(batch, arena, *extra)
@@ -87,3 +89,30 @@ def test_kernel_count_of_a_lone_view(tiny_model_dir: Any) -> None:
     counted = _count_forward_kernels(model, [SequenceInput((5,), 99, loc)], 400)
     cm = CostModel(load_profile("cpu-host"), spec)
     assert cm.num_kernels(StepWork.build((), [loc.run_tokens(100)])) == counted
+
+
+def split_read_step() -> tuple[list, list[tuple[int, ...]], int]:
+    """A step with decodes read in parts (one with a gathered part, one padded by a filler),
+    a gathered group, a lone view and a prefill, at a view length of 2 tokens."""
+    from odma_mlu.kvcache.arena import KVLocation
+    from odma_mlu.models.attention import SequenceInput
+
+    decodes = [(KVLocation(((300, 6), (100, 1), (500, 4), (600, 40))), 15), (KVLocation(((700, 8), (50, 30))), 19),
+               (KVLocation(((200, 64),)), 20), (KVLocation(tuple((800 + 2 * j, 1) for j in range(30))), 17)]
+    seqs = [SequenceInput((5,), ctx, loc) for loc, ctx in decodes]
+    seqs.append(SequenceInput(tuple(range(3, 13)), 0, KVLocation(((900, 64),))))
+    return seqs, [loc.run_tokens(ctx + 1) for loc, ctx in decodes], 1024
+
+
+def test_kernel_count_of_split_reads(tiny_model_dir: Any) -> None:
+    """Decodes read in parts: one attention call a part and the merge, counted from the forward."""
+    from odma_mlu.models.loader import load_model
+
+    model, spec, _ = load_model(tiny_model_dir, with_tokenizer=False)
+    seqs, reads, arena_tokens = split_read_step()
+    counted = _count_forward_kernels(model, seqs, arena_tokens, view_min_tokens=2)
+    work = StepWork.build([10], reads, view_min_tokens=2)
+    assert work.decode_split_parts == (4, 2) and work.decode_split_rests == 1
+    cm = CostModel(load_profile("cpu-host"), spec)
+    assert cm.num_kernels(work) == counted, (
+        f"the forward dispatches {counted} ops; update the split kernels in emulator/kernel_counts.py")

@@ -15,6 +15,11 @@ else: ``ForwardBatch.build`` groups the real attention calls with the same key::
                                            (``CostModel.view_min_tokens``, from the device
                                            profile; None without one)
     a group of one sequence in one run  -> read in place (a view)
+    a sequence in several runs whose    -> read in parts (``split_gain``, ``splits_pay``):
+      runs of at least view_min_tokens     each such run in place, its other runs as one
+      save more launches than its parts    gathered part; the parts' partial attentions
+      and the step's merge cost            merged by their log-sum-exps, once a layer for
+                                           every such sequence of the step
     any other group                     -> its members' slots, size x span, gathered
                                            with every other such group's in one gather
                                            per layer into a buffer that attention reads
@@ -42,6 +47,31 @@ SPAN_CLASSES_PER_OCTAVE = 4
 """Span classes between two powers of two. Each class is one more attention call per layer
 (a launch) and saves padding (slots gathered, read and scored past a member's length):
 chosen on development data (docs/engine.md, "Span classes")."""
+
+
+SPLIT_MERGE_KERNELS = 5
+"""Ops a layer spends merging the step's split reads' parts (``models/attention.py``
+``split_attention``: two concatenations, a softmax over the parts, a product and a sum).
+emulator/kernel_counts.py counts them from the forward; the split rule weighs them here."""
+
+
+def split_gain(runs: "tuple[int, ...]", view_min_tokens: int) -> float:
+    """What reading a decode over ``runs`` (token lengths) in parts saves a layer, in kernel
+    launches, against gathering it whole: each run of at least ``view_min_tokens`` read in
+    place saves its gather (``view_min_tokens`` tokens of gather are worth one launch:
+    ``CostModel.view_min_tokens``), and each part (those runs, plus the others gathered as one)
+    costs one attention call. <= 0: read it whole, gathered."""
+    if len(runs) < 2 or max(runs) < view_min_tokens:
+        return 0.0
+    in_place = [n for n in runs if n >= view_min_tokens]
+    parts = len(in_place) + (len(in_place) < len(runs))
+    return sum(in_place) / view_min_tokens - parts
+
+
+def splits_pay(gains: "Iterable[float]") -> bool:
+    """Whether the step reads its decodes of positive ``split_gain`` in parts: together they
+    must save more than the merge costs (``SPLIT_MERGE_KERNELS``, once a layer)."""
+    return sum(g for g in gains if g > 0) > SPLIT_MERGE_KERNELS
 
 
 def _power_of_two_at_least(tokens: int) -> int:
@@ -89,6 +119,11 @@ class StepWork:
     ``arena_attention``)."""
     decode_padding_tokens: int = 0
     """Of those, the slots past each member's own length (masked, but written and read)."""
+    decode_split_parts: tuple[int, ...] = ()
+    """Per decode read in parts (``split_gain``), its parts: its runs read in place, plus one
+    for its other runs, gathered (their slots are in ``decode_gathered_tokens``)."""
+    decode_split_rests: int = 0
+    """Of the decodes read in parts, those with a gathered part."""
     copy_tokens: tuple[int, ...] = ()
     """Each contiguous KV copy issued this step (tokens, in every layer, K and V)."""
     copy_batch_sizes: tuple[int, ...] = ()
@@ -117,7 +152,8 @@ class StepWork:
         decode's sliding-layer runs; ``state_copy_bytes``: the state copies issued;
         ``swap_tokens``: the host swaps. ``copies``: the arena's ``IssuedCopies``, or the tokens
         of each copy (then one batch). ``view_min_tokens``: a decode in one run at least this
-        long is a group of its own, read in place (None: only a lone one is)."""
+        long is a group of its own, read in place (None: only a lone one is), and a decode in
+        several runs may be read in parts (``split_gain``; None: never)."""
         if isinstance(copies, IssuedCopies):
             copy_tokens, batch_sizes = copies.tokens, copies.batch_sizes
         else:
@@ -130,10 +166,27 @@ class StepWork:
         assert not prefill_runs or [sum(r) for r in prefill_runs] == [c + n for c, n in zip(cached, prefill)], (
             f"prefill runs {prefill_runs} do not cover cached + new tokens {list(zip(cached, prefill))}")
         reads = tuple(tuple(r) for r in decode_read_runs)
+        split: list[int] = []
+        if view_min_tokens is not None and not stream_reads:
+            gains = [split_gain(r, view_min_tokens) for r in reads]
+            if splits_pay(gains):
+                split = [i for i, g in enumerate(gains) if g > 0]
         groups: dict[int, list[tuple[int, ...]]] = {}
         longest: dict[int, int] = {}
         total: dict[int, int] = {}
+        split_parts: list[int] = []
+        gathered = rests = 0
+        for i in split:
+            r = reads[i]
+            in_place = sum(n for n in r if n >= view_min_tokens)  # type: ignore[operator]
+            rest = sum(r) - in_place
+            split_parts.append(sum(n >= view_min_tokens for n in r) + (rest > 0))  # type: ignore[operator]
+            gathered += rest
+            rests += rest > 0
+        skip = set(split)
         for i, r in enumerate(reads):
+            if i in skip:
+                continue
             n = sum(r)
             key = decode_group_key(n)
             if view_min_tokens is not None and n >= view_min_tokens and len(r) == 1:
@@ -143,7 +196,7 @@ class StepWork:
             if n > longest.get(key, 0):
                 longest[key] = n
         sizes = tuple(len(groups[k]) for k in sorted(groups))
-        views = gathered = padding = 0
+        views = padding = 0
         for key, g in groups.items():
             if len(g) == 1 and len(g[0]) == 1:
                 views += 1
@@ -153,7 +206,8 @@ class StepWork:
         return cls(prefill_new_tokens=prefill, prefill_cached_tokens=cached, prefill_read_runs=prefill_runs,
                    decode_read_runs=reads,
                    decode_group_sizes=sizes, decode_group_views=views, decode_gathered_tokens=gathered,
-                   decode_padding_tokens=padding, copy_tokens=copy_tokens, copy_batch_sizes=batch_sizes,
+                   decode_padding_tokens=padding, decode_split_parts=tuple(split_parts), decode_split_rests=rests,
+                   copy_tokens=copy_tokens, copy_batch_sizes=batch_sizes,
                    decode_sliding_runs=tuple(tuple(r) for r in sliding_read_runs),
                    state_copy_bytes=tuple(state_copy_bytes), stream_reads=stream_reads,
                    swap_tokens=tuple(swap_tokens))

@@ -105,6 +105,14 @@ class KVLocation:
             token_index -= n
         raise AssertionError("unreachable")
 
+    def longest_run_tokens(self) -> int:
+        """The longest run's tokens (memoized on the location object, as ``slot_table``)."""
+        longest = self.__dict__.get("_longest_run")
+        if longest is None:
+            longest = max(n for _, n in self.runs)
+            object.__setattr__(self, "_longest_run", longest)
+        return longest
+
     def slot_table(self) -> torch.Tensor:
         """int64 [capacity_tokens] (CPU): the slot of every token, built once per location
         object and kept on it (the scheduler reuses a sequence's location until its runs

@@ -28,6 +28,10 @@ place grouping is decided; the step-cost function counts the same groups)::
 
     one run of >= view_min_tokens ->  a group of its own, read as below
     alone in its group, one run   ->  k[l][s : s + L], a view: nothing is copied
+    several runs, in parts        ->  its runs of >= view_min_tokens each a view, the others
+      (``split_gain``, the step's     one part in the step's gather; one attention call a
+      ``splits_pay``)                 part returns its log-sum-exp, and one merge a layer
+                                      weighs every split read's parts (``SplitReads``)
     any other group               ->  its B x L slots, in the step's one gather per layer
 
 ``L`` is the longest sequence in the group (its members' contexts differ by less than a
@@ -39,9 +43,12 @@ each group reads its slice of the buffer::
     gather buffer:  | group 1: B1 x L1 slots | group 2: B2 x L2 slots | ...
                       ^ gather_offset 0        ^ gather_offset B1 x L1
 
-Every path feeds the same SDPA call, so they give identical results. A device kernel that
-reads runs in place (vendor paged attention with consecutive block ids, or a run-aware
-kernel) replaces the gather without changing the description.
+Every path but the split reads feeds the same SDPA call, so they give identical results;
+a split read's parts run the kernel SDPA runs on CPU (``split_reads.py``: it also returns
+each query's log-sum-exp), and softmax over the parts' log-sum-exps weighs their outputs, which
+is exact up to rounding. A device kernel that reads runs in place (vendor paged attention with
+consecutive block ids, or a run-aware kernel) replaces the gather without changing the
+description.
 
 GQA: the ``g = heads / kv_heads`` query heads sharing a KV head are folded into the query
 axis ([B, kv, g, D] against [B, kv, L, D]), so K/V are never repeated, and the code needs no
@@ -56,8 +63,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from odma_mlu.engine.step_work import MIN_SPAN_TOKENS, SPAN_CLASSES_PER_OCTAVE, decode_group_key
+from odma_mlu.engine.step_work import (MIN_SPAN_TOKENS, SPAN_CLASSES_PER_OCTAVE, decode_group_key, split_gain,
+                                      splits_pay)
 from odma_mlu.kvcache.arena import KVLocation
+from odma_mlu.models.split_reads import SplitReads, plan_split_reads, split_attention
 
 _SPAN_STEP_DIVISOR = 2 * SPAN_CLASSES_PER_OCTAVE  # decode_group_key's, for its inlined copy in build
 
@@ -149,8 +158,11 @@ class ForwardBatch:
     max_position: int = -1
     """The largest position in the batch (rotary tables grow to it); -1: compute it."""
     decode_gather_slots: torch.Tensor | None = None
-    """int64 [sum of B * L]: every gathered decode group's slots, end to end in group order
-    (``DecodeGroup.gather_offset``); None when every group is a view."""
+    """int64 [sum of B * L + gathered parts]: every gathered decode group's slots, end to end
+    in group order (``DecodeGroup.gather_offset``), then the split reads' gathered parts;
+    None when nothing is gathered."""
+    split_reads: SplitReads | None = None
+    """The decodes read in parts, after the decode groups in row order; None: none this step."""
 
     @property
     def decode_rows(self) -> slice:
@@ -179,6 +191,7 @@ class ForwardBatch:
         assert len(seqs) > 0, "a forward batch needs at least one sequence"
         dev = torch.device(device)
         prefill_seqs: list[int] = []
+        multi: list[int] = []  # decodes whose newest token is past their first run
         groups: dict[int, list[int]] = {}
         max_total = 0
         for i, seq in enumerate(seqs):  # which attention call each sequence joins
@@ -198,10 +211,27 @@ class ForwardBatch:
             assert first >= 0, f"negative cached token count {first}"
             assert total <= loc.capacity_tokens, (
                 f"{total} tokens do not fit the reservation of {loc.capacity_tokens}")
-            if n == 1 and first > 0:  # its newest token is past its first run: the group's slot table places it
-                groups.setdefault(decode_group_key(total), []).append(i)
+            if n == 1 and first > 0:  # its newest token is past its first run: in parts, or a group's slot table
+                multi.append(i)
             else:  # a prompt or a chunk of one (a one-token prompt too: the scheduler prefills it)
                 prefill_seqs.append(i)
+        split: list[int] = []
+        if multi and view_min_tokens is not None:  # StepWork.build's rule, over the same runs
+            # (a location with no run that long gains nothing: skip walking its runs, often pages)
+            long = [i for i in multi if seqs[i].location.longest_run_tokens() >= view_min_tokens]
+            gains = [split_gain(seqs[i].location.run_tokens(seqs[i].num_total_tokens), view_min_tokens)
+                     for i in long]
+            if splits_pay(gains):
+                split = [i for i, g in zip(long, gains) if g > 0]
+        chosen = set(split)
+        joined = set()
+        for i in multi:
+            if i not in chosen:
+                key = decode_group_key(seqs[i].num_total_tokens)
+                groups.setdefault(key, []).append(i)
+                joined.add(key)
+        for key in joined:  # members in ``seqs`` order, as the others joined
+            groups[key].sort()
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -237,12 +267,24 @@ class ForwardBatch:
                 ids.append(seq.token_ids[0])
                 positions.append(first)
                 slots.append(start + first if first < first_run else -1)  # -1: filled from the slot table
+        split_row = len(ids)
+        for i in split:
+            seq = seqs[i]
+            seq_rows[i] = len(ids)
+            ids.append(seq.token_ids[0])
+            positions.append(seq.num_cached_tokens)
+            slots.append(seq.location.slot_of(seq.num_cached_tokens))
+        decode_seqs.extend(split)
         write_slots = torch.tensor(slots, dtype=torch.int64)
         plans = [(row, len(groups[key]), *_plan_decode_group(row, [seqs[i] for i in groups[key]], write_slots))
                  for row, key in zip(group_rows, sorted(groups))]
         # Every gathered group's slots and length mask, end to end: one upload each; a group's
-        # mask is a view of its rows (the same offsets as its slots in the gather buffer).
-        gather_slots = _joined([p[4] for p in plans if p[4] is not None], dev)
+        # mask is a view of its rows (the same offsets as its slots in the gather buffer). The
+        # split reads' gathered parts follow the groups' slots (they need no mask).
+        group_slots = [p[4] for p in plans if p[4] is not None]
+        split_reads, rest_slots = plan_split_reads(split_row, [seqs[i] for i in split], view_min_tokens,
+                                                    sum(int(t.numel()) for t in group_slots), dev)
+        gather_slots = _joined(group_slots + rest_slots, dev)
         masks = _joined([p[5] for p in plans if p[5] is not None], dev)
         decode_groups: list[DecodeGroup] = []
         gathered = 0  # rows of the gather buffer taken so far
@@ -268,6 +310,7 @@ class ForwardBatch:
             decode_seqs=tuple(decode_seqs),
             max_position=max_total - 1,
             decode_gather_slots=gather_slots,
+            split_reads=split_reads,
         )
 
 
@@ -327,6 +370,9 @@ def arena_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Fo
                                plan, scale) for plan in batch.prefills]
     parts.extend(decode_attention(q[group.rows], _read(k_cache, k_gathered, group), _read(v_cache, v_gathered, group),
                                   group, scale) for group in batch.decode_groups)
+    split = batch.split_reads
+    if split is not None:
+        parts.append(split_attention(q[split.rows], k_cache, v_cache, k_gathered, v_gathered, split, scale))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
