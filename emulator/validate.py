@@ -11,6 +11,8 @@ groups by ``decode_group_key``, a lone one-run sequence read as a view)::
     decode_one_run  one run per sequence, uneven starts (random gaps)  {1, 4, 16} x {64, 256, 1024}
     decode_runs     4 runs of uneven lengths per sequence, scattered   {1, 4, 16} x {256, 1024}
     decode_paged    16-token page runs at random pages (adjacent merge) {1, 4, 16} x {256, 1024}
+    decode_views    decode_one_run's layout, at the cost model's view {1, 4, 16} x {256, 1024}
+                    length: each sequence that long read alone, in place (a group of its own)
     decode_split    decode_runs' layout, at the cost model's view length: {1, 4, 16} x {256, 1024}
                     runs that long are read in parts (``step_work.split_gain``)
     prefill         a whole prompt per sequence, one run               {1, 4} x {64, 256}, 1 x 1024
@@ -50,11 +52,12 @@ from odma_mlu.engine.step_work import StepWork
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVLocation
 
-KINDS = ("decode_one_run", "decode_runs", "decode_paged", "decode_split", "prefill", "kv_copy")
+KINDS = ("decode_one_run", "decode_runs", "decode_paged", "decode_views", "decode_split", "prefill", "kv_copy")
 GRIDS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "decode_one_run": ((1, 4, 16), (64, 256, 1024)),
     "decode_runs": ((1, 4, 16), (256, 1024)),
     "decode_paged": ((1, 4, 16), (256, 1024)),
+    "decode_views": ((1, 4, 16), (256, 1024)),
     "decode_split": ((1, 4, 16), (256, 1024)),
     "prefill": ((1, 4), (64, 256)),
     "kv_copy": ((1, 8), (16, 256, 4096)),
@@ -79,6 +82,8 @@ class Case:
     """Mean runs read per sequence (decode kinds)."""
     split_reads: int = 0
     """Decodes read in parts (``StepWork.decode_split_parts``)."""
+    views: int = 0
+    """Decode groups read in place, as a view (``StepWork.decode_group_views``)."""
     run: Callable[[], None] | None = field(default=None, repr=False)
     times: list[float] = field(default_factory=list, repr=False)
     cpu_times: list[float] = field(default_factory=list, repr=False)
@@ -136,7 +141,7 @@ def _merge(runs: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 def decode_locations(kind: str, batch: int, total: int, rng: Any) -> tuple[list[KVLocation], int]:
     """``batch`` locations holding ``total`` tokens each in the layout of ``kind``, and the
     arena size they need. Starts are uneven (random gaps); runs and pages are scattered."""
-    if kind == "decode_one_run":
+    if kind in ("decode_one_run", "decode_views"):
         locs, cursor = [], 0
         for _ in range(batch):
             cursor += int(rng.integers(1, 64))  # uneven start, never aligned to the previous end
@@ -223,13 +228,14 @@ def build_cases(model: Any, spec: Any, cost: CostModel, seed: int = 0) -> list[C
             locs, size = decode_locations(kind, batch, ctx + 1, rng)
             arena = model.new_arena(size)
             toks = torch.randint(0, spec.vocab_size, (batch,), generator=gen).tolist()
-            view = cost.view_min_tokens() if kind == "decode_split" else None
+            view = cost.view_min_tokens() if kind in ("decode_views", "decode_split") else None
             fb = ForwardBatch.build([SequenceInput((t,), ctx, loc) for t, loc in zip(toks, locs)], device=model.device,
                                     view_min_tokens=view)
             reads = [loc.run_tokens(ctx + 1) for loc in locs]
             work = StepWork.build(decode_read_runs=reads, view_min_tokens=view)
             case.runs = sum(len(r) for r in reads) / len(reads)
             case.split_reads = len(work.decode_split_parts)
+            case.views = work.decode_group_views
             assert (fb.split_reads.num_seqs if fb.split_reads is not None else 0) == case.split_reads
             assert len(fb.decode_groups) == len(work.decode_group_sizes)
             assert sum(g.view_start is not None for g in fb.decode_groups) == work.decode_group_views
@@ -318,7 +324,7 @@ def validate_emulator_main(ns: argparse.Namespace) -> int:
         measured = statistics.median(c.cpu_times) if cpu_timed else wall
         row = {"kind": c.kind, "batch": c.batch, "context_tokens": c.context_tokens, "measured_s": measured,
                "predicted_s": c.predicted_s, "held_out": c.held_out, "measured_wall_s": wall,
-               "runs_per_sequence": c.runs, "split_reads": c.split_reads}
+               "runs_per_sequence": c.runs, "split_reads": c.split_reads, "views": c.views}
         rows.append(row)
         print(f"{c.kind:<15} {c.batch:>5} {c.context_tokens:>7} {c.runs:>5.1f} {measured * 1e3:>8.3f}ms "
               f"{c.predicted_s * 1e3:>8.3f}ms {c.predicted_s / measured:>6.2f}  {'held-out' if c.held_out else 'shaping'}")

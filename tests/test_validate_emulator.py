@@ -26,7 +26,8 @@ def test_split_is_fixed_and_covers_every_kind() -> None:
     for kind in KINDS:
         mine = [g for g in grid if g[0] == kind]
         assert any(h for *_, h in mine) and any(not h for *_, h in mine), kind
-    assert {"decode_one_run", "decode_runs", "decode_paged", "decode_split", "prefill", "kv_copy"} == set(KINDS)
+    assert {"decode_one_run", "decode_runs", "decode_paged", "decode_views", "decode_split", "prefill",
+            "kv_copy"} == set(KINDS)
 
 
 def test_layouts_are_what_they_say() -> None:
@@ -68,6 +69,8 @@ def test_validate_emulator_writes_cases(tiny_model_dir: Path, tmp_path: Path, ca
     split = [c for c in cases if c["kind"] == "decode_split"]
     assert any(c["split_reads"] > 0 for c in split), "the split kind was meant to read decodes in parts"
     assert not any(c["split_reads"] for c in cases if c["kind"] != "decode_split")
+    views = [c for c in cases if c["kind"] == "decode_views"]
+    assert views and all(c["views"] == c["batch"] for c in views), "each sequence there is its own view"
     printed = capsys.readouterr().out
     assert "PASS: held-out median |predicted - measured|" in printed
 
