@@ -54,7 +54,8 @@ def graph_pays(pricer: StepPricer, inputs: Sequence[SequenceInput], view_min_tok
     B_pad x S slots) than run eagerly (groups by ``decode_group_key``, each padded to its own
     longest member; a lone one-run sequence a view). O(batch) integer work, no run lists:
     the grouping needs only each context and whether it is one run, so a sequence past its
-    first run is described as two."""
+    first run is described as two (all but its newest token in one run: with a view length,
+    a long one is priced as read in parts, which its real runs may not allow)."""
     batch, span = DecodeGraphRunner.key(inputs)
     reads = [(n,) if n <= s.location.runs[0][1] else (n - 1, 1)
              for s, n in ((s, s.num_total_tokens) for s in inputs)]

@@ -187,7 +187,8 @@ class ForwardBatch:
         Host work is O(1) Python per decode sequence (a few list appends; each decode group is
         then planned with a handful of tensor ops over the whole group) and O(chunk) per
         prefill; a multi-run location's slot table is built once per location and reused
-        (``location_slots``)."""
+        (``location_slots``); with ``view_min_tokens``, a decode past its first run whose
+        location has a run that long also walks its runs (``split_gain``)."""
         assert len(seqs) > 0, "a forward batch needs at least one sequence"
         dev = torch.device(device)
         prefill_seqs: list[int] = []
