@@ -55,17 +55,26 @@ SPLIT_MERGE_KERNELS = 5
 emulator/kernel_counts.py counts them from the forward; the split rule weighs them here."""
 
 
+def split_parts(runs: "tuple[int, ...]", view_min_tokens: int) -> tuple[int, int, int]:
+    """A decode over ``runs`` (token lengths) read in parts: (tokens read in place, in its runs
+    of at least ``view_min_tokens``; its parts, those runs plus one for the others; the tokens
+    of that gathered part)."""
+    in_place = [n for n in runs if n >= view_min_tokens]
+    in_place_tokens = sum(in_place)
+    rest_tokens = sum(runs) - in_place_tokens
+    return in_place_tokens, len(in_place) + (rest_tokens > 0), rest_tokens
+
+
 def split_gain(runs: "tuple[int, ...]", view_min_tokens: int) -> float:
     """What reading a decode over ``runs`` (token lengths) in parts saves a layer, in kernel
     launches, against gathering it whole: each run of at least ``view_min_tokens`` read in
     place saves its gather (``view_min_tokens`` tokens of gather are worth one launch:
-    ``CostModel.view_min_tokens``), and each part (those runs, plus the others gathered as one)
-    costs one attention call. <= 0: read it whole, gathered."""
+    ``CostModel.view_min_tokens``), and each part (``split_parts``) costs one attention call.
+    <= 0: read it whole, gathered."""
     if len(runs) < 2 or max(runs) < view_min_tokens:
         return 0.0
-    in_place = [n for n in runs if n >= view_min_tokens]
-    parts = len(in_place) + (len(in_place) < len(runs))
-    return sum(in_place) / view_min_tokens - parts
+    in_place_tokens, parts, _ = split_parts(runs, view_min_tokens)
+    return in_place_tokens / view_min_tokens - parts
 
 
 def splits_pay(gains: "Iterable[float]") -> bool:
@@ -167,22 +176,20 @@ class StepWork:
             f"prefill runs {prefill_runs} do not cover cached + new tokens {list(zip(cached, prefill))}")
         reads = tuple(tuple(r) for r in decode_read_runs)
         split: list[int] = []
+        parts_each: list[int] = []
+        gathered = rests = 0  # slots gathered (split reads' short runs, then the groups'); split reads gathering
         if view_min_tokens is not None and not stream_reads:
             gains = [split_gain(r, view_min_tokens) for r in reads]
             if splits_pay(gains):
                 split = [i for i, g in enumerate(gains) if g > 0]
+            for i in split:
+                _, parts, rest = split_parts(reads[i], view_min_tokens)
+                parts_each.append(parts)
+                gathered += rest
+                rests += rest > 0
         groups: dict[int, list[tuple[int, ...]]] = {}
         longest: dict[int, int] = {}
         total: dict[int, int] = {}
-        split_parts: list[int] = []
-        gathered = rests = 0
-        for i in split:
-            r = reads[i]
-            in_place = sum(n for n in r if n >= view_min_tokens)  # type: ignore[operator]
-            rest = sum(r) - in_place
-            split_parts.append(sum(n >= view_min_tokens for n in r) + (rest > 0))  # type: ignore[operator]
-            gathered += rest
-            rests += rest > 0
         skip = set(split)
         for i, r in enumerate(reads):
             if i in skip:
@@ -206,7 +213,7 @@ class StepWork:
         return cls(prefill_new_tokens=prefill, prefill_cached_tokens=cached, prefill_read_runs=prefill_runs,
                    decode_read_runs=reads,
                    decode_group_sizes=sizes, decode_group_views=views, decode_gathered_tokens=gathered,
-                   decode_padding_tokens=padding, decode_split_parts=tuple(split_parts), decode_split_rests=rests,
+                   decode_padding_tokens=padding, decode_split_parts=tuple(parts_each), decode_split_rests=rests,
                    copy_tokens=copy_tokens, copy_batch_sizes=batch_sizes,
                    decode_sliding_runs=tuple(tuple(r) for r in sliding_read_runs),
                    state_copy_bytes=tuple(state_copy_bytes), stream_reads=stream_reads,

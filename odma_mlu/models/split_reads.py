@@ -63,16 +63,12 @@ def plan_split_reads(first_row: int, members: "list[SequenceInput]", view_min_to
     for seq in members:
         parts: list[tuple[int, int, int]] = []
         rest: list[torch.Tensor] = []
-        left = seq.num_total_tokens
-        for start, n in seq.location.runs:
-            take = min(n, left)
+        loc = seq.location
+        for (start, _), take in zip(loc.runs, loc.run_tokens(seq.num_total_tokens)):  # the runs its read covers
             if take >= view_min_tokens:
                 parts.append((0, start, take))
             else:
                 rest.append(torch.arange(start, start + take, dtype=torch.int64))
-            left -= take
-            if left == 0:
-                break
         if rest:
             slots = rest[0] if len(rest) == 1 else torch.cat(rest)
             parts.append((1, gather_offset, int(slots.numel())))
