@@ -48,10 +48,10 @@ KiB, MiB, GiB = 1024, 1024**2, 1024**3
 ELEM_BYTES = 4  # the buffer is float32: embedding_bag(sum) supports it on every backend
 ROW_CAP_BYTES = 4 * KiB  # longer chunks are several consecutive rows (very wide rows run slower on CPU)
 OUTPUT_FRACTION = 64  # bag sums are at most 1/64 of the bytes read
-from emulator.compute_profiler import (measure_flops, measure_launch_overhead, measure_matmul_rows,  # noqa: E402
-                                       median_time_s)
-from emulator.profile_report import (TOOL, describe_host, format_table, matmul_rows_dict,  # noqa: E402
-                                     to_profile_dict, write_plot)
+from emulator.compute_profiler import (measure_attention_call, measure_flops, measure_launch_overhead,  # noqa: E402
+                                       measure_matmul_rows, median_time_s)
+from emulator.profile_report import (TOOL, attention_call_text, describe_host, format_table,  # noqa: E402
+                                     matmul_rows_dict, to_profile_dict, write_plot)
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,8 @@ class ProfileResult:
     threads: int = 1
     matmul_rows_flops: dict[str, dict[int, float]] = field(default_factory=dict)
     host_link: "HostLink | None" = None
+    attention_call_s: float | None = None
+    """One decode attention call's fixed seconds (``measure_attention_call``); None: not measured."""
     date: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
@@ -294,45 +296,55 @@ def run_profile(backend: Backend, quick: bool, progress: bool = True) -> Profile
     backend.empty_cache()
     flops = measure_flops(backend, settings)
     launch_s = measure_launch_overhead(backend, settings)
+    call_s = measure_attention_call(backend, settings)
     rows = measure_matmul_rows(backend, settings)
     link = measure_host_link(backend, settings)
     return ProfileResult(backend=backend.name, description=describe_host(backend), settings=settings,
                          llc_bytes=llc_bytes(), capacity_bytes=backend.mem_get_info().total_bytes,
                          stream_bytes_per_s=stream, sequential_bytes_per_s=seq, gather_bytes_per_s=gat,
                          flops_per_s=flops, launch_overhead_s=launch_s,
-                         threads=torch.get_num_threads(), matmul_rows_flops=rows, host_link=link)
+                         threads=torch.get_num_threads(), matmul_rows_flops=rows, host_link=link,
+                         attention_call_s=call_s)
 
 
-def update_matmul_rows_main(argv: list[str] | None = None) -> int:
-    """Measure only ``matmul_rows`` and add it to an existing profile, every other key kept.
+ADDABLE_KEYS = ("matmul_rows", "attention_call_overhead")
 
-    ``python -m emulator.bandwidth_profiler --add-matmul-rows PROFILE.yaml [--backend cpu]``:
-    for profiles measured before the key existed. The run's date, thread count and
-    settings go into ``provenance.matmul_rows``.
+
+def update_profile_main(argv: list[str] | None = None) -> int:
+    """Measure one key and add it to an existing profile, every other key kept.
+
+    ``python -m emulator.bandwidth_profiler --add {matmul_rows,attention_call_overhead}
+    PROFILE.yaml [--backend cpu]``: for profiles measured before the key existed. The run's
+    date, thread count and host go into ``provenance.<key>``.
     """
     ap = argparse.ArgumentParser(prog="python -m emulator.bandwidth_profiler")
-    ap.add_argument("--add-matmul-rows", required=True, metavar="PROFILE.yaml")
+    ap.add_argument("--add", required=True, choices=ADDABLE_KEYS, help="the profile key to measure and add")
+    ap.add_argument("profile", metavar="PROFILE.yaml")
     ap.add_argument("--backend", choices=("cpu", "cuda", "mlu"), default="cpu")
     ns = ap.parse_args(argv)
     from emulator.profile import parse_profile
 
-    path = Path(ns.add_matmul_rows)
+    path = Path(ns.profile)
     text = path.read_text()
     data = yaml.safe_load(text)
     backend = get_backend(ns.backend)
     settings = choose_settings(backend, quick=False)
-    rows = measure_matmul_rows(backend, settings)
-    data["matmul_rows"] = matmul_rows_dict(rows, settings)
-    data["provenance"]["matmul_rows"] = {
-        "tool": TOOL + " --add-matmul-rows", "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "torch_threads": torch.get_num_threads(), "repeats": max(5, settings.repeats),
-        "host": describe_host(backend)}
+    if ns.add == "matmul_rows":
+        rows = measure_matmul_rows(backend, settings)
+        data["matmul_rows"] = matmul_rows_dict(rows, settings)
+        shown = "; ".join(dt + ": " + ", ".join(f"M={m} {f / 1e9:.1f}" for m, f in sorted(pts.items())) + " GFLOP/s"
+                          for dt, pts in rows.items())
+    else:
+        launch_s = parse_profile(data, str(path)).launch_overhead_s
+        data["attention_call_overhead"] = shown = attention_call_text(measure_attention_call(backend, settings), launch_s)
+    data["provenance"][ns.add] = {
+        "tool": f"{TOOL} --add {ns.add}", "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "torch_threads": torch.get_num_threads(), "host": describe_host(backend)}
     parse_profile(data, str(path))
     header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
     path.write_text(header + yaml.safe_dump(data, sort_keys=False, width=120))
-    for dt, pts in rows.items():
-        print(dt + ": " + ", ".join(f"M={m} {f / 1e9:.1f}" for m, f in sorted(pts.items())) + " GFLOP/s")
-    print(f"wrote matmul_rows into {path}")
+    print(f"{ns.add}: {shown}")
+    print(f"wrote {ns.add} into {path}")
     return 0
 
 
@@ -365,4 +377,4 @@ def profile_bandwidth_main(ns: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(update_matmul_rows_main())
+    sys.exit(update_profile_main())

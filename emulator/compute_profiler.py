@@ -105,3 +105,30 @@ def measure_launch_overhead(backend: Backend, settings: ProfilerSettings) -> flo
             x.add_(1.0)
 
     return median_time_s(backend, burst, 5, 1) / settings.launch_ops
+
+
+ATTENTION_CALL_HEADS = (28, 4, 128)
+"""Query heads, KV heads and head dim of the timed attention call: the 7B target's."""
+
+
+def measure_attention_call(backend: Backend, settings: ProfilerSettings) -> float:
+    """Seconds of one decode attention call as the engine makes it (``models/attention.py``
+    ``decode_attention`` over a view of an arena-shaped [slots, kv, D] K and V) over a
+    one-token run, so its bytes and FLOPs are negligible: its launch, the kernel's own set-up
+    and the view ops around it (profile key ``attention_call_overhead``). Averaged over a
+    burst; at least ``launch_overhead`` is for the caller to enforce."""
+    from odma_mlu.models.attention import DecodeGroup, decode_attention, read_group_kv
+
+    heads, kv_heads, dim = ATTENTION_CALL_HEADS
+    dtype = torch.float32 if backend.device.type == "cpu" else torch.float16
+    k = torch.randn(1024, kv_heads, dim, device=backend.device).to(dtype)
+    v = torch.randn(1024, kv_heads, dim, device=backend.device).to(dtype)
+    q = torch.randn(1, heads, dim, device=backend.device).to(dtype)
+    group = DecodeGroup(first_row=0, num_seqs=1, span_tokens=1, length_mask=None, view_start=512, gather_offset=None)
+    calls = max(20, settings.launch_ops // 5)
+
+    def burst() -> None:
+        for _ in range(calls):
+            decode_attention(q, read_group_kv(k, None, group), read_group_kv(v, None, group), group, dim ** -0.5)
+
+    return median_time_s(backend, burst, 5, 1) / calls

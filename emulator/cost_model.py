@@ -5,6 +5,10 @@ Each kernel takes the longer of its memory and compute time, and pays one launch
 
     time_s = sum over kernels k of max(bytes_k / bandwidth_k, flops_k / flops(dtype, rows_k))
            + kernels * launch_overhead
+           + attention calls * (attention_call_overhead - launch_overhead)
+
+(an attention call's own fixed cost, set-up and view ops, past its launch: the profile's
+``attention_call_overhead``, one launch where the profile has none)
 
 per layer:  4 weight matmuls (qkv, o, gate_up, down): the weight streamed once at the
             sequential bandwidth; 2 M K N FLOPs at the rate the device reaches with
@@ -85,7 +89,7 @@ from typing import Sequence
 from emulator.kernel_counts import FORWARD_KERNELS, QWEN2_KERNELS
 from emulator.profile import DeviceProfile
 from odma_mlu.config import ModelSpec
-from odma_mlu.engine.step_work import StepWork
+from odma_mlu.engine.step_work import StepWork, ViewRule
 from odma_mlu.models.layer_kinds import LayerKinds
 
 READ_CACHE_ENTRIES = 1 << 16  # memoized per-sequence reads (CostModel._read)
@@ -153,6 +157,7 @@ class CostModel:
         self._stream_bw = profile.stream_bandwidth_bytes_per_s
         self._flops = profile.flops_for(self.dtype)
         self._launch = profile.launch_overhead_s
+        self._call_extra = profile.attention_call_s - profile.launch_overhead_s  # per attention call
         self._gathers = profile.decode_attention == "gather"
         self._half_kv_per_token_layer = model.kv_bytes_per_token_per_layer // 2
         self._n_full, self._n_sliding, self._n_ssm = self.layers.num_full, self.layers.num_sliding, self.layers.num_ssm
@@ -206,17 +211,31 @@ class CostModel:
         one-token context (the weights, the LM head, the launches). Read once per policy."""
         return self.step_time(StepWork.build(decode_read_runs=((1,),))).time_s
 
+    def _group_call_s(self) -> float:
+        """What one more decode group costs a full layer beyond its bytes and FLOPs: its
+        kernels' launches and the attention call's fixed cost (``attention_call_overhead``)."""
+        return self.kernels.decode_group * self._launch + self._call_extra
+
     def view_min_tokens(self) -> int | None:
         """The shortest decode in one run worth reading alone, in place, rather than in its
-        span class's gathered group: a group of its own adds ``decode_group`` launches per full
-        layer and saves the gather of its slots (written to the buffer and read back at
-        stream bandwidth). None where the profile's attention reads runs in place (nothing
-        is gathered, so nothing is saved). Leaving the group may shrink its padding too,
-        which is not counted: the rule errs towards the group."""
+        span class's gathered group: a group of its own costs one more call per full layer
+        (``_group_call_s``) and saves the gather of its slots (written to the buffer and
+        read back at stream bandwidth). None where the profile's attention reads runs in
+        place (nothing is gathered, so nothing is saved). Leaving the group may shrink its
+        padding too, which is not counted: the rule errs towards the group."""
         if not self._gathers or not self._n_full:
             return None
         saved_per_token_s = 2 * self.model.kv_bytes_per_token_per_layer / self._stream_bw
-        return max(1, ceil(self.kernels.decode_group * self._launch / saved_per_token_s))
+        return max(1, ceil(self._group_call_s() / saved_per_token_s))
+
+    def view_rule(self) -> ViewRule | None:
+        """The rule the engine reads decodes in place by, alone or in parts (``ViewRule``):
+        the view length, and the split reads' merge (``split_merge`` launches a layer) in
+        attention calls. None where nothing is gathered (``view_min_tokens``)."""
+        view = self.view_min_tokens()
+        if view is None:
+            return None
+        return ViewRule(view, self.kernels.split_merge * self._launch / self._group_call_s())
 
     def copy_kernels(self, num_copies: int) -> int:
         """Kernels of one batch of ``num_copies`` KV copies (``KVArena.take_issued_copies``)."""
@@ -284,6 +303,16 @@ class CostModel:
                    + (k.attention_cat if prefills + (1 if work.num_decodes else 0) > 1 else 0))
             total += self._n_ssm * ssm
         return total
+
+    def num_attention_calls(self, work: StepWork) -> int:
+        """Attention calls our forward makes for ``work`` (each also among ``num_kernels``):
+        per full layer one a decode group, split read's part and prefill; per sliding layer
+        one a prefill and one for every decode. Each pays the profile's
+        ``attention_call_overhead`` beyond its launch."""
+        prefills = len(work.prefill_new_tokens)
+        full = len(work.decode_group_sizes) + sum(work.decode_split_parts) + prefills
+        sliding = prefills + (1 if work.num_decodes else 0)
+        return self._n_full * full + self._n_sliding * sliding
 
     def _num_gathered_prefills(self, work: StepWork) -> int:
         """Prefills whose cached + new tokens lie in several runs, gathered where the profile's
@@ -442,7 +471,7 @@ class CostModel:
             swap_s = swap_bytes / link + 2 * swap_bytes / self._stream_bw
             acc.add(1, swap_s, 0.0, 0.0)
 
-        overhead_s = self.num_kernels(work) * self._launch
+        overhead_s = self.num_kernels(work) * self._launch + self.num_attention_calls(work) * self._call_extra
         weights = (kinds.ssm.streamed_weight_bytes if kinds.ssm is not None else m.streamed_weight_bytes)
         return StepCost(
             time_s=acc.time_s + overhead_s, memory_s=acc.memory_s, compute_s=acc.compute_s, overhead_s=overhead_s,

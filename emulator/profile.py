@@ -13,6 +13,7 @@ server makes::
       - {chunk_bytes: 64, bandwidth: 90 GB/s, source: derived, note: "..."}
     compute_flops_per_s: {float16: 96 TFLOPS, float32: 24 TFLOPS}
     launch_overhead: 8 us
+    attention_call_overhead: 20 us   # OPTIONAL: see below
     provenance: {kind: derived, sources: [...]}   # or kind: measured, tool, host, date
     host_link: {bandwidth: 25 GB/s, source: derived, note: "..."}   # OPTIONAL: see below
     decode_attention: gather   # OPTIONAL: gather (default) or in_place, see below
@@ -30,6 +31,12 @@ compute efficiency; weight streaming is the memory term.
 ``host_link`` is the device <-> host copy bandwidth (one direction), what swapping a
 preempted request's KV to host memory and back costs. Without it the emulator does not
 swap on that profile (every preemption recomputes).
+
+``attention_call_overhead`` is the fixed time of one attention call over a view of the KV
+arena (a decode group's, a view's, a split read's part's, a prefill's): its launch, the
+kernel's own set-up and the view ops around it, beyond the bytes it reads and the FLOPs it
+computes. The profiler times the engine's decode attention over a 16-token view. At least
+``launch_overhead``; without it a call costs one launch (derived profiles: unmeasured).
 
 ``decode_attention`` says how the decode attention kernel on this device reads KV runs:
 ``gather`` (the default, what ``odma_mlu/models/attention.py`` issues on every backend
@@ -59,7 +66,8 @@ from odma_mlu.errors import ProfileError
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
 TOP_KEYS_REQUIRED = ("name", "memory_type", "capacity_bytes", "peak_bandwidth", "sequential", "gather",
                      "compute_flops_per_s", "launch_overhead", "provenance")
-TOP_KEYS_OPTIONAL = ("schema_version", "description", "notes", "matmul_rows", "host_link", "decode_attention")
+TOP_KEYS_OPTIONAL = ("schema_version", "description", "notes", "matmul_rows", "host_link", "decode_attention",
+                     "attention_call_overhead")
 DECODE_ATTENTION = ("gather", "in_place")
 LINK_KEYS = ("bandwidth", "source", "note")
 ROWS_POINT_KEYS = ("rows", "flops", "source", "note")
@@ -113,6 +121,13 @@ class DeviceProfile:
     """Optional: device <-> host copy bandwidth, one direction (None: not known, no swapping)."""
     decode_attention: str = "gather"
     """How decode attention reads KV runs: ``gather`` (what the code issues) or ``in_place``."""
+    attention_call_overhead_s: float | None = None
+    """Optional: the fixed seconds of one attention call, its launch included (None: one launch)."""
+
+    @property
+    def attention_call_s(self) -> float:
+        """Seconds one attention call costs beyond its bytes and FLOPs (its launch included)."""
+        return self.launch_overhead_s if self.attention_call_overhead_s is None else self.attention_call_overhead_s
 
     @property
     def stream_bandwidth_bytes_per_s(self) -> float:
@@ -290,6 +305,12 @@ def parse_profile(data: Any, where: str) -> DeviceProfile:
     overhead = parse_quantity(data["launch_overhead"], "seconds", f"{where}: launch_overhead")
     if overhead < 0:
         raise ProfileError(f"{where}: launch_overhead must be >= 0, got {overhead:g}")
+    call: float | None = None
+    if "attention_call_overhead" in data:
+        call = parse_quantity(data["attention_call_overhead"], "seconds", f"{where}: attention_call_overhead")
+        if call < overhead:
+            raise ProfileError(f"{where}: attention_call_overhead = {call:g} s is below launch_overhead "
+                               f"({overhead:g} s); a call includes its launch")
     prov = data["provenance"]
     if not isinstance(prov, Mapping) or prov.get("kind") not in SOURCES:
         raise ProfileError(f"{where}: provenance must be a mapping with kind 'measured' or 'derived'")
@@ -307,7 +328,7 @@ def parse_profile(data: Any, where: str) -> DeviceProfile:
         name=str(data["name"]), memory_type=str(data["memory_type"]), capacity_bytes=int(capacity),
         peak_bandwidth_bytes_per_s=peak, sequential=seq, gather=gat, compute_flops_per_s=flops,
         launch_overhead_s=overhead, provenance=dict(prov), source_path=where, matmul_rows=rows,
-        host_link_bandwidth_bytes_per_s=link, decode_attention=attention,
+        host_link_bandwidth_bytes_per_s=link, decode_attention=attention, attention_call_overhead_s=call,
     )
 
 

@@ -49,6 +49,8 @@ def to_profile_dict(r: ProfileResult, name: str) -> dict:
                    for n, bw in sorted(r.gather_bytes_per_s.items())],
         "compute_flops_per_s": {k: f"{v / 1e9:.2f} GFLOPS" for k, v in r.flops_per_s.items()},
         "launch_overhead": f"{r.launch_overhead_s * 1e6:.3f} us",
+        **({"attention_call_overhead": attention_call_text(r.attention_call_s, r.launch_overhead_s)}
+           if r.attention_call_s is not None else {}),
         **({"matmul_rows": matmul_rows_dict(r.matmul_rows_flops, r.settings)} if r.matmul_rows_flops else {}),
         **({"host_link": host_link_dict(r.host_link)} if r.host_link is not None else {}),
         "provenance": {
@@ -64,6 +66,11 @@ def to_profile_dict(r: ProfileResult, name: str) -> dict:
             "points": note,
         },
     }
+
+
+def attention_call_text(call_s: float, launch_s: float) -> str:
+    """The ``attention_call_overhead`` entry: the measured call, never under one launch."""
+    return f"{max(call_s, launch_s) * 1e6:.3f} us"
 
 
 def host_link_dict(link: HostLink) -> dict:
@@ -94,6 +101,8 @@ def format_table(r: ProfileResult) -> str:
     lines.append(f"stream (buffer.sum, {r.settings.buffer_bytes // MiB} MiB): {r.stream_bytes_per_s / 1e9:.2f} GB/s read")
     lines.append("matmul: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in r.flops_per_s.items()))
     lines.append(f"launch overhead: {r.launch_overhead_s * 1e6:.2f} us per tiny op; torch threads: {r.threads}")
+    if r.attention_call_s is not None:
+        lines.append(f"attention call: {r.attention_call_s * 1e6:.2f} us (decode attention over a one-token view)")
     if r.host_link is not None:
         lines.append(f"host link: {r.host_link.to_host_bytes_per_s / 1e9:.2f} GB/s to host, "
                      f"{r.host_link.to_device_bytes_per_s / 1e9:.2f} GB/s to device")

@@ -250,7 +250,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
     if rate_scale <= 0:
         raise ConfigError(f"--rate-scale must be positive, got {rate_scale}")
     cost = CostModel(profile, model, layers=layers)
-    view_min_tokens = cost.view_min_tokens()
+    views = cost.view_rule()
     if layers is not None and layers.ssm is not None and state_fraction is None:
         state_fraction = tuned_state_fraction(layers.ssm, trace)
     kv = _KVLayout(policy_name, model, layers, capacity_tokens, cache, max_new_tokens, drift_detector, cost,
@@ -314,7 +314,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         if batch.is_empty:
             # Nothing can run: only possible if a single request exceeds every region.
             raise AssertionError(f"{policy_name}: scheduler made no progress with {len(scheduler.waiting)} waiting")
-        work = describe_step(batch, policy, view_min_tokens)
+        work = describe_step(batch, policy, views)
         max_running = max(max_running, len(scheduler.running))
         held_per_request_sum += kv.reserved_tokens() * kv_bytes_per_token / len(scheduler.running)
         step = cost.step_time(work)

@@ -228,11 +228,11 @@ def build_cases(model: Any, spec: Any, cost: CostModel, seed: int = 0) -> list[C
             locs, size = decode_locations(kind, batch, ctx + 1, rng)
             arena = model.new_arena(size)
             toks = torch.randint(0, spec.vocab_size, (batch,), generator=gen).tolist()
-            view = cost.view_min_tokens() if kind in ("decode_views", "decode_split") else None
+            views = cost.view_rule() if kind in ("decode_views", "decode_split") else None
             fb = ForwardBatch.build([SequenceInput((t,), ctx, loc) for t, loc in zip(toks, locs)], device=model.device,
-                                    view_min_tokens=view)
+                                    views=views)
             reads = [loc.run_tokens(ctx + 1) for loc in locs]
-            work = StepWork.build(decode_read_runs=reads, view_min_tokens=view)
+            work = StepWork.build(decode_read_runs=reads, views=views)
             case.runs = sum(len(r) for r in reads) / len(reads)
             case.split_reads = len(work.decode_split_parts)
             case.views = work.decode_group_views
@@ -328,6 +328,11 @@ def validate_emulator_main(ns: argparse.Namespace) -> int:
         rows.append(row)
         print(f"{c.kind:<15} {c.batch:>5} {c.context_tokens:>7} {c.runs:>5.1f} {measured * 1e3:>8.3f}ms "
               f"{c.predicted_s * 1e3:>8.3f}ms {c.predicted_s / measured:>6.2f}  {'held-out' if c.held_out else 'shaping'}")
+    rule = cost.view_rule()
+    for kind, key in (("decode_views", "views"), ("decode_split", "split_reads")):
+        if not any(r[key] for r in rows if r["kind"] == kind and r["batch"] > 1):
+            print(f"note: {kind} read nothing that way at this model's view length "
+                  f"({rule.min_tokens if rule else None} tokens, from the profile): its cases time gathered reads")
     summary = summarize(rows, max_error)
     kinds = ", ".join(f"{k} {v:.3f}" for k, v in summary["median_abs_rel_error_by_kind"].items())
     print(f"held-out median |predicted - measured| / measured per kind: {kinds}")

@@ -85,6 +85,28 @@ def test_quick_run_writes_valid_profile_and_plot(tmp_path: Path) -> None:
     assert "float32" in p.compute_flops_per_s and p.launch_overhead_s > 0
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert p.host_link_bandwidth_bytes_per_s is None  # a CPU has no host link: it never swaps in the emulator
+    assert p.attention_call_s >= p.launch_overhead_s and p.attention_call_overhead_s is not None
+
+
+def test_add_attention_call_to_a_profile(tmp_path: Path) -> None:
+    """``--add attention_call_overhead`` measures the one key into an existing profile and keeps
+    every other key; the call is timed through the engine's own decode attention."""
+    from emulator.compute_profiler import measure_attention_call
+    from odma_mlu.backends import get_backend
+
+    backend = get_backend("cpu")
+    call_s = measure_attention_call(backend, bp.choose_settings(backend, quick=True))
+    assert 0 < call_s < 0.01
+    path = tmp_path / "p.yaml"
+    path.write_text((REPO / "device_profiles" / "h100-sxm.yaml").read_text())
+    before = load_profile(str(path))
+    assert before.attention_call_overhead_s is None
+    assert bp.update_profile_main(["--add", "attention_call_overhead", str(path)]) == 0
+    after = load_profile(str(path))
+    assert after.attention_call_s >= after.launch_overhead_s == before.launch_overhead_s
+    assert after.sequential == before.sequential and after.provenance["attention_call_overhead"]["tool"]
+    with pytest.raises(SystemExit):
+        bp.update_profile_main(["--add", "launch_overhead", str(path)])
 
 
 def test_measured_host_link_reaches_the_profile() -> None:

@@ -292,11 +292,12 @@ def test_split_reads_gather_only_their_short_runs() -> None:
     are gathered, each part is one more launch a layer and the step merges once a layer; a
     step whose gains do not cover the merge gathers it whole, and ``ideal`` never splits."""
     cm = model_for("mlu370-x4")
-    view = cm.view_min_tokens()
-    assert view is not None
+    rule = cm.view_rule()
+    assert rule is not None
+    view = rule.min_tokens
     reads = [(4000, 3000, 100), (6000, 2000)]
     whole = StepWork.build((), reads)
-    split = StepWork.build((), reads, view_min_tokens=view)
+    split = StepWork.build((), reads, views=rule)
     assert split.decode_split_parts == (3, 2) and split.decode_split_rests == 1
     assert (split.decode_gathered_tokens, whole.decode_gathered_tokens) == (100, 15100)
     k = cm.kernels
@@ -306,9 +307,31 @@ def test_split_reads_gather_only_their_short_runs() -> None:
         5 * k.split_part + k.split_merge - 2 * k.decode_group - k.attention_cat)
     assert cm.step_time(split).time_s < cm.step_time(whole).time_s
     assert cm.step_time(split).gather_s < cm.step_time(whole).gather_s / 100
-    short = StepWork.build((), [(view + 10, 50)], view_min_tokens=view)  # gain ~1 launch: under the merge's
+    short = StepWork.build((), [(view + 10, 50)], views=rule)  # gain ~1 launch: under the merge's
     assert short.decode_split_parts == () and short.decode_gathered_tokens == view + 60
-    assert StepWork.build((), reads, view_min_tokens=view, stream_reads=True).decode_split_parts == ()
+    assert StepWork.build((), reads, views=rule, stream_reads=True).decode_split_parts == ()
+
+
+def test_an_attention_call_pays_the_profiles_fixed_cost() -> None:
+    """``attention_call_overhead``: every attention call (decode group, view, split read's part,
+    prefill) costs that much beyond its launch, so the view length grows with it, and the
+    split reads' merge (launches only) weighs less against a call; a profile without the key
+    prices a call as one launch (the rule then is the derived profiles' as before)."""
+    base = load_profile("mlu370-x4")
+    assert base.attention_call_overhead_s is None
+    slow = dataclasses.replace(base, attention_call_overhead_s=4 * base.launch_overhead_s)
+    cm, cm_slow = CostModel(base, MODEL), CostModel(slow, MODEL)
+    rule, rule_slow = cm.view_rule(), cm_slow.view_rule()
+    assert rule is not None and rule_slow is not None
+    assert rule.merge_calls == 5.0 and rule_slow.merge_calls == pytest.approx(5.0 / 4)
+    assert rule_slow.min_tokens == pytest.approx(4 * rule.min_tokens, abs=4)
+    work = StepWork.build([300, 20], [(12000, 9000, 100), (16000, 2000), (3000,), (90,), (95,)], views=rule_slow)
+    assert work.decode_split_parts and work.decode_group_views == 1
+    calls = cm.num_attention_calls(work)
+    assert calls == MODEL.num_layers * (len(work.decode_group_sizes) + sum(work.decode_split_parts) + 2)
+    extra_s = cm_slow.step_time(work).time_s - cm.step_time(work).time_s
+    assert extra_s == pytest.approx(calls * 3 * base.launch_overhead_s, rel=1e-9)
+    assert cm_slow.step_time(work).overhead_s - cm.step_time(work).overhead_s == pytest.approx(extra_s, rel=1e-9)
 
 
 def test_a_multi_run_prefill_pays_its_gather() -> None:

@@ -12,6 +12,7 @@ import pytest
 from odma_mlu.config import CacheConfig, OdmaConfig, SchedulerConfig
 from odma_mlu.engine.llm_engine import LLMEngine
 from odma_mlu.engine.sampler import SamplingParams
+from odma_mlu.engine.step_work import ViewRule
 from odma_mlu.errors import RequestRejected
 from odma_mlu.predictor.base import LengthPrediction, LengthPredictor, RequestFeatures
 from hf_reference import encode, hf_greedy
@@ -108,7 +109,7 @@ def test_split_reads_match(tiny_model_dir: Path, reference: list[list[int]], pol
                       odma=OdmaConfig(safety_fraction=0.0, num_buckets=4, elastic=False))
     else:
         eng = _engine(tiny_model_dir, "paged", capacity=1024)
-    eng.view_min_tokens = 4
+    eng.views = ViewRule(4)
     assert _run(eng) == reference
     assert calls and max(calls) > 1, "the forced view length was meant to read several decodes in parts"
 

@@ -1,43 +1,63 @@
 """The kernel table (emulator/kernel_counts.py) against what the Qwen2 forward dispatches:
-every non-view aten op counted under a TorchDispatchMode on a real forward of a tiny model
-(tests/test_cost_model_kinds.py does the same for every architecture and layer kind)."""
+every non-view aten op, and the attention calls among them, counted under a
+TorchDispatchMode on a real forward of a tiny model (tests/test_cost_model_kinds.py does
+the same for every architecture and layer kind)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
 from emulator.cost_model import CostModel
 from emulator.profile import load_profile
-from odma_mlu.engine.step_work import StepWork
+from odma_mlu.engine.step_work import StepWork, ViewRule
+
+
+class Dispatched(NamedTuple):
+    kernels: int
+    """Non-view aten ops (what the cost model calls kernels)."""
+    attention_calls: int
+    """Of them, attention kernels (SDPA, and the flash kernel a split read's part calls)."""
+
+
+def assert_counts_match(cm: CostModel, work: StepWork, counted: Dispatched, what: str = "") -> None:
+    """The cost model's kernels and attention calls for ``work`` are what the forward dispatched."""
+    assert cm.num_kernels(work) == counted.kernels, (
+        f"{what}: the forward dispatches {counted.kernels} ops, the cost model counts {cm.num_kernels(work)}; "
+        "update FORWARD_KERNELS in emulator/kernel_counts.py")
+    assert cm.num_attention_calls(work) == counted.attention_calls, (
+        f"{what}: the forward makes {counted.attention_calls} attention calls, the cost model counts "
+        f"{cm.num_attention_calls(work)} (CostModel.num_attention_calls)")
 
 
 def _count_forward_kernels(model: Any, seqs: list, arena_tokens: int = 4096, extra: tuple = (),
-                           view_min_tokens: int | None = None) -> int:
-    """Non-view aten ops one forward dispatches (what the cost model calls kernels);
+                           views: ViewRule | None = None) -> Dispatched:
+    """Ops one forward dispatches, and its attention calls;
     ``extra``: the forward's arguments after the arena (rings, or states and their slots);
-    ``view_min_tokens``: the batch's (``ForwardBatch.build``)."""
+    ``views``: the batch's (``ForwardBatch.build``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from odma_mlu.models.attention import ForwardBatch
 
-    views = {"view", "slice", "transpose", "unsqueeze", "as_strided", "expand", "select", "t", "split", "chunk",
+    view_ops = {"view", "slice", "transpose", "unsqueeze", "as_strided", "expand", "select", "t", "split", "chunk",
              "alias", "_unsafe_view", "reshape", "permute", "narrow", "detach", "_reshape_alias", "squeeze"}
 
     class Count(TorchDispatchMode):
-        n = 0
+        n = calls = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            if func.overloadpacket.__name__ not in views:
+            name = func.overloadpacket.__name__
+            if name not in view_ops:
                 Count.n += 1
+                Count.calls += "scaled_dot_product" in name
             return func(*args, **(kwargs or {}))
 
-    batch = ForwardBatch.build(seqs, device=model.device, view_min_tokens=view_min_tokens)
+    batch = ForwardBatch.build(seqs, device=model.device, views=views)
     arena = model.new_arena(max(arena_tokens, 64))
     with Count():
         model.forward(batch, arena, *extra)
-    return Count.n
+    return Dispatched(Count.n, Count.calls)
 
 
 @pytest.mark.parametrize("decode_groups, prefills, multi_run", [
@@ -75,8 +95,7 @@ def test_kernel_counts_follow_the_forward(tiny_model_dir: Any, decode_groups: in
     counted = _count_forward_kernels(model, seqs, start)
     cm = CostModel(load_profile("cpu-host"), spec)
     work = StepWork.build(prefill_tokens, reads, prefill_cached_tokens=prefill_cached, prefill_read_runs=prefill_runs)
-    assert cm.num_kernels(work) == counted, (
-        f"the forward dispatches {counted} ops; update the KERNELS_* constants in emulator/kernel_counts.py")
+    assert_counts_match(cm, work, counted, "qwen2")
 
 
 def test_kernel_count_of_a_lone_view(tiny_model_dir: Any) -> None:
@@ -88,7 +107,7 @@ def test_kernel_count_of_a_lone_view(tiny_model_dir: Any) -> None:
     loc = KVLocation(((100, 300),))
     counted = _count_forward_kernels(model, [SequenceInput((5,), 99, loc)], 400)
     cm = CostModel(load_profile("cpu-host"), spec)
-    assert cm.num_kernels(StepWork.build((), [loc.run_tokens(100)])) == counted
+    assert_counts_match(cm, StepWork.build((), [loc.run_tokens(100)]), counted, "a lone view")
 
 
 def split_read_step() -> tuple[list, list[tuple[int, ...]], int]:
@@ -110,9 +129,8 @@ def test_kernel_count_of_split_reads(tiny_model_dir: Any) -> None:
 
     model, spec, _ = load_model(tiny_model_dir, with_tokenizer=False)
     seqs, reads, arena_tokens = split_read_step()
-    counted = _count_forward_kernels(model, seqs, arena_tokens, view_min_tokens=2)
-    work = StepWork.build([10], reads, view_min_tokens=2)
+    counted = _count_forward_kernels(model, seqs, arena_tokens, views=ViewRule(2))
+    work = StepWork.build([10], reads, views=ViewRule(2))
     assert work.decode_split_parts == (4, 2) and work.decode_split_rests == 1
     cm = CostModel(load_profile("cpu-host"), spec)
-    assert cm.num_kernels(work) == counted, (
-        f"the forward dispatches {counted} ops; update the split kernels in emulator/kernel_counts.py")
+    assert_counts_match(cm, work, counted, "split reads")

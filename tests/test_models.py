@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from odma_mlu.engine.step_work import decode_group_key
+from odma_mlu.engine.step_work import ViewRule, decode_group_key
 from odma_mlu.kvcache.arena import KVLocation
 from odma_mlu.models.attention import ForwardBatch, SequenceInput
 from odma_mlu.models.loader import load_model
@@ -233,7 +233,7 @@ def test_rows_are_laid_out_by_attention_call(loaded, prompt_ids):
                                       SequenceInput(pc, 0, loc_c)]), arena)
     seqs = [SequenceInput((5,), la, loc_a), SequenceInput(pd, 0, loc_d), SequenceInput((6,), lb, loc_b),
             SequenceInput((7,), lc, loc_c)]
-    batch = ForwardBatch.build(seqs, view_min_tokens=lb)  # b (one run, lb + 1 tokens) is read alone
+    batch = ForwardBatch.build(seqs, views=ViewRule(lb))  # b (one run, lb + 1 tokens) is read alone
     assert batch.seq_rows[1] == 0 and len(batch.prefills) == 1 and batch.prefills[0].token_offset == 0
     assert batch.last_token_rows.tolist() == [r + len(s.token_ids) - 1 for r, s in zip(batch.seq_rows, seqs)]
     rows = [r for g in batch.decode_groups for r in range(g.first_row, g.first_row + g.num_seqs)]
@@ -246,7 +246,7 @@ def test_rows_are_laid_out_by_attention_call(loaded, prompt_ids):
         assert batch.write_slots[row:row + n].tolist() == [seq.location.slot_of(t) for t in
                                                           range(seq.num_cached_tokens, seq.num_total_tokens)]
     together = model.forward(batch, arena)
-    backwards = model.forward(ForwardBatch.build(seqs[::-1], view_min_tokens=lb), arena)
+    backwards = model.forward(ForwardBatch.build(seqs[::-1], views=ViewRule(lb)), arena)
     assert torch.allclose(together, backwards.flip(0), atol=1e-5)
     for i, seq in enumerate(seqs):  # the same K/V is written again: each alone gives the same logits
         alone = model.forward(ForwardBatch.build([seq]), arena)

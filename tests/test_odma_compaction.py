@@ -16,7 +16,7 @@ import torch
 from odma_mlu.config import CacheConfig, OdmaConfig, SchedulerConfig
 from odma_mlu.engine.llm_engine import LLMEngine
 from odma_mlu.engine.sampler import SamplingParams
-from odma_mlu.engine.step_work import StepWork
+from odma_mlu.engine.step_work import StepWork, ViewRule
 from odma_mlu.kvcache.arena import KVLocation
 from odma_mlu.kvcache.odma import OdmaPolicy
 from odma_mlu.kvcache.policy import GrowStatus
@@ -129,35 +129,37 @@ def test_compaction_is_off_where_nothing_is_gathered() -> None:
 
 
 def test_a_long_one_run_decode_is_read_alone_in_place() -> None:
-    """``view_min_tokens``: a decode in one run at least that long leaves its span class's
+    """``ViewRule``: a decode in one run at least its view length leaves its span class's
     gathered group for a group of its own, a view, in the step description and in the
     forward batch alike; shorter or multi-run ones stay gathered."""
     reads = [(110,), (106,), (60, 40), (98,)]  # one span class (97..112)
     plain = StepWork.build((), reads)
-    viewed = StepWork.build((), reads, view_min_tokens=105)
+    viewed = StepWork.build((), reads, views=ViewRule(105))
     assert (plain.decode_group_sizes, plain.decode_group_views, plain.decode_gathered_tokens) == ((4,), 0, 440)
     assert sorted(viewed.decode_group_sizes) == [1, 1, 2] and viewed.decode_group_views == 2
     assert viewed.decode_gathered_tokens == 2 * 100  # the multi-run 100 and the 98, padded to 100
     locs = [KVLocation(((0, 120),)), KVLocation(((200, 110),)), KVLocation(((400, 60), (500, 60))),
             KVLocation(((600, 100),))]
     seqs = [SequenceInput((1,), sum(r) - 1, loc) for r, loc in zip(reads, locs)]
-    fb = ForwardBatch.build(seqs, view_min_tokens=105)
+    fb = ForwardBatch.build(seqs, views=ViewRule(105))
     assert len(fb.decode_groups) == 3 and sum(g.view_start is not None for g in fb.decode_groups) == 2
     assert len(ForwardBatch.build(seqs).decode_groups) == 1
 
 
-def test_engine_with_views_and_compaction_matches_transformers(tiny_model_dir: Path) -> None:
-    """The CPU engine priced by the cpu-host profile reads one-run decodes past its view length
-    (158 tokens for the tiny model) in place; a small arena and compaction from 8 tokens
-    make it compact and move others' runs while every output stays transformers' greedy one."""
+def test_engine_with_views_and_compaction_matches_transformers(tiny_model_dir: Path,
+                                                              cpu_host_call_one_launch: Path) -> None:
+    """The CPU engine priced by the cpu-host profile (a call priced as one launch: view length
+    53 tokens for the tiny model) reads one-run decodes past its view length in place; a
+    small arena and compaction from 8 tokens make it compact and move others' runs while
+    every output stays transformers' greedy one."""
     max_new = 180
     reference = hf_greedy(tiny_model_dir, encode(tiny_model_dir, PROMPTS), max_new)
     odma = OdmaConfig(safety_fraction=0.0, num_buckets=4, chunk_tokens=1, compact_from_tokens=8,
                       compact_room_fraction=0.25)
     eng = LLMEngine(tiny_model_dir, kv_policy="odma", backend="cpu", kv_capacity_tokens=640,
                     predictor=ConstantPredictor(1), cache=replace(CacheConfig(), odma=odma, watermark_fraction=0.0),
-                    scheduler=replace(SchedulerConfig(), max_new_tokens=max_new), profile="cpu-host")
-    assert eng.view_min_tokens is not None and eng.view_min_tokens < max_new
+                    scheduler=replace(SchedulerConfig(), max_new_tokens=max_new), profile=str(cpu_host_call_one_launch))
+    assert eng.views is not None and eng.views.min_tokens < max_new
     outs = eng.generate(PROMPTS, SamplingParams(max_new_tokens=max_new, ignore_eos=True))
     eng.policy.check_integrity()
     assert [list(o.token_ids) for o in outs] == reference

@@ -71,6 +71,15 @@ def test_decode_attention_values(tmp_path: Path) -> None:
     expect_error(tmp_path, {**good(), "decode_attention": "paged"}, "decode_attention", "'paged'", "gather", "in_place")
 
 
+def test_attention_call_overhead(tmp_path: Path) -> None:
+    """An attention call's fixed cost: one launch where a profile has none, never under one."""
+    assert load_profile(str(write(tmp_path, good()))).attention_call_s == pytest.approx(5e-6)
+    p = load_profile(str(write(tmp_path, {**good(), "attention_call_overhead": "17.5 us"})))
+    assert p.attention_call_s == pytest.approx(17.5e-6) and p.launch_overhead_s == pytest.approx(5e-6)
+    expect_error(tmp_path, {**good(), "attention_call_overhead": "2 us"}, "attention_call_overhead", "launch_overhead")
+    expect_error(tmp_path, {**good(), "attention_call_overhead": "many"}, "attention_call_overhead")
+
+
 def test_missing_top_key(tmp_path: Path) -> None:
     d = good()
     del d["gather"]

@@ -1,6 +1,6 @@
 """Decodes read in parts (odma_mlu/models/split_reads.py): logits equal to each sequence read
 gathered whole, the plain-ops log-sum-exp path equal to the fused kernel, and the engine's
-choice equal to ``StepWork.build``'s (the one rule, ``step_work.split_gain``)."""
+choice equal to ``StepWork.build``'s (the one rule, ``step_work.ViewRule``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from odma_mlu.engine.step_work import SPLIT_MERGE_KERNELS, StepWork, ViewRule
 from odma_mlu.kvcache.arena import KVLocation
 from odma_mlu.models.attention import ForwardBatch, SequenceInput
 from odma_mlu.models.loader import load_model
@@ -36,7 +37,7 @@ def test_split_reads_attend_like_whole_reads(loaded):
         prompt = tuple(torch.randint(0, spec.vocab_size, (ctx,), generator=gen).tolist())
         model.forward(ForwardBatch.build([SequenceInput(prompt, 0, loc)]), arena)
     seqs = [SequenceInput((5 + i,), ctx, loc) for i, (loc, ctx) in enumerate(zip(locs, contexts))]
-    batch = ForwardBatch.build(seqs, view_min_tokens=2)
+    batch = ForwardBatch.build(seqs, views=ViewRule(2))
     split = batch.split_reads
     assert split is not None and split.num_seqs == 2 and split.num_parts == 4
     assert [batch.decode_seqs[split.first_row - batch.decode_rows.start + k] for k in range(2)] == [0, 1]
@@ -52,7 +53,7 @@ def test_split_reads_attend_like_whole_reads(loaded):
         alone = model.forward(ForwardBatch.build([seq]), arena)
         assert torch.allclose(together[i], alone[0], atol=1e-5), f"sequence {i} differs read in parts"
     # Without the gain (a view length no run reaches), every multi-run decode is gathered whole.
-    assert ForwardBatch.build(seqs, view_min_tokens=41).split_reads is None
+    assert ForwardBatch.build(seqs, views=ViewRule(41)).split_reads is None
 
 
 def test_split_reads_follow_the_step_works_rule() -> None:
@@ -61,7 +62,6 @@ def test_split_reads_follow_the_step_works_rule() -> None:
     (``SPLIT_MERGE_KERNELS``) reads none in parts."""
     import random
 
-    from odma_mlu.engine.step_work import SPLIT_MERGE_KERNELS, StepWork, split_gain
 
     rng = random.Random(5)
     steps_with_splits = 0
@@ -81,14 +81,14 @@ def test_split_reads_follow_the_step_works_rule() -> None:
             reads.append(loc.run_tokens(ctx + 1))
         if not seqs:
             continue
-        view_min = rng.choice([4, 8, 16])
-        work = StepWork.build((), reads, view_min_tokens=view_min)
-        split = ForwardBatch.build(seqs, view_min_tokens=view_min).split_reads
+        rule = ViewRule(rng.choice([4, 8, 16]))
+        work = StepWork.build((), reads, views=rule)
+        split = ForwardBatch.build(seqs, views=rule).split_reads
         got = () if split is None else tuple(
             sum(split.parts[p * split.num_seqs + s] is not None for p in range(split.num_parts))
             for s in range(split.num_seqs))
         assert got == work.decode_split_parts
-        gains = [split_gain(r, view_min) for r in reads]
+        gains = [rule.split_gain(r) for r in reads]
         assert bool(got) == (sum(g for g in gains if g > 0) > SPLIT_MERGE_KERNELS)
         assert sum(work.decode_group_sizes) + len(got) == len(reads)
         steps_with_splits += bool(got)

@@ -48,9 +48,12 @@ def test_layouts_are_what_they_say() -> None:
     assert len(set(slots)) == len(slots)  # no two tokens share a slot
 
 
-def test_validate_emulator_writes_cases(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_validate_emulator_writes_cases(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                       cpu_host_call_one_launch: Path) -> None:
+    """Every kind's cases, at a view length the grid's contexts reach (``cpu_host_call_one_launch``)."""
     out = tmp_path / "validate.json"
-    rc = main(["validate-emulator", "--model", str(tiny_model_dir), "--profile", PROFILE, "--backend", "cpu",
+    rc = main(["validate-emulator", "--model", str(tiny_model_dir), "--profile", str(cpu_host_call_one_launch),
+               "--backend", "cpu",
                "--repeats", "1", "--max-error", "1e9", "--json", str(out)])
     assert rc == 0
     doc = json.loads(out.read_text())

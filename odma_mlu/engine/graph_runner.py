@@ -35,7 +35,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 
 from odma_mlu.backends.base import Backend, DeviceGraph
-from odma_mlu.engine.step_work import StepWork, graph_span_tokens
+from odma_mlu.engine.step_work import StepWork, ViewRule, graph_span_tokens
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.models.attention import DecodeGroup, ForwardBatch, SequenceInput
 
@@ -49,7 +49,7 @@ class StepPricer(Protocol):
     def graph_pays(self, eager: StepWork, batch_pad: int, span_tokens: int) -> bool: ...
 
 
-def graph_pays(pricer: StepPricer, inputs: Sequence[SequenceInput], view_min_tokens: int | None = None) -> bool:
+def graph_pays(pricer: StepPricer, inputs: Sequence[SequenceInput], views: ViewRule | None = None) -> bool:
     """Whether a decode-only step is faster replayed from the graph of its key (one group of
     B_pad x S slots) than run eagerly (groups by ``decode_group_key``, each padded to its own
     longest member; a lone one-run sequence a view). O(batch) integer work, no run lists:
@@ -59,7 +59,7 @@ def graph_pays(pricer: StepPricer, inputs: Sequence[SequenceInput], view_min_tok
     batch, span = DecodeGraphRunner.key(inputs)
     reads = [(n,) if n <= s.location.runs[0][1] else (n - 1, 1)
              for s, n in ((s, s.num_total_tokens) for s in inputs)]
-    return pricer.graph_pays(StepWork.build((), reads, view_min_tokens=view_min_tokens), batch, span)
+    return pricer.graph_pays(StepWork.build((), reads, views=views), batch, span)
 
 
 @dataclass
@@ -75,12 +75,12 @@ class DecodeGraphRunner:
 
     def __init__(self, model: Any, arena: KVArena, backend: Backend, max_batch: int = 256,
                  max_span_tokens: int = 8192, use_graphs: bool = True, pricer: StepPricer | None = None,
-                 view_min_tokens: int | None = None) -> None:
-        """``view_min_tokens``: the engine's eager rule (``StepWork.build``), which the
+                 views: ViewRule | None = None) -> None:
+        """``views``: the engine's eager rule (``StepWork.build``), which the
         pricer's comparison describes."""
         self.model, self.arena, self.backend = model, arena, backend
         self.pricer = pricer
-        self.view_min_tokens = view_min_tokens
+        self.views = views
         self.eager_by_price = 0
         """Decode-only steps that fit but ran eagerly because the graph's padding costs more."""
         self.device = model.device
@@ -96,7 +96,7 @@ class DecodeGraphRunner:
         with a pricer, one the graph runs faster than the eager groups."""
         if not self._within_keys(inputs):
             return False
-        if self.pricer is not None and not graph_pays(self.pricer, inputs, self.view_min_tokens):
+        if self.pricer is not None and not graph_pays(self.pricer, inputs, self.views):
             self.eager_by_price += 1
             return False
         return True

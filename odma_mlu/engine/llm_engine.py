@@ -117,9 +117,9 @@ class LLMEngine:
 
             run_cost = profile_run_cost(profile, self.spec, LayerKinds.of_model(self.model), self.backend.name)
             self.priced_by = profile
-        self.view_min_tokens = run_cost.view_min_tokens() if run_cost is not None else None
-        """A decode in one run at least this long is read alone, in place (``StepWork.build``);
-        from the profile, None without one."""
+        self.views = run_cost.view_rule() if run_cost is not None else None
+        """Where decodes are read in place, alone or in parts (``StepWork.build``'s rule); from
+        the profile, None without one."""
         self.policy = make_policy(kv_policy, self.arena, cache, scheduler.max_new_tokens, run_cost=run_cost)
         if cache.enable_prefix_caching:
             if windowed or getattr(self.model, "is_hybrid", False):
@@ -158,7 +158,7 @@ class LLMEngine:
             self.runner = DecodeGraphRunner(self.model, self.arena, self.backend, max_batch=scheduler.max_num_seqs,
                                             use_graphs=self.backend.new_graph() is not None,
                                             pricer=run_cost if isinstance(run_cost, StepPricer) else None,
-                                            view_min_tokens=self.view_min_tokens)
+                                            views=self.views)
         # Everything built so far (model, tokenizer, imports) lives as long as the engine: move it
         # out of the cycle collector's reach, or each full collection walks it (tens of ms, a
         # stall of every stream; vLLM does the same after start-up).
@@ -242,7 +242,7 @@ class LLMEngine:
         """The step's ``StepWork`` where the backend prices steps (emulated); elsewhere only
         the arena's issued copies are drained (describing costs Python per sequence)."""
         if self.backend.prices_steps:
-            return describe_step(batch, self.policy, self.view_min_tokens)
+            return describe_step(batch, self.policy, self.views)
         self.arena.take_issued_copies()
         return None
 
@@ -254,7 +254,7 @@ class LLMEngine:
         work = self._describe(batch)  # drains the KV copies the policy issued
         inputs = self._forward_inputs(batch)
         graph = self.runner is not None and not batch.prefill and self.runner.fits(inputs)
-        fb = None if graph else ForwardBatch.build(inputs, device=self.model.device, view_min_tokens=self.view_min_tokens)
+        fb = None if graph else ForwardBatch.build(inputs, device=self.model.device, views=self.views)
         try:
             for s in batch.swapped_in:  # their new runs are reserved: write the KV back before it is read
                 for loc, kv in zip(self.policy.swap_locations(s.request_id), self._host_kv.pop(s.request_id)):

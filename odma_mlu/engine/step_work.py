@@ -10,13 +10,13 @@ else: ``ForwardBatch.build`` groups the real attention calls with the same key::
                        MIN_SPAN_TOKENS); a group pads to its longest member, so padding
                        stays under 1/4 of the span (docs/engine.md, "Span classes")
     a sequence in one run of at least   -> a group of its own, read in place (a view):
-      ``view_min_tokens``                  past that length the gather it saves outweighs
-                                           the launches of its own group
-                                           (``CostModel.view_min_tokens``, from the device
+      the view length (``ViewRule``)       past that length the gather it saves outweighs
+                                           the attention call of its own group
+                                           (``CostModel.view_rule``, from the device
                                            profile; None without one)
     a group of one sequence in one run  -> read in place (a view)
-    a sequence in several runs whose    -> read in parts (``split_gain``, ``splits_pay``):
-      runs of at least view_min_tokens     each such run in place, its other runs as one
+    a sequence in several runs whose    -> read in parts (``ViewRule.split_gain``,
+      runs of at least the view length     ``splits_pay``): each such run in place, its other runs as one
       save more launches than its parts    gathered part; the parts' partial attentions
       and the step's merge cost            merged by their log-sum-exps, once a layer for
                                            every such sequence of the step
@@ -65,22 +65,38 @@ def split_parts(runs: "tuple[int, ...]", view_min_tokens: int) -> tuple[int, int
     return in_place_tokens, len(in_place) + (rest_tokens > 0), rest_tokens
 
 
-def split_gain(runs: "tuple[int, ...]", view_min_tokens: int) -> float:
-    """What reading a decode over ``runs`` (token lengths) in parts saves a layer, in kernel
-    launches, against gathering it whole: each run of at least ``view_min_tokens`` read in
-    place saves its gather (``view_min_tokens`` tokens of gather are worth one launch:
-    ``CostModel.view_min_tokens``), and each part (``split_parts``) costs one attention call.
-    <= 0: read it whole, gathered."""
-    if len(runs) < 2 or max(runs) < view_min_tokens:
-        return 0.0
-    in_place_tokens, parts, _ = split_parts(runs, view_min_tokens)
-    return in_place_tokens / view_min_tokens - parts
+@dataclass(frozen=True)
+class ViewRule:
+    """Where decode attention reads KV in place rather than gathering it, priced by the device
+    profile (``CostModel.view_rule``): the one rule ``ForwardBatch.build`` (the engine) and
+    ``StepWork.build`` (the pricing) both follow. Its unit is one attention call: what a
+    decode group, a view or a split read's part costs a layer beyond its bytes and FLOPs."""
 
+    min_tokens: int
+    """The view length: gathering this many tokens (written to the buffer and read back)
+    costs one attention call, so a decode in one run at least this long is read alone, in
+    place (a group of its own)."""
+    merge_calls: float = float(SPLIT_MERGE_KERNELS)
+    """What the split reads' merge costs a layer (``SPLIT_MERGE_KERNELS`` launches), in
+    attention calls; the default prices a call as one launch."""
 
-def splits_pay(gains: "Iterable[float]") -> bool:
-    """Whether the step reads its decodes of positive ``split_gain`` in parts: together they
-    must save more than the merge costs (``SPLIT_MERGE_KERNELS``, once a layer)."""
-    return sum(g for g in gains if g > 0) > SPLIT_MERGE_KERNELS
+    def __post_init__(self) -> None:
+        assert self.min_tokens >= 1 and self.merge_calls >= 0, self
+
+    def split_gain(self, runs: "tuple[int, ...]") -> float:
+        """What reading a decode over ``runs`` (token lengths) in parts saves a layer, in
+        attention calls, against gathering it whole: each run of at least ``min_tokens`` read
+        in place saves its gather (``min_tokens`` tokens of gather are worth one call), and
+        each part (``split_parts``) is one call. <= 0: read it whole, gathered."""
+        if len(runs) < 2 or max(runs) < self.min_tokens:
+            return 0.0
+        in_place_tokens, parts, _ = split_parts(runs, self.min_tokens)
+        return in_place_tokens / self.min_tokens - parts
+
+    def splits_pay(self, gains: "Iterable[float]") -> bool:
+        """Whether the step reads its decodes of positive ``split_gain`` in parts: together they
+        must save more than the merge costs (``merge_calls``, once a layer)."""
+        return sum(g for g in gains if g > 0) > self.merge_calls
 
 
 def _power_of_two_at_least(tokens: int) -> int:
@@ -129,7 +145,7 @@ class StepWork:
     decode_padding_tokens: int = 0
     """Of those, the slots past each member's own length (masked, but written and read)."""
     decode_split_parts: tuple[int, ...] = ()
-    """Per decode read in parts (``split_gain``), its parts: its runs read in place, plus one
+    """Per decode read in parts (``ViewRule.split_gain``), its parts: its runs read in place, plus one
     for its other runs, gathered (their slots are in ``decode_gathered_tokens``)."""
     decode_split_rests: int = 0
     """Of the decodes read in parts, those with a gathered part."""
@@ -153,16 +169,16 @@ class StepWork:
               copies: "IssuedCopies | Iterable[int]" = (), prefill_cached_tokens: "Iterable[int] | None" = None, *,
               prefill_read_runs: "Iterable[tuple[int, ...]]" = (), sliding_read_runs: "Iterable[tuple[int, ...]]" = (),
               state_copy_bytes: "Iterable[int]" = (), stream_reads: bool = False,
-              swap_tokens: "Iterable[int]" = (), view_min_tokens: int | None = None) -> "StepWork":
+              swap_tokens: "Iterable[int]" = (), views: ViewRule | None = None) -> "StepWork":
         """A step from its prefills (new tokens, and tokens already cached before each:
         chunked prefill, prefix hits), each decode's read runs and its copies; the decode
         groups follow ``decode_group_key`` (the engine's grouping). ``prefill_read_runs``: each
         prefill's runs (cached + new tokens; none given: one run each). ``sliding_read_runs``: each
         decode's sliding-layer runs; ``state_copy_bytes``: the state copies issued;
         ``swap_tokens``: the host swaps. ``copies``: the arena's ``IssuedCopies``, or the tokens
-        of each copy (then one batch). ``view_min_tokens``: a decode in one run at least this
-        long is a group of its own, read in place (None: only a lone one is), and a decode in
-        several runs may be read in parts (``split_gain``; None: never)."""
+        of each copy (then one batch). ``views``: a decode in one run at least its view length
+        is a group of its own, read in place (None: only a lone one is), and a decode in
+        several runs may be read in parts (``ViewRule.split_gain``; None: never)."""
         if isinstance(copies, IssuedCopies):
             copy_tokens, batch_sizes = copies.tokens, copies.batch_sizes
         else:
@@ -178,12 +194,12 @@ class StepWork:
         split: list[int] = []
         parts_each: list[int] = []
         gathered = rests = 0  # slots gathered (split reads' short runs, then the groups'); split reads gathering
-        if view_min_tokens is not None and not stream_reads:
-            gains = [split_gain(r, view_min_tokens) for r in reads]
-            if splits_pay(gains):
+        if views is not None and not stream_reads:
+            gains = [views.split_gain(r) for r in reads]
+            if views.splits_pay(gains):
                 split = [i for i, g in enumerate(gains) if g > 0]
             for i in split:
-                _, parts, rest = split_parts(reads[i], view_min_tokens)
+                _, parts, rest = split_parts(reads[i], views.min_tokens)
                 parts_each.append(parts)
                 gathered += rest
                 rests += rest > 0
@@ -196,7 +212,7 @@ class StepWork:
                 continue
             n = sum(r)
             key = decode_group_key(n)
-            if view_min_tokens is not None and n >= view_min_tokens and len(r) == 1:
+            if views is not None and n >= views.min_tokens and len(r) == 1:
                 key = -1 - i  # a group of its own
             groups.setdefault(key, []).append(r)
             total[key] = total.get(key, 0) + n
@@ -228,7 +244,7 @@ class StepWork:
         return not self.prefill_new_tokens and not self.decode_read_runs
 
 
-def describe_step(batch: "ScheduledBatch", policy: "KVPolicy", view_min_tokens: int | None = None) -> StepWork:
+def describe_step(batch: "ScheduledBatch", policy: "KVPolicy", views: ViewRule | None = None) -> StepWork:
     """The work of a scheduled batch under ``policy``; drains the arena's issued copies.
 
     A prefill is described by its chunk: the new tokens it computes this step and the tokens
@@ -237,7 +253,7 @@ def describe_step(batch: "ScheduledBatch", policy: "KVPolicy", view_min_tokens: 
     Under a policy with free preemption (``ideal``), a recompute of a preempted request
     costs nothing beyond the decode step it would have taken: its last chunk is described
     as a decode over its context, its earlier chunks as nothing, and a swap as nothing.
-    ``view_min_tokens``: the engine's (``StepWork.build``)."""
+    ``views``: the engine's (``StepWork.build``)."""
     prefill_new: list[int] = []
     prefill_cached: list[int] = []
     prefill_runs: list[tuple[int, ...]] = []
@@ -257,7 +273,7 @@ def describe_step(batch: "ScheduledBatch", policy: "KVPolicy", view_min_tokens: 
                           prefill_read_runs=prefill_runs, sliding_read_runs=_sliding_reads(policy, batch, len(reads)),
                           state_copy_bytes=_take_state_copies(policy), stream_reads=policy.stream_reads,
                           swap_tokens=() if policy.free_preemption else batch.swap_tokens,
-                          view_min_tokens=view_min_tokens)
+                          views=views)
 
 
 def _sliding_reads(policy: Any, batch: "ScheduledBatch", num_decodes: int) -> list[tuple[int, ...]]:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from math import sqrt
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from odma_mlu.engine.step_work import ViewRule
 
 
 class RunCost(Protocol):
@@ -20,8 +23,8 @@ class RunCost(Protocol):
     already number ``num_pending`` (its bytes, read + write in every layer, and the launches
     it adds: a step's copies run as one batch, ``KVArena.take_issued_copies``); a decode
     step's fixed part (weights, LM head, launches); and the length from which a decode in
-    one run is read alone, in place (``StepWork.build``; None: never, where nothing is
-    gathered)."""
+    one run is read alone, in place, with the rule that decides it (``ViewRule``, which
+    ``StepWork.build`` and the engine follow; None: never, where nothing is gathered)."""
 
     def read_run_s(self, tokens: int) -> float: ...
 
@@ -30,6 +33,8 @@ class RunCost(Protocol):
     def decode_fixed_s(self) -> float: ...
 
     def view_min_tokens(self) -> int | None: ...
+
+    def view_rule(self) -> "ViewRule | None": ...
 
 
 def split_s(cost: RunCost, unit_tokens: int, live_tokens: int) -> float:

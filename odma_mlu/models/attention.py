@@ -26,10 +26,10 @@ Every sequence's KV is an ordered list of runs (``KVLocation``). Decode sequence
 batched into attention groups by ``odma_mlu.engine.step_work.decode_group_key`` (the one
 place grouping is decided; the step-cost function counts the same groups)::
 
-    one run of >= view_min_tokens ->  a group of its own, read as below
+    one run of >= the view length ->  a group of its own, read as below
     alone in its group, one run   ->  k[l][s : s + L], a view: nothing is copied
-    several runs, in parts        ->  its runs of >= view_min_tokens each a view, the others
-      (``split_gain``, the step's     one part in the step's gather; one attention call a
+    several runs, in parts        ->  its runs of >= the view length each a view, the others
+      (``ViewRule``: ``split_gain``,  one part in the step's gather; one attention call a
       ``splits_pay``)                 part returns its log-sum-exp, and one merge a layer
                                       weighs every split read's parts (``SplitReads``)
     any other group               ->  its B x L slots, in the step's one gather per layer
@@ -63,8 +63,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from odma_mlu.engine.step_work import (MIN_SPAN_TOKENS, SPAN_CLASSES_PER_OCTAVE, decode_group_key, split_gain,
-                                      splits_pay)
+from odma_mlu.engine.step_work import MIN_SPAN_TOKENS, SPAN_CLASSES_PER_OCTAVE, ViewRule, decode_group_key
 from odma_mlu.kvcache.arena import KVLocation
 from odma_mlu.models.split_reads import SplitReads, plan_split_reads, split_attention
 
@@ -179,18 +178,20 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, seqs: Sequence[SequenceInput], device: torch.device | str = "cpu",
-              view_min_tokens: int | None = None) -> "ForwardBatch":
+              views: ViewRule | None = None) -> "ForwardBatch":
         """Flatten ``seqs`` and plan their attention; metadata tensors land on ``device``.
-        ``view_min_tokens``: a decode in one run at least this long is read alone, in place
-        (``StepWork.build``'s rule; None: only a decode alone in its span class).
+        ``views``: a decode in one run at least its view length is read alone, in place, and
+        one in several runs may be read in parts (``StepWork.build``'s rule; None: only a
+        decode alone in its span class is a view, and nothing is split).
 
         Host work is O(1) Python per decode sequence (a few list appends; each decode group is
         then planned with a handful of tensor ops over the whole group) and O(chunk) per
         prefill; a multi-run location's slot table is built once per location and reused
-        (``location_slots``); with ``view_min_tokens``, a decode past its first run whose
-        location has a run that long also walks its runs (``split_gain``)."""
+        (``location_slots``); with ``views``, a decode past its first run whose location has
+        a run of the view length also walks its runs (``ViewRule.split_gain``)."""
         assert len(seqs) > 0, "a forward batch needs at least one sequence"
         dev = torch.device(device)
+        view_min_tokens = views.min_tokens if views is not None else None
         prefill_seqs: list[int] = []
         multi: list[int] = []  # decodes whose newest token is past their first run
         groups: dict[int, list[int]] = {}
@@ -217,12 +218,11 @@ class ForwardBatch:
             else:  # a prompt or a chunk of one (a one-token prompt too: the scheduler prefills it)
                 prefill_seqs.append(i)
         split: list[int] = []
-        if multi and view_min_tokens is not None:  # StepWork.build's rule, over the same runs
+        if multi and views is not None:  # StepWork.build's rule, over the same runs
             # (a location with no run that long gains nothing: skip walking its runs, often pages)
-            long = [i for i in multi if seqs[i].location.longest_run_tokens() >= view_min_tokens]
-            gains = [split_gain(seqs[i].location.run_tokens(seqs[i].num_total_tokens), view_min_tokens)
-                     for i in long]
-            if splits_pay(gains):
+            long = [i for i in multi if seqs[i].location.longest_run_tokens() >= views.min_tokens]
+            gains = [views.split_gain(seqs[i].location.run_tokens(seqs[i].num_total_tokens)) for i in long]
+            if views.splits_pay(gains):
                 split = [i for i, g in zip(long, gains) if g > 0]
         chosen = set(split)
         joined = set()
@@ -369,8 +369,9 @@ def arena_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Fo
     v_gathered = None if slots is None else v_cache.index_select(0, slots)
     parts = [prefill_attention(q[plan.token_offset:plan.token_offset + plan.num_new_tokens], k_cache, v_cache,
                                plan, scale) for plan in batch.prefills]
-    parts.extend(decode_attention(q[group.rows], _read(k_cache, k_gathered, group), _read(v_cache, v_gathered, group),
-                                  group, scale) for group in batch.decode_groups)
+    parts.extend(decode_attention(q[group.rows], read_group_kv(k_cache, k_gathered, group),
+                                  read_group_kv(v_cache, v_gathered, group), group, scale)
+                 for group in batch.decode_groups)
     split = batch.split_reads
     if split is not None:
         parts.append(split_attention(q[split.rows], k_cache, v_cache, k_gathered, v_gathered, split, scale))
@@ -384,7 +385,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
     v_cache.index_copy_(0, slots, v_new)
 
 
-def _read(cache: torch.Tensor, gathered: torch.Tensor | None, group: DecodeGroup) -> torch.Tensor:
+def read_group_kv(cache: torch.Tensor, gathered: torch.Tensor | None, group: DecodeGroup) -> torch.Tensor:
     """[B, L, kv, D] KV of a decode group: a view of one run in ``cache``, or its slice of the
     step's gather buffer ``gathered``."""
     if group.view_start is not None:
@@ -398,7 +399,7 @@ def _read(cache: torch.Tensor, gathered: torch.Tensor | None, group: DecodeGroup
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: DecodeGroup,
                      scale: float) -> torch.Tensor:
     """Attention of B single-token queries ([B, H, D]) over their sequences' K and V
-    ([B, L, kv, D] each: ``_read``) -> [B, H, D]."""
+    ([B, L, kv, D] each: ``read_group_kv``) -> [B, H, D]."""
     b, heads, dim = q.shape
     kv_heads = k.shape[2]
     k = k.transpose(1, 2)  # [B, kv, L, D]

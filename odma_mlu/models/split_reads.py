@@ -6,7 +6,7 @@ written to the step's gather buffer and read back (``models/attention.py``). Rea
 each long run is read once where it lies, as a view (one attention call each, which also
 returns each query's log-sum-exp, LSE), and the step pays one merge a layer for all such
 decodes: for sequence s with parts p, out_s = sum_p softmax_p(lse_sp) * out_sp, the
-flash-decoding identity, exact up to rounding. ``step_work.split_gain`` and ``splits_pay``
+flash-decoding identity, exact up to rounding. ``step_work.ViewRule`` (``split_gain``, ``splits_pay``)
 decide which decodes (the one rule ``StepWork.build`` prices); ``ForwardBatch.build`` plans
 them here and ``arena_attention`` calls ``split_attention`` once a layer.
 """
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SplitReads:
-    """The step's decodes read in parts (``step_work.split_gain``), attended part by part and
+    """The step's decodes read in parts (``ViewRule.split_gain``), attended part by part and
     merged by the parts' log-sum-exps, once a layer for all of them (``split_attention``).
     Part ``p`` of sequence ``s`` is entry ``p * S + s`` of ``parts`` (S = ``num_seqs``)::
 
