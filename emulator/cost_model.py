@@ -86,7 +86,7 @@ from dataclasses import dataclass
 from math import ceil
 from typing import Sequence
 
-from emulator.kernel_counts import FORWARD_KERNELS, QWEN2_KERNELS
+from emulator.kernel_counts import FORWARD_KERNELS, QWEN2_KERNELS, StepKernels
 from emulator.profile import DeviceProfile
 from odma_mlu.config import ModelSpec
 from odma_mlu.engine.step_work import StepWork, ViewRule
@@ -161,6 +161,8 @@ class CostModel:
         self._gathers = profile.decode_attention == "gather"
         self._half_kv_per_token_layer = model.kv_bytes_per_token_per_layer // 2
         self._n_full, self._n_sliding, self._n_ssm = self.layers.num_full, self.layers.num_sliding, self.layers.num_ssm
+        self.counts = StepKernels(self.kernels, self._n_full, self._n_sliding, self._n_ssm,
+                                  self.layers.ssm.d_conv if self.layers.ssm is not None else 0, self._gathers)
         h, d, i = model.hidden_size, model.head_dim, model.intermediate_size
         q, kv = model.num_heads * d, model.num_kv_heads * d
         # (K, N) of each weight matmul of a layer; biases and norms ride with them.
@@ -239,12 +241,7 @@ class CostModel:
 
     def copy_kernels(self, num_copies: int) -> int:
         """Kernels of one batch of ``num_copies`` KV copies (``KVArena.take_issued_copies``)."""
-        k = self.kernels
-        if num_copies <= 0:
-            return 0
-        if num_copies == 1:
-            return self._n_full * k.copy
-        return self._n_full * k.copy_batch + k.copy_batch_fixed
+        return self.counts.copies(num_copies)
 
     def copy_bytes_s(self, tokens: int) -> float:
         """Seconds of the memory traffic of one copy of ``tokens`` of KV: its run read and its
@@ -271,55 +268,13 @@ class CostModel:
         return r
 
     def num_kernels(self, work: StepWork) -> int:
-        """Ops our forward dispatches for ``work`` (plus the KV and state copies it issued)."""
-        k = self.kernels
-        groups = work.decode_group_sizes
-        prefills = len(work.prefill_new_tokens)
-        cached = work.prefill_cached_tokens or (0,) * prefills
-        splits = work.decode_split_parts
-        # One gather of K and V for every gathered group and split read's gathered part.
-        gathers = len(groups) > work.decode_group_views or work.decode_split_rests > 0
-        calls = len(groups) + prefills + (1 if splits else 0)  # the split reads' merged output is one call's
-        full = (k.full_layer + k.decode_group * len(groups) + (k.decode_gather if gathers else 0)
-                + k.split_part * sum(splits) + (k.split_merge if splits else 0)
-                + k.prefill * prefills + k.gathered_prefill * self._num_gathered_prefills(work)
-                + (k.attention_cat if calls > 1 else 0))
-        total = (self._n_full * full + k.fixed + k.state_copy * len(work.state_copy_bytes)
-                 + sum(self.copy_kernels(n) for n in work.copy_batch_sizes)
-                 + len(work.swap_tokens) * (self._n_full * k.swap + 1))
-        if self._n_sliding:
-            sliding = (k.sliding_layer + k.sliding_prefill * prefills
-                       + k.sliding_cached_prefill * sum(c > 0 for c in cached)
-                       + (k.sliding_decode if work.num_decodes else 0)
-                       + (k.attention_cat if prefills + (1 if work.num_decodes else 0) > 1 else 0))
-            total += self._n_sliding * sliding
-        if self._n_ssm:
-            assert self.layers.ssm is not None
-            d_conv = self.layers.ssm.d_conv
-            ssm = (k.ssm_layer + k.ssm_prefill * prefills
-                   + sum(k.ssm_prefill_continued if c > 0 else (k.ssm_prefill_short if t < d_conv else 0)
-                         for t, c in zip(work.prefill_new_tokens, cached))
-                   + (k.ssm_decode if work.num_decodes else 0)
-                   + (k.attention_cat if prefills + (1 if work.num_decodes else 0) > 1 else 0))
-            total += self._n_ssm * ssm
-        return total
+        """Ops our forward dispatches for ``work`` (``StepKernels.kernels``)."""
+        return self.counts.kernels(work)
 
     def num_attention_calls(self, work: StepWork) -> int:
-        """Attention calls our forward makes for ``work`` (each also among ``num_kernels``):
-        per full layer one a decode group, split read's part and prefill; per sliding layer
-        one a prefill and one for every decode. Each pays the profile's
+        """Attention calls among them (``StepKernels.attention_calls``): each pays the profile's
         ``attention_call_overhead`` beyond its launch."""
-        prefills = len(work.prefill_new_tokens)
-        full = len(work.decode_group_sizes) + sum(work.decode_split_parts) + prefills
-        sliding = prefills + (1 if work.num_decodes else 0)
-        return self._n_full * full + self._n_sliding * sliding
-
-    def _num_gathered_prefills(self, work: StepWork) -> int:
-        """Prefills whose cached + new tokens lie in several runs, gathered where the profile's
-        attention gathers (``ideal``'s never: each of its reads is one run)."""
-        if work.stream_reads or not self._gathers:
-            return 0
-        return sum(len(runs) > 1 for runs in work.prefill_read_runs)
+        return self.counts.attention_calls(work)
 
     def _prefill_reads(self, acc: _Acc, work: StepWork) -> None:
         """Full-layer prefill attention: its causal FLOPs against the read of the K/V of every

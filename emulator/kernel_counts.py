@@ -1,5 +1,7 @@
-"""Ops each forward dispatches, per architecture and layer kind: the step-cost function's
-launch counts (emulator/cost_model.py charges each one ``launch_overhead``).
+"""Ops each forward dispatches, per architecture and layer kind, and the count for one step
+(``StepKernels``): the step-cost function's launch counts (emulator/cost_model.py charges
+each one ``launch_overhead``, and each attention call among them the profile's
+``attention_call_overhead`` beyond that).
 
 Counted, not estimated: tests/test_kernel_counts.py and tests/test_cost_model_kinds.py run the
 real forwards (qwen2.py with window_attention.py, gemma3.py, bamba.py with mamba2.py) under a
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from odma_mlu.engine.step_work import SPLIT_MERGE_KERNELS
+from odma_mlu.engine.step_work import SPLIT_MERGE_KERNELS, StepWork
 
 # Non-view ops dispatched by Qwen2ForwardModel.forward (counted; see the module docstring).
 KERNELS_PER_LAYER = 31  # norms, qkv, rotary (q and k at once), K/V scatter, o, residuals, gate_up, act, down
@@ -68,3 +70,75 @@ FORWARD_KERNELS: dict[str, ForwardKernels] = {
 # Hybrids without a forward of their own here are counted as Bamba (Jamba's Mamba1 included).
 FORWARD_KERNELS["GraniteMoeHybridForCausalLM"] = FORWARD_KERNELS["JambaForCausalLM"] = \
     FORWARD_KERNELS["BambaForCausalLM"]
+
+
+@dataclass(frozen=True)
+class StepKernels:
+    """The ops our forward dispatches for one step (``StepWork``) of a model with ``num_full``
+    full-attention, ``num_sliding`` sliding-window and ``num_ssm`` SSM layers, from its
+    architecture's table; ``gathers``: the device's decode attention gathers multi-run reads
+    (the profile's ``decode_attention``)."""
+
+    table: ForwardKernels
+    num_full: int
+    num_sliding: int
+    num_ssm: int
+    ssm_d_conv: int
+    """The SSM layers' convolution width (0 without them)."""
+    gathers: bool
+
+    def copies(self, num_copies: int) -> int:
+        """Kernels of one batch of ``num_copies`` KV copies (``KVArena.take_issued_copies``)."""
+        k = self.table
+        if num_copies <= 0:
+            return 0
+        if num_copies == 1:
+            return self.num_full * k.copy
+        return self.num_full * k.copy_batch + k.copy_batch_fixed
+
+    def gathered_prefills(self, work: StepWork) -> int:
+        """Prefills whose cached + new tokens lie in several runs, gathered where the device's
+        attention gathers (``ideal``'s never: each of its reads is one run)."""
+        if work.stream_reads or not self.gathers:
+            return 0
+        return sum(len(runs) > 1 for runs in work.prefill_read_runs)
+
+    def kernels(self, work: StepWork) -> int:
+        """Ops the forward dispatches for ``work``, plus the KV and state copies and the swaps
+        it issued."""
+        k = self.table
+        groups = work.decode_group_sizes
+        prefills = len(work.prefill_new_tokens)
+        cached = work.prefill_cached_tokens or (0,) * prefills
+        splits = work.decode_split_parts
+        # One gather of K and V for every gathered group and split read's gathered part.
+        gathers = len(groups) > work.decode_group_views or work.decode_split_rests > 0
+        calls = len(groups) + prefills + (1 if splits else 0)  # the split reads' merged output is one call's
+        full = (k.full_layer + k.decode_group * len(groups) + (k.decode_gather if gathers else 0)
+                + k.split_part * sum(splits) + (k.split_merge if splits else 0)
+                + k.prefill * prefills + k.gathered_prefill * self.gathered_prefills(work)
+                + (k.attention_cat if calls > 1 else 0))
+        total = (self.num_full * full + k.fixed + k.state_copy * len(work.state_copy_bytes)
+                 + sum(self.copies(n) for n in work.copy_batch_sizes)
+                 + len(work.swap_tokens) * (self.num_full * k.swap + 1))
+        mixed = k.attention_cat if prefills + (1 if work.num_decodes else 0) > 1 else 0
+        if self.num_sliding:
+            sliding = (k.sliding_layer + k.sliding_prefill * prefills
+                       + k.sliding_cached_prefill * sum(c > 0 for c in cached)
+                       + (k.sliding_decode if work.num_decodes else 0) + mixed)
+            total += self.num_sliding * sliding
+        if self.num_ssm:
+            ssm = (k.ssm_layer + k.ssm_prefill * prefills
+                   + sum(k.ssm_prefill_continued if c > 0 else (k.ssm_prefill_short if t < self.ssm_d_conv else 0)
+                         for t, c in zip(work.prefill_new_tokens, cached))
+                   + (k.ssm_decode if work.num_decodes else 0) + mixed)
+            total += self.num_ssm * ssm
+        return total
+
+    def attention_calls(self, work: StepWork) -> int:
+        """Attention calls among ``kernels``: per full layer one a decode group, split read's
+        part and prefill; per sliding layer one a prefill and one for every decode."""
+        prefills = len(work.prefill_new_tokens)
+        full = len(work.decode_group_sizes) + sum(work.decode_split_parts) + prefills
+        sliding = prefills + (1 if work.num_decodes else 0)
+        return self.num_full * full + self.num_sliding * sliding
