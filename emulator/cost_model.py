@@ -237,7 +237,9 @@ class CostModel:
         view = self.view_min_tokens()
         if view is None:
             return None
-        return ViewRule(view, self.kernels.split_merge * self._launch / self._group_call_s())
+        call_s = self._group_call_s()
+        merge_launches = self.kernels.split_merge
+        return ViewRule(view, merge_launches * self._launch / call_s if call_s > 0 else float(merge_launches))
 
     def copy_kernels(self, num_copies: int) -> int:
         """Kernels of one batch of ``num_copies`` KV copies (``KVArena.take_issued_copies``)."""
@@ -426,7 +428,9 @@ class CostModel:
             swap_s = swap_bytes / link + 2 * swap_bytes / self._stream_bw
             acc.add(1, swap_s, 0.0, 0.0)
 
-        overhead_s = self.num_kernels(work) * self._launch + self.num_attention_calls(work) * self._call_extra
+        overhead_s = self.num_kernels(work) * self._launch
+        if self._call_extra:
+            overhead_s += self.num_attention_calls(work) * self._call_extra
         weights = (kinds.ssm.streamed_weight_bytes if kinds.ssm is not None else m.streamed_weight_bytes)
         return StepCost(
             time_s=acc.time_s + overhead_s, memory_s=acc.memory_s, compute_s=acc.compute_s, overhead_s=overhead_s,

@@ -332,6 +332,8 @@ def test_an_attention_call_pays_the_profiles_fixed_cost() -> None:
     extra_s = cm_slow.step_time(work).time_s - cm.step_time(work).time_s
     assert extra_s == pytest.approx(calls * 3 * base.launch_overhead_s, rel=1e-9)
     assert cm_slow.step_time(work).overhead_s - cm.step_time(work).overhead_s == pytest.approx(extra_s, rel=1e-9)
+    free = CostModel(dataclasses.replace(base, launch_overhead_s=0.0), MODEL).view_rule()  # calls cost nothing
+    assert free is not None and free.min_tokens == 1 and free.merge_calls == 5.0
 
 
 def test_a_multi_run_prefill_pays_its_gather() -> None:

@@ -16,10 +16,11 @@ else: ``ForwardBatch.build`` groups the real attention calls with the same key::
                                            profile; None without one)
     a group of one sequence in one run  -> read in place (a view)
     a sequence in several runs whose    -> read in parts (``ViewRule.split_gain``,
-      runs of at least the view length     ``splits_pay``): each such run in place, its other runs as one
-      save more launches than its parts    gathered part; the parts' partial attentions
-      and the step's merge cost            merged by their log-sum-exps, once a layer for
-                                           every such sequence of the step
+      runs of at least the view length     ``splits_pay``): each such run in place, its
+      save more calls than its parts       other runs as one gathered part; the parts'
+      and the step's merge cost            partial attentions merged by their
+                                           log-sum-exps, once a layer for every such
+                                           sequence of the step
     any other group                     -> its members' slots, size x span, gathered
                                            with every other such group's in one gather
                                            per layer into a buffer that attention reads
@@ -145,8 +146,8 @@ class StepWork:
     decode_padding_tokens: int = 0
     """Of those, the slots past each member's own length (masked, but written and read)."""
     decode_split_parts: tuple[int, ...] = ()
-    """Per decode read in parts (``ViewRule.split_gain``), its parts: its runs read in place, plus one
-    for its other runs, gathered (their slots are in ``decode_gathered_tokens``)."""
+    """Per decode read in parts (``ViewRule.split_gain``), its parts: its runs read in place,
+    plus one for its other runs, gathered (their slots are in ``decode_gathered_tokens``)."""
     decode_split_rests: int = 0
     """Of the decodes read in parts, those with a gathered part."""
     copy_tokens: tuple[int, ...] = ()
