@@ -95,6 +95,28 @@ def test_split_reads_follow_the_step_works_rule() -> None:
     assert 20 < steps_with_splits < 180, f"{steps_with_splits} of 200 steps read decodes in parts"
 
 
+@pytest.mark.cuda
+def test_attention_with_lse_fused_on_cuda_matches_plain_ops() -> None:
+    """The CUDA flash kernel's output and log-sum-exp (half precision, strided views of an
+    arena) against the plain ops; run by tools/gpu_check.sh."""
+    from odma_mlu.models.split_reads import attention_with_lse, has_fused_lse
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gen = torch.Generator().manual_seed(0)
+    cache_k = torch.randn(400, 4, 128, generator=gen).to("cuda", torch.float16)
+    cache_v = torch.randn(400, 4, 128, generator=gen).to("cuda", torch.float16)
+    q = torch.randn(1, 4, 7, 128, generator=gen).to("cuda", torch.float16)
+    k = cache_k[37:237].unsqueeze(0).transpose(1, 2)
+    v = cache_v[37:237].unsqueeze(0).transpose(1, 2)
+    assert has_fused_lse(q) and not has_fused_lse(q.float())
+    fused = attention_with_lse(q, k, v, 128 ** -0.5)
+    plain = attention_with_lse(q, k, v, 128 ** -0.5, fused=False)
+    assert fused[1].shape == (1, 4, 7) and fused[1].dtype == torch.float32
+    torch.testing.assert_close(fused[0], plain[0], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(fused[1], plain[1], atol=2e-3, rtol=2e-3)
+
+
 def test_attention_with_lse_plain_ops_match_the_fused_kernel() -> None:
     """The plain-ops path (devices without a fused kernel returning the LSE) gives the CPU
     flash kernel's output and log-sum-exp, over strided views of an arena."""

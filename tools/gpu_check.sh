@@ -7,7 +7,8 @@
 # 2. emulator fidelity:    odma-mlu validate-emulator on CUDA with that profile (small random Qwen2)
 # 3. 7B-shaped random-weight Qwen2, fp16: decode step at batch 1, 64, 256, engine eager and with
 #    CUDA graphs, next to the roofline (weight + KV bytes / measured bandwidth) and transformers generate
-# 4. the CUDA tests: graph capture, preemption by swap (tests/test_graph_runner.py tests/test_swap.py -m cuda)
+# 4. the CUDA tests: graph capture, preemption by swap, the flash kernel's log-sum-exp for split reads
+#    (tests/test_graph_runner.py tests/test_swap.py tests/test_split_reads.py -m cuda)
 # Results land in OUT_DIR (profile YAML, JSON, logs). Each step has its own time limit and a
 # failed step does not stop the next; the limits add up to 450 s, so one device call of 600 s
 # holds the whole script (a lent GPU has ~15 minutes in all, machine start included).
@@ -52,7 +53,8 @@ step 120 "2/4 validate-emulator" "$PY" -m odma_mlu.cli validate-emulator --model
 step 150 "3/4 decode step: engine eager / graphs / roofline / transformers" "$PY" tools/gpu_decode_bench.py \
     --backend "$BACKEND" --profile "$OUT/profile.yaml" $DECODE --json "$OUT/decode.json"
 if [ "$BACKEND" = cuda ]; then
-    step 60 "4/4 CUDA graph and swap greedy tests" "$PY" -m pytest -q tests/test_graph_runner.py tests/test_swap.py -m cuda
+    step 60 "4/4 CUDA graph, swap and split-read tests" "$PY" -m pytest -q tests/test_graph_runner.py \
+        tests/test_swap.py tests/test_split_reads.py -m cuda
 fi
 echo "results in $OUT (exit $status: 0 when every step finished without error)"
 exit $status

@@ -114,14 +114,30 @@ def split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out.view(num_seqs, heads, dim)
 
 
+def has_fused_lse(q: torch.Tensor) -> bool:
+    """Whether a flash kernel that returns its log-sum-exp takes ``q`` (and its K/V): the one
+    SDPA runs on CPU, or on CUDA the flash kernel (half precision, head dim a multiple of 8
+    up to 256). Not on MLU: torch_mlu's kernels are not wired here."""
+    if q.device.type == "cpu":
+        return True
+    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+
+
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                        fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of queries [1, kv, g, D] over K/V [1, kv, n, D] (views are fine) -> (output
     [1, kv, g, D], float32 log-sum-exp of each query's scaled scores [1, kv, g]). ``fused``
-    (default: on CPU) calls the flash kernel that SDPA runs there, which returns its LSE (one
-    op); otherwise the same in plain ops, for devices without such a kernel."""
-    if fused if fused is not None else q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    (default: ``has_fused_lse``) calls the flash kernel SDPA runs, which returns its LSE (one
+    op: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU,
+    ``_scaled_dot_product_flash_attention`` on CUDA, NOT yet run on a GPU: tools/gpu_check.sh
+    holds it to the plain ops); otherwise the same in plain ops, several kernels a part,
+    which the step-cost function does not count."""
+    if fused if fused is not None else has_fused_lse(q):
+        if q.device.type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
         return out, lse
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     lse = torch.logsumexp(scores, dim=-1)
