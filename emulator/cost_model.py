@@ -230,16 +230,21 @@ class CostModel:
         saved_per_token_s = 2 * self.model.kv_bytes_per_token_per_layer / self._stream_bw
         return max(1, ceil(self._group_call_s() / saved_per_token_s))
 
-    def view_rule(self) -> ViewRule | None:
+    def view_rule(self, part_kernels: int | None = None) -> ViewRule | None:
         """The rule the engine reads decodes in place by, alone or in parts (``ViewRule``):
-        the view length, and the split reads' merge (``split_merge`` launches a layer) in
-        attention calls. None where nothing is gathered (``view_min_tokens``)."""
+        the view length, and the split reads' merge (``split_merge`` launches a layer) and
+        parts in attention calls; ``part_kernels``: the ops a part issues where the engine's
+        device has no kernel that returns the log-sum-exp (default: the table's, one). None
+        where nothing is gathered (``view_min_tokens``)."""
         view = self.view_min_tokens()
         if view is None:
             return None
         call_s = self._group_call_s()
         merge_launches = self.kernels.split_merge
-        return ViewRule(view, merge_launches * self._launch / call_s if call_s > 0 else float(merge_launches))
+        if call_s <= 0:  # calls cost nothing: weigh the merge in launches, as before calls were priced
+            return ViewRule(view, float(merge_launches))
+        extra_part_s = max(0, (part_kernels or self.kernels.split_part) - self.kernels.split_part) * self._launch
+        return ViewRule(view, merge_launches * self._launch / call_s, 1.0 + extra_part_s / call_s)
 
     def copy_kernels(self, num_copies: int) -> int:
         """Kernels of one batch of ``num_copies`` KV copies (``KVArena.take_issued_copies``)."""

@@ -332,6 +332,11 @@ def test_an_attention_call_pays_the_profiles_fixed_cost() -> None:
     extra_s = cm_slow.step_time(work).time_s - cm.step_time(work).time_s
     assert extra_s == pytest.approx(calls * 3 * base.launch_overhead_s, rel=1e-9)
     assert cm_slow.step_time(work).overhead_s - cm.step_time(work).overhead_s == pytest.approx(extra_s, rel=1e-9)
+    plain = cm.view_rule(part_kernels=8)  # parts in plain ops: seven more launches each
+    assert plain is not None and plain.min_tokens == rule.min_tokens and plain.part_calls == pytest.approx(8.0)
+    long_runs = [(12 * rule.min_tokens, 3 * rule.min_tokens), (14 * rule.min_tokens, 2 * rule.min_tokens)]
+    assert StepWork.build((), long_runs, views=rule).decode_split_parts == (2, 2)
+    assert StepWork.build((), long_runs, views=plain).decode_split_parts == ()
     free = CostModel(dataclasses.replace(base, launch_overhead_s=0.0), MODEL).view_rule()  # calls cost nothing
     assert free is not None and free.min_tokens == 1 and free.merge_calls == 5.0
 

@@ -88,13 +88,18 @@ def test_odma_forced_multi_run_placements_match(tiny_model_dir: Path, reference:
     assert st.new_runs > 0 and eng.arena.moved_bytes == 0
 
 
-@pytest.mark.parametrize("policy", ["odma", "paged"])
-def test_split_reads_match(tiny_model_dir: Path, reference: list[list[int]], policy: str,
+@pytest.mark.parametrize("policy, fused", [("odma", True), ("paged", True), ("odma", False)])
+def test_split_reads_match(tiny_model_dir: Path, reference: list[list[int]], policy: str, fused: bool,
                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Multi-run decodes read in parts (runs in place, the rest gathered, merged by log-sum-exp):
     a view length of 4 tokens makes the tiny model's forced multi-run placements (odma) and
-    scattered pages (paged) take that path, and the output stays transformers' greedy one."""
+    scattered pages (paged) take that path, and the output stays transformers' greedy one;
+    also with the parts in plain ops, as on a device without a fused kernel (MLU)."""
     import odma_mlu.models.attention as attention
+    import odma_mlu.models.split_reads as split_reads
+
+    if not fused:
+        monkeypatch.setattr(split_reads, "has_fused_lse", lambda *args: False)
 
     real = attention.split_attention
     calls: list[int] = []
@@ -112,6 +117,23 @@ def test_split_reads_match(tiny_model_dir: Path, reference: list[list[int]], pol
     eng.views = ViewRule(4)
     assert _run(eng) == reference
     assert calls and max(calls) > 1, "the forced view length was meant to read several decodes in parts"
+
+
+def test_a_part_is_priced_as_the_device_runs_it(tiny_model_dir: Path, cpu_host_call_one_launch: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's split rule prices a part at one call where its device has a kernel that
+    returns the log-sum-exp, and at ``PLAIN_LSE_KERNELS`` launches where it runs plain ops."""
+    import odma_mlu.engine.llm_engine as llm_engine
+
+    def views() -> ViewRule | None:
+        return LLMEngine(tiny_model_dir, kv_policy="paged", backend="cpu", kv_capacity_tokens=256,
+                         profile=str(cpu_host_call_one_launch)).views
+
+    fused = views()
+    monkeypatch.setattr(llm_engine, "has_fused_lse", lambda *args: False)
+    plain = views()
+    assert fused is not None and plain is not None and fused.min_tokens == plain.min_tokens
+    assert (fused.part_calls, plain.part_calls) == (1.0, pytest.approx(8.0))
 
 
 def test_odma_copies_into_one_run_match(tiny_model_dir: Path, reference: list[list[int]]) -> None:

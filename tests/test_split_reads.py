@@ -95,6 +95,32 @@ def test_split_reads_follow_the_step_works_rule() -> None:
     assert 20 < steps_with_splits < 180, f"{steps_with_splits} of 200 steps read decodes in parts"
 
 
+@pytest.mark.parametrize("dtype, kernels", [(torch.float16, 8), (torch.float32, 6)])
+def test_plain_lse_kernels_are_counted(dtype: torch.dtype, kernels: int) -> None:
+    """A part in plain ops dispatches ``PLAIN_LSE_KERNELS`` ops in half precision (what an
+    engine without a fused kernel prices it at) and two fewer in float32; fused, one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from odma_mlu.models.split_reads import PLAIN_LSE_KERNELS, attention_with_lse
+
+    views = {"view", "slice", "transpose", "unsqueeze", "as_strided", "expand", "t", "_unsafe_view", "reshape"}
+    count = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            count[0] += func.overloadpacket.__name__ not in views
+            return func(*args, **(kwargs or {}))
+
+    cache = torch.randn(300, 4, 128).to(dtype)
+    q, k = torch.randn(1, 4, 7, 128).to(dtype), cache[10:210].unsqueeze(0).transpose(1, 2)
+    for fused, expected in ((False, kernels), (True, 1)):
+        count[0] = 0
+        with Count():
+            attention_with_lse(q, k, k, 0.088, fused=fused)
+        assert count[0] == expected, f"fused={fused}: {count[0]} ops"
+    assert PLAIN_LSE_KERNELS == 8
+
+
 @pytest.mark.cuda
 def test_attention_with_lse_fused_on_cuda_matches_plain_ops() -> None:
     """The CUDA flash kernel's output and log-sum-exp (half precision, strided views of an
@@ -109,7 +135,7 @@ def test_attention_with_lse_fused_on_cuda_matches_plain_ops() -> None:
     q = torch.randn(1, 4, 7, 128, generator=gen).to("cuda", torch.float16)
     k = cache_k[37:237].unsqueeze(0).transpose(1, 2)
     v = cache_v[37:237].unsqueeze(0).transpose(1, 2)
-    assert has_fused_lse(q) and not has_fused_lse(q.float())
+    assert has_fused_lse("cuda", q.dtype, 128) and not has_fused_lse("cuda", torch.float32, 128)
     fused = attention_with_lse(q, k, v, 128 ** -0.5)
     plain = attention_with_lse(q, k, v, 128 ** -0.5, fused=False)
     assert fused[1].shape == (1, 4, 7) and fused[1].dtype == torch.float32

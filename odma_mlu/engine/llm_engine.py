@@ -46,6 +46,7 @@ from odma_mlu.kvcache.windowed import WindowedPolicy
 from odma_mlu.models.attention import ForwardBatch, SequenceInput
 from odma_mlu.models.layer_kinds import LayerKinds
 from odma_mlu.models.loader import load_model
+from odma_mlu.models.split_reads import PLAIN_LSE_KERNELS, has_fused_lse
 from odma_mlu.predictor.base import LengthPredictor, RequestFeatures
 
 StreamCallback = Callable[["RequestOutput"], None]
@@ -117,9 +118,11 @@ class LLMEngine:
 
             run_cost = profile_run_cost(profile, self.spec, LayerKinds.of_model(self.model), self.backend.name)
             self.priced_by = profile
-        self.views = run_cost.view_rule() if run_cost is not None else None
+        fused = has_fused_lse(self.model.device.type, self.model.dtype, self.spec.head_dim)
+        self.views = (run_cost.view_rule(None if fused else PLAIN_LSE_KERNELS) if run_cost is not None
+                      else None)
         """Where decodes are read in place, alone or in parts (``StepWork.build``'s rule); from
-        the profile, None without one."""
+        the profile, a split read's part priced as this device runs it; None without one."""
         self.policy = make_policy(kv_policy, self.arena, cache, scheduler.max_new_tokens, run_cost=run_cost)
         if cache.enable_prefix_caching:
             if windowed or getattr(self.model, "is_hybrid", False):

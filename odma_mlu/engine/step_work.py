@@ -80,19 +80,23 @@ class ViewRule:
     merge_calls: float = float(SPLIT_MERGE_KERNELS)
     """What the split reads' merge costs a layer (``SPLIT_MERGE_KERNELS`` launches), in
     attention calls; the default prices a call as one launch."""
+    part_calls: float = 1.0
+    """What one part of a split read costs a layer, in attention calls: 1 where the device
+    has a kernel that returns the log-sum-exp, more where the engine runs it in plain ops
+    (``models/split_reads.py``, ``PLAIN_LSE_KERNELS``)."""
 
     def __post_init__(self) -> None:
-        assert self.min_tokens >= 1 and self.merge_calls >= 0, self
+        assert self.min_tokens >= 1 and self.merge_calls >= 0 and self.part_calls >= 1, self
 
     def split_gain(self, runs: "tuple[int, ...]") -> float:
         """What reading a decode over ``runs`` (token lengths) in parts saves a layer, in
         attention calls, against gathering it whole: each run of at least ``min_tokens`` read
         in place saves its gather (``min_tokens`` tokens of gather are worth one call), and
-        each part (``split_parts``) is one call. <= 0: read it whole, gathered."""
+        each part (``split_parts``) costs ``part_calls``. <= 0: read it whole, gathered."""
         if len(runs) < 2 or max(runs) < self.min_tokens:
             return 0.0
         in_place_tokens, parts, _ = split_parts(runs, self.min_tokens)
-        return in_place_tokens / self.min_tokens - parts
+        return in_place_tokens / self.min_tokens - parts * self.part_calls
 
     def splits_pay(self, gains: "Iterable[float]") -> bool:
         """Whether the step reads its decodes of positive ``split_gain`` in parts: together they

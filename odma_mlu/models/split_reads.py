@@ -114,14 +114,22 @@ def split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out.view(num_seqs, heads, dim)
 
 
-def has_fused_lse(q: torch.Tensor) -> bool:
-    """Whether a flash kernel that returns its log-sum-exp takes ``q`` (and its K/V): the one
-    SDPA runs on CPU, or on CUDA the flash kernel (half precision, head dim a multiple of 8
-    up to 256). Not on MLU: torch_mlu's kernels are not wired here."""
-    if q.device.type == "cpu":
+PLAIN_LSE_KERNELS = 8
+"""Ops a part issues without a fused kernel (``attention_with_lse``'s plain ops in half
+precision: two batched matmuls, two casts, the scale, logsumexp, a subtraction and exp;
+six in float32), counted in tests/test_split_reads.py: what the engine prices a part at on
+such a device (``LLMEngine.views``)."""
+
+
+def has_fused_lse(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a flash kernel that returns its log-sum-exp takes queries of ``dtype`` and
+    ``head_dim`` on ``device_type``: the one SDPA runs on CPU, or on CUDA the flash kernel
+    (half precision, head dim a multiple of 8 up to 256). Not on MLU: torch_mlu's kernels are
+    not wired here."""
+    if device_type == "cpu":
         return True
-    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+    return (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and head_dim % 8 == 0 and head_dim <= 256)
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -131,9 +139,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     (default: ``has_fused_lse``) calls the flash kernel SDPA runs, which returns its LSE (one
     op: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU,
     ``_scaled_dot_product_flash_attention`` on CUDA, NOT yet run on a GPU: tools/gpu_check.sh
-    holds it to the plain ops); otherwise the same in plain ops, several kernels a part,
-    which the step-cost function does not count."""
-    if fused if fused is not None else has_fused_lse(q):
+    holds it to the plain ops); otherwise the same in plain ops (``PLAIN_LSE_KERNELS``)."""
+    if fused if fused is not None else has_fused_lse(q.device.type, q.dtype, q.shape[-1]):
         if q.device.type == "cpu":
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         else:
