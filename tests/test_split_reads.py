@@ -121,6 +121,19 @@ def test_plain_lse_kernels_are_counted(dtype: torch.dtype, kernels: int) -> None
     assert PLAIN_LSE_KERNELS == 8
 
 
+def test_the_fused_kernel_is_probed_before_it_is_used() -> None:
+    """Off the CPU the fused kernel is used only where a probe finds it gives the plain ops'
+    output and log-sum-exp; a device where it cannot run (here: no CUDA in this build, and
+    the data-less meta device) falls back to the plain ops, which the engine then prices."""
+    from odma_mlu.models.split_reads import fused_lse_works, has_fused_lse
+
+    assert has_fused_lse("cpu", torch.float16, 100)
+    assert fused_lse_works("cpu", torch.float32, 64) and fused_lse_works("cpu", torch.float16, 128)
+    assert not fused_lse_works("meta", torch.float16, 64)
+    if not torch.cuda.is_available():
+        assert not has_fused_lse("cuda", torch.float16, 128)
+
+
 @pytest.mark.cuda
 def test_attention_with_lse_fused_on_cuda_matches_plain_ops() -> None:
     """The CUDA flash kernel's output and log-sum-exp (half precision, strided views of an

@@ -13,6 +13,7 @@ them here and ``arena_attention`` calls ``split_attention`` once a layer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -123,13 +124,31 @@ such a device (``LLMEngine.views``)."""
 
 def has_fused_lse(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether a flash kernel that returns its log-sum-exp takes queries of ``dtype`` and
-    ``head_dim`` on ``device_type``: the one SDPA runs on CPU, or on CUDA the flash kernel
-    (half precision, head dim a multiple of 8 up to 256). Not on MLU: torch_mlu's kernels are
-    not wired here."""
-    if device_type == "cpu":
-        return True
-    return (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and head_dim % 8 == 0 and head_dim <= 256)
+    ``head_dim`` on ``device_type``: on CPU the one SDPA runs; elsewhere (CUDA, MLU) the
+    device's ``_scaled_dot_product_flash_attention``, where a probe finds it gives the plain
+    ops' output and log-sum-exp (``fused_lse_works``)."""
+    return device_type == "cpu" or fused_lse_works(device_type, dtype, head_dim)
+
+
+@functools.lru_cache(maxsize=None)
+def fused_lse_works(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Probe once per device, dtype and head dim: the fused kernel over a strided view of an
+    arena-shaped K/V gives what the plain ops give (output and log-sum-exp, to half
+    precision's tolerance). False where it raises (no kernel, dtype or shape it refuses) or
+    differs: the parts then run in plain ops, and the engine prices them so."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        cache = torch.randn(64, 2, head_dim, generator=gen).to(device=device_type, dtype=dtype)
+        q = torch.randn(1, 2, 3, head_dim, generator=gen).to(device=device_type, dtype=dtype)
+        k = cache[5:42].unsqueeze(0).transpose(1, 2)
+        v = cache[9:46].unsqueeze(0).transpose(1, 2)
+        fused = attention_with_lse(q, k, v, head_dim ** -0.5, fused=True)
+        plain = attention_with_lse(q, k, v, head_dim ** -0.5, fused=False)
+        return (fused[0].shape == plain[0].shape and fused[1].shape == plain[1].shape
+                and torch.allclose(fused[0].float(), plain[0].float(), atol=5e-3, rtol=5e-3)
+                and torch.allclose(fused[1], plain[1], atol=5e-3, rtol=5e-3))
+    except Exception:  # a capability probe: any failure (no device, kernel, dtype or shape) means no
+        return False
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -137,14 +156,17 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     """Attention of queries [1, kv, g, D] over K/V [1, kv, n, D] (views are fine) -> (output
     [1, kv, g, D], float32 log-sum-exp of each query's scaled scores [1, kv, g]). ``fused``
     (default: ``has_fused_lse``) calls the flash kernel SDPA runs, which returns its LSE (one
-    op: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU,
-    ``_scaled_dot_product_flash_attention`` on CUDA, NOT yet run on a GPU: tools/gpu_check.sh
-    holds it to the plain ops); otherwise the same in plain ops (``PLAIN_LSE_KERNELS``)."""
+    op: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU, elsewhere
+    ``_scaled_dot_product_flash_attention``, whose LSE may be padded along the queries
+    (torch_mlu pads to 16): only the first g are read; NOT yet run on a GPU or an MLU);
+    otherwise the same in plain ops (``PLAIN_LSE_KERNELS``)."""
     if fused if fused is not None else has_fused_lse(q.device.type, q.dtype, q.shape[-1]):
         if q.device.type == "cpu":
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         else:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+            if lse.shape[-1] != q.shape[-2]:  # padded along the queries
+                lse = lse.narrow(-1, 0, q.shape[-2])
         return out, lse
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     lse = torch.logsumexp(scores, dim=-1)
