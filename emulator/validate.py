@@ -342,6 +342,11 @@ def validate_emulator_main(ns: argparse.Namespace) -> int:
     print(f"{summary['verdict']}: held-out median |predicted - measured| / measured = "
           f"{summary['median_abs_rel_error']:.3f} over {summary['held_out_cases']} cases "
           f"({'<=' if summary['verdict'] == 'PASS' else '>'} {max_error:g})")
+    if summary["verdict"] == "FAIL":
+        measured_on = (profile.provenance or {}).get("date", "an unknown date")
+        print(f"note: the profile was measured on {measured_on}; a host's speed drifts between runs, so the "
+              "verdict assumes a profile of this host measured just before (odma-mlu profile-bandwidth "
+              f"--backend {backend.name})")
     if ns.json:
         doc = {"cases": rows, **summary, "profile": str(ns.profile), "model": str(ns.model),
                "backend": backend.name, "torch_threads": torch.get_num_threads(), "repeats": repeats,

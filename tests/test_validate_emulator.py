@@ -82,7 +82,9 @@ def test_validate_emulator_can_fail(tiny_model_dir: Path, capsys: pytest.Capture
     rc = main(["validate-emulator", "--model", str(tiny_model_dir), "--profile", PROFILE, "--backend", "cpu",
                "--repeats", "1", "--max-error", "0"])
     assert rc == 1
-    assert "FAIL: held-out median" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FAIL: held-out median" in out
+    assert "measured just before" in out and "2026-11-21" in out  # the profile's date, and what to do
 
 
 def test_validate_emulator_refuses_another_device_kind(tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
