@@ -6,9 +6,12 @@ written to the step's gather buffer and read back (``models/attention.py``). Rea
 each long run is read once where it lies, as a view (one attention call each, which also
 returns each query's log-sum-exp, LSE), and the step pays one merge a layer for all such
 decodes: for sequence s with parts p, out_s = sum_p softmax_p(lse_sp) * out_sp, the
-flash-decoding identity, exact up to rounding. ``step_work.ViewRule`` (``split_gain``, ``splits_pay``)
-decide which decodes (the one rule ``StepWork.build`` prices); ``ForwardBatch.build`` plans
-them here and ``arena_attention`` calls ``split_attention`` once a layer.
+flash-decoding identity, exact up to rounding. ``step_work.ViewRule`` (``split_gain``,
+``splits_pay``) decides which decodes (the one rule ``StepWork.build`` prices);
+``ForwardBatch.build`` plans them here and ``arena_attention`` calls ``split_attention`` once
+a layer. A part is one kernel where the device has a flash kernel that returns the LSE (CPU;
+CUDA or MLU where ``fused_lse_works``), else ``PLAIN_LSE_KERNELS`` plain ops, and the engine
+prices it so (``ViewRule.part_calls``).
 """
 
 from __future__ import annotations
