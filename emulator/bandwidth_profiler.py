@@ -329,8 +329,10 @@ def update_profile_main(argv: list[str] | None = None) -> int:
     data = yaml.safe_load(text)
     backend = get_backend(ns.backend)
     settings = choose_settings(backend, quick=False)
+    provenance: dict[str, object] = {}
     if ns.add == "matmul_rows":
         rows = measure_matmul_rows(backend, settings)
+        provenance["repeats"] = max(5, settings.repeats)
         data["matmul_rows"] = matmul_rows_dict(rows, settings)
         shown = "; ".join(dt + ": " + ", ".join(f"M={m} {f / 1e9:.1f}" for m, f in sorted(pts.items())) + " GFLOP/s"
                           for dt, pts in rows.items())
@@ -339,7 +341,7 @@ def update_profile_main(argv: list[str] | None = None) -> int:
         data["attention_call_overhead"] = shown = attention_call_text(measure_attention_call(backend, settings), launch_s)
     data["provenance"][ns.add] = {
         "tool": f"{TOOL} --add {ns.add}", "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "torch_threads": torch.get_num_threads(), "host": describe_host(backend)}
+        "torch_threads": torch.get_num_threads(), **provenance, "host": describe_host(backend)}
     parse_profile(data, str(path))
     header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
     path.write_text(header + yaml.safe_dump(data, sort_keys=False, width=120))

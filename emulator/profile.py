@@ -35,7 +35,7 @@ swap on that profile (every preemption recomputes).
 ``attention_call_overhead`` is the fixed time of one attention call over a view of the KV
 arena (a decode group's, a view's, a split read's part's, a prefill's): its launch, the
 kernel's own set-up and the view ops around it, beyond the bytes it reads and the FLOPs it
-computes. The profiler times the engine's decode attention over a 16-token view. At least
+computes. The profiler times the engine's decode attention over a one-token view. At least
 ``launch_overhead``; without it a call costs one launch (derived profiles: unmeasured).
 
 ``decode_attention`` says how the decode attention kernel on this device reads KV runs:

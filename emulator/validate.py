@@ -14,7 +14,7 @@ groups by ``decode_group_key``, a lone one-run sequence read as a view)::
     decode_views    decode_one_run's layout, at the cost model's view {1, 4, 16} x {256, 1024}
                     length: each sequence that long read alone, in place (a group of its own)
     decode_split    decode_runs' layout, at the cost model's view length: {1, 4, 16} x {256, 1024}
-                    runs that long are read in parts (``step_work.split_gain``)
+                    runs that long are read in parts (``ViewRule.split_gain``)
     prefill         a whole prompt per sequence, one run               {1, 4} x {64, 256}, 1 x 1024
     kv_copy         ``batch`` copy_run calls of ``context`` tokens     {1, 8} x {16, 256, 4096}
 

@@ -5,7 +5,7 @@ the same for every architecture and layer kind)."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import pytest
 
@@ -31,33 +31,40 @@ def assert_counts_match(cm: CostModel, work: StepWork, counted: Dispatched, what
         f"{cm.num_attention_calls(work)} (CostModel.num_attention_calls)")
 
 
-def _count_forward_kernels(model: Any, seqs: list, arena_tokens: int = 4096, extra: tuple = (),
-                           views: ViewRule | None = None) -> Dispatched:
-    """Ops one forward dispatches, and its attention calls;
-    ``extra``: the forward's arguments after the arena (rings, or states and their slots);
-    ``views``: the batch's (``ForwardBatch.build``)."""
+VIEW_OPS = {"view", "slice", "transpose", "unsqueeze", "as_strided", "expand", "select", "t", "split", "chunk",
+            "alias", "_unsafe_view", "reshape", "permute", "narrow", "detach", "_reshape_alias", "squeeze"}
+"""Ops that only make views: not kernels."""
+
+
+def count_dispatched(run: Callable[[], object]) -> Dispatched:
+    """The non-view aten ops ``run`` dispatches, and the attention calls among them."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from odma_mlu.models.attention import ForwardBatch
-
-    view_ops = {"view", "slice", "transpose", "unsqueeze", "as_strided", "expand", "select", "t", "split", "chunk",
-             "alias", "_unsafe_view", "reshape", "permute", "narrow", "detach", "_reshape_alias", "squeeze"}
 
     class Count(TorchDispatchMode):
         n = calls = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
             name = func.overloadpacket.__name__
-            if name not in view_ops:
+            if name not in VIEW_OPS:
                 Count.n += 1
                 Count.calls += "scaled_dot_product" in name
             return func(*args, **(kwargs or {}))
 
+    with Count():
+        run()
+    return Dispatched(Count.n, Count.calls)
+
+
+def _count_forward_kernels(model: Any, seqs: list, arena_tokens: int = 4096, extra: tuple = (),
+                           views: ViewRule | None = None) -> Dispatched:
+    """Ops one forward dispatches, and its attention calls;
+    ``extra``: the forward's arguments after the arena (rings, or states and their slots);
+    ``views``: the batch's (``ForwardBatch.build``)."""
+    from odma_mlu.models.attention import ForwardBatch
+
     batch = ForwardBatch.build(seqs, device=model.device, views=views)
     arena = model.new_arena(max(arena_tokens, 64))
-    with Count():
-        model.forward(batch, arena, *extra)
-    return Dispatched(Count.n, Count.calls)
+    return count_dispatched(lambda: model.forward(batch, arena, *extra))
 
 
 @pytest.mark.parametrize("decode_groups, prefills, multi_run", [

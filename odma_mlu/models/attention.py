@@ -44,9 +44,9 @@ each group reads its slice of the buffer::
                       ^ gather_offset 0        ^ gather_offset B1 x L1
 
 Every path but the split reads feeds the same SDPA call, so they give identical results;
-a split read's parts run the kernel SDPA runs on CPU (``split_reads.py``: it also returns
-each query's log-sum-exp), and softmax over the parts' log-sum-exps weighs their outputs, which
-is exact up to rounding. A device kernel that reads runs in place (vendor paged attention with
+a split read's parts run a kernel that also returns each query's log-sum-exp, or the same in
+plain ops (``split_reads.py``), and softmax over the parts' log-sum-exps weighs their outputs,
+which is exact up to rounding. A device kernel that reads runs in place (vendor paged attention with
 consecutive block ids, or a run-aware kernel) replaces the gather without changing the
 description.
 

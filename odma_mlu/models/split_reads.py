@@ -95,6 +95,7 @@ def split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kv_heads = k_cache.shape[1]
     g = heads // kv_heads
     qg = q.view(num_seqs, kv_heads, g, dim)
+    fused = has_fused_lse(q.device.type, q.dtype, dim)  # once a layer, not once a part
     outs: list[torch.Tensor] = []
     lses: list[torch.Tensor] = []
     for i, part in enumerate(split.parts):
@@ -109,7 +110,7 @@ def split_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         assert k_src is not None and v_src is not None, "a gathered part needs the step's gather"
         k = k_src[start:start + tokens].unsqueeze(0).transpose(1, 2)  # [1, kv, n, D], a view
         v = v_src[start:start + tokens].unsqueeze(0).transpose(1, 2)
-        out, lse = attention_with_lse(qg[s:s + 1], k, v, scale)
+        out, lse = attention_with_lse(qg[s:s + 1], k, v, scale, fused)
         outs.append(out)
         lses.append(lse)
     shape = (split.num_parts, num_seqs, kv_heads, g)
