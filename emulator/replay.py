@@ -114,6 +114,11 @@ class ReplayResult:
     """Most requests running in one step."""
     held_per_request_bytes: float = 0.0
     """KV memory held (reserved) per running request, mean over steps."""
+    backlog_tps: float | None = None
+    """Generated tokens / seconds over the steps scheduled with a request left waiting: what
+    a server at capacity delivers, without an offline trace's tail, where its last requests
+    decode in small batches (``kv_utilization`` averages over the same kind of step). None:
+    no step left one waiting."""
     ttft_p50_s: float | None = None
     ttft_p99_s: float | None = None
     tpot_p50_s: float | None = None
@@ -283,6 +288,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
     tl_res: list[int] = []
     generated = 0
     steps = 0
+    backlog_tokens, backlog_s = 0, 0.0
     kv_read_bytes = 0
     swapped_bytes = 0
     num_reads = 0
@@ -319,6 +325,10 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         held_per_request_sum += kv.reserved_tokens() * kv_bytes_per_token / len(scheduler.running)
         step = cost.step_time(work)
         now_s += step.time_s
+        sampled = batch.sampled
+        if scheduler.waiting:  # the batch left someone waiting: the server is at capacity
+            backlog_tokens += len(sampled)
+            backlog_s += step.time_s
         steps += 1
         split["busy_s"] += step.time_s
         split["launch_s"] += step.overhead_s
@@ -330,7 +340,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         num_reads += work.num_decodes
         num_read_runs += sum(len(r) for r in work.decode_read_runs)
         finished: list[Sequence] = []
-        for s in batch.sampled:
+        for s in sampled:
             s.num_generated += 1
             generated += 1
             if s.first_token_s is None:
@@ -384,6 +394,7 @@ def replay(trace: Trace, policy_name: str, model: ModelSpec, profile: DeviceProf
         runs_per_request=num_read_runs / num_reads if num_reads else 1.0, num_steps=steps,
         capacity_tokens=capacity_tokens, max_concurrent=max_running,
         held_per_request_bytes=held_per_request_sum / steps if steps else 0.0,
+        backlog_tps=backlog_tokens / backlog_s if backlog_s > 0 else None,
         extents_free_after=policy.reserved_tokens() == 0 and policy.num_live() == 0,
         bucket_edges_tokens=stats.bucket_edges_tokens,
         timeline_s=tuple(tl_t[i] for i in keep), timeline_live_tokens=tuple(tl_live[i] for i in keep),

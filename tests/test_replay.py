@@ -241,3 +241,17 @@ def test_cli_bench_bad_arguments(tmp_path: Path, profile_path: Path, capsys: pyt
     assert cli_main(["bench", "--max-requests", "0", "--profile", str(profile_path), "--no-progress"]) == 2
     assert cli_main(["bench", "--kv-gib", "-1", "--max-requests", "5", "--profile", str(profile_path),
                      "--no-progress"]) == 2
+
+
+def test_backlog_tps_counts_only_steps_that_left_a_request_waiting(profile: DeviceProfile) -> None:
+    """At a capacity that makes requests wait, ``backlog_tps`` is the throughput of the
+    steps scheduled with a queue, and it beats the makespan's figure, whose tail decodes the
+    last requests in small batches; with room for everyone at once, no step leaves a request
+    waiting and there is no backlog figure."""
+    n, max_new = 60, 256
+    trace = synthetic_trace(n, max_new)
+    tight = run(trace, "paged", profile, 1200, max_new)
+    assert tight.backlog_tps is not None and tight.backlog_tps > tight.tps
+    roomy = run(trace, "paged", profile, 100_000, max_new)
+    assert roomy.backlog_tps is None
+    assert roomy.metrics()["backlog_tps"] is None
