@@ -28,7 +28,8 @@ from odma_mlu.models.layer_kinds import LayerKinds, load_layer_kinds
 from odma_mlu.predictor.base import LengthPredictor
 
 TABLE_COLUMNS = (("policy", "{}"), ("completed", "{:>9}"), ("lost", "{:>4}"), ("tps", "{:>8.1f}"),
-                 ("backlog_tps", "{:>11.1f}"), ("rps", "{:>6.2f}"), ("kv_utilization", "{:>14.3f}"), ("reservation_efficiency", "{:>22.3f}"),
+                 ("backlog_tps", "{:>11.1f}"), ("rps", "{:>6.2f}"), ("kv_utilization", "{:>14.3f}"),
+                 ("reservation_efficiency", "{:>22.3f}"),
                  ("overflow_rate", "{:>13.3f}"), ("preemptions", "{:>11}"), ("num_swaps", "{:>9}"),
                  ("runs_per_request", "{:>16.3f}"),
                  ("copied_kv_fraction", "{:>18.4f}"), ("max_concurrent", "{:>14}"),
