@@ -117,8 +117,8 @@ class ReplayResult:
     backlog_tps: float | None = None
     """Generated tokens / seconds over the steps scheduled with a request left waiting: what
     a server at capacity delivers, without an offline trace's tail, where its last requests
-    decode in small batches (``kv_utilization`` averages over the same kind of step). None:
-    no step left one waiting."""
+    decode in small batches (``kv_utilization`` asks the same after the step). None: no
+    step left one waiting."""
     ttft_p50_s: float | None = None
     ttft_p99_s: float | None = None
     tpot_p50_s: float | None = None
