@@ -211,14 +211,7 @@ def _matmul_rows(raw: Any, where: str, dtypes: Mapping[str, float]) -> dict[str,
         rows_seen: list[tuple[int, float]] = []
         for i, pt in enumerate(pts):
             pat = f"{at}[{i}]"
-            if not isinstance(pt, Mapping):
-                raise ProfileError(f"{pat}: expected a mapping with keys {list(ROWS_POINT_KEYS)}")
-            unknown = sorted(set(pt) - set(ROWS_POINT_KEYS))
-            if unknown:
-                raise ProfileError(f"{pat}: unknown key(s) {unknown}; expected {list(ROWS_POINT_KEYS)}")
-            for k in ("rows", "flops", "source"):
-                if k not in pt:
-                    raise ProfileError(f"{pat}: missing key '{k}'")
+            _check_point_keys(pt, pat, ROWS_POINT_KEYS)
             rows = pt["rows"]
             if not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0:
                 raise ProfileError(f"{pat}.rows: must be a positive integer, got {rows!r}")
@@ -236,6 +229,18 @@ def _matmul_rows(raw: Any, where: str, dtypes: Mapping[str, float]) -> dict[str,
     return out
 
 
+def _check_point_keys(pt: Any, at: str, keys: tuple[str, ...]) -> None:
+    """A curve point is a mapping of ``keys`` only, every one present but the last (``note``)."""
+    if not isinstance(pt, Mapping):
+        raise ProfileError(f"{at}: expected a mapping with keys {list(keys)}")
+    unknown = sorted(set(pt) - set(keys))
+    if unknown:
+        raise ProfileError(f"{at}: unknown key(s) {unknown}; expected {list(keys)}")
+    for k in keys[:-1]:
+        if k not in pt:
+            raise ProfileError(f"{at}: missing key '{k}'")
+
+
 def _curve(raw: Any, key: str, where: str, peak: float) -> BandwidthCurve:
     if not isinstance(raw, list) or len(raw) < 2:
         raise ProfileError(f"{where}: key '{key}' must be a list of at least 2 points "
@@ -243,14 +248,7 @@ def _curve(raw: Any, key: str, where: str, peak: float) -> BandwidthCurve:
     points: list[CurvePoint] = []
     for i, pt in enumerate(raw):
         at = f"{where}: {key}[{i}]"
-        if not isinstance(pt, Mapping):
-            raise ProfileError(f"{at}: expected a mapping with keys {list(POINT_KEYS)}")
-        unknown = sorted(set(pt) - set(POINT_KEYS))
-        if unknown:
-            raise ProfileError(f"{at}: unknown key(s) {unknown}; expected {list(POINT_KEYS)}")
-        for k in ("chunk_bytes", "bandwidth", "source"):
-            if k not in pt:
-                raise ProfileError(f"{at}: missing key '{k}'")
+        _check_point_keys(pt, at, POINT_KEYS)
         chunk = parse_quantity(pt["chunk_bytes"], "bytes", f"{at}.chunk_bytes")
         bw = parse_quantity(pt["bandwidth"], "bandwidth", f"{at}.bandwidth")
         if chunk <= 0:

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping
 
 import odma_mlu
 from odma_mlu.errors import DataFormatError
+from odma_mlu.predictor.data import iter_jsonl
 
 #: The repository root (this file is ``<repo>/emulator/traces.py``).
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -271,18 +272,8 @@ def _need(obj: Mapping[str, Any], key: str, where: str) -> Any:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(``"file:line"``, record) for each non-blank line."""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: not valid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield where, obj
+    for lineno, obj in iter_jsonl(path):
+        yield f"{path}:{lineno}", obj
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[str, dict[str, str]]]:

@@ -8,6 +8,17 @@ from typing import Any
 
 import torch
 
+ENGINE_PROMPTS = [
+    "the cache model serve request",
+    "hello world of memory and bucket and token and page block with the people of the city",
+    "a",
+    "what is the length of a contiguous slab in the school house of the family",
+    "time year people way day man thing woman life child world school state family student group",
+    "power hour game line end",
+]
+"""Six prompts of 1 to ~20 tokens for the engine equality tests (mixed lengths, so a batch
+holds prefills and decodes of several span classes at once)."""
+
 
 def load_hf(folder: Path) -> Any:
     """The transformers model of a tiny test folder, float32, in eval mode."""

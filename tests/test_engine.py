@@ -15,17 +15,9 @@ from odma_mlu.engine.sampler import SamplingParams
 from odma_mlu.engine.step_work import ViewRule
 from odma_mlu.errors import RequestRejected
 from odma_mlu.predictor.base import LengthPrediction, LengthPredictor, RequestFeatures
-from hf_reference import encode, hf_greedy
+from hf_reference import ENGINE_PROMPTS as PROMPTS, encode, hf_greedy
 from policy_helpers import CopiesAlwaysPay
 
-PROMPTS = [
-    "the cache model serve request",
-    "hello world of memory and bucket and token and page block with the people of the city",
-    "a",
-    "what is the length of a contiguous slab in the school house of the family",
-    "time year people way day man thing woman life child world school state family student group",
-    "power hour game line end",
-]
 MAX_NEW = 24
 
 

@@ -18,17 +18,9 @@ from odma_mlu.config import CacheConfig, SchedulerConfig
 from odma_mlu.engine.llm_engine import LLMEngine
 from odma_mlu.engine.sampler import SamplingParams
 from odma_mlu.kvcache.factory import POLICY_NAMES
-from hf_reference import encode, hf_greedy
+from hf_reference import ENGINE_PROMPTS as PROMPTS, encode, hf_greedy
 from tiny_hetero import make_tiny_gemma3, make_tiny_qwen2_sliding
 
-PROMPTS = [
-    "the cache model serve request",
-    "hello world of memory and bucket and token and page block with the people of the city",
-    "a",
-    "what is the length of a contiguous slab in the school house of the family",
-    "time year people way day man thing woman life child world school state family student group",
-    "power hour game line end",
-]
 MAX_NEW = 20
 WINDOW = 18
 BLOCK = 4

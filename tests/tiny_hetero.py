@@ -13,20 +13,7 @@ from typing import Any
 
 import torch
 
-from tiny_model import EOS_TOKEN, build_tokenizer
-
-
-def _randomize(model: Any, seed: int, norm_center: float) -> None:
-    """Weights larger than HF's init (well separated logits); norms and biases random too."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "norm" in name:
-                p.copy_(norm_center + torch.randn(p.shape, generator=gen) * 0.1)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
+from tiny_model import EOS_TOKEN, build_tokenizer, randomize_weights
 
 
 def _save(model: Any, tokenizer: Any, folder: Path, dtype: str) -> Path:
@@ -57,7 +44,7 @@ def make_tiny_qwen2_sliding(folder: str | Path, *, window: int = 8, layer_types:
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
-    _randomize(model, seed, 1.0)
+    randomize_weights(model, seed, 1.0)
     return _save(model, tokenizer, folder, dtype)
 
 
@@ -86,7 +73,7 @@ def make_tiny_gemma3(folder: str | Path, *, window: int = 8, num_layers: int = 6
     )
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(config)
-    _randomize(model, seed, 0.0)  # Gemma norms scale by (1 + w): center w at 0
+    randomize_weights(model, seed, 0.0)  # Gemma norms scale by (1 + w): center w at 0
     return _save(model, tokenizer, folder, dtype)
 
 

@@ -9,6 +9,7 @@ downloaded: the tokenizer is a byte-level BPE trained on a fixed word list.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,6 +46,21 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
 )
 
+
+
+def randomize_weights(model: Any, seed: int, norm_center: float) -> None:
+    """HF init draws std 0.02 weights and zero biases; give biases and norms random values too,
+    so a test really checks them (q/k/v biases, norm weights around ``norm_center``), and
+    weights larger than 0.02, so logits are well separated (greedy ties are rare)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif "norm" in name:
+                p.copy_(norm_center + torch.randn(p.shape, generator=gen) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
 
 def build_tokenizer(vocab_size: int = 400):
     """A byte-level BPE (Qwen2's tokenizer family) trained offline on ``_WORDS``.
@@ -95,18 +111,7 @@ def make_tiny_qwen2(folder: str | Path, *, num_layers: int = 2, hidden: int = 64
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
-    # HF init draws std 0.02 weights and zero biases; give biases and norms random values
-    # too so the test really checks them (q/k/v bias, RMSNorm weight).
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "norm" in name:
-                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
-            else:
-                # Larger than HF's 0.02 so logits are well separated (greedy ties are rare).
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
+    randomize_weights(model, seed, 1.0)
     model = model.to(getattr(torch, dtype))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder, safe_serialization=True, max_shard_size="40KB" if sharded else "10GB")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from odma_mlu.kvcache.arena import KVArena
 from odma_mlu.kvcache.state_pool import StatePool
 from odma_mlu.models.attention import ForwardBatch, arena_attention
+from odma_mlu.models.decoder_parts import gated_mlp, max_position, rms_norm
 from odma_mlu.models.hybrid_spec import HybridSpec
 from odma_mlu.models.mamba2 import chunk_scan, conv_decode, conv_prefill, gated_rms_norm, recurrent_step
 from odma_mlu.models.qwen2 import RotaryCache, rotary_qk
@@ -86,11 +87,6 @@ class BambaForwardModel:
         # Model layer -> index into the arena's K/V (attention) or the pool's states (SSM).
         self.kv_index = {layer: i for i, layer in enumerate(hybrid.attention_layers)}
         self.state_index = {layer: i for i, layer in enumerate(hybrid.ssm_layers)}
-
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps)
-        return weight * xf.to(x.dtype)
 
     # -- mixers -------------------------------------------------------------------------
     def _attention(self, x: torch.Tensor, w: AttentionWeights, batch: ForwardBatch, arena: KVArena, layer: int,
@@ -156,19 +152,17 @@ class BambaForwardModel:
         assert arena.model.num_layers == self.hybrid.num_attention_layers, \
             f"arena has {arena.model.num_layers} layers, the model {self.hybrid.num_attention_layers} attention layers"
         assert len(state_slots) == batch.num_seqs, f"{len(state_slots)} state slots for {batch.num_seqs} sequences"
-        max_pos = max(s.num_total_tokens for s in batch.seqs) - 1
-        cos, sin = self.rotary.lookup(batch.positions, max_pos)
+        cos, sin = self.rotary.lookup(batch.positions, max_position(batch))
+        eps = self.spec.rms_norm_eps
         h = self.embed.index_select(0, batch.input_ids)
         for layer, w in enumerate(self.layers):
-            x = self._rms_norm(h, w.input_norm)
+            x = rms_norm(h, w.input_norm, eps)
             if isinstance(w.mixer, AttentionWeights):
                 h = h + self._attention(x, w.mixer, batch, arena, layer, cos, sin)
             else:
                 h = h + self._mamba(x, w.mixer, batch, states, layer, state_slots)
-            x = self._rms_norm(h, w.post_norm)
-            gate, up = F.linear(x, w.gate_up_weight).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, w.down_weight)
-        last = self._rms_norm(h.index_select(0, batch.last_token_rows), self.final_norm)
+            h = h + gated_mlp(rms_norm(h, w.post_norm, eps), w.gate_up_weight, w.down_weight)
+        last = rms_norm(h.index_select(0, batch.last_token_rows), self.final_norm, eps)
         return F.linear(last, self.lm_head).float()
 
     __call__ = forward

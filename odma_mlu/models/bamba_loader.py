@@ -18,10 +18,12 @@ from odma_mlu.backends.base import Backend
 from odma_mlu.config import ModelSpec
 from odma_mlu.errors import ConfigError
 from odma_mlu.models.bamba import AttentionWeights, BambaForwardModel, BambaLayer, MambaWeights
+from odma_mlu.models.decoder_parts import outer_shapes, outer_weights
 from odma_mlu.models.hybrid_spec import HybridSpec, hybrid_spec_from_config, time_step_limit
 
 BAMBA_ARCHITECTURE = "BambaForCausalLM"
 BAMBA_MODEL_TYPE = "bamba"
+_FINAL_NORM = "model.final_layernorm.weight"
 
 
 def is_bamba_folder(folder: Path) -> bool:
@@ -38,13 +40,11 @@ def is_bamba_folder(folder: Path) -> bool:
 def expected_bamba_shapes(hs: HybridSpec, cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every tensor a BambaForCausalLM checkpoint must hold, with its shape."""
     s = hs.base
-    h, d, i, v = s.hidden_size, s.head_dim, s.intermediate_size, s.vocab_size
+    h, d, i = s.hidden_size, s.head_dim, s.intermediate_size
     q, kv = s.num_heads * d, s.num_kv_heads * d
     attn_bias, proj_bias = bool(cfg.get("attention_bias")), bool(cfg.get("mamba_proj_bias"))
     conv_bias = bool(cfg.get("mamba_conv_bias", True))
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.final_layernorm.weight": (h,)}
-    if not s.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, h)
+    shapes = outer_shapes(s, _FINAL_NORM)
     for n in range(s.num_layers):
         p = f"model.layers.{n}."
         shapes.update({p + "input_layernorm.weight": (h,), p + "pre_ff_layernorm.weight": (h,),
@@ -147,7 +147,6 @@ def load_bamba(folder: Path, device: torch.device | str | None = None, dtype: st
         layers.append(BambaLayer(get(p + "input_layernorm.weight"), mixer, get(p + "pre_ff_layernorm.weight"),
                                  torch.cat([get(f + "gate_proj.weight"), get(f + "up_proj.weight")]),
                                  get(f + "down_proj.weight")))
-    embed = get("model.embed_tokens.weight")
-    lm_head = embed if spec.tie_word_embeddings else get("lm_head.weight")
-    model = BambaForwardModel(hs, embed, layers, get("model.final_layernorm.weight"), lm_head, time_step_limit(cfg))
+    embed, final_norm, lm_head = outer_weights(spec, get, _FINAL_NORM)
+    model = BambaForwardModel(hs, embed, layers, final_norm, lm_head, time_step_limit(cfg))
     return model, spec, tokenizer

@@ -17,7 +17,6 @@ in float32. Plain tensors, straight torch ops, like odma_mlu/models/qwen2.py.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,10 +26,10 @@ import torch.nn.functional as F
 from odma_mlu.config import ModelSpec
 from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVArena
-from odma_mlu.kvcache.window import RING_BLOCK_TOKENS, RingPool, arena_flat_groups
-from odma_mlu.models.attention import ForwardBatch, arena_attention
+from odma_mlu.models.attention import ForwardBatch
+from odma_mlu.models.decoder_parts import SlidingLayout, gated_mlp, max_position, outer_shapes, outer_weights
 from odma_mlu.models.layer_types import FULL, SLIDING
-from odma_mlu.models.qwen2 import RotaryCache, layer_groups, rotary_qk
+from odma_mlu.models.qwen2 import RotaryCache, rotary_qk
 from odma_mlu.models.window_attention import RingPlan, ring_attention
 
 ARCHITECTURE = "Gemma3ForCausalLM"
@@ -65,6 +64,10 @@ class Gemma3Extras:
     """Linear RoPE scaling of the full layers (Gemma-3 4B/12B/27B: 8.0), 1.0 = none."""
     final_logit_softcapping: float | None
     attention_bias: bool
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
 
 class _LinearRotary(RotaryCache):
@@ -114,11 +117,9 @@ def extras_from_config(cfg: dict[str, Any], where: str = "config.json") -> Gemma
 
 def expected_shapes(spec: ModelSpec, extras: Gemma3Extras) -> dict[str, tuple[int, ...]]:
     """Every tensor a Gemma3ForCausalLM (text) checkpoint must hold, with its shape."""
-    h, d, i, v = spec.hidden_size, spec.head_dim, spec.intermediate_size, spec.vocab_size
+    h, d, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
     q, kv = spec.num_heads * d, spec.num_kv_heads * d
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not spec.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, h)
+    shapes = outer_shapes(spec)
     for n in range(spec.num_layers):
         p = f"model.layers.{n}."
         a = p + "self_attn."
@@ -157,12 +158,11 @@ def build(spec: ModelSpec, extras: Gemma3Extras, windows: tuple[int | None, ...]
             gate_up_weight=torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")]),
             down_weight=get(m + "down_proj.weight"),
         ))
-    embed = get("model.embed_tokens.weight")
-    lm_head = embed if spec.tie_word_embeddings else get("lm_head.weight")
-    return Gemma3ForwardModel(spec, extras, windows, embed, layers, get("model.norm.weight"), lm_head)
+    embed, final_norm, lm_head = outer_weights(spec, get)
+    return Gemma3ForwardModel(spec, extras, windows, embed, layers, final_norm, lm_head)
 
 
-class Gemma3ForwardModel:
+class Gemma3ForwardModel(SlidingLayout):
     """Gemma3ForCausalLM (text) inference; build it with ``odma_mlu.models.loader.load_model``."""
 
     def __init__(self, spec: ModelSpec, extras: Gemma3Extras, layer_windows: tuple[int | None, ...],
@@ -172,9 +172,7 @@ class Gemma3ForwardModel:
         self.spec, self.extras = spec, extras
         self.embed, self.layers, self.final_norm, self.lm_head = embed, layers, final_norm, lm_head
         self.device, self.dtype = embed.device, embed.dtype
-        self.layer_windows = tuple(layer_windows)
-        self.window_tokens, self.group_index, self.num_full_layers, self.num_sliding_layers = \
-            layer_groups(self.layer_windows)
+        self._set_layer_windows(tuple(layer_windows))
         self.scale = extras.query_pre_attn_scalar ** -0.5
         # transformers: a float32 buffer sqrt(hidden), cast to the weight dtype, times the rows.
         self.embed_scale = torch.tensor(spec.hidden_size ** 0.5).to(self.dtype)
@@ -198,7 +196,7 @@ class Gemma3ForwardModel:
         heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_size, kv_size = heads * dim, kv_heads * dim
         num_tokens = batch.num_tokens
-        max_pos = max(s.num_total_tokens for s in batch.seqs) - 1
+        max_pos = max_position(batch)
         rotary = {True: self.local_rotary.lookup(batch.positions, max_pos),
                   False: self.global_rotary.lookup(batch.positions, max_pos)}
 
@@ -216,9 +214,8 @@ class Gemma3ForwardModel:
             else:
                 attn = self._full_attention(q, k, v, batch, arena, self.group_index[li])
             h = h + self._norm(F.linear(attn.view(num_tokens, q_size), w.o_weight, w.o_bias), w.post_attn_norm)
-            x = self._norm(h, w.pre_ff_norm)
-            gate, up = F.linear(x, w.gate_up_weight).chunk(2, dim=-1)
-            h = h + self._norm(F.linear(F.gelu(gate, approximate="tanh") * up, w.down_weight), w.post_ff_norm)
+            mlp = gated_mlp(self._norm(h, w.pre_ff_norm), w.gate_up_weight, w.down_weight, _gelu_tanh)
+            h = h + self._norm(mlp, w.post_ff_norm)
 
         last = self._norm(h.index_select(0, batch.last_token_rows), self.final_norm)
         logits = F.linear(last, self.lm_head).float()
@@ -226,20 +223,3 @@ class Gemma3ForwardModel:
         return torch.tanh(logits / cap) * cap if cap is not None else logits
 
     __call__ = forward
-
-    def _full_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
-                        arena: KVArena, arena_layer: int) -> torch.Tensor:
-        """Full layers: the same arena helpers as Qwen2 (write, prefill plans, decode groups)."""
-        return arena_attention(q, k, v, batch, arena.k[arena_layer], arena.v[arena_layer], self.scale)
-
-    def new_arena(self, capacity_tokens: int) -> KVArena:
-        """An arena for the full-attention layers only."""
-        spec = dataclasses.replace(self.spec, num_layers=self.num_full_layers)
-        return KVArena(spec, capacity_tokens, device=self.device, dtype=self.dtype,
-                       flat_groups=arena_flat_groups(self, capacity_tokens))
-
-    def new_window_pool(self, arena: KVArena, block_tokens: int = RING_BLOCK_TOKENS) -> RingPool:
-        """The rings of the sliding layers, laid into ``arena``'s lanes (odma_mlu/kvcache/window.py)."""
-        assert self.window_tokens is not None, "new_window_pool on a model without sliding layers"
-        return RingPool(arena, self.num_sliding_layers, self.window_tokens, block_tokens,
-                        num_kv_heads=self.spec.num_kv_heads, head_dim=self.spec.head_dim)

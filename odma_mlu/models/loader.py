@@ -22,6 +22,7 @@ from odma_mlu.backends.base import Backend
 from odma_mlu.config import DTYPE_BYTES, ModelSpec
 from odma_mlu.errors import ConfigError
 from odma_mlu.models import gemma3
+from odma_mlu.models.decoder_parts import outer_shapes, outer_weights
 from odma_mlu.models.layer_types import layer_windows
 from odma_mlu.models.qwen2 import LayerWeights, Qwen2ForwardModel
 
@@ -92,11 +93,9 @@ def spec_from_config(cfg: dict[str, Any], name: str, dtype: str) -> ModelSpec:
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor a Qwen2ForCausalLM checkpoint must hold, with its shape."""
-    h, d, i, v = spec.hidden_size, spec.head_dim, spec.intermediate_size, spec.vocab_size
+    h, d, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
     q, kv = spec.num_heads * d, spec.num_kv_heads * d
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not spec.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, h)
+    shapes = outer_shapes(spec)
     for n in range(spec.num_layers):
         p = f"model.layers.{n}."
         shapes.update({
@@ -258,7 +257,6 @@ def load_model(folder: str | Path, device: torch.device | str | None = None, dty
             gate_up_weight=torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")]),
             down_weight=get(m + "down_proj.weight"),
         ))
-    embed = get("model.embed_tokens.weight")
-    lm_head = embed if spec.tie_word_embeddings else get("lm_head.weight")
-    model = Qwen2ForwardModel(spec, embed, layers, get("model.norm.weight"), lm_head, windows)
+    embed, final_norm, lm_head = outer_weights(spec, get)
+    model = Qwen2ForwardModel(spec, embed, layers, final_norm, lm_head, windows)
     return model, spec, tokenizer

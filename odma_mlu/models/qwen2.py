@@ -15,17 +15,15 @@ activation dtype) so greedy output matches ``generate`` token for token.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from odma_mlu.config import ModelSpec
-from odma_mlu.errors import ConfigError
 from odma_mlu.kvcache.arena import KVArena
-from odma_mlu.kvcache.window import RING_BLOCK_TOKENS, RingPool, arena_flat_groups
-from odma_mlu.models.attention import DecodeGroup, ForwardBatch, PrefillPlan, SequenceInput, arena_attention
+from odma_mlu.models.attention import DecodeGroup, ForwardBatch, PrefillPlan, SequenceInput
+from odma_mlu.models.decoder_parts import SlidingLayout, gated_mlp, max_position, rms_norm
 from odma_mlu.models.window_attention import RingPlan, ring_attention
 
 __all__ = ["ForwardBatch", "SequenceInput", "DecodeGroup", "PrefillPlan", "LayerWeights", "Qwen2ForwardModel"]
@@ -92,7 +90,7 @@ def rotary_qk(qk: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor
     return qk[:, :heads], qk[:, heads:]
 
 
-class Qwen2ForwardModel:
+class Qwen2ForwardModel(SlidingLayout):
     """Qwen2ForCausalLM inference over a ``KVArena``; build it with ``odma_mlu.models.loader.load_model``.
 
     ``layer_windows[i]`` is layer i's sliding window in tokens, None for full attention
@@ -104,9 +102,7 @@ class Qwen2ForwardModel:
     def __init__(self, spec: ModelSpec, embed: torch.Tensor, layers: list[LayerWeights], final_norm: torch.Tensor,
                  lm_head: torch.Tensor, layer_windows: tuple[int | None, ...] | None = None) -> None:
         assert len(layers) == spec.num_layers, f"{len(layers)} layers given, spec has {spec.num_layers}"
-        self.layer_windows = tuple(layer_windows) if layer_windows is not None else (None,) * spec.num_layers
-        self.window_tokens, self.group_index, self.num_full_layers, self.num_sliding_layers = \
-            layer_groups(self.layer_windows)
+        self._set_layer_windows(tuple(layer_windows) if layer_windows is not None else (None,) * spec.num_layers)
         self.spec = spec
         self.embed = embed
         self.layers = layers
@@ -116,11 +112,6 @@ class Qwen2ForwardModel:
         self.dtype = embed.dtype
         self.scale = spec.head_dim ** -0.5
         self.rotary = RotaryCache(spec.head_dim, spec.rope_theta, self.device, self.dtype)
-
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps)
-        return weight * xf.to(x.dtype)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, arena: KVArena, rings: RingPlan | None = None) -> torch.Tensor:
@@ -136,12 +127,12 @@ class Qwen2ForwardModel:
         heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_size, kv_size = heads * dim, kv_heads * dim
         num_tokens = batch.num_tokens
-        max_pos = batch.max_position if batch.max_position >= 0 else max(s.num_total_tokens for s in batch.seqs) - 1
-        cos, sin = self.rotary.lookup(batch.positions, max_pos)
+        cos, sin = self.rotary.lookup(batch.positions, max_position(batch))
+        eps = spec.rms_norm_eps
 
         h = self.embed.index_select(0, batch.input_ids)  # [T, hidden]
         for li, w in enumerate(self.layers):
-            x = self._rms_norm(h, w.input_norm)
+            x = rms_norm(h, w.input_norm, eps)
             qkv = F.linear(x, w.qkv_weight, w.qkv_bias)
             q, k = rotary_qk(qkv[:, :q_size + kv_size].view(num_tokens, heads + kv_heads, dim), heads, cos, sin)
             v = qkv[:, q_size + kv_size:].view(num_tokens, kv_heads, dim)
@@ -151,42 +142,9 @@ class Qwen2ForwardModel:
             else:
                 attn = self._full_attention(q, k, v, batch, arena, self.group_index[li])
             h = h + F.linear(attn.view(num_tokens, q_size), w.o_weight)
-            x = self._rms_norm(h, w.post_norm)
-            gate, up = F.linear(x, w.gate_up_weight).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, w.down_weight)
+            h = h + gated_mlp(rms_norm(h, w.post_norm, eps), w.gate_up_weight, w.down_weight)
 
-        last = self._rms_norm(h.index_select(0, batch.last_token_rows), self.final_norm)
+        last = rms_norm(h.index_select(0, batch.last_token_rows), self.final_norm, eps)
         return F.linear(last, self.lm_head).float()
 
     __call__ = forward
-
-    def _full_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
-                        arena: KVArena, arena_layer: int) -> torch.Tensor:
-        return arena_attention(q, k, v, batch, arena.k[arena_layer], arena.v[arena_layer], self.scale)
-
-    def new_arena(self, capacity_tokens: int) -> KVArena:
-        """An arena for this model's full-attention layers, on its device and in its dtype."""
-        spec = dataclasses.replace(self.spec, num_layers=self.num_full_layers) if self.num_sliding_layers else self.spec
-        return KVArena(spec, capacity_tokens, device=self.device, dtype=self.dtype,
-                       flat_groups=arena_flat_groups(self, capacity_tokens))
-
-    def new_window_pool(self, arena: KVArena, block_tokens: int = RING_BLOCK_TOKENS) -> RingPool:
-        """The rings of this model's sliding layers, laid into ``arena``'s lanes (odma_mlu/kvcache/window.py)."""
-        assert self.window_tokens is not None, "new_window_pool on a model without sliding layers"
-        return RingPool(arena, self.num_sliding_layers, self.window_tokens, block_tokens,
-                        num_kv_heads=self.spec.num_kv_heads, head_dim=self.spec.head_dim)
-
-
-def layer_groups(layer_windows: tuple[int | None, ...]) -> tuple[int | None, list[int], int, int]:
-    """(the sliding window or None, each layer's index inside its group, #full, #sliding)."""
-    windows = {w for w in layer_windows if w is not None}
-    assert len(windows) <= 1, f"sliding layers with different windows {sorted(windows)}: one ring pool each"
-    index: list[int] = []
-    counts = {True: 0, False: 0}
-    for w in layer_windows:
-        index.append(counts[w is None])
-        counts[w is None] += 1
-    if counts[False] and not counts[True]:
-        raise ConfigError(f"every one of the {counts[False]} attention layers slides: not supported for now "
-                          "(sliding layers keep their rings in the full-attention layers' arena)")
-    return (windows.pop() if windows else None), index, counts[True], counts[False]

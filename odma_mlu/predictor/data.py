@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 from odma_mlu.errors import DataFormatError
 from odma_mlu.predictor.base import RequestFeatures
@@ -73,11 +73,13 @@ def clean_text(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8", "replace")
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", "replace").strip()
-            if not line:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-blank line of a JSON-lines file; a byte-order mark
+    and undecodable bytes are tolerated, a line that is not one JSON object is an error
+    naming the file and line."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
@@ -100,7 +102,7 @@ def _need(obj: dict, key: str, path: Path, lineno: int, kinds: tuple[type, ...])
 
 def _read_lengths(path: Path) -> list[LengthRecord]:
     out = []
-    for lineno, o in _iter_jsonl(path):
+    for lineno, o in iter_jsonl(path):
         prompt = str(_need(o, "prompt", path, lineno, (str,)))
         length = int(_need(o, "output_tokens", path, lineno, (int, float)))  # type: ignore[arg-type]
         max_new = int(_need(o, "max_new_tokens", path, lineno, (int, float)))  # type: ignore[arg-type]
@@ -123,7 +125,7 @@ def _read_lengths(path: Path) -> list[LengthRecord]:
 
 def _read_sharegpt(path: Path) -> list[LengthRecord]:
     out = []
-    for lineno, o in _iter_jsonl(path):
+    for lineno, o in iter_jsonl(path):
         prompt = str(_need(o, "prompt", path, lineno, (str,)))
         if "response_chars" in o:
             chars = int(_need(o, "response_chars", path, lineno, (int, float)))  # type: ignore[arg-type]
@@ -157,7 +159,7 @@ def read_records(path: str | Path) -> list[LengthRecord]:
     if not p.is_file():
         raise DataFormatError(f"{p}: no such data file (expected e.g. ../shared/data/lengths/"
                               f"alpaca_vicuna7b_train.jsonl)")
-    first = next(_iter_jsonl(p), None)
+    first = next(iter_jsonl(p), None)
     if first is None:
         raise DataFormatError(f"{p}: the file holds no records")
     _, o = first
