@@ -92,8 +92,6 @@ from odma_mlu.config import ModelSpec
 from odma_mlu.engine.step_work import StepWork, ViewRule
 from odma_mlu.models.layer_kinds import LayerKinds
 
-READ_CACHE_ENTRIES = 1 << 16  # memoized per-sequence reads (CostModel._read)
-
 
 @dataclass(frozen=True)
 class StepCost:
@@ -140,6 +138,20 @@ class _Acc:
         self.time_s += count * max(memory_s, compute_s)
 
 
+class _RunReadSeconds(dict[int, float]):
+    """Seconds one layer takes to read a run of ``n`` tokens, by ``n``: K and V, at the
+    bandwidth of the run's length (``CostModel.run_bandwidth``); filled on first use."""
+
+    def __init__(self, model: "CostModel") -> None:
+        super().__init__()
+        self._model = model
+
+    def __missing__(self, n: int) -> float:
+        seconds = n * self._model.model.kv_bytes_per_token_per_layer / self._model.run_bandwidth(n) if n > 0 else 0.0
+        self[n] = seconds
+        return seconds
+
+
 class CostModel:
     """Step times for one (device profile, model shape, layer kinds): THE step-cost function.
 
@@ -178,7 +190,7 @@ class CostModel:
         self._attn_width = q
         self._locality_cache: dict[int, float] = {}
         self._rate_cache: dict[int, float] = {}
-        self._read_cache: dict[tuple[int, ...], tuple[int, float]] = {}
+        self._run_read_s = _RunReadSeconds(self)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -355,20 +367,10 @@ class CostModel:
         return layers * kv_read
 
     def _read(self, runs: tuple[int, ...]) -> tuple[int, float]:
-        """(tokens, seconds) of one sequence's read of ``runs`` in one layer, each run at the
-        bandwidth of its length; memoized (a paged read repeats the same tuple every step)."""
-        hit = self._read_cache.get(runs)
-        if hit is None:
-            per_token_layer = self.model.kv_bytes_per_token_per_layer
-            tokens, mem = 0, 0.0
-            for n in runs:
-                if n > 0:
-                    tokens += n
-                    mem += n * per_token_layer / self.run_bandwidth(n)
-            if len(self._read_cache) >= READ_CACHE_ENTRIES:
-                self._read_cache.clear()
-            hit = self._read_cache[runs] = (tokens, mem)
-        return hit
+        """(tokens, seconds) of one sequence's read of ``runs`` (positive token lengths) in one
+        layer, each run at the bandwidth of its length. Sums at C speed over memoized
+        per-length seconds: a paged long request reads hundreds of runs every step."""
+        return sum(runs), sum(map(self._run_read_s.__getitem__, runs))
 
     def _matmuls(self, acc: _Acc, layers: int, shapes: Sequence[tuple[int, int]], rows: int) -> None:
         if layers == 0:

@@ -3,10 +3,13 @@ ideal, and the arena and location the policies hand out (ODMA: test_odma_policy.
 
 from __future__ import annotations
 
+import random
+
+import pytest
 import torch
 
 from odma_mlu.config import load_model_spec
-from odma_mlu.kvcache.arena import KVArena, KVLocation
+from odma_mlu.kvcache.arena import KVArena, KVLocation, covering_runs
 from odma_mlu.kvcache.exact import ExactPolicy
 from odma_mlu.kvcache.paged import IdealPolicy, PagedPolicy
 from odma_mlu.kvcache.policy import GrowStatus
@@ -165,3 +168,29 @@ def test_7b_spec_shape_only_arena() -> None:
     assert a.k == [] and a.bytes_per_token == spec.kv_bytes_per_token
     p = StaticPolicy(a)
     assert p.reserve(rr("a", 100, 512)).capacity_tokens == 612
+
+
+def _covering_reference(run_lengths: list[int], num_tokens: int) -> tuple[int, ...]:
+    """Walk the runs from the front: each run the read reaches, cut where the read ends."""
+    out, left = [], num_tokens
+    for n in run_lengths:
+        if left <= 0:
+            break
+        out.append(min(n, left))
+        left -= n
+    return tuple(out)
+
+
+def test_covering_runs_trims_the_runs_past_the_read() -> None:
+    assert covering_runs([16, 16, 8], 40) == (16, 16, 8)  # the whole
+    assert covering_runs([16, 16, 8], 32) == (16, 16)  # a run wholly past the read is not read
+    assert covering_runs([16, 16, 8], 31) == (16, 15)
+    assert covering_runs([16, 16, 8], 1) == (1,)
+    assert covering_runs([16, 16, 8], 0) == ()
+    with pytest.raises(AssertionError, match="goes past the runs"):
+        covering_runs([16, 16, 8], 41)
+    rng = random.Random(0)
+    for _ in range(500):
+        runs = [rng.randint(1, 40) for _ in range(rng.randint(1, 12))]
+        n = rng.randint(0, sum(runs))
+        assert covering_runs(runs, n) == _covering_reference(runs, n), (runs, n)

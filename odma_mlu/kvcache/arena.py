@@ -24,7 +24,7 @@ tensor, so one gather reaches any slot of any layer in a group; everything that 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Sequence
 
 import torch
 
@@ -35,17 +35,20 @@ Run = tuple[int, int]
 """A physical run of KV: (first slot, tokens). Consecutive token slots in every layer."""
 
 
-def covering_runs(run_lengths: Iterable[int], num_tokens: int) -> tuple[int, ...]:
+def covering_runs(run_lengths: Sequence[int], num_tokens: int) -> tuple[int, ...]:
     """The lengths of the leading runs (of ``run_lengths``, in order) that tokens
-    [0, num_tokens) occupy: what a read of ``num_tokens`` touches."""
-    out: list[int] = []
-    left = num_tokens
-    for n in run_lengths:
-        if left <= 0:
-            break
-        out.append(min(n, left))
-        left -= n
-    assert left <= 0, f"a read of {num_tokens} tokens goes past the runs"
+    [0, num_tokens) occupy: what a read of ``num_tokens`` touches. Trimmed from the end: a
+    read is nearly always all of a request's runs but the unfilled tail of the last (a paged
+    long request has hundreds), so this costs a sum at C speed and a few steps back."""
+    excess = sum(run_lengths) - num_tokens
+    assert excess >= 0, f"a read of {num_tokens} tokens goes past the runs"
+    if excess == 0:
+        return tuple(run_lengths)
+    out = list(run_lengths)
+    while out and excess >= out[-1]:  # runs wholly past the read
+        excess -= out.pop()
+    if out:
+        out[-1] -= excess
     return tuple(out)
 
 
@@ -94,7 +97,7 @@ class KVLocation:
 
     def run_tokens(self, num_tokens: int) -> tuple[int, ...]:
         """Lengths of the runs that tokens [0, num_tokens) occupy, in order."""
-        return covering_runs((n for _, n in self.runs), num_tokens)
+        return covering_runs([n for _, n in self.runs], num_tokens)
 
     def slot_of(self, token_index: int) -> int:
         assert 0 <= token_index < self.capacity_tokens, \

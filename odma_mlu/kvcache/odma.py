@@ -463,7 +463,7 @@ class OdmaPolicy(KVPolicy):
 
     def read_runs(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
         unit = self.unit
-        return covering_runs((e.length * unit for _, e in self.book.reqs[request_id].runs), num_tokens)
+        return covering_runs([e.length * unit for _, e in self.book.reqs[request_id].runs], num_tokens)
 
     def release(self, request_id: str, generated_tokens: int | None) -> None:
         book = self.book

@@ -72,6 +72,7 @@ def scan(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequest, un
     """Each region's extents in address order, as ``find_window`` and ``find_slide`` read them:
     one pass over the tiling, made once per compaction."""
     owner_at = book.owner_at
+    live_at: dict[int, int] = {}  # first granule of a run -> its owner's live tokens in it
     out: Scan = []
     for region in regions:
         pieces: list[Piece] = []
@@ -82,8 +83,11 @@ def scan(book: RunBook, regions: tuple[ExtentAllocator, ...], r: OdmaRequest, un
             elif y is None or y.pinned:
                 pieces.append(Piece(start, length, y, 0, True))
             else:
-                i = next(k for k, (_, e) in enumerate(y.runs) if e.start == start)
-                pieces.append(Piece(start, length, y, book.live_tokens_in(y, i, unit_tokens), False))
+                live = live_at.get(start)
+                if live is None:  # the owner's first run met: all its runs at once, O(its runs)
+                    live_at.update(book.live_tokens_by_start(y, unit_tokens))
+                    live = live_at[start]
+                pieces.append(Piece(start, length, y, live, False))
         out.append((region, pieces))
     return out
 

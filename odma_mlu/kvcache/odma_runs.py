@@ -152,6 +152,16 @@ class RunBook:
         before = sum(ext.length for _, ext in r.runs[:i]) * unit_tokens
         return max(0, min(r.runs[i][1].length * unit_tokens, r.live_tokens - before))
 
+    def live_tokens_by_start(self, r: OdmaRequest, unit_tokens: int) -> dict[int, int]:
+        """``live_tokens_in`` of every run of ``r``, by the run's first granule: one pass."""
+        out: dict[int, int] = {}
+        left = r.live_tokens
+        for _, ext in r.runs:
+            n = ext.length * unit_tokens
+            out[ext.start] = max(0, min(n, left))
+            left -= n
+        return out
+
     def check_integrity(self, unit_tokens: int) -> None:
         tail_rooms = {r.runs[-1][1].end: r.room_units for r in self.reqs.values()}
         assert tail_rooms == self.tail_rooms, "tail room index out of sync with the runs and claims"

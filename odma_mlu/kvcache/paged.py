@@ -27,11 +27,12 @@ from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, ReserveReq
 
 
 class _PagedRequest:
-    __slots__ = ("pages", "runs", "limit_tokens")
+    __slots__ = ("pages", "runs", "run_tokens", "limit_tokens")
 
     def __init__(self, limit_tokens: int) -> None:
         self.pages: list[int] = []
         self.runs: list[list[int]] = []  # [start slot, tokens], adjacent pages merged
+        self.run_tokens: list[int] = []  # each run's tokens, kept beside ``runs`` for reads
         self.limit_tokens = limit_tokens
 
 
@@ -72,15 +73,17 @@ class PagedPolicy(KVPolicy):
             last = r.runs[-1] if r.runs else None
             if last is not None and last[0] + last[1] == start:
                 last[1] += page_tokens
+                r.run_tokens[-1] += page_tokens
             else:
                 r.runs.append([start, page_tokens])
+                r.run_tokens.append(page_tokens)
                 self.new_runs += 1
 
     def location(self, request_id: str) -> KVLocation:
         return KVLocation(tuple((s, n) for s, n in self._reqs[request_id].runs))
 
     def read_runs(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
-        return covering_runs((n for _, n in self._reqs[request_id].runs), num_tokens)
+        return covering_runs(self._reqs[request_id].run_tokens, num_tokens)
 
     def ensure_capacity(self, request_id: str, needed_tokens: int) -> GrowResult:
         r = self._reqs[request_id]
@@ -120,6 +123,7 @@ class PagedPolicy(KVPolicy):
             slots = [s + i for s, n in r.runs for i in range(n)]
             want = [p * self.page_tokens + i for p in r.pages for i in range(self.page_tokens)]
             assert slots == want, f"{rid}: runs do not describe its pages"
+            assert r.run_tokens == [n for _, n in r.runs], f"{rid}: run lengths out of sync"
 
 
 class IdealPolicy(PagedPolicy):

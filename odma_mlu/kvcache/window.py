@@ -331,7 +331,7 @@ class RingPool:
         block (blocks of a layer are S cells apart) where the policy's granule is a multiple
         of B (then no block straddles two location runs); only where S = F do a layer's
         blocks touch, and then alike in every layer."""
-        return covering_runs((n for _, n in self.runs_of(request_id, 0)), min(tokens, self.window_tokens))
+        return covering_runs([n for _, n in self.runs_of(request_id, 0)], min(tokens, self.window_tokens))
 
     def plan(self, batch: "ForwardBatch", request_ids: list[str], device: torch.device | str = "cpu"
              ) -> "RingPlan":
