@@ -165,9 +165,9 @@ class CostModel:
         self.layers = layers or LayerKinds.all_full(model)
         self.layers.check(model)
         self.dtype = dtype or model.dtype
+        profile.flops_for(self.dtype)  # a profile without a compute peak for the dtype fails here, by name
         self.kernels = FORWARD_KERNELS.get(model.architecture, QWEN2_KERNELS)
         self._stream_bw = profile.stream_bandwidth_bytes_per_s
-        self._flops = profile.flops_for(self.dtype)
         self._launch = profile.launch_overhead_s
         self._call_extra = profile.attention_call_s - profile.launch_overhead_s  # per attention call
         self._gathers = profile.decode_attention == "gather"

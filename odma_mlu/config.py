@@ -1,7 +1,7 @@
 """Frozen configuration dataclasses. Their defaults are the defaults of the CLI.
 
-``load_engine_config`` reads YAML and rejects unknown keys by name, so a typo in a deploy
-file fails loudly instead of silently falling back to a default.
+``from_mapping`` builds one from a YAML mapping and rejects unknown keys by name, so a typo
+in a deploy file fails loudly instead of silently falling back to a default.
 """
 
 from __future__ import annotations
@@ -86,11 +86,6 @@ class ModelSpec:
         """Weights read once per forward step: all but the embedding table (only rows are read)."""
         embed_only = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
         return (self.num_params - embed_only) * self.dtype_bytes
-
-    @property
-    def matmul_params(self) -> int:
-        """Parameters used in matmuls per token (2 FLOPs each)."""
-        return self.num_params - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], name: str = "model", dtype: str | None = None) -> "ModelSpec":
@@ -341,10 +336,6 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return dict(data)
-
-
-def load_engine_config(path: str | Path) -> EngineConfig:
-    return from_mapping(EngineConfig, read_yaml_mapping(path), str(path))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from odma_mlu.config import load_model_spec
 from odma_mlu.kvcache.arena import KVArena, KVLocation, covering_runs
@@ -15,7 +14,7 @@ from odma_mlu.kvcache.paged import IdealPolicy, PagedPolicy
 from odma_mlu.kvcache.policy import GrowStatus
 from odma_mlu.kvcache.s3 import S3Policy
 from odma_mlu.kvcache.static import StaticPolicy
-from policy_helpers import TINY, arena, pred, rr
+from policy_helpers import arena, pred, rr
 
 
 # -- static / exact -----------------------------------------------------------------------

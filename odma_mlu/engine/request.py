@@ -78,8 +78,3 @@ class Sequence:
         if self.prompt_token_ids is not None:
             self.token_ids.append(token_id)
         self.num_generated += 1
-
-    def all_token_ids(self) -> list[int]:
-        """A copy of prompt + generated ids (O(length); the engine's step uses ``token_ids``)."""
-        assert self.prompt_token_ids is not None, "shape-only sequences carry no token ids"
-        return list(self.token_ids)

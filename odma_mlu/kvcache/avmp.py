@@ -122,9 +122,6 @@ class AvmpPolicy:
         self.inner.release(request_id, generated_tokens)
         self.states.free(request_id)
 
-    def state_slot(self, request_id: str) -> int:
-        return self.states.slot_of(request_id)
-
     # -- accounting (loans are not requests) ---------------------------------------------
     @property
     def num_loans(self) -> int:

@@ -73,10 +73,6 @@ class PrefixStats:
     cached_tokens: int
     evictions: int
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
-
 
 @dataclass
 class _Holder:

@@ -52,7 +52,6 @@ class StatePool:
         self._slot_owner: dict[int, str] = {}
         self._free: list[int] = []  # min-heap of free slot indices
         self.moved_bytes = 0
-        self.num_moves = 0
         self.resize(num_slots)
 
     # -- views ---------------------------------------------------------------------------
@@ -111,7 +110,6 @@ class StatePool:
         if not self.shape_only:
             self.buffer[dst].copy_(self.buffer[src])
         self.moved_bytes += self.slot_bytes
-        self.num_moves += 1
 
     # -- capacity --------------------------------------------------------------------------
     def can_resize(self, num_slots: int) -> bool:

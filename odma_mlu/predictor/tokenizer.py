@@ -62,9 +62,6 @@ class PromptEncoder:
     def save(self, path: Path) -> None:
         self.tokenizer.save(str(path))
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(clean_text(text), add_special_tokens=False).ids)
-
     def encode(self, texts: Sequence[str | None]) -> EncodedBatch:
         """Texts of None encode to [CLS] alone (count 0); the model also gets a has-text flag."""
         present = [i for i, t in enumerate(texts) if t is not None]

@@ -19,7 +19,6 @@ import hashlib
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -172,10 +171,3 @@ def evaluate_loss(model: LengthEncoder, t: Tensors, levels: torch.Tensor) -> flo
         total += float(_batch_loss(model, t, idx, levels, 0.0, gen)) * len(idx)
         n += len(idx)
     return total / max(1, n)
-
-
-def numpy_fraction_quantiles(model: LengthEncoder, ids: np.ndarray, feats: torch.Tensor) -> np.ndarray:
-    """Forward pass in inference mode; quantile head -> fractions of max_new_tokens."""
-    with torch.inference_mode():
-        out, _ = model(torch.from_numpy(ids), feats)
-        return out.exp().numpy() if model.cfg.head == "quantile" else torch.softmax(out, -1).numpy()

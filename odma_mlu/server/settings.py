@@ -1,6 +1,6 @@
 """What ``odma-mlu serve`` runs: config file + flags -> settings -> an LLMEngine.
 
-A serve YAML file is an ``EngineConfig`` (the same keys ``load_engine_config`` reads) plus an
+A serve YAML file is an ``EngineConfig`` (read by ``config.from_mapping``) plus an
 optional ``server:`` section (``ServerConfig``); unknown keys are rejected by name at every
 level. Command-line flags override the file. Bind address, port and API key come only from
 flags or the environment (see ``ServerConfig``).
