@@ -149,11 +149,10 @@ class RunBook:
 
     def live_tokens_in(self, r: OdmaRequest, i: int, unit_tokens: int) -> int:
         """Tokens of ``r``'s live KV that its run ``i`` holds."""
-        before = sum(ext.length for _, ext in r.runs[:i]) * unit_tokens
-        return max(0, min(r.runs[i][1].length * unit_tokens, r.live_tokens - before))
+        return self.live_tokens_by_start(r, unit_tokens)[r.runs[i][1].start]
 
     def live_tokens_by_start(self, r: OdmaRequest, unit_tokens: int) -> dict[int, int]:
-        """``live_tokens_in`` of every run of ``r``, by the run's first granule: one pass."""
+        """Tokens of ``r``'s live KV that each of its runs holds, by the run's first granule."""
         out: dict[int, int] = {}
         left = r.live_tokens
         for _, ext in r.runs:
