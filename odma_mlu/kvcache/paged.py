@@ -27,12 +27,14 @@ from odma_mlu.kvcache.policy import GrowResult, GrowStatus, KVPolicy, ReserveReq
 
 
 class _PagedRequest:
-    __slots__ = ("pages", "runs", "run_tokens", "limit_tokens")
+    __slots__ = ("pages", "run_starts", "run_tokens", "limit_tokens")
 
     def __init__(self, limit_tokens: int) -> None:
         self.pages: list[int] = []
-        self.runs: list[list[int]] = []  # [start slot, tokens], adjacent pages merged
-        self.run_tokens: list[int] = []  # each run's tokens, kept beside ``runs`` for reads
+        # Runs, adjacent pages merged: first slot and tokens of each, as two lists (a read
+        # takes the lengths whole).
+        self.run_starts: list[int] = []
+        self.run_tokens: list[int] = []
         self.limit_tokens = limit_tokens
 
 
@@ -70,17 +72,16 @@ class PagedPolicy(KVPolicy):
             page = self._free.popleft()
             r.pages.append(page)
             start = page * page_tokens
-            last = r.runs[-1] if r.runs else None
-            if last is not None and last[0] + last[1] == start:
-                last[1] += page_tokens
+            if r.run_starts and r.run_starts[-1] + r.run_tokens[-1] == start:  # extends the last run
                 r.run_tokens[-1] += page_tokens
             else:
-                r.runs.append([start, page_tokens])
+                r.run_starts.append(start)
                 r.run_tokens.append(page_tokens)
                 self.new_runs += 1
 
     def location(self, request_id: str) -> KVLocation:
-        return KVLocation(tuple((s, n) for s, n in self._reqs[request_id].runs))
+        r = self._reqs[request_id]
+        return KVLocation(tuple(zip(r.run_starts, r.run_tokens)))
 
     def read_runs(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
         return covering_runs(self._reqs[request_id].run_tokens, num_tokens)
@@ -120,10 +121,9 @@ class PagedPolicy(KVPolicy):
         assert len(used) + len(self._free) == self.num_pages, "pages leaked"
         assert len(set(self._free)) == len(self._free), "a page is free twice"
         for rid, r in self._reqs.items():
-            slots = [s + i for s, n in r.runs for i in range(n)]
+            slots = [s + i for s, n in zip(r.run_starts, r.run_tokens) for i in range(n)]
             want = [p * self.page_tokens + i for p in r.pages for i in range(self.page_tokens)]
             assert slots == want, f"{rid}: runs do not describe its pages"
-            assert r.run_tokens == [n for _, n in r.runs], f"{rid}: run lengths out of sync"
 
 
 class IdealPolicy(PagedPolicy):
